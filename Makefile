@@ -1,0 +1,46 @@
+# Everything a fresh machine needs: `make demo` and `make test` create the virtual environment, install the
+# package with its dependencies, and (as root, with apt) the Debian packages the demo and the tests use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEBIAN_PACKAGES := dataset-fashion-mnist
+PYTEST_ARGS ?=
+
+.PHONY: all install system-packages demo test test-fast clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "swav_scale needs Python >= 3.11, found " + sys.version'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) system-packages
+
+# Debian packages, installed only when missing and only where we may (root + apt). Elsewhere the demo reads
+# Fashion-MNIST from $$FASHION_MNIST_DIR (see README.md).
+system-packages:
+	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	else \
+		echo "note: Debian packages$$missing not installed (not root or no apt); set FASHION_MNIST_DIR"; \
+	fi
+
+demo: install
+	$(VENV)/bin/swav-scale demo
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs data .pytest_cache

@@ -1,0 +1,113 @@
+"""`swav-scale`: pretrain, knn, make-shards, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.table import Table
+
+from swav_scale.config import ConfigError, load_config
+from swav_scale.data.shards import ShardError
+from swav_scale.utils import console
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from swav_scale.launcher import launch_local
+
+    cfg = load_config(args.config, args.overrides)
+    launch_local(cfg, args.nproc)
+    console.print(f"[green]done[/]: run directory {cfg.train.run_dir}")
+
+
+def _knn(args: argparse.Namespace) -> None:
+    from swav_scale.checkpoint import Checkpointer
+    from swav_scale.distributed import DistEnv
+    from swav_scale.knn import evaluate, load_trunk, raw_pixels
+
+    import torch
+
+    run_dir = Path(args.run_dir)
+    config_file = run_dir / "config.yaml"
+    cfg = load_config(config_file, args.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoders = {}
+    if not args.random_init:
+        env = DistEnv(0, 1, 0, 1, device)
+        checkpoint = Path(args.checkpoint) if args.checkpoint else Checkpointer(run_dir / "checkpoints", env).latest()
+        if checkpoint is None:
+            raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no complete checkpoint; train first")
+        encoders[f"SwAV ({checkpoint.name})"] = load_trunk(cfg, checkpoint).to(device)
+    if args.random_init or args.baselines:
+        encoders["random init"] = load_trunk(cfg, None).to(device)
+    if args.baselines:
+        encoders["raw pixels"] = raw_pixels
+    results = evaluate(cfg, encoders, device, args.workers)
+    print_knn_table(results, cfg.eval.k)
+
+
+def print_knn_table(results: dict[str, float], k: int, title: str = "kNN top-1") -> None:
+    table = Table(title=f"{title} (k={k}, cosine, weights exp(s/0.07))")
+    table.add_column("features")
+    table.add_column("top-1 %", justify="right")
+    for name, acc in results.items():
+        table.add_row(name, f"{acc:.2f}")
+    console.print(table)
+
+
+def _make_shards(args: argparse.Namespace) -> None:
+    from swav_scale.data.make_shards import main
+
+    main(args.rest)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from swav_scale.demo import run_demo
+
+    run_demo(args.config, args.overrides, args.nproc, Path(args.data_dir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swav-scale", description="Distributed SwAV pretraining.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pre = sub.add_parser("pretrain", help="pretrain with N local ranks; rerun the same command to resume")
+    pre.add_argument("config", help="YAML file under configs/")
+    pre.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=10")
+    pre.add_argument("--nproc", type=int, default=1, help="local ranks (processes)")
+    pre.set_defaults(func=_pretrain)
+
+    knn = sub.add_parser("knn", help="kNN top-1 of a run's frozen trunk on the test split")
+    knn.add_argument("run_dir")
+    knn.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.test_shards=DIR")
+    knn.add_argument("--checkpoint", help="a step-N directory (default: the run's newest)")
+    knn.add_argument("--random-init", action="store_true", help="evaluate the untrained network instead")
+    knn.add_argument("--baselines", action="store_true", help="also evaluate random init and raw pixels")
+    knn.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    knn.set_defaults(func=_knn)
+
+    ms = sub.add_parser("make-shards", help="same as tools/make_shards.py", add_help=False)
+    ms.add_argument("rest", nargs=argparse.REMAINDER)
+    ms.set_defaults(func=_make_shards)
+
+    demo = sub.add_parser("demo", help="Fashion-MNIST: shards -> SwAV on 2 ranks -> kNN vs baselines")
+    demo.add_argument("--config", default="configs/quickstart.yaml")
+    demo.add_argument("overrides", nargs="*")
+    demo.add_argument("--nproc", type=int, default=2)
+    demo.add_argument("--data-dir", default="data/fashion-mnist", help="where the shards are written")
+    demo.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, ShardError, FileNotFoundError, RuntimeError) as e:
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

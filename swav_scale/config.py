@@ -1,0 +1,234 @@
+"""Typed configuration: OmegaConf structured configs over dataclasses.
+
+A run is described by one YAML file under configs/ plus `key=value` overrides. Every key is checked
+against the schema below before anything starts: a misspelled key is an error naming the closest valid key,
+and a value of the wrong type is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, with a message that names the file and key and says what to do."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"  # resnet18 | resnet50 | resnet50w2 | resnet50w4 | resnet50w5
+    width: float | None = None  # overrides the arch's width multiplier (resnet18 at 0.5, say)
+    small_stem: bool = False  # 3x3 stride-1 stem for 28-64 px images
+    hidden_dim: int = 2048  # projection MLP hidden width; 0 = a single linear layer
+    embed_dim: int = 128
+    num_prototypes: int = 3000
+
+
+@dataclass
+class CropsConfig:
+    """Multi-crop: counts[i] crops of sizes[i] px with area scale in [min_scale[i], max_scale[i]].
+
+    The first group holds the global crops, whose codes are computed (swav.crops_for_assign).
+    """
+
+    sizes: list[int] = field(default_factory=lambda: [224, 96])
+    counts: list[int] = field(default_factory=lambda: [2, 6])
+    min_scale: list[float] = field(default_factory=lambda: [0.14, 0.05])
+    max_scale: list[float] = field(default_factory=lambda: [1.0, 0.14])
+    color_jitter: list[float] = field(default_factory=lambda: [0.8, 0.8, 0.8, 0.2])  # brightness contrast sat hue
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = MISSING  # a directory holding *.tar shards and manifest.json (tools/make_shards.py)
+    num_workers: int = 4  # data-loading processes per rank
+    shuffle_buffer: int = 2000  # samples held by each worker's shuffle buffer
+    prefetch_factor: int = 2
+
+
+@dataclass
+class SwAVConfig:
+    epsilon: float = 0.05  # entropy regularisation of the Sinkhorn problem
+    sinkhorn_iterations: int = 3
+    temperature: float = 0.1  # tau of softmax(C.z / tau)
+    crops_for_assign: list[int] = field(default_factory=lambda: [0, 1])
+    freeze_prototypes_iters: int = 313
+    queue_length: int = 0  # global queue length (all ranks); 0 = no queue
+    queue_start_epoch: int = 15
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    batch_size: int = 4096  # global: summed over all ranks
+    base_lr: float = 4.8
+    final_lr: float = 0.0048
+    warmup_epochs: float = 10
+    start_warmup_lr: float = 0.3
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    trust_coeff: float = 0.001  # LARS
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/swav"
+    seed: int = 31
+    engine: str = "ddp"
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    sync_batchnorm: bool = True  # on GPU only: gloo has no SyncBatchNorm
+    checkpoint_every: int = 500  # steps; a checkpoint is also written at the end of every epoch
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    tensorboard: bool = True
+    max_steps: int = 0  # stop after this many steps (0 = run all epochs); for tests and smoke runs
+
+
+@dataclass
+class EvalConfig:
+    """Feature extraction for kNN: resize the short side to `resize`, centre-crop `crop`."""
+
+    train_shards: str = ""  # kNN bank; defaults to data.train_shards
+    test_shards: str = ""  # kNN queries
+    resize: int = 256
+    crop: int = 224
+    k: int = 20
+    temperature: float = 0.07
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    swav: SwAVConfig = field(default_factory=SwAVConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """Keys of `node` that `schema` lacks, each with its valid siblings (for the suggestion)."""
+    if not isinstance(node, dict):
+        return []
+    valid = {f.name: f for f in fields(schema)}
+    bad = []
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if key not in valid:
+            bad.append((path, [f"{prefix}{v}" for v in valid]))
+            continue
+        default = valid[key].default_factory() if callable(valid[key].default_factory) else valid[key].default
+        if is_dataclass(default):
+            bad += _unknown_keys(value, type(default), path + ".")
+    return bad
+
+
+def _check_keys(node: DictConfig, source: str) -> None:
+    bad = _unknown_keys(OmegaConf.to_container(node, resolve=False), Config)
+    if bad:
+        lines = []
+        for path, valid in bad:
+            close = difflib.get_close_matches(path, valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'?" if close else "valid keys here: " + ", ".join(valid)
+            lines.append(f"  unknown key '{path}': {hint}")
+        raise ConfigError(f"{source}:\n" + "\n".join(lines))
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. optim.epochs=10)")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Schema defaults <- YAML file <- `key=value` overrides, validated; returns a typed Config."""
+    merged = OmegaConf.structured(Config)
+    layers: list[tuple[str, DictConfig]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; the shipped ones are under configs/")
+        loaded = OmegaConf.load(path)
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, ...) at the top level")
+        layers.append((str(path), loaded))
+    if overrides:
+        layers.append(("command-line overrides", _parse_overrides(list(overrides))))
+    for source, layer in layers:
+        _check_keys(layer, source)
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or "?"
+            raise ConfigError(f"{source}: key '{key}': {str(e).splitlines()[0]}") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise ConfigError(
+            "required keys without a value: " + ", ".join(missing) + " (set them in the YAML file or as key=value)"
+        )
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that the types alone cannot express."""
+    c = cfg.crops
+    n = len(c.sizes)
+    for name in ("counts", "min_scale", "max_scale"):
+        if len(getattr(c, name)) != n:
+            raise ConfigError(f"crops.{name} has {len(getattr(c, name))} entries but crops.sizes has {n}")
+    if len(c.color_jitter) != 4:
+        raise ConfigError("crops.color_jitter needs 4 entries: brightness, contrast, saturation, hue")
+    total_crops = sum(c.counts)
+    for i in cfg.swav.crops_for_assign:
+        if not 0 <= i < total_crops:
+            raise ConfigError(f"swav.crops_for_assign names crop {i}, but crops.counts gives {total_crops} crops")
+    if total_crops < 2:
+        raise ConfigError("SwAV needs at least 2 crops per image (crops.counts)")
+    if cfg.train.engine not in ("ddp",):
+        raise ConfigError(f"train.engine={cfg.train.engine!r}: only 'ddp' is available in this version")
+    if cfg.train.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"train.precision={cfg.train.precision!r}: choose auto, bf16 or fp32")
+    if cfg.optim.batch_size <= 0:
+        raise ConfigError("optim.batch_size must be positive")
+
+
+def check_world(cfg: Config, world_size: int) -> int:
+    """The per-rank batch size, or an error if the global batch or the queue does not split over the ranks."""
+    b = cfg.optim.batch_size
+    if b % world_size:
+        raise ConfigError(
+            f"optim.batch_size={b} (global) does not split evenly over {world_size} ranks; "
+            f"use a multiple of {world_size}"
+        )
+    q = cfg.swav.queue_length
+    if q and q % b:
+        raise ConfigError(
+            f"swav.queue_length={q} is not a multiple of the global batch optim.batch_size={b}; "
+            f"use e.g. {max(1, q // b) * b}"
+        )
+    return b // world_size
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml_text(text: str) -> Config:
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]

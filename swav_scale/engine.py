@@ -1,0 +1,100 @@
+"""The parallel engine behind one small interface, so that the training loop never branches on it.
+
+An engine owns the wrapped model and the optimizer. The loop calls `engine.module(views)` for the forward
+pass, `engine.backward(loss)`, `engine.step()`; the checkpointer treats the engine as one stateful object
+whose state dict (model + optimizer) is in the distributed-checkpoint format, so it can be saved sharded and
+loaded at another world size by engines that shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.nn.parallel import DistributedDataParallel
+
+from swav_scale.distributed import DistEnv
+
+
+class Engine(Protocol):
+    module: nn.Module  # what the loop calls for the forward pass
+    model: nn.Module  # the bare model (prototypes, trunk), for code that needs its attributes
+    optimizer: torch.optim.Optimizer
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def backward(self, loss: Tensor) -> None: ...
+
+    def drop_grads(self, params: list[nn.Parameter]) -> None: ...
+
+    def step(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class DDPEngine:
+    """Data parallel: every rank holds the whole model; gradients are all-reduced during backward."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, precision: str) -> None:
+        self.model = model.to(env.device)
+        self.optimizer = optimizer
+        self.device = env.device
+        if env.world_size > 1:
+            self.module: nn.Module = DistributedDataParallel(
+                self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None
+            )
+        else:
+            self.module = self.model
+        self.dtype = _autocast_dtype(precision, env.device)
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        if self.dtype is None:
+            yield
+        else:
+            with torch.autocast(self.device.type, dtype=self.dtype):
+                yield
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def drop_grads(self, params: list[nn.Parameter]) -> None:
+        """Leave `params` out of this step (frozen prototypes): a None gradient is skipped by the optimizer."""
+        for p in params:
+            p.grad = None
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_state_dict(
+            self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU by default; fp32 on CPU, where bf16 matmuls are slower, not faster."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def build_engine(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, precision: str,
+                 sync_batchnorm: bool) -> Engine:
+    if name != "ddp":
+        raise ValueError(f"train.engine={name!r} is not available; use 'ddp'")
+    if sync_batchnorm and env.world_size > 1 and env.device.type == "cuda":
+        # Batch statistics over the global batch, as in SwAV; gloo (CPU) has no SyncBatchNorm.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return DDPEngine(model, optimizer, env, precision)

@@ -1,0 +1,100 @@
+"""ResNet trunks: torchvision-compatible ResNet-18/50 and SwAV's width-multiplied RN50w2/w4/w5.
+
+SwAV widens *everything* by the multiplier w (stem, the inner and outer width of every bottleneck, the
+output), unlike torchvision's `wide_resnet50_2`, which only widens the bottleneck's inner 3x3 convolution.
+Module names follow torchvision (conv1, bn1, layer1..layer4), so at width 1 a trunk's state_dict loads into
+`torchvision.models.resnet50` (only `fc` is absent: the trunk ends at global average pooling).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+_ARCHS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], list[int], float]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2], 1),
+    "resnet50": (Bottleneck, [3, 4, 6, 3], 1),
+    "resnet50w2": (Bottleneck, [3, 4, 6, 3], 2),
+    "resnet50w4": (Bottleneck, [3, 4, 6, 3], 4),
+    "resnet50w5": (Bottleneck, [3, 4, 6, 3], 5),
+}
+
+ARCHS = tuple(_ARCHS)
+
+
+class ResNetTrunk(nn.Module):
+    """A ResNet without its classifier: images (N, 3, H, W) -> pooled features (N, out_dim).
+
+    `small_stem` replaces the 7x7 stride-2 stem convolution by a 3x3 stride-1 one (the max-pool stays), for
+    28-64 px images where a stride-4 stem would leave too few pixels for the later stages.
+    `width` multiplies every channel count; fractional widths (0.5) give small, fast trunks for CPU demos.
+    """
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: list[int],
+        width: float = 1,
+        small_stem: bool = False,
+        zero_init_residual: bool = True,
+    ) -> None:
+        super().__init__()
+        base = int(round(64 * width))
+        if base < 1 or abs(base - 64 * width) > 1e-6:
+            raise ValueError(f"model.width={width} must make 64*width a positive whole number of channels")
+        self.inplanes = base
+        if small_stem:
+            self.conv1 = nn.Conv2d(3, base, kernel_size=3, stride=1, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(3, base, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(base)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, base, layers[0])
+        self.layer2 = self._make_layer(block, base * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, base * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, base * 8, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = base * 8 * block.expansion
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            # Each residual branch starts as the identity, as in SwAV and "Bag of Tricks" (He et al. 2019).
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
+
+    def _make_layer(
+        self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, stride: int = 1
+    ) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        # base_width=64 keeps the bottleneck's inner width equal to `planes`, so it scales with the multiplier.
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.avgpool(x).flatten(1)
+
+
+def build_trunk(arch: str, width: float | None = None, small_stem: bool = False) -> ResNetTrunk:
+    """A trunk by name. `width` overrides the name's multiplier (resnet18 at width 0.5, say)."""
+    if arch not in _ARCHS:
+        raise ValueError(f"model.arch={arch!r} is not known; choose one of {', '.join(ARCHS)}")
+    block, layers, default_width = _ARCHS[arch]
+    return ResNetTrunk(block, layers, width=default_width if width is None else width, small_stem=small_stem)

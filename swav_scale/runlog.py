@@ -1,0 +1,104 @@
+"""What a run leaves in its directory: resolved config, provenance, metrics (JSONL + TensorBoard), progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from swav_scale.config import Config, to_yaml
+from swav_scale.utils import atomic_write_text, console, git_sha
+
+
+def write_run_info(run_dir: Path, cfg: Config, world_size: int, resumed_from: str | None) -> None:
+    """config.yaml (resolved) and meta.json (git SHA, versions, and one entry per launch of this run)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    meta_path = run_dir / "meta.json"
+    meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.is_file() else {"launches": []}
+    meta["launches"].append(
+        {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "git_sha": git_sha(),
+            "host": socket.gethostname(),
+            "world_size": world_size,
+            "resumed_from": resumed_from,
+            "command": " ".join(sys.argv),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.is_available(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        }
+    )
+    meta["git_sha"] = meta["launches"][-1]["git_sha"]
+    atomic_write_text(meta_path, json.dumps(meta, indent=1))
+
+
+class MetricsLog:
+    """Rank 0's metrics: one JSON object per line in metrics.jsonl, mirrored to TensorBoard if enabled."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, step: int, **values: float) -> None:
+        self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class TrainProgressBar:
+    """rich progress (epoch, step, loss, lr, images/s, ETA) on a terminal; a plain line per log step otherwise."""
+
+    def __init__(self, total_steps: int, start_step: int) -> None:
+        self.live = console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not self.live,
+        )
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step,
+                                           epoch="-", loss="-", lr="-", ips="-")
+
+    def __enter__(self) -> TrainProgressBar:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def update(self, step: int, epoch: int, loss: float | None, lr: float, images_per_s: float | None) -> None:
+        fields = {"epoch": epoch, "lr": f"{lr:.4g}"}
+        if loss is not None:
+            fields["loss"] = f"{loss:.4f}"
+        if images_per_s is not None:
+            fields["ips"] = f"{images_per_s:.0f}"
+        self.progress.update(self.task, completed=step, **fields)
+        if not self.live and loss is not None:
+            total = self.progress.tasks[0].total
+            console.print(f"epoch {epoch} step {step}/{total} loss {loss:.4f} lr {lr:.4g} "
+                          f"{images_per_s or 0:.0f} img/s", highlight=False)

@@ -1,0 +1,126 @@
+"""The SwAV objective in the paper's notation (Caron et al. 2020, "Unsupervised Learning of Visual Features
+by Contrasting Cluster Assignments").
+
+    z      L2-normalised embedding of one crop, shape (B, D)
+    C      prototypes, K vectors of dimension D, L2-normalised before every step
+    C.z    scores, shape (B, K)
+    Q      codes: an equipartitioned soft assignment of the *global* batch to the K prototypes, found by
+           Sinkhorn-Knopp on exp(C.z / epsilon)
+    p      predicted assignment softmax(C.z / tau)
+    loss   every crop predicts the codes of each other assigned crop: cross-entropy of p against q
+
+Everything here is a plain function of tensors plus an optional process group; nothing reads global state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# exp(x) underflows float32 below about -87. Scores are cosines in [-1, 1], so (max - score) / epsilon stays
+# above that bound while epsilon > 2 / 80; for smaller epsilon Sinkhorn runs in float64 (underflow near -708).
+# Deciding from epsilon rather than from the observed range keeps the step free of host synchronisation.
+_SMALLEST_FLOAT32_EPSILON = 2.0 / 80.0
+
+
+def _world(group: dist.ProcessGroup | None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _all_reduce(t: Tensor, group: dist.ProcessGroup | None, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
+    if _world(group):
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+@torch.no_grad()
+def sinkhorn(
+    scores: Tensor,
+    epsilon: float = 0.05,
+    iterations: int = 3,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """Codes Q for this rank's rows of the global batch.
+
+    `scores` is this rank's (B_local, K) block of C.z. The equipartition constraint (every prototype gets
+    B/K of the mass) is imposed on the global batch of all ranks in `group`: only K-vector row sums and two
+    scalars cross the network, never the scores themselves. Returns (B_local, K) codes whose rows sum to 1.
+    Computed in float32 (float64 for epsilon < 0.025) whatever the autocast dtype, after subtracting the
+    global maximum so that the largest entry of exp(.) is exactly 1 and nothing overflows.
+    """
+    dtype = torch.float32 if epsilon >= _SMALLEST_FLOAT32_EPSILON else torch.float64
+    scores = scores.detach().to(dtype)
+    top = _all_reduce(scores.max().clone(), group, dist.ReduceOp.MAX)
+
+    Q = torch.exp((scores - top) / epsilon).t()  # K x B_local
+    K = Q.shape[0]
+    total_mass_and_B = _all_reduce(torch.stack([Q.sum(), Q.new_tensor(Q.shape[1])]), group)
+    Q /= total_mass_and_B[0]
+    B = total_mass_and_B[1]
+    for _ in range(iterations):
+        # rows: every prototype receives 1/K of the total mass, summed over all ranks
+        Q /= _all_reduce(Q.sum(dim=1, keepdim=True), group)
+        Q /= K
+        # columns: every sample carries 1/B of the mass (columns are local, so no communication)
+        Q /= Q.sum(dim=0, keepdim=True)
+        Q /= B
+    Q *= B  # columns sum to 1: each row of the result is a distribution over prototypes
+    return Q.t().float()
+
+
+def assign_codes(
+    scores: list[Tensor],
+    crops_for_assign: list[int],
+    epsilon: float = 0.05,
+    iterations: int = 3,
+    queue_scores: list[Tensor] | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> dict[int, Tensor]:
+    """Sinkhorn codes for each assigned (global) crop.
+
+    `queue_scores[j]`, when given, holds C.z for the queued embeddings of crop `crops_for_assign[j]`: they
+    join the Sinkhorn problem so that the equipartition is spread over more samples, and their codes are
+    dropped afterwards.
+    """
+    codes = {}
+    for j, i in enumerate(crops_for_assign):
+        s = scores[i].detach()
+        if queue_scores is not None:
+            s = torch.cat([queue_scores[j].detach().to(s.dtype), s])
+        codes[i] = sinkhorn(s, epsilon, iterations, group)[-scores[i].shape[0] :]
+    return codes
+
+
+def swapped_prediction_loss(
+    scores: list[Tensor],
+    codes: dict[int, Tensor],
+    temperature: float = 0.1,
+) -> Tensor:
+    """Every crop v predicts the codes q_i of each assigned crop i != v.
+
+    `scores[v]` is C.z for crop v, shape (B, K); `codes[i]` the Sinkhorn codes of assigned crop i.
+    Returns the mean over assigned crops of the mean over the other crops of CE(q_i, softmax(C.z_v / tau)).
+    """
+    total = scores[0].new_zeros((), dtype=torch.float32)
+    for i, q in codes.items():
+        others = [v for v in range(len(scores)) if v != i]
+        for v in others:
+            log_p = F.log_softmax(scores[v].float() / temperature, dim=1)
+            total = total - (q * log_p).sum(dim=1).mean() / len(others)
+    return total / len(codes)
+
+
+def normalize_prototypes_(prototypes: nn.Linear) -> None:
+    """Project every prototype back onto the unit sphere, so that C.z is a cosine similarity."""
+    with torch.no_grad():
+        w = prototypes.weight
+        w.copy_(F.normalize(w, dim=1, p=2))
+
+
+def uniform_loss(num_prototypes: int) -> float:
+    """ln K: the loss of a model whose predictions are uniform; a sanity reference at initialisation."""
+    return math.log(num_prototypes)

@@ -1,0 +1,166 @@
+"""The SwAV pretraining loop, top to bottom.
+
+Setup builds every part from the config and computes the schedules up front; the loop then only indexes
+them. Parallelism lives in the engine (engine.py), state persistence in the checkpointer (checkpoint.py);
+the loop does not branch on either.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from swav_scale.checkpoint import Checkpointer, RNGState, TrainProgress
+from swav_scale.config import Config, check_world
+from swav_scale.data.loader import MultiCropStream, ShardLoader, steps_per_epoch
+from swav_scale.data.multicrop import CropSpec, MultiCrop, normalize
+from swav_scale.data.shards import Manifest, read_manifest
+from swav_scale.distributed import DistEnv, all_reduce_mean
+from swav_scale.engine import build_engine
+from swav_scale.models import build_swav_model
+from swav_scale.optim import Schedule, build_optimizer, set_lr
+from swav_scale.queue import FeatureQueue
+from swav_scale.runlog import MetricsLog, TrainProgressBar, write_run_info
+from swav_scale.swav import assign_codes, normalize_prototypes_, swapped_prediction_loss
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float | None
+    checkpoint: Path | None
+
+
+def build_multicrop(cfg: Config) -> MultiCrop:
+    c = cfg.crops
+    specs = [CropSpec(s, n, lo, hi) for s, n, lo, hi in zip(c.sizes, c.counts, c.min_scale, c.max_scale)]
+    return MultiCrop(
+        specs,
+        jitter=tuple(c.color_jitter),  # type: ignore[arg-type]
+        jitter_prob=c.jitter_prob,
+        grayscale_prob=c.grayscale_prob,
+        blur_prob=c.blur_prob,
+    )
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    m = cfg.model
+    return build_swav_model(m.arch, m.width, m.small_stem, m.hidden_dim, m.embed_dim, m.num_prototypes)
+
+
+def preflight(cfg: Config, world_size: int) -> tuple[Manifest, int]:
+    """Checks that need no process group: the batch splits over the ranks, the shards exist and hold at least
+    one global batch. The launcher runs them once before starting ranks, so a mistake is reported once."""
+    batch_per_rank = check_world(cfg, world_size)
+    manifest = read_manifest(cfg.data.train_shards)
+    steps_per_epoch(manifest, world_size, batch_per_rank)
+    return manifest, batch_per_rank
+
+
+def train(cfg: Config, env: DistEnv) -> TrainResult:
+    run_dir = Path(cfg.train.run_dir)
+
+    # ---- data: every rank gets the same number of steps per epoch
+    manifest, batch_per_rank = preflight(cfg, env.world_size)
+    stream = MultiCropStream(manifest, build_multicrop(cfg), env.rank, env.world_size, batch_per_rank,
+                             cfg.data.num_workers, cfg.train.seed, cfg.data.shuffle_buffer)
+    loader = ShardLoader(stream, cfg.data.num_workers, cfg.data.prefetch_factor,
+                         pin_memory=env.device.type == "cuda")
+    schedule = Schedule.build(cfg.optim, loader.steps_per_epoch)
+    last_step = schedule.total_steps if not cfg.train.max_steps else min(cfg.train.max_steps, schedule.total_steps)
+
+    # ---- model, optimizer, engine (same initial weights on every rank)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg)
+    engine = build_engine(cfg.train.engine, model, build_optimizer(model, cfg.optim), env, cfg.train.precision,
+                          cfg.train.sync_batchnorm)
+    prototypes = engine.model.prototypes
+    queue = None
+    if cfg.swav.queue_length:
+        queue = FeatureQueue(len(cfg.swav.crops_for_assign), cfg.swav.queue_length // env.world_size,
+                             cfg.model.embed_dim, env.device)
+
+    # ---- resume from the newest complete checkpoint, if any
+    progress = TrainProgress()
+    global_states = {"engine": engine, "progress": progress}
+    rank_states = {"rng": RNGState(), "data": loader, **({"queue": queue} if queue else {})}
+    checkpointer = Checkpointer(run_dir / "checkpoints", env, cfg.train.keep_checkpoints)
+    checkpointer.clean_partial()
+    latest = checkpointer.latest()
+    if latest is not None:
+        checkpointer.load(latest, global_states, rank_states)
+    if env.is_main:
+        write_run_info(run_dir, cfg, env.world_size, str(latest) if latest else None)
+    metrics = MetricsLog(run_dir, cfg.train.tensorboard) if env.is_main else None
+
+    saved = latest
+    mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
+    loss_value: float | None = None
+    images_per_step = cfg.optim.batch_size
+    tick, tick_step = time.time(), progress.step
+    bar = TrainProgressBar(last_step, progress.step) if env.is_main else None
+    try:
+        if bar:
+            bar.__enter__()
+        while progress.step < last_step:
+            epoch = loader.epoch
+            use_queue_epoch = queue is not None and epoch >= cfg.swav.queue_start_epoch
+            for batch in loader:
+                step = progress.step
+                lr = float(schedule.lr[step])
+                set_lr(engine.optimizer, lr)
+                normalize_prototypes_(prototypes)
+                views = [normalize(v.to(env.device, non_blocking=True), mean, std) for v in batch.views]
+
+                with engine.autocast():
+                    z, scores = engine.module(views)
+                queue_scores = None
+                if use_queue_epoch and queue.full:
+                    with torch.no_grad():
+                        queue_scores = [prototypes(queue.embeddings[j]) for j in range(queue.embeddings.shape[0])]
+                codes = assign_codes(scores, cfg.swav.crops_for_assign, cfg.swav.epsilon,
+                                     cfg.swav.sinkhorn_iterations, queue_scores)
+                if use_queue_epoch:
+                    for j, i in enumerate(cfg.swav.crops_for_assign):
+                        queue.push(j, z[i])
+                    queue.advance(z[0].shape[0])
+                loss = swapped_prediction_loss(scores, codes, cfg.swav.temperature)
+
+                engine.backward(loss)
+                if step < cfg.swav.freeze_prototypes_iters:
+                    engine.drop_grads([prototypes.weight])
+                engine.step()
+                progress.step += 1
+
+                if progress.step % cfg.train.log_every == 0 or progress.step == last_step:
+                    loss_value = all_reduce_mean(loss.detach().float()).item()
+                    if not math.isfinite(loss_value):
+                        raise FloatingPointError(
+                            f"loss is {loss_value} at step {progress.step}: lower optim.base_lr or check the data; "
+                            f"the last good checkpoint is {saved}"
+                        )
+                    now = time.time()
+                    ips = images_per_step * (progress.step - tick_step) / max(now - tick, 1e-9)
+                    tick, tick_step = now, progress.step
+                    if metrics:
+                        metrics.write(progress.step, epoch=epoch, loss=loss_value, lr=lr, images_per_s=round(ips, 1))
+                    if bar:
+                        bar.update(progress.step, epoch, loss_value, lr, ips)
+                elif bar:
+                    bar.update(progress.step, epoch, None, lr, None)
+
+                end_of_epoch = loader.batches_done == loader.steps_per_epoch
+                if progress.step % cfg.train.checkpoint_every == 0 or end_of_epoch or progress.step == last_step:
+                    saved = checkpointer.save(progress.step, global_states, rank_states)
+                if progress.step >= last_step:
+                    break
+    finally:
+        if bar:
+            bar.__exit__(None, None, None)
+        if metrics:
+            metrics.close()
+    return TrainResult(progress.step, loss_value, saved)

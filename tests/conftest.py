@@ -1,0 +1,36 @@
+"""Shared fixtures: small real shard sets written by the real tool from the real Fashion-MNIST files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from swav_scale.data import fashion_mnist
+from swav_scale.data.make_shards import main as make_shards
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _need_fashion_mnist() -> None:
+    try:
+        fashion_mnist.find_dir()
+    except FileNotFoundError as e:
+        pytest.fail(f"{e}\n(`make test` installs it; running pytest by hand needs it too)")
+
+
+@pytest.fixture(scope="session")
+def fmnist_train_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """637 training images in shards of 100: six full shards and a short one (uneven on purpose)."""
+    _need_fashion_mnist()
+    out = tmp_path_factory.mktemp("shards") / "train"
+    make_shards(["--fashion-mnist", "--split", "train", "--limit", "637", "--max-count", "100", "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
+def fmnist_test_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _need_fashion_mnist()
+    out = tmp_path_factory.mktemp("shards") / "test"
+    make_shards(["--fashion-mnist", "--split", "test", "--limit", "300", "--max-count", "100", "--out", str(out)])
+    return out

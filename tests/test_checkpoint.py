@@ -1,0 +1,118 @@
+"""Checkpoints: complete-or-absent directories, round trips of every state, per-rank files on real ranks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_ranks
+
+from swav_scale.checkpoint import META, Checkpointer, RNGState, TrainProgress
+from swav_scale.distributed import DistEnv
+from swav_scale.engine import DDPEngine
+from swav_scale.models import build_swav_model
+from swav_scale.optim import build_optimizer
+from swav_scale.config import OptimConfig
+from swav_scale.queue import FeatureQueue
+
+
+def make_engine(world: int = 1, rank: int = 0) -> DDPEngine:
+    torch.manual_seed(0)
+    model = build_swav_model("resnet18", 0.125, True, 32, 16, 10)
+    env = DistEnv(rank, world, rank, world, torch.device("cpu"))
+    return DDPEngine(model, build_optimizer(model, OptimConfig(base_lr=0.1)), env, "fp32")
+
+
+def train_steps(engine: DDPEngine, n: int, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        crops = [torch.randn(4, 3, 16, 16, generator=g) for _ in range(2)]
+        _, scores = engine.module(crops)
+        engine.backward(sum(s.pow(2).mean() for s in scores))
+        engine.step()
+
+
+def states(engine: DDPEngine, queue: FeatureQueue) -> tuple[dict, dict]:
+    progress = TrainProgress()
+    return {"engine": engine, "progress": progress}, {"queue": queue, "rng": RNGState()}
+
+
+def test_round_trip_restores_model_optimizer_queue_rng(tmp_path: Path) -> None:
+    env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
+    a = make_engine()
+    train_steps(a, 3)
+    qa = FeatureQueue(2, 8, 16)
+    qa.push(0, torch.ones(4, 16)); qa.advance(4)
+    ga, ra = states(a, qa)
+    ga["progress"].step = 3
+    ckpt = Checkpointer(tmp_path, env)
+    torch.manual_seed(42)
+    path = ckpt.save(3, ga, ra)
+    expected_rand = torch.rand(3)
+
+    b = make_engine()
+    qb = FeatureQueue(2, 8, 16)
+    gb, rb = states(b, qb)
+    assert ckpt.latest() == path
+    ckpt.load(path, gb, rb)
+    assert gb["progress"].step == 3
+    assert torch.equal(qb.embeddings, qa.embeddings) and qb.filled == 4
+    assert torch.equal(torch.rand(3), expected_rand)
+    for (n, p), (_, q) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(p, q), n
+    # the optimizer state came back too: one more identical step gives identical weights
+    train_steps(a, 1, seed=5)
+    train_steps(b, 1, seed=5)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_only_complete_checkpoints_count(tmp_path: Path) -> None:
+    env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
+    ckpt = Checkpointer(tmp_path, env, keep=2)
+    engine = make_engine()
+    g, r = states(engine, FeatureQueue(2, 8, 16))
+    for step in (1, 2, 3):
+        ckpt.save(step, g, r)
+    assert [p.name for p in ckpt.complete_checkpoints()] == ["step-00000002", "step-00000003"]
+    assert (tmp_path / "latest").read_text() == "step-00000003"
+    # a save killed before its meta.json: the directory is not a checkpoint, and it is cleaned away
+    (tmp_path / "step-00000004.partial").mkdir()
+    (tmp_path / "step-00000004.partial" / "__0_0.distcp").write_bytes(b"half")
+    assert ckpt.latest().name == "step-00000003"
+    ckpt.clean_partial()
+    assert not (tmp_path / "step-00000004.partial").exists()
+    # killed after the rename but before the pointer moved: the directory is complete, so it wins
+    ckpt.save(5, g, r)
+    (tmp_path / "latest").write_text("step-00000003")
+    assert ckpt.latest().name == "step-00000005"
+
+
+def _save_on_rank(rank: int, world: int, root: str) -> list[str]:
+    env = DistEnv(rank, world, rank, world, torch.device("cpu"))
+    engine = make_engine(world, rank)
+    train_steps(engine, 2, seed=rank)  # different data per rank, DDP keeps the weights equal
+    queue = FeatureQueue(2, 4, 16)
+    queue.push(0, torch.full((4, 16), float(rank))); queue.advance(4)
+    g, r = states(engine, queue)
+    path = Checkpointer(root, env).save(2, g, r)
+    # every rank reloads its own queue
+    fresh = FeatureQueue(2, 4, 16)
+    g2, r2 = states(make_engine(world, rank), fresh)
+    Checkpointer(root, env).load(path, g2, r2)
+    assert fresh.embeddings[0, 0, 0].item() == rank
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_per_rank_state_is_saved_per_rank_on_real_ranks(tmp_path: Path) -> None:
+    files = run_ranks(_save_on_rank, 2, str(tmp_path))
+    assert files[0] == files[1]
+    assert {"rank-00000.pt", "rank-00001.pt", META, ".metadata"} <= set(files[0])
+    assert json.loads((tmp_path / "step-00000002" / META).read_text())["world_size"] == 2
+    # loading with another world size is refused with a clear message
+    env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
+    g, r = states(make_engine(), FeatureQueue(2, 4, 16))
+    with pytest.raises(RuntimeError, match="written by 2 ranks, this run has 1"):
+        Checkpointer(tmp_path, env).load(tmp_path / "step-00000002", g, r)

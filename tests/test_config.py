@@ -1,0 +1,57 @@
+"""Typed config: shipped files load, typos and bad values are refused with the key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from swav_scale.config import ConfigError, check_world, load_config, to_yaml, from_yaml_text
+from conftest import REPO
+
+
+@pytest.mark.parametrize("name", ["quickstart", "rn50_in1k_100ep", "rn50_in1k_800ep"])
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", ["data.train_shards=/tmp/x"])
+    assert from_yaml_text(to_yaml(cfg)) == cfg
+
+
+def test_paper_recipe_values() -> None:
+    cfg = load_config(REPO / "configs" / "rn50_in1k_800ep.yaml", ["data.train_shards=/x"])
+    assert (cfg.crops.sizes, cfg.crops.counts) == ([224, 96], [2, 6])
+    assert (cfg.optim.batch_size, cfg.optim.base_lr, cfg.optim.final_lr) == (4096, 4.8, 0.0048)
+    assert (cfg.optim.warmup_epochs, cfg.optim.start_warmup_lr, cfg.optim.weight_decay) == (10, 0.3, 1e-6)
+    assert (cfg.swav.epsilon, cfg.swav.temperature, cfg.model.num_prototypes) == (0.05, 0.1, 3000)
+    assert (cfg.swav.freeze_prototypes_iters, cfg.optim.epochs) == (313, 800)
+
+
+def test_misspelled_key_names_the_closest_valid_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'optim.base_lrr': did you mean 'optim.base_lr'"):
+        load_config(REPO / "configs" / "quickstart.yaml", ["optim.base_lrr=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  num_protoypes: 10\n")
+    with pytest.raises(ConfigError, match=rf"{bad}:\n  unknown key 'model.num_protoypes': did you mean "
+                                          r"'model.num_prototypes'"):
+        load_config(bad)
+
+
+def test_wrong_type_and_missing_values_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="key 'optim.epochs'"):
+        load_config(None, ["data.train_shards=/x", "optim.epochs=ten"])
+    with pytest.raises(ConfigError, match="data.train_shards"):
+        load_config(REPO / "configs" / "rn50_in1k_100ep.yaml")
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(None, ["optim.epochs"])
+    with pytest.raises(ConfigError, match="crops.counts has 1 entries but crops.sizes has 2"):
+        load_config(None, ["data.train_shards=/x", "crops.counts=[2]"])
+
+
+def test_world_size_checks() -> None:
+    cfg = load_config(None, ["data.train_shards=/x", "optim.batch_size=96", "swav.queue_length=300"])
+    with pytest.raises(ConfigError, match=r"swav.queue_length=300 is not a multiple of the global batch "
+                                          r"optim.batch_size=96; use e.g. 288"):
+        check_world(cfg, 2)
+    cfg.swav.queue_length = 384
+    assert check_world(cfg, 3) == 32
+    with pytest.raises(ConfigError, match="does not split evenly over 5 ranks"):
+        check_world(cfg, 5)

@@ -1,0 +1,57 @@
+"""Trunks: torchvision compatibility, SwAV widths, small stem, the multi-crop forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from swav_scale.models import build_swav_model, build_trunk
+
+
+def n_params(m: torch.nn.Module) -> float:
+    return sum(p.numel() for p in m.parameters()) / 1e6
+
+
+@pytest.mark.parametrize("arch,millions", [("resnet50", 23.5), ("resnet50w2", 93.9), ("resnet50w4", 375.4),
+                                           ("resnet50w5", 586.5)])
+def test_trunk_sizes_match_swav(arch: str, millions: float) -> None:
+    with torch.device("meta"):  # count without allocating 2 GB of weights
+        trunk = build_trunk(arch)
+    assert n_params(trunk) == pytest.approx(millions, abs=0.1)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_width_one_loads_into_torchvision(arch: str) -> None:
+    trunk = build_trunk(arch)
+    tv = getattr(torchvision.models, arch)()
+    missing, unexpected = tv.load_state_dict(trunk.state_dict(), strict=False)
+    assert missing == ["fc.weight", "fc.bias"] and unexpected == []
+    tv.fc = torch.nn.Identity()
+    tv.eval(), trunk.eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(tv(x), trunk(x), atol=1e-5)
+
+
+def test_wide_resnet_widens_every_stage() -> None:
+    with torch.device("meta"):
+        w2 = build_trunk("resnet50w2")
+    assert w2.conv1.out_channels == 128 and w2.out_dim == 4096
+    assert w2.layer1[0].conv2.out_channels == 128 and w2.layer4[0].conv3.out_channels == 4096
+
+
+def test_small_stem_keeps_resolution_for_small_images() -> None:
+    trunk = build_trunk("resnet18", width=0.25, small_stem=True)
+    assert trunk.conv1.kernel_size == (3, 3) and trunk.conv1.stride == (1, 1)
+    assert trunk(torch.randn(2, 3, 28, 28)).shape == (2, 128)
+    with pytest.raises(ValueError, match="model.width=0.3"):
+        build_trunk("resnet18", width=0.3)
+
+
+def test_multicrop_forward_groups_resolutions() -> None:
+    model = build_swav_model("resnet18", 0.25, True, 64, 32, 10)
+    crops = [torch.randn(4, 3, 28, 28)] * 2 + [torch.randn(4, 3, 12, 12)] * 3
+    z, scores = model(crops)
+    assert len(z) == len(scores) == 5
+    assert all(t.shape == (4, 32) for t in z) and all(s.shape == (4, 10) for s in scores)
+    assert torch.allclose(torch.stack(z).norm(dim=-1), torch.ones(5, 4), atol=1e-5)

@@ -1,0 +1,142 @@
+"""End to end through the real command line: 2 ranks as real processes, real shards, checkpoints, resume, kNN."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "model.arch=resnet18", "model.width=0.125", "model.small_stem=true", "model.hidden_dim=32",
+    "model.embed_dim=16", "model.num_prototypes=20",
+    "crops.sizes=[28,12]", "crops.counts=[2,2]", "crops.min_scale=[0.4,0.15]", "crops.max_scale=[1.0,0.4]",
+    "crops.color_jitter=[0.4,0.4,0,0]", "crops.blur_prob=0", "crops.mean=[0.286,0.286,0.286]",
+    "crops.std=[0.353,0.353,0.353]",
+    "optim.batch_size=32", "optim.epochs=2", "optim.base_lr=0.3", "optim.final_lr=0.003",
+    "optim.warmup_epochs=0.5", "optim.start_warmup_lr=0.03",
+    "swav.freeze_prototypes_iters=5", "swav.queue_length=64", "swav.queue_start_epoch=1",
+    "data.num_workers=1", "data.shuffle_buffer=50",
+    "train.checkpoint_every=6", "train.log_every=2", "train.tensorboard=false",
+    "eval.resize=28", "eval.crop=28", "eval.batch_size=100",
+]
+
+
+def swav_scale(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "swav_scale.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def pretrain(shards: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    proc = swav_scale("pretrain", str(REPO / "configs" / "quickstart.yaml"), *TINY, f"data.train_shards={shards}",
+                      f"train.run_dir={run_dir}", *extra, "--nproc", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
+    meta = json.loads((checkpoints[-1] / "meta.json").read_text())
+    from swav_scale.config import load_config
+    from swav_scale.train import build_model
+
+    model = build_model(load_config(run_dir / "config.yaml"))
+    state = {"engine": {"model": model.state_dict()}}
+    dcp.load(state, checkpoint_id=str(checkpoints[-1]))
+    return {"step": meta["step"], **state["engine"]["model"]}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory, fmnist_train_shards: Path) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    pretrain(fmnist_train_shards, run_dir)
+    return run_dir
+
+
+def test_run_writes_config_sha_metrics_and_checkpoints(full_run: Path) -> None:
+    steps = 2 * (637 // 32)
+    assert (full_run / "config.yaml").is_file()
+    meta = json.loads((full_run / "meta.json").read_text())
+    assert len(meta["git_sha"]) >= 40 or meta["git_sha"] == "unknown"
+    assert meta["launches"][0]["world_size"] == 2
+    lines = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == steps
+    assert all({"loss", "lr", "images_per_s", "epoch"} <= set(m) for m in lines)
+    assert lines[-1]["loss"] < lines[0]["loss"], "SwAV loss goes down"
+    names = [p.name for p in (full_run / "checkpoints").glob("step-*")]
+    assert f"step-{steps:08d}" in names and not any(n.endswith(".partial") for n in names)
+    assert (full_run / "logs" / "rank-1.log").is_file()
+
+
+def test_interrupted_run_resumes_to_the_same_weights(full_run: Path, fmnist_train_shards: Path,
+                                                     tmp_path: Path) -> None:
+    """Stop after 9 steps (mid-epoch, 3 steps after the last checkpoint), rerun the same command: the result
+    equals the uninterrupted run bit for bit (same data order, RNG, queue, optimizer state)."""
+    run_dir = tmp_path / "resumed"
+    pretrain(fmnist_train_shards, run_dir, "train.max_steps=9")
+    assert final_weights(run_dir)["step"] == 9
+    pretrain(fmnist_train_shards, run_dir)
+    resumed, full = final_weights(run_dir), final_weights(full_run)
+    assert resumed["step"] == full["step"]
+    for key in full:
+        if key != "step":
+            assert torch.equal(resumed[key], full[key]), key
+    launches = json.loads((run_dir / "meta.json").read_text())["launches"]
+    assert launches[1]["resumed_from"].endswith("step-00000009")
+
+
+def test_killed_run_loses_nothing(full_run: Path, fmnist_train_shards: Path, tmp_path: Path) -> None:
+    """SIGKILL every rank at an arbitrary moment, rerun: it resumes from the last complete checkpoint and ends
+    with the same weights as the uninterrupted run."""
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "swav_scale.cli", "pretrain", str(REPO / "configs" / "quickstart.yaml"), *TINY,
+           f"data.train_shards={fmnist_train_shards}", f"train.run_dir={run_dir}", "--nproc", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.is_file() and any(json.loads(x)["step"] >= 14 for x in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    pretrain(fmnist_train_shards, run_dir)
+    resumed, full = final_weights(run_dir), final_weights(full_run)
+    for key in full:
+        assert torch.equal(torch.as_tensor(resumed[key]), torch.as_tensor(full[key])), key
+
+
+def test_knn_command_reports_top1(full_run: Path, fmnist_test_shards: Path) -> None:
+    proc = swav_scale("knn", str(full_run), f"eval.test_shards={fmnist_test_shards}", "--baselines")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for row in ("SwAV (step-00000038)", "random init", "raw pixels"):
+        assert row in proc.stdout
+    accuracies = [float(line.split("│")[-2]) for line in proc.stdout.splitlines() if line.count("│") == 3]
+    assert len(accuracies) == 3 and all(10 < a <= 100 for a in accuracies)
+
+
+def test_bad_input_stops_with_a_clear_message(tmp_path: Path, fmnist_train_shards: Path) -> None:
+    cases = {
+        "optim.batch_sise=32": "did you mean 'optim.batch_size'",
+        f"data.train_shards={tmp_path / 'missing'}": "does not exist; create it with tools/make_shards.py",
+        "optim.batch_size=2000": "fewer than one global batch",
+        "swav.queue_length=100": "not a multiple of the global batch",
+    }
+    for override, message in cases.items():
+        proc = swav_scale("pretrain", str(REPO / "configs" / "quickstart.yaml"), *TINY,
+                          f"data.train_shards={fmnist_train_shards}", f"train.run_dir={tmp_path / 'run'}",
+                          override, "--nproc", "2", timeout=120)
+        assert proc.returncode != 0
+        assert message in " ".join((proc.stdout + proc.stderr).split()), (override, proc.stdout + proc.stderr)
