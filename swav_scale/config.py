@@ -25,6 +25,7 @@ class ModelConfig:
     arch: str = "resnet50"  # resnet18 | resnet50 | resnet50w2 | resnet50w4 | resnet50w5
     width: float | None = None  # overrides the arch's width multiplier (resnet18 at 0.5, say)
     small_stem: bool = False  # 3x3 stride-1 stem for 28-64 px images
+    maxpool: bool = True  # False drops the stem max-pool (CIFAR-style), ~3x the compute
     hidden_dim: int = 2048  # projection MLP hidden width; 0 = a single linear layer
     embed_dim: int = 128
     num_prototypes: int = 3000
@@ -209,20 +210,24 @@ def validate(cfg: Config) -> None:
 
 
 def check_world(cfg: Config, world_size: int) -> int:
-    """The per-rank batch size, or an error if the global batch or the queue does not split over the ranks."""
+    """The per-rank batch size, or an error if the global batch does not split over the ranks."""
     b = cfg.optim.batch_size
     if b % world_size:
         raise ConfigError(
             f"optim.batch_size={b} (global) does not split evenly over {world_size} ranks; "
             f"use a multiple of {world_size}"
         )
-    q = cfg.swav.queue_length
+    return b // world_size
+
+
+def check_queue(cfg: Config) -> None:
+    """The queue holds whole global batches, so every rank's slice advances by its own batch each step."""
+    b, q = cfg.optim.batch_size, cfg.swav.queue_length
     if q and q % b:
         raise ConfigError(
             f"swav.queue_length={q} is not a multiple of the global batch optim.batch_size={b}; "
             f"use e.g. {max(1, q // b) * b}"
         )
-    return b // world_size
 
 
 def to_yaml(cfg: Config) -> str:

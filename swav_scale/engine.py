@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
@@ -74,8 +75,19 @@ class DDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
+        self._broadcast_buffers()
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
+
+    def _broadcast_buffers(self) -> None:
+        """Give every rank rank 0's BatchNorm running statistics. Ranks drift apart between forwards (each
+        updates them from its own batch) and DDP re-broadcasts rank 0's at the next forward; doing it before a
+        save makes the saved replica rank 0's whichever rank DCP picks to write it, so a resumed run
+        continues bit for bit."""
+        if self.module is not self.model:
+            with torch.no_grad():
+                for buffer in self.model.buffers():
+                    dist.broadcast(buffer, src=0)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         set_state_dict(

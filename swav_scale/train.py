@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from swav_scale.checkpoint import Checkpointer, RNGState, TrainProgress
-from swav_scale.config import Config, check_world
+from swav_scale.config import Config, check_queue, check_world
 from swav_scale.data.loader import MultiCropStream, ShardLoader, steps_per_epoch
 from swav_scale.data.multicrop import CropSpec, MultiCrop, normalize
 from swav_scale.data.shards import Manifest, read_manifest
@@ -49,15 +49,16 @@ def build_multicrop(cfg: Config) -> MultiCrop:
 
 def build_model(cfg: Config) -> torch.nn.Module:
     m = cfg.model
-    return build_swav_model(m.arch, m.width, m.small_stem, m.hidden_dim, m.embed_dim, m.num_prototypes)
+    return build_swav_model(m.arch, m.width, m.small_stem, m.hidden_dim, m.embed_dim, m.num_prototypes, m.maxpool)
 
 
 def preflight(cfg: Config, world_size: int) -> tuple[Manifest, int]:
     """Checks that need no process group: the batch splits over the ranks, the shards exist and hold at least
-    one global batch. The launcher runs them once before starting ranks, so a mistake is reported once."""
+    one global batch, the queue holds whole global batches. The launcher runs them once before starting ranks, so a mistake is reported once."""
     batch_per_rank = check_world(cfg, world_size)
     manifest = read_manifest(cfg.data.train_shards)
     steps_per_epoch(manifest, world_size, batch_per_rank)
+    check_queue(cfg)
     return manifest, batch_per_rank
 
 

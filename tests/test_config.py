@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from swav_scale.config import ConfigError, check_world, load_config, to_yaml, from_yaml_text
+from swav_scale.config import ConfigError, check_queue, check_world, load_config, to_yaml, from_yaml_text
 from conftest import REPO
 
 
@@ -50,8 +50,9 @@ def test_world_size_checks() -> None:
     cfg = load_config(None, ["data.train_shards=/x", "optim.batch_size=96", "swav.queue_length=300"])
     with pytest.raises(ConfigError, match=r"swav.queue_length=300 is not a multiple of the global batch "
                                           r"optim.batch_size=96; use e.g. 288"):
-        check_world(cfg, 2)
+        check_queue(cfg)
     cfg.swav.queue_length = 384
+    check_queue(cfg)
     assert check_world(cfg, 3) == 32
     with pytest.raises(ConfigError, match="does not split evenly over 5 ranks"):
         check_world(cfg, 5)

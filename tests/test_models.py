@@ -44,6 +44,12 @@ def test_small_stem_keeps_resolution_for_small_images() -> None:
     trunk = build_trunk("resnet18", width=0.25, small_stem=True)
     assert trunk.conv1.kernel_size == (3, 3) and trunk.conv1.stride == (1, 1)
     assert trunk(torch.randn(2, 3, 28, 28)).shape == (2, 128)
+    # without the stem max-pool every stage keeps twice the resolution: layer4 sees 4x4 instead of 2x2
+    no_pool = build_trunk("resnet18", width=0.25, small_stem=True, maxpool=False)
+    x = torch.randn(2, 3, 28, 28)
+    stem = no_pool.relu(no_pool.bn1(no_pool.conv1(x)))
+    assert no_pool.layer3(no_pool.layer2(no_pool.layer1(no_pool.maxpool(stem)))).shape[-1] == 7
+    assert no_pool(x).shape == (2, 128)
     with pytest.raises(ValueError, match="model.width=0.3"):
         build_trunk("resnet18", width=0.3)
 

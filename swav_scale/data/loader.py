@@ -20,6 +20,7 @@ world size and data.num_workers are unchanged.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import random
 from collections.abc import Callable, Iterator
@@ -84,11 +85,13 @@ def plan_epoch(
     ]
     pieces = [p for p in pieces if p.samples > 0]
     plan: dict[tuple[int, int], list[Piece]] = {c: [] for c in consumers}
-    deficit = {c: quota[c[1]] for c in consumers}
+    # max-heap on the remaining quota; ties go to the lowest (rank, worker), so every rank computes the same plan
+    heap = [(-quota[w], r, w) for r, w in consumers]
+    heapq.heapify(heap)
     for piece in sorted(pieces, key=lambda p: -p.samples):  # stable: ties keep the permuted order
-        target = max(consumers, key=lambda c: deficit[c])
-        plan[target].append(piece)
-        deficit[target] -= piece.samples
+        deficit, r, w = heapq.heappop(heap)
+        plan[(r, w)].append(piece)
+        heapq.heappush(heap, (deficit + piece.samples, r, w))
     return plan
 
 

@@ -25,8 +25,9 @@ ARCHS = tuple(_ARCHS)
 class ResNetTrunk(nn.Module):
     """A ResNet without its classifier: images (N, 3, H, W) -> pooled features (N, out_dim).
 
-    `small_stem` replaces the 7x7 stride-2 stem convolution by a 3x3 stride-1 one (the max-pool stays), for
-    28-64 px images where a stride-4 stem would leave too few pixels for the later stages.
+    `small_stem` replaces the 7x7 stride-2 stem convolution by a 3x3 stride-1 one, for 28-64 px images where a
+    stride-4 stem would leave too few pixels for the later stages; `maxpool=False` also drops the stem's
+    max-pool, as CIFAR ResNets do (twice the resolution in every stage, about 3x the compute).
     `width` multiplies every channel count; fractional widths (0.5) give small, fast trunks for CPU demos.
     """
 
@@ -36,6 +37,7 @@ class ResNetTrunk(nn.Module):
         layers: list[int],
         width: float = 1,
         small_stem: bool = False,
+        maxpool: bool = True,
         zero_init_residual: bool = True,
     ) -> None:
         super().__init__()
@@ -49,7 +51,7 @@ class ResNetTrunk(nn.Module):
             self.conv1 = nn.Conv2d(3, base, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(base)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if maxpool else nn.Identity()
         self.layer1 = self._make_layer(block, base, layers[0])
         self.layer2 = self._make_layer(block, base * 2, layers[1], stride=2)
         self.layer3 = self._make_layer(block, base * 4, layers[2], stride=2)
@@ -92,9 +94,9 @@ class ResNetTrunk(nn.Module):
         return self.avgpool(x).flatten(1)
 
 
-def build_trunk(arch: str, width: float | None = None, small_stem: bool = False) -> ResNetTrunk:
+def build_trunk(arch: str, width: float | None = None, small_stem: bool = False, maxpool: bool = True) -> ResNetTrunk:
     """A trunk by name. `width` overrides the name's multiplier (resnet18 at width 0.5, say)."""
     if arch not in _ARCHS:
         raise ValueError(f"model.arch={arch!r} is not known; choose one of {', '.join(ARCHS)}")
     block, layers, default_width = _ARCHS[arch]
-    return ResNetTrunk(block, layers, width=default_width if width is None else width, small_stem=small_stem)
+    return ResNetTrunk(block, layers, default_width if width is None else width, small_stem, maxpool)

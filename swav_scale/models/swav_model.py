@@ -60,5 +60,6 @@ def build_swav_model(
     hidden_dim: int,
     embed_dim: int,
     num_prototypes: int,
+    maxpool: bool = True,
 ) -> SwAVModel:
-    return SwAVModel(build_trunk(arch, width, small_stem), hidden_dim, embed_dim, num_prototypes)
+    return SwAVModel(build_trunk(arch, width, small_stem, maxpool), hidden_dim, embed_dim, num_prototypes)
