@@ -97,7 +97,7 @@ def load_trunk(cfg: Config, checkpoint: Path | None) -> nn.Module:
     model = build_model(cfg)
     if checkpoint is not None:
         state = {"engine": {"model": model.state_dict()}}
-        dcp.load(state, checkpoint_id=str(checkpoint))
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # one process reads every shard
         model.load_state_dict(state["engine"]["model"])
     return model.trunk.eval()
 
