@@ -49,12 +49,15 @@ def build_multicrop(cfg: Config) -> MultiCrop:
 
 def build_model(cfg: Config) -> torch.nn.Module:
     m = cfg.model
-    return build_swav_model(m.arch, m.width, m.small_stem, m.hidden_dim, m.embed_dim, m.num_prototypes, m.maxpool)
+    return build_swav_model(
+        m.arch, m.width, m.small_stem, m.hidden_dim, m.embed_dim, m.num_prototypes, maxpool=m.maxpool
+    )
 
 
 def preflight(cfg: Config, world_size: int) -> tuple[Manifest, int]:
     """Checks that need no process group: the batch splits over the ranks, the shards exist and hold at least
-    one global batch, the queue holds whole global batches. The launcher runs them once before starting ranks, so a mistake is reported once."""
+    one global batch, the queue holds whole global batches. The launcher runs them once before starting ranks,
+    so a mistake is reported once, and in this order, so the first message names the first thing to fix."""
     batch_per_rank = check_world(cfg, world_size)
     manifest = read_manifest(cfg.data.train_shards)
     steps_per_epoch(manifest, world_size, batch_per_rank)

@@ -94,7 +94,9 @@ class ResNetTrunk(nn.Module):
         return self.avgpool(x).flatten(1)
 
 
-def build_trunk(arch: str, width: float | None = None, small_stem: bool = False, maxpool: bool = True) -> ResNetTrunk:
+def build_trunk(
+    arch: str, width: float | None = None, small_stem: bool = False, maxpool: bool = True
+) -> ResNetTrunk:
     """A trunk by name. `width` overrides the name's multiplier (resnet18 at width 0.5, say)."""
     if arch not in _ARCHS:
         raise ValueError(f"model.arch={arch!r} is not known; choose one of {', '.join(ARCHS)}")
