@@ -1,8 +1,10 @@
 """Multi-crop throughput: swav_scale's seeded uint8 pipeline beside the textbook per-crop float pipeline.
 
-Both produce the same crops from the same per-sample seeds. The baseline does what most SwAV code does per
-crop: ToDtype + Normalize inside every crop's Compose, and torch.manual_seed() per sample. swav_scale keeps
-crops uint8 (normalised once per batch on the device) and seeds the default generator directly.
+Both apply the same operations with the same parameter distributions (RandomResizedCrop, flip, colour jitter
+p=0.8, grayscale p=0.2, blur p=0.5). The baseline does what most SwAV code does per crop: v2 transform
+objects, ToDtype + Normalize inside every crop's Compose, and torch.manual_seed() per sample. swav_scale
+draws the parameters from a per-sample `random.Random`, calls the v2 functional kernels directly, and keeps
+crops uint8 (normalised once per batch on the device).
 
     .venv/bin/python benchmarks/bench_multicrop.py [--size 28 --local 16 --samples 2000]
 

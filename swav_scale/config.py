@@ -87,8 +87,9 @@ class TrainConfig:
     run_dir: str = "runs/swav"
     seed: int = 31
     engine: str = "ddp"
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | bf16 | fp32
     sync_batchnorm: bool = True  # on GPU only: gloo has no SyncBatchNorm
+    channels_last: bool = True  # NHWC convolutions: about 15% faster on CPU (oneDNN), the fast path on GPU
     checkpoint_every: int = 500  # steps; a checkpoint is also written at the end of every epoch
     keep_checkpoints: int = 3
     log_every: int = 10

@@ -7,6 +7,7 @@ exp(s / T). Top-1 accuracy of the vote is the figure reported.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from swav_scale.config import Config
 from swav_scale.data.loader import Piece, _raw_samples, decode, label_of
 from swav_scale.data.multicrop import EvalTransform, normalize
 from swav_scale.data.shards import Manifest, read_manifest
+from swav_scale.engine import autocast_dtype
 from swav_scale.utils import progress_bar
 
 
@@ -46,7 +48,7 @@ class EvalStream(IterableDataset):
 
 @torch.no_grad()
 def extract_features(
-    encode: Callable[[Tensor], Tensor],
+    encoders: dict[str, Callable[[Tensor], Tensor]],
     manifest: Manifest,
     transform: Callable[[Tensor], Tensor],
     mean: tuple[float, ...],
@@ -55,17 +57,28 @@ def extract_features(
     num_workers: int = 2,
     device: torch.device | str = "cpu",
     description: str = "features",
-) -> tuple[Tensor, Tensor]:
-    """(L2-normalised features (N, D), labels (N,)) of every sample in the shard directory."""
+    dtype: torch.dtype | None = None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """({encoder name: L2-normalised features (N, D)}, labels (N,)) for every sample in the shard directory.
+
+    Every encoder sees the same decoded batch, so the images are read and decoded once however many encoders
+    (the trained network and its baselines) are compared. `dtype` runs the encoders under autocast (bf16 for a
+    network trained in bf16: the features it was trained to produce, at up to twice the speed)."""
+    device = torch.device(device)
     workers = min(num_workers, len(manifest.shards))
     loader = DataLoader(EvalStream(manifest, transform, batch_size), batch_size=None, num_workers=workers)
-    feats, labels = [], []
+    feats: dict[str, list[Tensor]] = {name: [] for name in encoders}
+    labels = []
     with progress_bar(description, manifest.total) as advance:
         for x, y in loader:
-            feats.append(F.normalize(encode(normalize(x.to(device), mean, std)).float(), dim=1).cpu())
+            x = normalize(x.to(device), mean, std)
+            for name, encode in encoders.items():
+                with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+                    out = encode(x)
+                feats[name].append(F.normalize(out.float(), dim=1).cpu())
             labels.append(y)
             advance(len(y))
-    return torch.cat(feats), torch.cat(labels)
+    return {name: torch.cat(f) for name, f in feats.items()}, torch.cat(labels)
 
 
 def raw_pixels(x: Tensor) -> Tensor:
@@ -99,7 +112,7 @@ def load_trunk(cfg: Config, checkpoint: Path | None) -> nn.Module:
         state = {"engine": {"model": model.state_dict()}}
         dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # one process reads every shard
         model.load_state_dict(state["engine"]["model"])
-    return model.trunk.eval()
+    return model.trunk.eval().to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
 
 
 def evaluate(
@@ -117,11 +130,9 @@ def evaluate(
     query_manifest = read_manifest(e.test_shards)
     transform = EvalTransform(e.resize, e.crop)
     mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
-    results = {}
-    for name, encode in encoders.items():
-        bank, bank_y = extract_features(encode, bank_manifest, transform, mean, std, e.batch_size, num_workers,
-                                        device, f"{name}: bank")
-        queries, query_y = extract_features(encode, query_manifest, transform, mean, std, e.batch_size,
-                                            num_workers, device, f"{name}: queries")
-        results[name] = knn_top1(bank, bank_y, queries, query_y, e.k, e.temperature)
-    return results
+    dtype = autocast_dtype(cfg.train.precision, torch.device(device))  # the precision the network trained in
+    bank, bank_y = extract_features(encoders, bank_manifest, transform, mean, std, e.batch_size, num_workers,
+                                    device, "bank (train split)", dtype)
+    queries, query_y = extract_features(encoders, query_manifest, transform, mean, std, e.batch_size,
+                                        num_workers, device, "queries (test split)", dtype)
+    return {name: knn_top1(bank[name], bank_y, queries[name], query_y, e.k, e.temperature) for name in encoders}

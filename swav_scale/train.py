@@ -80,6 +80,8 @@ def train(cfg: Config, env: DistEnv) -> TrainResult:
     # ---- model, optimizer, engine (same initial weights on every rank)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # the inputs follow: convs keep the weights' layout
     engine = build_engine(cfg.train.engine, model, build_optimizer(model, cfg.optim), env, cfg.train.precision,
                           cfg.train.sync_batchnorm)
     prototypes = engine.model.prototypes

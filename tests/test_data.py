@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import shutil
 import tarfile
 from collections import Counter
@@ -16,7 +17,7 @@ from PIL import Image
 
 from swav_scale.data.loader import MultiCropStream, ShardLoader, plan_epoch, steps_per_epoch
 from swav_scale.data.make_shards import main as make_shards
-from swav_scale.data.multicrop import CropSpec, MultiCrop, sample_seed
+from swav_scale.data.multicrop import CropSpec, MultiCrop, crop_box, sample_seed
 from swav_scale.data.shards import MANIFEST, ShardError, read_manifest
 
 SPECS = [CropSpec(28, 2, 0.4, 1.0), CropSpec(12, 2, 0.15, 0.4)]
@@ -203,6 +204,18 @@ def test_multicrop_is_seeded_per_sample() -> None:
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
     assert not torch.equal(a[0], a[1]), "the two global crops of one image differ"
+
+
+def test_crop_boxes_follow_the_scale_and_ratio_ranges() -> None:
+    rng = random.Random(0)
+    for _ in range(2000):
+        top, left, h, w = crop_box(rng, 60, 80, (0.15, 0.4))
+        assert 0 <= top <= 60 - h and 0 <= left <= 80 - w
+        # rounding the sides to whole pixels moves area and ratio a little past the exact bounds
+        assert 0.13 <= h * w / (60 * 80) <= 0.42 and 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
+    # An impossible request (a 1:10 strip cannot hold 3/4..4/3 crops of 90% of its area) falls back to the
+    # centred crop of the nearest allowed ratio, as torchvision's RandomResizedCrop does.
+    assert crop_box(random.Random(0), 10, 100, (0.9, 1.0)) == (0, 43, 10, 13)
 
 
 def test_labels_travel_with_their_images(fmnist_train_shards: Path) -> None:

@@ -61,3 +61,14 @@ def test_multicrop_forward_groups_resolutions() -> None:
     assert len(z) == len(scores) == 5
     assert all(t.shape == (4, 32) for t in z) and all(s.shape == (4, 10) for s in scores)
     assert torch.allclose(torch.stack(z).norm(dim=-1), torch.ones(5, 4), atol=1e-5)
+
+
+def test_head_and_prototypes_stay_float32_under_bf16_autocast() -> None:
+    model = build_swav_model("resnet18", 0.25, True, 64, 32, 10).to(memory_format=torch.channels_last)
+    crops = [torch.randn(4, 3, 28, 28)] * 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.trunk(crops[0])
+        z, scores = model(crops)
+    assert features.dtype == torch.bfloat16, "the trunk runs in bf16"
+    assert all(t.dtype == torch.float32 for t in z + scores)
+    assert torch.allclose(torch.stack(z).norm(dim=-1), torch.ones(2, 4), atol=1e-6)
