@@ -108,7 +108,7 @@ def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `train.precision`: `auto` is bf16 on GPU and on CPUs with native bf16 (1.4x to 1.9x
+    """The autocast dtype for `train.precision`: `auto` is bf16 on GPU and on CPUs with native bf16 (1.4x to 1.8x
     faster for small ResNets on a Zen 4 core), fp32 on other CPUs, where bf16 is emulated and much slower."""
     if precision == "bf16":
         return torch.bfloat16
