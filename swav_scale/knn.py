@@ -112,7 +112,7 @@ def load_trunk(cfg: Config, checkpoint: Path | None) -> nn.Module:
         state = {"engine": {"model": model.state_dict()}}
         dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # one process reads every shard
         model.load_state_dict(state["engine"]["model"])
-    return model.trunk.eval().to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
+    return model.trunk.eval()
 
 
 def evaluate(

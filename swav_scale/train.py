@@ -48,10 +48,14 @@ def build_multicrop(cfg: Config) -> MultiCrop:
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
+    """The SwAV model of the config, in its memory format: training and evaluation build it here alike."""
     m = cfg.model
-    return build_swav_model(
+    model = build_swav_model(
         m.arch, m.width, m.small_stem, m.hidden_dim, m.embed_dim, m.num_prototypes, maxpool=m.maxpool
     )
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # the inputs follow: convs keep the weights' layout
+    return model
 
 
 def preflight(cfg: Config, world_size: int) -> tuple[Manifest, int]:
@@ -80,8 +84,6 @@ def train(cfg: Config, env: DistEnv) -> TrainResult:
     # ---- model, optimizer, engine (same initial weights on every rank)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # the inputs follow: convs keep the weights' layout
     engine = build_engine(cfg.train.engine, model, build_optimizer(model, cfg.optim), env, cfg.train.precision,
                           cfg.train.sync_batchnorm)
     prototypes = engine.model.prototypes
