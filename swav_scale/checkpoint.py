@@ -5,7 +5,8 @@ Everything saved is an object with `state_dict()` / `load_state_dict()`, gathere
 * global states (the engine's model + optimizer, the training progress) go through
   torch.distributed.checkpoint (DCP): each rank writes its part, replicated tensors once;
 * per-rank states (feature queue, RNG streams, data position) differ between ranks and are written by each
-  rank to its own `rank-RRRRR.pt`.
+  rank to its own `rank-RRRRR.pt`. Resumed on another number of ranks, each is rebuilt from all old ranks'
+  files (`load_resharded`): the queue keeps every old row, the data position continues the epoch exactly.
 
 A save writes into `step-N.partial/`; after every rank has finished, rank 0 writes `meta.json`, renames the
 directory to `step-N/` and only then moves the `latest` pointer. A run killed at any moment leaves either the
@@ -20,7 +21,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -37,6 +38,12 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class Reshardable(Protocol):
+    def load_resharded(self, states: list[dict[str, Any]], rank: int, world_size: int) -> None:
+        """Become rank `rank` of `world_size` from the states every rank of another world size saved."""
 
 
 class TrainProgress:
@@ -71,6 +78,11 @@ class RNGState:
         np.random.set_state(state["numpy"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+    def load_resharded(self, states: list[dict[str, Any]], rank: int, world_size: int) -> None:
+        """Old rank r's streams for new rank r; a new rank beyond the old count reuses an old rank's streams,
+        which only the augmentation-free parts of training use (crops are seeded per sample)."""
+        self.load_state_dict(states[rank % len(states)])
 
 
 def step_dir_name(step: int) -> str:
@@ -130,19 +142,50 @@ class Checkpointer:
         return final
 
     def load(self, path: Path, global_states: dict[str, Stateful], rank_states: dict[str, Stateful]) -> dict:
+        """Restore every state from `path`. Saved by another number of ranks, the global states reshard through
+        DCP and each per-rank state is rebuilt from all old ranks' files by its `load_resharded`."""
         meta = json.loads((path / META).read_text())
-        rank_path = path / rank_file(self.env.rank)
-        if meta["world_size"] != self.env.world_size or not rank_path.is_file():
-            raise RuntimeError(
-                f"rank {self.env.rank}: checkpoint {path} was written by {meta['world_size']} ranks, this run has "
-                f"{self.env.world_size}; its per-rank state ({rank_file(self.env.rank)}: queue, RNG, data position) "
-                "cannot be mapped. Resume with the same number of ranks, or start a new train.run_dir"
-            )
-        dcp.load(global_states, checkpoint_id=str(path))
-        per_rank = torch.load(rank_path, weights_only=False)
+        old_world = int(meta["world_size"])
+        missing = [rank_file(r) for r in range(old_world) if not (path / rank_file(r)).is_file()]
+        if missing:
+            raise RuntimeError(f"checkpoint {path} lacks {', '.join(missing)}; it is damaged: move it away to "
+                               "resume from the previous one")
+        self._load_global(path, global_states)
+        if old_world == self.env.world_size:
+            per_rank = torch.load(path / rank_file(self.env.rank), weights_only=False)
+            for key, obj in rank_states.items():
+                obj.load_state_dict(per_rank[key])
+            return meta
+        old = [torch.load(path / rank_file(r), weights_only=False) for r in range(old_world)]
         for key, obj in rank_states.items():
-            obj.load_state_dict(per_rank[key])
+            if not isinstance(obj, Reshardable):
+                raise RuntimeError(f"rank {self.env.rank}: checkpoint {path} was written by {old_world} ranks, this "
+                                   f"run has {self.env.world_size}, and its per-rank '{key}' state cannot be "
+                                   "resharded; resume with the same number of ranks")
+            obj.load_resharded([o[key] for o in old], self.env.rank, self.env.world_size)
         return meta
+
+    @staticmethod
+    def _load_global(path: Path, global_states: dict[str, Stateful]) -> None:
+        """dcp.load, except that a parameter without optimizer state in the checkpoint stays without it.
+
+        A parameter that has not been stepped yet (the prototypes while frozen) has no optimizer state; a fresh
+        optimizer asked for its state dict invents one for every parameter (torch fills them by a zero-grad
+        step, which for LARS leaves a weight-decay term in the momentum). Loading only what was saved lets the
+        optimizer create that state at the parameter's first real step, exactly as the uninterrupted run did."""
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        targets = {name: obj.state_dict() for name, obj in global_states.items()}
+        for name, target in targets.items():
+            optim_state = target.get("optim", {}).get("state") if isinstance(target.get("optim"), dict) else None
+            if optim_state is None:
+                continue
+            prefix = f"{name}.optim.state."
+            present = {key[len(prefix):].rsplit(".", 1)[0] for key in saved if key.startswith(prefix)}
+            for fqn in [f for f in optim_state if f not in present]:
+                del optim_state[fqn]
+        dcp.load(targets, checkpoint_id=str(path))
+        for name, obj in global_states.items():
+            obj.load_state_dict(targets[name])
 
     def clean_partial(self) -> None:
         """Remove directories of saves that never finished (rank 0, before the first save)."""

@@ -1,4 +1,4 @@
-"""`swav-scale`: pretrain, knn, make-shards, demo."""
+"""`swav-scale`: pretrain, knn, make-shards, verify-shards, demo."""
 
 from __future__ import annotations
 
@@ -62,6 +62,14 @@ def _make_shards(args: argparse.Namespace) -> None:
     main(args.rest)
 
 
+def _verify_shards(args: argparse.Namespace) -> None:
+    from swav_scale.data.verify import main
+
+    code = main(args.rest)
+    if code:
+        sys.exit(code)
+
+
 def _demo(args: argparse.Namespace) -> None:
     from swav_scale.demo import run_demo
 
@@ -91,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("rest", nargs=argparse.REMAINDER)
     ms.set_defaults(func=_make_shards)
 
+    vs = sub.add_parser("verify-shards", help="same as tools/verify_shards.py", add_help=False)
+    vs.add_argument("rest", nargs=argparse.REMAINDER)
+    vs.set_defaults(func=_verify_shards)
+
     demo = sub.add_parser("demo", help="Fashion-MNIST: shards -> SwAV on 2 ranks -> kNN vs baselines")
     demo.add_argument("--config", default="configs/quickstart.yaml")
     demo.add_argument("overrides", nargs="*")
@@ -100,8 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PASS_THROUGH = ("make-shards", "verify-shards")  # commands whose own parser reads all that follows them
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line. A pass-through command gets everything after its name untouched: argparse's
+    REMAINDER does not take a leading option, so `make-shards --help` or `verify-shards --no-decode DIR` would
+    be refused."""
+    if argv and argv[0] in PASS_THROUGH:
+        args = build_parser().parse_args(argv[:1])
+        args.rest = argv[1:]
+        return args
+    return build_parser().parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else list(argv))
     try:
         args.func(args)
     except (ConfigError, ShardError, FileNotFoundError, RuntimeError) as e:

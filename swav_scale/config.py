@@ -52,9 +52,15 @@ class CropsConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: str = MISSING  # a directory holding *.tar shards and manifest.json (tools/make_shards.py)
+    # a directory holding *.tar shards and manifest.json (tools/make_shards.py), an http(s) URL of one, or a brace
+    # pattern of paths / URLs / pipe: commands (train-{000000..000999}.tar); see swav_scale/data/sources.py
+    train_shards: str = MISSING
+    train_manifest: str = ""  # manifest.json path or URL, when it is not beside the shards (pipe: sources)
     num_workers: int = 4  # data-loading processes per rank
+    open_shards: int = 4  # shards each worker reads at once, interleaved at random
     shuffle_buffer: int = 2000  # samples held by each worker's shuffle buffer
+    max_bad_fraction: float = 0.01  # unreadable samples (replaced in their batch) tolerated per epoch
+    ledger: bool = False  # write the keys of every step's samples to run_dir/ledger/rank-R.jsonl (audits)
     prefetch_factor: int = 2
 
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
 from swav_scale.distributed import DistEnv
@@ -92,9 +92,10 @@ class DDPEngine:
                     dist.broadcast(buffer, src=0)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_state_dict(
-            self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-        )
+        # not strict: a parameter never stepped yet (frozen prototypes) has no optimizer state, and gets it at
+        # its first step as in the uninterrupted run; missing model keys have already failed in dcp.load
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=StateDictOptions(strict=False))
 
 
 def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:

@@ -18,9 +18,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from swav_scale.config import Config
-from swav_scale.data.loader import Piece, _raw_samples, decode, label_of
 from swav_scale.data.multicrop import EvalTransform, normalize
-from swav_scale.data.shards import Manifest, read_manifest
+from swav_scale.data.reader import decode, label_of, shard_samples
+from swav_scale.data.shards import Manifest
+from swav_scale.data.sources import open_shards
 from swav_scale.engine import autocast_dtype
 from swav_scale.utils import progress_bar
 
@@ -36,7 +37,7 @@ class EvalStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         images, labels = [], []
         for shard in self.manifest.shards[worker::workers]:
-            for s in _raw_samples(Piece(self.manifest.path(shard), shard.samples)):
+            for s in shard_samples(self.manifest.path(shard)):
                 images.append(self.transform(decode(s)))
                 labels.append(label_of(s))
                 if len(images) == self.batch_size:
@@ -124,10 +125,11 @@ def evaluate(
     """kNN top-1 of each named encoder, bank = eval.train_shards (default data.train_shards), queries =
     eval.test_shards."""
     e = cfg.eval
-    bank_manifest = read_manifest(e.train_shards or cfg.data.train_shards)
+    bank_manifest = (open_shards(e.train_shards) if e.train_shards
+                     else open_shards(cfg.data.train_shards, cfg.data.train_manifest))
     if not e.test_shards:
         raise ValueError("eval.test_shards is not set: give the shard directory of the test split")
-    query_manifest = read_manifest(e.test_shards)
+    query_manifest = open_shards(e.test_shards)
     transform = EvalTransform(e.resize, e.crop)
     mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
     dtype = autocast_dtype(cfg.train.precision, torch.device(device))  # the precision the network trained in

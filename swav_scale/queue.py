@@ -62,3 +62,11 @@ class FeatureQueue:
             )
         self.embeddings.copy_(emb)
         self.filled = int(state["filled"])
+
+    def load_resharded(self, states: list[dict[str, Any]], rank: int, world_size: int) -> None:
+        """This rank's share of the filled rows of all old ranks (newest first within each old rank)."""
+        rows = torch.cat([s["embeddings"][:, : int(s["filled"])] for s in states], dim=1)
+        share = rows.tensor_split(world_size, dim=1)[rank][:, : self.length]
+        self.embeddings.zero_()
+        self.embeddings[:, : share.shape[1]] = share.to(self.embeddings)
+        self.filled = share.shape[1]

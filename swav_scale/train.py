@@ -16,15 +16,17 @@ import torch
 
 from swav_scale.checkpoint import Checkpointer, RNGState, TrainProgress
 from swav_scale.config import Config, check_queue, check_world
-from swav_scale.data.loader import MultiCropStream, ShardLoader, steps_per_epoch
+from swav_scale.data.loader import MultiCropStream, ShardLoader
+from swav_scale.data.plan import Layout, Planner, steps_per_epoch
 from swav_scale.data.multicrop import CropSpec, MultiCrop, normalize
-from swav_scale.data.shards import Manifest, read_manifest
+from swav_scale.data.shards import Manifest, ShardError
+from swav_scale.data.sources import open_shards
 from swav_scale.distributed import DistEnv, all_reduce_mean
 from swav_scale.engine import build_engine
 from swav_scale.models import build_swav_model
 from swav_scale.optim import Schedule, build_optimizer, set_lr
 from swav_scale.queue import FeatureQueue
-from swav_scale.runlog import MetricsLog, TrainProgressBar, write_run_info
+from swav_scale.runlog import Ledger, MetricsLog, TrainProgressBar, write_run_info
 from swav_scale.swav import assign_codes, normalize_prototypes_, swapped_prediction_loss
 
 
@@ -63,10 +65,29 @@ def preflight(cfg: Config, world_size: int) -> tuple[Manifest, int]:
     one global batch, the queue holds whole global batches. The launcher runs them once before starting ranks,
     so a mistake is reported once, and in this order, so the first message names the first thing to fix."""
     batch_per_rank = check_world(cfg, world_size)
-    manifest = read_manifest(cfg.data.train_shards)
-    steps_per_epoch(manifest, world_size, batch_per_rank)
+    manifest = open_shards(cfg.data.train_shards, cfg.data.train_manifest)
+    steps_per_epoch(manifest, world_size * batch_per_rank)
     check_queue(cfg)
     return manifest, batch_per_rank
+
+
+def check_bad_samples(loader: ShardLoader, cfg: Config, env: DistEnv) -> int:
+    """This epoch's unreadable samples on all ranks so far; stops every rank together past
+    data.max_bad_fraction.
+
+    Bad samples are replaced in their batch (steps stay equal on every rank); a few are normal on real
+    storage, many mean a damaged shard set that would quietly train on duplicates."""
+    counts = torch.tensor([float(loader.bad_samples), float(loader.batches_done * loader.layout.batch_per_rank)])
+    if env.world_size > 1:
+        torch.distributed.all_reduce(counts)
+    bad, seen = counts.tolist()
+    if bad and bad > cfg.data.max_bad_fraction * seen:
+        raise ShardError(
+            f"epoch {loader.epoch}: {int(bad)} of {int(seen)} samples so far could not be read "
+            f"(more than data.max_bad_fraction={cfg.data.max_bad_fraction}); the first ones on rank {env.rank} are "
+            f"listed above. Check the shards with tools/verify_shards.py, or raise data.max_bad_fraction"
+        )
+    return int(bad)
 
 
 def train(cfg: Config, env: DistEnv) -> TrainResult:
@@ -74,8 +95,9 @@ def train(cfg: Config, env: DistEnv) -> TrainResult:
 
     # ---- data: every rank gets the same number of steps per epoch
     manifest, batch_per_rank = preflight(cfg, env.world_size)
-    stream = MultiCropStream(manifest, build_multicrop(cfg), env.rank, env.world_size, batch_per_rank,
-                             cfg.data.num_workers, cfg.train.seed, cfg.data.shuffle_buffer)
+    planner = Planner(manifest, cfg.train.seed, cfg.data.open_shards, cfg.data.shuffle_buffer)
+    layout = Layout(env.world_size, max(1, cfg.data.num_workers), batch_per_rank)
+    stream = MultiCropStream(planner, build_multicrop(cfg), env.rank, layout)
     loader = ShardLoader(stream, cfg.data.num_workers, cfg.data.prefetch_factor,
                          pin_memory=env.device.type == "cuda")
     schedule = Schedule.build(cfg.optim, loader.steps_per_epoch)
@@ -104,6 +126,7 @@ def train(cfg: Config, env: DistEnv) -> TrainResult:
     if env.is_main:
         write_run_info(run_dir, cfg, env.world_size, str(latest) if latest else None)
     metrics = MetricsLog(run_dir, cfg.train.tensorboard) if env.is_main else None
+    ledger = Ledger(run_dir, env.rank) if cfg.data.ledger else None
 
     saved = latest
     mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
@@ -119,6 +142,8 @@ def train(cfg: Config, env: DistEnv) -> TrainResult:
             use_queue_epoch = queue is not None and epoch >= cfg.swav.queue_start_epoch
             for batch in loader:
                 step = progress.step
+                if ledger:
+                    ledger.write(step, epoch, batch.keys)
                 lr = float(schedule.lr[step])
                 set_lr(engine.optimizer, lr)
                 normalize_prototypes_(prototypes)
@@ -144,7 +169,9 @@ def train(cfg: Config, env: DistEnv) -> TrainResult:
                 engine.step()
                 progress.step += 1
 
-                if progress.step % cfg.train.log_every == 0 or progress.step == last_step:
+                end_of_epoch = loader.at_epoch_end
+                if progress.step % cfg.train.log_every == 0 or progress.step == last_step or end_of_epoch:
+                    bad_samples = check_bad_samples(loader, cfg, env)
                     loss_value = all_reduce_mean(loss.detach().float()).item()
                     if not math.isfinite(loss_value):
                         raise FloatingPointError(
@@ -155,18 +182,20 @@ def train(cfg: Config, env: DistEnv) -> TrainResult:
                     ips = images_per_step * (progress.step - tick_step) / max(now - tick, 1e-9)
                     tick, tick_step = now, progress.step
                     if metrics:
-                        metrics.write(progress.step, epoch=epoch, loss=loss_value, lr=lr, images_per_s=round(ips, 1))
+                        metrics.write(progress.step, epoch=epoch, loss=loss_value, lr=lr, images_per_s=round(ips, 1),
+                                      bad_samples=bad_samples)
                     if bar:
                         bar.update(progress.step, epoch, loss_value, lr, ips)
                 elif bar:
                     bar.update(progress.step, epoch, None, lr, None)
 
-                end_of_epoch = loader.batches_done == loader.steps_per_epoch
                 if progress.step % cfg.train.checkpoint_every == 0 or end_of_epoch or progress.step == last_step:
                     saved = checkpointer.save(progress.step, global_states, rank_states)
                 if progress.step >= last_step:
                     break
     finally:
+        if ledger:
+            ledger.close()
         if bar:
             bar.__exit__(None, None, None)
         if metrics:

@@ -111,8 +111,28 @@ def test_per_rank_state_is_saved_per_rank_on_real_ranks(tmp_path: Path) -> None:
     assert files[0] == files[1]
     assert {"rank-00000.pt", "rank-00001.pt", META, ".metadata"} <= set(files[0])
     assert json.loads((tmp_path / "step-00000002" / META).read_text())["world_size"] == 2
-    # loading with another world size is refused with a clear message
+    # one rank resumes both: the weights reshard through DCP, the queue keeps every old rank's rows
     env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
-    g, r = states(make_engine(), FeatureQueue(2, 4, 16))
-    with pytest.raises(RuntimeError, match="written by 2 ranks, this run has 1"):
+    merged = FeatureQueue(2, 8, 16)
+    g, r = states(make_engine(), merged)
+    Checkpointer(tmp_path, env).load(tmp_path / "step-00000002", g, r)
+    assert merged.full and merged.embeddings[0, :, 0].tolist() == [0.0] * 4 + [1.0] * 4
+    # a per-rank state that cannot reshard is refused with a clear message
+    g, r = states(make_engine(), FeatureQueue(2, 8, 16))
+    r["custom"] = TrainProgress()
+    with pytest.raises(RuntimeError, match="written by 2 ranks, this run has 1, and its per-rank 'custom' state"):
         Checkpointer(tmp_path, env).load(tmp_path / "step-00000002", g, r)
+
+
+def test_resharded_queue_keeps_every_filled_row() -> None:
+    old = []
+    for rank in range(2):
+        q = FeatureQueue(1, 6, 2)
+        q.push(0, torch.full((3, 2), float(rank)))
+        q.advance(3)  # half full
+        old.append(q.state_dict())
+    new = [FeatureQueue(1, 4, 2) for _ in range(3)]
+    for rank, q in enumerate(new):
+        q.load_resharded(old, rank, 3)
+    rows = torch.cat([q.embeddings[0, : q.filled, 0] for q in new])
+    assert sorted(rows.tolist()) == [0.0] * 3 + [1.0] * 3 and [q.filled for q in new] == [2, 2, 2]

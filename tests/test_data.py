@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 import shutil
@@ -15,9 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from swav_scale.data.loader import MultiCropStream, ShardLoader, plan_epoch, steps_per_epoch
+from swav_scale.data.loader import MultiCropStream, ShardLoader
 from swav_scale.data.make_shards import main as make_shards
 from swav_scale.data.multicrop import CropSpec, MultiCrop, crop_box, sample_seed
+from swav_scale.data.plan import Layout, Planner, Segment, Span, cut, emitted, select_epoch, steps_per_epoch
 from swav_scale.data.shards import MANIFEST, ShardError, read_manifest
 
 SPECS = [CropSpec(28, 2, 0.4, 1.0), CropSpec(12, 2, 0.15, 0.4)]
@@ -27,15 +29,20 @@ def multicrop() -> MultiCrop:
     return MultiCrop(SPECS, jitter=(0.4, 0.4, 0.0, 0.0), blur_prob=0.5)
 
 
-def stream(shards: Path, rank: int, world: int, batch: int, workers: int, seed: int = 7) -> MultiCropStream:
-    return MultiCropStream(read_manifest(shards), multicrop(), rank, world, batch, workers, seed, shuffle_buffer=50)
+def planner(shards: Path, seed: int = 7) -> Planner:
+    return Planner(read_manifest(shards), seed, open_shards=3, buffer=50)
+
+
+def loader(shards: Path, rank: int, world: int, batch: int, workers: int, seed: int = 7) -> ShardLoader:
+    stream = MultiCropStream(planner(shards, seed), multicrop(), rank, Layout(world, max(1, workers), batch))
+    return ShardLoader(stream, workers, 2, False)
 
 
 def epoch_keys(shards: Path, rank: int, world: int, batch: int, workers: int, epoch: int = 0,
                start: int = 0) -> list[list[str]]:
-    loader = ShardLoader(stream(shards, rank, world, batch, workers), workers, 2, False)
-    loader.epoch, loader.batches_done = epoch, start
-    return [b.keys for b in loader]
+    data = loader(shards, rank, world, batch, workers)
+    data.epoch, data.segments[-1].steps = epoch, start
+    return [b.keys for b in data]
 
 
 # ---------------------------------------------------------------- shards and manifest
@@ -82,7 +89,7 @@ def test_image_folder_skips_unreadable_images(tmp_path: Path) -> None:
     assert m.total == 10 and m.classes == ["cat", "dog"]
     assert json.loads((out / MANIFEST).read_text())["skipped"] == 2
     # the stored bytes are the original JPEG files: they decode to 40x30 RGB
-    batch = next(iter(ShardLoader(stream(out, 0, 1, 5, 0), 0, 2, False)))
+    batch = next(iter(loader(out, 0, 1, 5, 0)))
     assert len(batch.views) == 4 and batch.views[0].shape == (5, 3, 28, 28)
     assert set(batch.labels.tolist()) <= {0, 1}
 
@@ -112,39 +119,76 @@ def test_bad_shard_directories_name_the_file(tmp_path: Path, fmnist_train_shards
 
 
 def test_batch_larger_than_the_data_is_refused(fmnist_train_shards: Path) -> None:
-    with pytest.raises(ShardError, match=r"fewer than one global batch of 2 ranks x 400 = 800"):
-        steps_per_epoch(read_manifest(fmnist_train_shards), 2, 400)
+    with pytest.raises(ShardError, match=r"fewer than one global batch of 800"):
+        steps_per_epoch(read_manifest(fmnist_train_shards), 800)
 
 
 # ---------------------------------------------------------------- planning
 
 
-@pytest.mark.parametrize("world,workers", [(2, 2), (3, 1), (3, 3), (2, 4)])
-def test_plan_gives_every_consumer_its_quota(fmnist_train_shards: Path, world: int, workers: int) -> None:
-    m = read_manifest(fmnist_train_shards)
+def test_spans_split_and_subtract() -> None:
+    span = Span("s.tar", ((0, 3), (5, 9)))
+    assert span.size == 7 and list(span.indices()) == [0, 1, 2, 5, 6, 7, 8]
+    assert span.split(4) == (Span("s.tar", ((0, 3), (5, 6))), Span("s.tar", ((6, 9),)))
+    assert span.split(7) == (span, None)
+    assert span.without({1, 6, 7}) == Span("s.tar", ((0, 1), (2, 3), (5, 6), (8, 9)))
+    assert span.without(set(range(10))) is None
+    pieces = cut([Span("a", ((0, 5),)), Span("b", ((0, 4),))], [3, 4, 2])
+    assert pieces == [[Span("a", ((0, 3),))], [Span("a", ((3, 5),)), Span("b", ((0, 2),))], [Span("b", ((2, 4),))]]
+
+
+@pytest.mark.parametrize("world,workers", [(2, 2), (3, 1), (3, 3), (2, 4), (1, 1)])
+def test_plan_gives_every_consumer_exactly_its_quota(fmnist_train_shards: Path, world: int, workers: int) -> None:
     batch = 16
-    steps = steps_per_epoch(m, world, batch)
-    plan = plan_epoch(m, seed=3, epoch=1, world_size=world, workers=workers, batch_per_rank=batch)
+    p = planner(fmnist_train_shards)
+    steps = p.steps_per_epoch(world * batch)
+    plan = p.consumer_spans(1, [Segment(Layout(world, workers, batch))])
     assert set(plan) == {(r, w) for r in range(world) for w in range(workers)}
-    assert all(plan.values()), "a consumer without shards would stall its rank"
-    got = {c: sum(p.samples for p in pieces) for c, pieces in plan.items()}
-    # balanced: no consumer is more than one shard away from the mean
-    assert max(got.values()) - min(got.values()) <= 100
-    assert sum(got.values()) == m.total
-    assert steps * world * batch <= m.total
+    for (_, w), spans in plan.items():
+        assert sum(s.size for s in spans) == len(range(w, steps, workers)) * batch
+    chosen = [(s.shard, i) for spans in plan.values() for s in spans for i in s.indices()]
+    assert len(chosen) == len(set(chosen)) == steps * world * batch
 
 
-def test_fewer_shards_than_consumers_are_split_into_strided_pieces(tmp_path: Path) -> None:
+def test_the_epoch_selection_drops_a_different_tail_each_epoch(fmnist_train_shards: Path) -> None:
+    m = read_manifest(fmnist_train_shards)
+    dropped = []
+    for epoch in range(4):
+        chosen = {(s.shard, i) for s in select_epoch(m, 7, epoch, 608) for i in s.indices()}
+        everything = {(m.path(s), i) for s in m.shards for i in range(s.samples)}
+        assert len(chosen) == 608 and chosen <= everything
+        dropped.append(frozenset(everything - chosen))
+    assert len(set(dropped)) > 1
+
+
+def test_replayed_emission_matches_what_the_stream_reads(fmnist_train_shards: Path) -> None:
+    """The resharding arithmetic replays consumers from indices alone; it must agree with real reading."""
+    data = loader(fmnist_train_shards, 1, 2, 16, 2)
+    keys = [k for b in itertools.islice(iter(data), 5) for k in b.keys]
+    p = data.stream.planner
+    plan = p.consumer_spans(0, [Segment(data.layout)])
+    from swav_scale.data.plan import consumer_rng
+
+    replayed = set()
+    for w, batches in ((0, 3), (1, 2)):  # steps 0, 2, 4 from worker 0; 1, 3 from worker 1
+        spans = plan[(1, w)]
+        used = emitted(spans, consumer_rng(7, 0, 0, 1, w), p.open_shards, p.buffer, batches * 16)
+        replayed |= {(s.shard, i) for s, u in zip(spans, used) for i in u}
+    key_of = {}
+    for s in read_manifest(fmnist_train_shards).shards:
+        with tarfile.open(fmnist_train_shards / s.name) as tar:
+            names = sorted({m.name.split(".")[0] for m in tar.getmembers()},
+                           key=[m.name.split(".")[0] for m in tar.getmembers()].index)
+        key_of.update({(str(fmnist_train_shards / s.name), i): k for i, k in enumerate(names)})
+    assert sorted(key_of[r] for r in replayed) == sorted(keys)
+
+
+def test_fewer_shards_than_consumers_are_cut_into_exact_pieces(tmp_path: Path) -> None:
     out = tmp_path / "one"
     make_shards(["--fashion-mnist", "--limit", "90", "--out", str(out)])
-    m = read_manifest(out)
-    assert len(m.shards) == 1
-    plan = plan_epoch(m, seed=0, epoch=0, world_size=2, workers=2, batch_per_rank=8)
-    assert sorted(p.offset for pieces in plan.values() for p in pieces) == [0, 1, 2, 3]
+    assert len(read_manifest(out).shards) == 1
     keys = [k for r in range(2) for batch in epoch_keys(out, r, 2, 8, 2) for k in batch]
-    # 2 ranks x 5 full batches; pieces of 22-23 samples against quotas of 24 and 16 mean a consumer may
-    # re-read a sample or two, never stall
-    assert len(keys) == 2 * 8 * (90 // 16) and len(set(keys)) >= 75
+    assert len(keys) == len(set(keys)) == 2 * 8 * (90 // 16)
 
 
 # ---------------------------------------------------------------- streaming
@@ -157,7 +201,7 @@ def test_every_rank_gets_the_same_number_of_full_batches(fmnist_train_shards: Pa
     assert [len(b) for b in per_rank] == [expected] * world
     assert all(len(b) == batch for rank in per_rank for b in rank)
     seen = [k for rank in per_rank for b in rank for k in b]
-    assert len(set(seen)) == len(seen), "no sample twice in an epoch when the shards suffice"
+    assert len(set(seen)) == len(seen), "no sample twice in an epoch"
 
 
 def test_stream_is_deterministic_and_changes_with_epoch(fmnist_train_shards: Path) -> None:
@@ -165,7 +209,7 @@ def test_stream_is_deterministic_and_changes_with_epoch(fmnist_train_shards: Pat
     b = epoch_keys(fmnist_train_shards, 1, 2, 16, 2, epoch=0)
     c = epoch_keys(fmnist_train_shards, 1, 2, 16, 2, epoch=1)
     assert a == b
-    assert a != c
+    assert a != c and sorted(map(sorted, a)) != sorted(map(sorted, c))
 
 
 @pytest.mark.parametrize("workers,start", [(0, 5), (2, 5), (3, 7), (2, 0)])
@@ -175,19 +219,48 @@ def test_resume_mid_epoch_gives_the_remaining_batches(fmnist_train_shards: Path,
     assert resumed == full[start:]
 
 
+def consume(loaders: list[ShardLoader], steps: int | None) -> list[str]:
+    """Keys the ranks consume in `steps` steps (None: to the end of the epoch), lock-step like training."""
+    iters = [iter(d) for d in loaders]
+    keys: list[str] = []
+    for _ in itertools.count() if steps is None else range(steps):
+        batches = [next(it, None) for it in iters]
+        if batches[0] is None:
+            assert all(b is None for b in batches), "ranks disagree on the number of steps"
+            break
+        keys += [k for b in batches for k in b.keys]
+    return keys
+
+
+@pytest.mark.parametrize("layouts", [[(2, 2, 6), (1, 2, None)], [(2, 1, 7), (3, 3, None)],
+                                     [(2, 2, 3), (3, 1, 4), (1, 0, 2), (2, 3, None)]])
+def test_resharded_resume_sees_every_remaining_sample_once(fmnist_train_shards: Path, layouts: list) -> None:
+    """Ledger: a global batch of 48 over ranks x workers that change at every resume; the epoch's samples are
+    each seen exactly once, none repeated, none skipped, and the next epoch starts whole."""
+    state = None
+    ledger: list[str] = []
+    for world, workers, steps in layouts:
+        ranks = [loader(fmnist_train_shards, r, world, 48 // world, workers) for r in range(world)]
+        for r, d in enumerate(ranks):
+            if state is not None:
+                d.load_resharded([state] * 2, r, world)
+        ledger += consume(ranks, steps)
+        states = [d.state_dict() for d in ranks]
+        assert all(s == states[0] for s in states), "the data position is the same on every rank"
+        state = states[0]
+    p = planner(fmnist_train_shards)
+    assert len(ledger) == len(set(ledger)) == p.steps_per_epoch(48) * 48
+    world, workers, _ = layouts[-1]
+    assert state["epoch"] == 1 and state["segments"] == [[world, max(1, workers), 48 // world, 0]]
+
+
 def test_views_do_not_depend_on_the_worker_that_made_them(fmnist_train_shards: Path) -> None:
     def views_by_key(workers: int) -> dict[str, torch.Tensor]:
-        loader = ShardLoader(stream(fmnist_train_shards, 0, 1, 16, workers), workers, 2, False)
-        first: dict[str, torch.Tensor] = {}  # a consumer short of its quota re-reads a few samples
-        for b in loader:
-            for i, k in enumerate(b.keys):
-                first.setdefault(k, b.views[2][i])
-        return first
+        return {k: b.views[2][i] for b in loader(fmnist_train_shards, 0, 1, 16, workers) for i, k in enumerate(b.keys)}
 
     one, three = views_by_key(1), views_by_key(3)
-    common = sorted(set(one) & set(three))
-    assert len(common) > 300
-    assert all(torch.equal(one[k], three[k]) for k in common)
+    assert set(one) == set(three) and len(one) == 624
+    assert all(torch.equal(one[k], three[k]) for k in one)
 
 
 def test_multicrop_is_seeded_per_sample() -> None:
@@ -222,7 +295,75 @@ def test_labels_travel_with_their_images(fmnist_train_shards: Path) -> None:
     from swav_scale.data import fashion_mnist
 
     images, labels = fashion_mnist.load_split(fashion_mnist.find_dir(), "train")
-    batch = next(iter(ShardLoader(stream(fmnist_train_shards, 0, 1, 32, 0), 0, 2, False)))
+    batch = next(iter(loader(fmnist_train_shards, 0, 1, 32, 0)))
     for key, label in zip(batch.keys, batch.labels.tolist()):
         assert labels[int(key.rsplit("-", 1)[1])] == label
     assert Counter(batch.labels.tolist()).most_common(1)[0][1] < 32
+
+
+# ---------------------------------------------------------------- damaged data
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (28, 28), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def damaged_shards(tmp_path: Path) -> Path:
+    """4 shards of 30: a corrupt image, a sample without image, a non-image member; one shard truncated in
+    storage after the manifest was written (as a half-copied remote file would be)."""
+    from swav_scale.data.shards import Sample, write_shards
+
+    samples = [Sample(f"s{i:04d}", "png", _png(i), i % 3) for i in range(120)]
+    samples[5] = Sample("s0005", "png", b"\x89PNG\r\n\x1a\n garbage", 0)
+    samples[40] = Sample("s0040", "cls", b"1", 1)  # no image at all
+    samples[70] = Sample("s0070", "txt", b"a caption, not an image", 1)
+    out = tmp_path / "damaged"
+    write_shards(samples, out, ["a", "b", "c"], len(samples), max_count=30)
+    return out
+
+
+def test_unreadable_samples_are_replaced_counted_and_named(tmp_path: Path) -> None:
+    out = damaged_shards(tmp_path)
+    data = loader(out, 0, 1, 10, 0)  # the manifest is read (and sizes checked) here, before the damage
+    last = out / "shard-000003.tar"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    batches = list(data)
+    assert len(batches) == 12 and all(len(b.keys) == 10 and b.views[0].shape[0] == 10 for b in batches)
+    reasons = [r for b in batches for r in b.bad]
+    assert data.bad_samples == 0, "the count restarts with the next epoch"
+    assert any("sample s0005 does not decode" in r and "shard-000000.tar" in r for r in reasons)
+    assert any("sample s0040 has no image" in r for r in reasons)
+    assert any("sample s0070 has no image (fields: ['cls', 'txt'])" in r for r in reasons)
+    truncated = [r for r in reasons if "shard-000003.tar" in r]
+    assert 10 <= len(truncated) < 30 and all("broke off after" in r or "ended after" in r for r in truncated)
+    keys = [k for b in batches for k in b.keys]
+    assert len(set(keys)) == 120 - len(reasons), "stand-ins are other samples of the batch"
+
+
+def test_too_many_bad_samples_stop_the_run_with_a_clear_message(tmp_path: Path) -> None:
+    from swav_scale.config import load_config
+    from swav_scale.distributed import DistEnv
+    from swav_scale.train import check_bad_samples
+
+    out = damaged_shards(tmp_path)
+    data = loader(out, 0, 1, 10, 0)
+    batches = iter(data)
+    for _ in range(6):  # s0005 and s0040 fall in the first 60 samples of some shards; read until one is seen
+        next(batches)
+    cfg = load_config(None, ["data.train_shards=x", "data.max_bad_fraction=0.5"])
+    env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
+    check_bad_samples(data, cfg, env)  # a few bad samples in 60: tolerated
+    data.bad_samples = 31
+    with pytest.raises(ShardError, match=r"epoch 0: 31 of 60 samples so far could not be read .*verify_shards"):
+        check_bad_samples(data, cfg, env)
+
+
+def test_a_shard_missing_from_storage_is_named(tmp_path: Path, fmnist_train_shards: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(fmnist_train_shards, copy)
+    data = loader(copy, 0, 1, 16, 0)
+    (copy / "train-000002.tar").unlink()
+    with pytest.raises(ShardError, match=r"shard .*train-000002.tar cannot be read: FileNotFoundError"):
+        list(data)

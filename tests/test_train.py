@@ -81,11 +81,13 @@ def test_run_writes_config_sha_metrics_and_checkpoints(full_run: Path) -> None:
 
 def test_interrupted_run_resumes_to_the_same_weights(full_run: Path, fmnist_train_shards: Path,
                                                      tmp_path: Path) -> None:
-    """Stop after 9 steps (mid-epoch, 3 steps after the last checkpoint), rerun the same command: the result
-    equals the uninterrupted run bit for bit (same data order, RNG, queue, optimizer state)."""
+    """Stop after 4 steps (inside the first epoch, before any periodic checkpoint), after 19 (the epoch
+    boundary) and after 27 (mid-epoch, 3 steps after a checkpoint), rerunning the same command each time: the
+    result equals the uninterrupted run bit for bit (same data order, RNG, queue, optimizer state)."""
     run_dir = tmp_path / "resumed"
-    pretrain(fmnist_train_shards, run_dir, "train.max_steps=9")
-    assert final_weights(run_dir)["step"] == 9
+    for stop in (4, 19, 27):
+        pretrain(fmnist_train_shards, run_dir, f"train.max_steps={stop}")
+        assert final_weights(run_dir)["step"] == stop
     pretrain(fmnist_train_shards, run_dir)
     resumed, full = final_weights(run_dir), final_weights(full_run)
     assert resumed["step"] == full["step"]
@@ -93,7 +95,32 @@ def test_interrupted_run_resumes_to_the_same_weights(full_run: Path, fmnist_trai
         if key != "step":
             assert torch.equal(resumed[key], full[key]), key
     launches = json.loads((run_dir / "meta.json").read_text())["launches"]
-    assert launches[1]["resumed_from"].endswith("step-00000009")
+    assert [x["resumed_from"][-5:] if x["resumed_from"] else None for x in launches] == [None, "00004", "00019",
+                                                                                         "00027"]
+
+
+def test_resume_on_other_world_sizes_sees_every_sample_once(fmnist_train_shards: Path, tmp_path: Path) -> None:
+    """2 ranks, then 3, then 1, with the global batch kept: the ledger of every step's keys shows each epoch's
+    samples exactly once, none repeated, none skipped; the queue's rows and the weights carry over."""
+    run_dir = tmp_path / "elastic"
+    common = ("optim.batch_size=24", "swav.queue_length=48", "data.ledger=true")
+    for nproc, stop in ((2, 9), (3, 20), (1, 52)):
+        proc = swav_scale("pretrain", str(REPO / "configs" / "quickstart.yaml"), *TINY,
+                          f"data.train_shards={fmnist_train_shards}", f"train.run_dir={run_dir}", *common,
+                          f"train.max_steps={stop}", "--nproc", str(nproc))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert final_weights(run_dir)["step"] == stop
+    steps: dict[int, tuple[int, list[str]]] = {}  # step -> (epoch, keys of all ranks)
+    for f in sorted((run_dir / "ledger").glob("rank-*.jsonl")):
+        for line in f.read_text().splitlines():
+            entry = json.loads(line)
+            epoch, keys = steps.get(entry["step"], (entry["epoch"], []))
+            steps[entry["step"]] = (epoch, keys + entry["keys"])
+    assert sorted(steps) == list(range(52))
+    for epoch in (0, 1):
+        keys = [k for e, ks in steps.values() if e == epoch for k in ks]
+        assert len(keys) == len(set(keys)) == 26 * 24, epoch
+    assert all(len(ks) == 24 for _, ks in steps.values())
 
 
 def test_killed_run_loses_nothing(full_run: Path, fmnist_train_shards: Path, tmp_path: Path) -> None:

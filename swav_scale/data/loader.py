@@ -1,236 +1,174 @@
-"""Streaming multi-crop batches from tar shards: equal steps on every rank, deterministic, resumable.
+"""Streaming multi-crop batches from tar shards: equal steps on every rank, sample-exact resume at any world size.
 
-Plain WebDataset splitting (shards by node, then by worker) gives ranks different sample counts, and a rank
-that runs out first leaves the others waiting in an all-reduce forever. Here every epoch is planned up front
-from the manifest's counts:
+What each (rank, worker) reads is planned in plan.py; this module reads it, decodes, augments and batches.
 
-* steps per epoch S = total samples // global batch, the same on every rank;
-* the consumers are the (rank, logical worker) pairs; logical worker w of every rank yields
-  S // W (+1 for the first S % W workers) batches, which is exactly DataLoader's round-robin order;
-* the shards, permuted by (seed, epoch), go largest-first to the consumer furthest below its quota (a shard
-  is split into strided pieces when there are fewer shards than consumers); a consumer whose pieces fall
-  short re-reads them in a new shuffled order, one that gets more stops at its quota;
-* each consumer's sample order comes from a generator seeded by (seed, epoch, rank, worker, pass).
+Resuming at batch k of a segment: each logical worker skips the samples it had already delivered (read but
+not decoded), and physical worker p plays logical worker (p + k) % W because DataLoader always restarts its
+round robin at worker 0. The batches are then the same as in an uninterrupted run.
 
-Resuming at batch k of an epoch: each logical worker skips the raw samples it had already delivered (before
-decoding, so it is cheap), and physical worker p plays logical worker (p + k) % W because DataLoader always
-restarts its round-robin at worker 0. The result is the same batches as an uninterrupted run, provided the
-world size and data.num_workers are unchanged.
+A sample that cannot be used (truncated shard, corrupt image, no image at all) is replaced in its batch by
+another sample of that batch with fresh crops, so batch sizes and step counts never change; the batch
+reports what it replaced, and the training loop counts it against data.max_bad_fraction.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
-import random
+import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-import webdataset as wds
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
 
 from swav_scale.data.multicrop import sample_seed
-from swav_scale.data.shards import Manifest, ShardError
+from swav_scale.data.plan import Layout, Planner, Segment, Span, consumer_rng, interleave, worker_batches
+from swav_scale.data.reader import BadSample, decode, label_of, read_span
+from swav_scale.data.shards import ShardError
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif")
+
+REPORTED_BAD = 10  # unreadable samples named per rank and epoch; the rest are only counted
 
 
 class Batch(NamedTuple):
-    views: list[Tensor]  # one (B, C, H, W) tensor per crop (multi-crop) or a single view (evaluation)
+    views: list[Tensor]  # one (B, C, H, W) uint8 tensor per crop
     labels: Tensor
-    keys: list[str]
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Samples offset, offset+stride, ... of one shard."""
-
-    url: str
-    samples: int
-    stride: int = 1
-    offset: int = 0
-
-
-def batches_per_worker(steps: int, workers: int) -> list[int]:
-    return [steps // workers + (1 if w < steps % workers else 0) for w in range(workers)]
-
-
-def steps_per_epoch(manifest: Manifest, world_size: int, batch_per_rank: int) -> int:
-    steps = manifest.total // (world_size * batch_per_rank)
-    if steps == 0:
-        raise ShardError(
-            f"{manifest.directory} holds {manifest.total} samples, fewer than one global batch of "
-            f"{world_size} ranks x {batch_per_rank} = {world_size * batch_per_rank} (optim.batch_size); "
-            "lower optim.batch_size or use more data"
-        )
-    return steps
-
-
-def plan_epoch(
-    manifest: Manifest, seed: int, epoch: int, world_size: int, workers: int, batch_per_rank: int
-) -> dict[tuple[int, int], list[Piece]]:
-    """Pieces of shards for every (rank, logical worker), balanced against each one's sample quota."""
-    steps = steps_per_epoch(manifest, world_size, batch_per_rank)
-    quota = [n * batch_per_rank for n in batches_per_worker(steps, workers)]
-    consumers = [(r, w) for r in range(world_size) for w in range(workers)]
-    shards = list(manifest.shards)
-    random.Random(f"shards/{seed}/{epoch}").shuffle(shards)
-    splits = -(-len(consumers) // len(shards))  # ceil: every consumer gets at least one piece
-    pieces = [
-        Piece(manifest.path(s), len(range(o, s.samples, splits)), splits, o) for s in shards for o in range(splits)
-    ]
-    pieces = [p for p in pieces if p.samples > 0]
-    plan: dict[tuple[int, int], list[Piece]] = {c: [] for c in consumers}
-    # max-heap on the remaining quota; ties go to the lowest (rank, worker), so every rank computes the same plan
-    heap = [(-quota[w], r, w) for r, w in consumers]
-    heapq.heapify(heap)
-    for piece in sorted(pieces, key=lambda p: -p.samples):  # stable: ties keep the permuted order
-        deficit, r, w = heapq.heappop(heap)
-        plan[(r, w)].append(piece)
-        heapq.heappush(heap, (deficit + piece.samples, r, w))
-    return plan
-
-
-def _raw_samples(piece: Piece) -> Iterator[dict[str, Any]]:
-    stream = wds.tariterators.tarfile_samples([{"url": piece.url}])
-    for i, sample in enumerate(stream):
-        if i % piece.stride == piece.offset:
-            yield sample
-
-
-def _shuffled(samples: Iterator[dict[str, Any]], buffer: int, rng: random.Random) -> Iterator[dict[str, Any]]:
-    """Reservoir-style shuffle buffer with an explicit generator (reproducible, unlike wds.shuffle's default)."""
-    held: list[dict[str, Any]] = []
-    for s in samples:
-        if len(held) < buffer:
-            held.append(s)
-            continue
-        i = rng.randrange(len(held))
-        held[i], s = s, held[i]
-        yield s
-    rng.shuffle(held)
-    yield from held
-
-
-def decode(sample: dict[str, Any]) -> Tensor:
-    """The sample's image as a uint8 RGB tensor (C, H, W); errors name the sample and its shard."""
-    for ext in IMAGE_KEYS:
-        if ext in sample:
-            data = torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8)
-            try:
-                return decode_image(data, mode=ImageReadMode.RGB)
-            except RuntimeError as e:
-                raise ShardError(f"{sample.get('__url__')}: sample {sample['__key__']} does not decode: {e}")
-    raise ShardError(
-        f"{sample.get('__url__')}: sample {sample['__key__']} has no image (fields: {sorted(sample)}); "
-        "expected one of " + ", ".join(IMAGE_KEYS)
-    )
-
-
-def label_of(sample: dict[str, Any]) -> int:
-    return int(sample["cls"]) if "cls" in sample else -1
+    keys: list[str]  # the sample behind every row (a replaced row repeats its substitute's key)
+    bad: list[str]  # why each replaced sample could not be used
 
 
 class MultiCropStream(IterableDataset):
-    """One rank's training stream: yields whole multi-crop batches, planned as described above."""
+    """One rank's training stream for one segment of an epoch; ShardLoader sets the segment before iterating."""
 
-    def __init__(
-        self,
-        manifest: Manifest,
-        transform: Callable[[Tensor, int], list[Tensor]],
-        rank: int,
-        world_size: int,
-        batch_size: int,
-        workers: int,
-        seed: int,
-        shuffle_buffer: int,
-    ) -> None:
-        self.manifest = manifest
+    def __init__(self, planner: Planner, transform: Callable[[Tensor, int], list[Tensor]], rank: int,
+                 layout: Layout) -> None:
+        self.planner = planner
         self.transform = transform
-        self.rank, self.world_size = rank, world_size
-        self.batch_size = batch_size
-        self.workers = max(1, workers)
-        self.seed = seed
-        self.shuffle_buffer = shuffle_buffer
-        self.steps = steps_per_epoch(manifest, world_size, batch_size)
+        self.rank = rank
+        self.layout = layout
         self.epoch = 0
-        self.start_batch = 0
+        self.segment = 0  # index of the segment within the epoch (seeds the consumers' choices)
+        self.segment_steps = 0  # global steps this segment has in all
+        self.start_batch = 0  # global steps of this segment already done
+        self.spans: dict[int, list[Span]] = {}  # this rank's logical worker -> its spans
 
-    def consumer_stream(self, logical: int) -> Iterator[tuple[int, dict[str, Any]]]:
-        """(pass, raw sample) for one logical worker, cycling its pieces until the caller stops."""
-        pieces = plan_epoch(
-            self.manifest, self.seed, self.epoch, self.world_size, self.workers, self.batch_size
-        )[(self.rank, logical)]
-        for repeat in itertools.count():
-            rng = random.Random(f"samples/{self.seed}/{self.epoch}/{self.rank}/{logical}/{repeat}")
-            order = pieces[:]
-            rng.shuffle(order)
-            raw = itertools.chain.from_iterable(_raw_samples(p) for p in order)
-            for s in _shuffled(raw, self.shuffle_buffer, rng):
-                yield repeat, s
+    def samples(self, logical: int) -> Iterator[tuple[int, Any, str | None]]:
+        """(index, raw sample or None, reason) in the consumer's emission order."""
+        rng = consumer_rng(self.planner.seed, self.epoch, self.segment, self.rank, logical)
+        sources = [read_span(s) for s in self.spans[logical]]
+        return interleave(sources, rng, self.planner.open_shards, self.planner.buffer)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         physical = info.id if info is not None else 0
-        logical = (physical + self.start_batch) % self.workers
-        total = batches_per_worker(self.steps, self.workers)[logical]
-        done = len(range(logical, self.start_batch, self.workers))  # batches j < start with j % W == logical
-        stream = self.consumer_stream(logical)
-        stream = itertools.islice(stream, done * self.batch_size, None)  # skip without decoding
+        workers, batch = self.layout.workers, self.layout.batch_per_rank
+        logical = (physical + self.start_batch) % workers
+        total = worker_batches(self.segment_steps, workers, logical)
+        done = worker_batches(self.start_batch, workers, logical)
+        stream = itertools.islice(self.samples(logical), done * batch, None)  # skip without decoding
         for _ in range(total - done):
-            chunk = list(itertools.islice(stream, self.batch_size))
-            crops_per_sample = []
-            for repeat, s in chunk:
-                seed = sample_seed(self.seed, self.epoch, s["__key__"], repeat)
-                crops_per_sample.append(self.transform(decode(s), seed))
-            views = [torch.stack(v) for v in zip(*crops_per_sample)]
-            yield Batch(views, torch.tensor([label_of(s) for _, s in chunk]), [s["__key__"] for _, s in chunk])
+            yield self.make_batch(list(itertools.islice(stream, batch)))
+
+    def make_batch(self, chunk: list[tuple[int, Any, str | None]]) -> Batch:
+        good: list[tuple[str, int, list[Tensor]]] = []
+        bad: list[str] = []
+        for _, sample, reason in chunk:
+            try:
+                if sample is None:
+                    raise BadSample(reason)
+                key = sample["__key__"]
+                crops = self.transform(decode(sample), sample_seed(self.planner.seed, self.epoch, key))
+                good.append((key, label_of(sample), crops))
+            except BadSample as e:
+                bad.append(str(e))
+        if not good:
+            raise ShardError(f"rank {self.rank}: a whole batch of {len(chunk)} samples is unusable, e.g. {bad[0]}")
+        for j in range(len(bad)):  # stand-ins: batch members again, with crops of their own
+            key, label, _ = good[j % len(good)]
+            seed = sample_seed(self.planner.seed, self.epoch, key, repeat=1 + j // len(good))
+            good.append((key, label, self.transform(self._image_of(chunk, key), seed)))
+        views = [torch.stack(v) for v in zip(*(crops for _, _, crops in good))]
+        return Batch(views, torch.tensor([label for _, label, _ in good]), [key for key, _, _ in good], bad)
+
+    @staticmethod
+    def _image_of(chunk: list[tuple[int, Any, str | None]], key: str) -> Tensor:
+        return decode(next(s for _, s, _ in chunk if s is not None and s["__key__"] == key))
 
 
 class ShardLoader:
-    """A rank's loader over epochs; its position (epoch, batches done) is part of the checkpoint."""
+    """A rank's loader over epochs. Its position (epoch; per segment the layout and steps done) is the same on
+    every rank and reshards to any world size: see plan.py."""
 
     def __init__(self, stream: MultiCropStream, num_workers: int, prefetch_factor: int, pin_memory: bool) -> None:
+        """`num_workers` DataLoader processes (0: read in this process) play the stream's logical workers."""
+        if max(1, num_workers) != stream.layout.workers:
+            raise ValueError(f"{num_workers} DataLoader workers cannot play {stream.layout.workers} logical ones")
         self.stream = stream
         self.num_workers = num_workers
+        self.layout = stream.layout
         self.prefetch_factor = prefetch_factor
         self.pin_memory = pin_memory
         self.epoch = 0
-        self.batches_done = 0
+        self.segments = [Segment(self.layout)]
+        self.steps_per_epoch = stream.planner.steps_per_epoch(self.layout.global_batch)
+        self.bad_samples = 0  # replaced samples this epoch, on this rank
 
     @property
-    def steps_per_epoch(self) -> int:
-        return self.stream.steps
+    def batches_done(self) -> int:
+        """Steps of the current epoch done, over all its segments."""
+        return sum(s.steps for s in self.segments)
+
+    @property
+    def at_epoch_end(self) -> bool:
+        return self.batches_done == self.steps_per_epoch
 
     def __iter__(self) -> Iterator[Batch]:
         """The rest of the current epoch; the position advances as batches are handed out."""
-        self.stream.epoch, self.stream.start_batch = self.epoch, self.batches_done
-        loader = DataLoader(
-            self.stream,
-            batch_size=None,
-            num_workers=self.num_workers,
-            prefetch_factor=self.prefetch_factor if self.num_workers else None,
-            pin_memory=self.pin_memory,
-            persistent_workers=False,
-        )
+        segment = self.segments[-1]
+        plan = self.stream.planner.consumer_spans(self.epoch, self.segments)
+        s = self.stream
+        s.epoch, s.segment = self.epoch, len(self.segments) - 1
+        s.segment_steps = self.steps_per_epoch - self.batches_done + segment.steps
+        s.start_batch = segment.steps
+        s.spans = {w: spans for (r, w), spans in plan.items() if r == s.rank}
+        loader = DataLoader(s, batch_size=None, num_workers=self.num_workers,
+                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                            pin_memory=self.pin_memory, persistent_workers=False)
         for batch in loader:
-            self.batches_done += 1
+            segment.steps += 1
+            for reason in batch.bad[: max(0, REPORTED_BAD - self.bad_samples)]:
+                print(f"rank {s.rank}: epoch {self.epoch}: replaced an unreadable sample: {reason}", file=sys.stderr)
+            self.bad_samples += len(batch.bad)
             yield batch
-        if self.batches_done != self.steps_per_epoch:
-            raise RuntimeError(
-                f"rank {self.stream.rank}: epoch {self.epoch} gave {self.batches_done} batches, "
-                f"planned {self.steps_per_epoch}"
-            )
+        if not self.at_epoch_end:
+            raise RuntimeError(f"rank {s.rank}: epoch {self.epoch} stopped after {self.batches_done} batches, "
+                               f"planned {self.steps_per_epoch}")
         self.epoch += 1
-        self.batches_done = 0
+        self.segments = [Segment(self.layout)]
+        self.bad_samples = 0
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "bad_samples": self.bad_samples,
+                "segments": [[s.layout.world_size, s.layout.workers, s.layout.batch_per_rank, s.steps]
+                             for s in self.segments]}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self.batches_done = int(state["batches_done"])
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the saved segment if the layout is unchanged, else start a new one from where it stopped."""
+        segments = [Segment(Layout(*seg[:3]), seg[3]) for seg in state["segments"]]
+        saved = segments[0].layout.global_batch
+        if saved != self.layout.global_batch:
+            raise ValueError(
+                f"the checkpoint's global batch is {saved} samples, this run's is {self.layout.global_batch}: "
+                "resume with the same optim.batch_size (the schedule and the epoch's plan depend on it)"
+            )
+        if segments[-1].layout != self.layout:
+            if segments[-1].steps == 0:
+                segments.pop()
+            segments.append(Segment(self.layout))
+        self.epoch, self.segments = int(state["epoch"]), segments
+        self.bad_samples = int(state.get("bad_samples", 0))
+
+    def load_resharded(self, states: list[dict[str, Any]], rank: int, world_size: int) -> None:
+        """Every old rank saved the same position; any of them will do."""
+        self.load_state_dict(states[0])

@@ -1,8 +1,9 @@
 """Multi-crop augmentation, seeded per sample.
 
 Every random choice for a sample (crop boxes, flips, jitter, blur) comes from a generator seeded by
-(seed, epoch, sample key, pass), so the views of an image do not depend on which worker or rank decodes it:
-re-sharding, resuming or changing the number of workers leaves the augmented data unchanged.
+(seed, epoch, sample key, repeat), so the views of an image do not depend on which worker or rank decodes it:
+re-sharding, resuming or changing the number of workers leaves the augmented data unchanged. (repeat > 0 only
+gives the stand-ins for unreadable samples crops of their own.)
 """
 
 from __future__ import annotations

@@ -5,9 +5,15 @@ directory with a manifest is complete. The manifest lists every shard's sample c
 loader plans equal steps per rank from the counts without opening a tar, and checks sizes to catch truncated
 copies before a run starts.
 
-Each sample is `<key>.<ext>` (the encoded image, bytes as found on disk for image folders, PNG for
-Fashion-MNIST) and `<key>.cls` (the class index). Samples are shuffled at write time with a seed, so that
-consecutive samples in a shard are unrelated, and a small shuffle buffer suffices when reading.
+Each sample is `<key>.<ext>` (the encoded image, bytes as found on disk for image files, PNG for
+Fashion-MNIST, JPEG after a resize) and `<key>.cls` (the class index as text). Samples are shuffled at write
+time with a seed, so that consecutive samples in a shard are unrelated, and a small shuffle buffer suffices
+when reading.
+
+The tar files are written here rather than by WebDataset's writer, which stamps the wall-clock time and the
+user name into every member: with fixed metadata the same samples always give the same bytes, so a shard's
+sha256 identifies its content, reruns can keep finished shards, and copies can be checked against the
+manifest.
 """
 
 from __future__ import annotations
@@ -16,19 +22,22 @@ import hashlib
 import io
 import json
 import os
+import re
+import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from multiprocessing import Pool
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
-from swav_scale.utils import atomic_write_text, progress_bar
+from swav_scale.utils import atomic_write_text, fsync_dir, progress_bar
 
 MANIFEST = "manifest.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff", ".gif")
+IMAGE_MEMBERS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # member extensions that hold the image
+TAR_FORMAT = tarfile.PAX_FORMAT  # fixed, not tarfile's default, which has changed before
 
 
 class ShardError(ValueError):
@@ -57,7 +66,8 @@ class Manifest:
         return str(self.directory / shard.name)
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (shards are far larger than memory is willing to hold)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -65,8 +75,11 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def read_manifest(directory: str | Path, verify_checksums: bool = False) -> Manifest:
-    """The manifest of a shard directory, checked against the files present; errors say what to do."""
+def parse_manifest(directory: str | Path) -> tuple[list[ShardInfo], list[str], dict[str, Any]]:
+    """(shards, classes, raw JSON) of a directory's manifest, without looking at the shard files.
+
+    Separate from `read_manifest` for tools/verify_shards.py, which reports every damaged shard instead of
+    stopping at the first."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ShardError(f"shard directory {directory} does not exist; create it with tools/make_shards.py")
@@ -84,6 +97,14 @@ def read_manifest(directory: str | Path, verify_checksums: bool = False) -> Mani
         classes = list(raw.get("classes", []))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ShardError(f"{path} is not a valid manifest ({e}); recreate the shards with tools/make_shards.py")
+    return shards, classes, raw
+
+
+def read_manifest(directory: str | Path, verify_checksums: bool = False) -> Manifest:
+    """The manifest of a shard directory, checked against the files present; errors say what to do."""
+    directory = Path(directory)
+    shards, classes, _ = parse_manifest(directory)
+    path = directory / MANIFEST
     if not shards or sum(s.samples for s in shards) == 0:
         raise ShardError(f"{path} lists no samples; recreate the shards from a non-empty source")
     for s in shards:
@@ -95,7 +116,7 @@ def read_manifest(directory: str | Path, verify_checksums: bool = False) -> Mani
             raise ShardError(
                 f"shard {f} has {size} bytes but {path} says {s.bytes}: truncated or replaced; copy it again"
             )
-        if verify_checksums and _sha256(str(f)) != s.sha256:
+        if verify_checksums and sha256_file(f) != s.sha256:
             raise ShardError(f"shard {f} does not match the sha256 in {path}; copy it again")
     return Manifest(directory, shards, classes)
 
@@ -110,19 +131,127 @@ class Sample:
     image: bytes
     label: int
 
+    def members(self) -> list[tuple[str, bytes]]:
+        """The sample's tar members in stored order, image first. A sample whose `ext` is "cls" holds no image,
+        only its label (a damaged sample, as tests build them): one member, since a key takes each
+        extension once."""
+        label = str(self.label).encode()
+        if self.ext == "cls":
+            return [(f"{self.key}.cls", label)]
+        return [(f"{self.key}.{self.ext}", self.image), (f"{self.key}.cls", label)]
 
-class _ManifestRecorder:
-    """ShardWriter's `post` hook: records every finished shard's count, size and checksum."""
 
-    def __init__(self) -> None:
-        self.writer: wds.ShardWriter | None = None
-        self.shards: list[ShardInfo] = []
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
 
-    def __call__(self, fname: str) -> None:
-        assert self.writer is not None
-        self.shards.append(
-            ShardInfo(os.path.basename(fname), self.writer.count, os.path.getsize(fname), _sha256(fname))
+
+def shard_files(directory: Path, prefix: str) -> list[Path]:
+    """This prefix's shards and unfinished `.partial` shards in `directory` (not other prefixes' files)."""
+    pattern = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.tar(\.partial)?")
+    return sorted(p for p in directory.iterdir() if pattern.fullmatch(p.name))
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    """Member metadata that does not depend on who writes the shard, or when: the same samples give the same
+    bytes."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def member_bytes(name: str, size: int) -> int:
+    """Bytes a member takes in the tar: its header (longer for long names) plus the data padded to blocks."""
+    if name.isascii() and len(name) <= 100 and size < 8**11:  # one 512-byte header: the common case, fast
+        header = tarfile.BLOCKSIZE
+    else:  # PAX extended header too: measure it as addfile will encode it
+        header = len(_tarinfo(name, size).tobuf(TAR_FORMAT, "utf-8", "surrogateescape"))
+    return header + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def tar_bytes(body: int) -> int:
+    """Size of a finished tar whose members take `body` bytes: two zero blocks close it, and tarfile pads the
+    whole to a multiple of its record size."""
+    return -(-(body + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+def sample_bytes(sample: Sample) -> int:
+    return sum(member_bytes(name, len(data)) for name, data in sample.members())
+
+
+class _HashingFile:
+    """Write-only file wrapper hashing and counting the bytes that pass: saves reading a shard back."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.file.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+class ShardTarWriter:
+    """One shard, written to `<name>.tar.partial`, fsynced and renamed into place by `close`: a file under a
+    shard's final name is always complete, whatever interrupted the writer."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self._file = open(self.partial, "wb")
+        self._hashing = _HashingFile(self._file)
+        self._tar = tarfile.open(  # type: ignore[call-overload]
+            fileobj=self._hashing, mode="w", format=TAR_FORMAT, encoding="utf-8"
         )
+        self.samples = 0
+        self.body = 0
+
+    def size_with(self, sample: Sample) -> int:
+        """The finished shard's size if `sample` were the last one written."""
+        return tar_bytes(self.body + sample_bytes(sample))
+
+    def write(self, sample: Sample) -> None:
+        for name, data in sample.members():
+            self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+            self.body += member_bytes(name, len(data))
+        self.samples += 1
+
+    def close(self) -> ShardInfo:
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.partial, self.path)
+        fsync_dir(self.path.parent)
+        return ShardInfo(self.path.name, self.samples, self._hashing.size, self._hashing.sha256.hexdigest())
+
+    def abort(self) -> None:
+        """Drop the unfinished shard (an error, an interrupt, or no sample survived)."""
+        self._file.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def write_manifest(out_dir: Path, shards: list[ShardInfo], classes: list[str], extra: dict[str, Any]) -> None:
+    """manifest.json, atomically: its presence is what marks the directory complete. Empty shards (every
+    image unreadable) are left out: they have no file."""
+    manifest = {
+        "format": 1,
+        "total": sum(s.samples for s in shards),
+        "classes": classes,
+        "shards": [s.__dict__ for s in shards if s.samples > 0],
+        **extra,
+    }
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def write_shards(
@@ -136,46 +265,45 @@ def write_shards(
     extra: Callable[[], dict] | None = None,
     description: str = "writing shards",
 ) -> Manifest:
-    """Write `samples` (already in their final, shuffled order) as tar shards plus manifest.json.
+    """Write `samples` (already in their final, shuffled order) as tar shards plus manifest.json, in this
+    process, replacing the directory's shards of this prefix.
 
-    `extra()` adds fields to the manifest; it is called after the last sample, so it can report counts
-    gathered while the samples were produced (the skipped images, say)."""
+    The simple, streaming way for samples already in memory; tools/make_shards.py plans shards up front
+    instead, to write them in parallel and resume (swav_scale.data.shard_build). A shard ends before the
+    sample that would take it past `max_count` samples or `max_size` bytes. `extra()` adds fields to the
+    manifest; it is called after the last sample, so it can report counts gathered while the samples were
+    produced."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / MANIFEST).exists():
-        (out_dir / MANIFEST).unlink()  # the old shards become invalid the moment we start overwriting them
-    for old in out_dir.glob(f"{prefix}-*.tar"):
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # the old shards become invalid the moment we start overwriting
+    for old in shard_files(out_dir, prefix):
         old.unlink()
-    recorder = _ManifestRecorder()
-    written = 0
+    shards: list[ShardInfo] = []
+    writer: ShardTarWriter | None = None
     with progress_bar(description, total) as advance:
-        writer = wds.ShardWriter(
-            str(out_dir / f"{prefix}-%06d.tar"), maxcount=max_count, maxsize=max_size, post=recorder, verbose=0
-        )
-        recorder.writer = writer
         try:
             for s in samples:
-                writer.write({"__key__": s.key, s.ext: s.image, "cls": str(s.label).encode()})
-                written += 1
+                if writer is not None and (writer.samples >= max_count or writer.size_with(s) > max_size):
+                    shards.append(writer.close())
+                    writer = None
+                if writer is None:
+                    writer = ShardTarWriter(out_dir / shard_name(prefix, len(shards)))
+                writer.write(s)
                 advance(1)
-        finally:
-            writer.close()
-    if written == 0:
-        for f in out_dir.glob(f"{prefix}-*.tar"):
-            f.unlink()
+            if writer is not None:
+                shards.append(writer.close())
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+    if not shards:
         raise ShardError(f"no readable samples to write into {out_dir}")
-    manifest = {
-        "format": 1,
-        "total": written,
-        "classes": classes,
-        "shards": [s.__dict__ for s in recorder.shards if s.samples > 0],
-        **(extra() if extra else {}),
-    }
-    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+    write_manifest(out_dir, shards, classes, extra() if extra else {})
     return read_manifest(out_dir)
 
 
-def _png(array: np.ndarray) -> bytes:
+def png_bytes(array: np.ndarray) -> bytes:
+    """A uint8 image array as PNG; fixed, fast settings, so the bytes only depend on the pixels."""
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", optimize=False, compress_level=1)
     return buf.getvalue()
@@ -184,18 +312,7 @@ def _png(array: np.ndarray) -> bytes:
 def array_samples(images: np.ndarray, labels: np.ndarray, key_prefix: str, order: np.ndarray) -> Iterator[Sample]:
     """uint8 image arrays -> PNG samples in `order`; keys keep the original index (stable augmentation seeds)."""
     for i in order:
-        yield Sample(f"{key_prefix}{i:08d}", "png", _png(images[i]), int(labels[i]))
-
-
-def _check_image(path: str) -> tuple[str, bytes | None, str | None]:
-    """(path, bytes, None) if the image decodes completely, else (path, None, reason)."""
-    try:
-        data = Path(path).read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-        return path, data, None
-    except Exception as e:  # noqa: BLE001 - any decoder failure means: skip and report this file
-        return path, None, f"{type(e).__name__}: {e}"
+        yield Sample(f"{key_prefix}{i:08d}", "png", png_bytes(images[i]), int(labels[i]))
 
 
 def list_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str]]:
@@ -216,33 +333,3 @@ def list_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str
     if not items:
         raise ShardError(f"image folder {root} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
     return items, classes
-
-
-def image_folder_samples(
-    root: str | Path,
-    items: list[tuple[str, int]],
-    order: np.ndarray,
-    workers: int,
-    on_skip: Callable[[str, str], None],
-) -> Iterator[Sample]:
-    """Encoded files in `order`, each fully decoded once to check it; unreadable ones go to `on_skip`."""
-    root = Path(root)
-    paths = [str(root / items[i][0]) for i in order]
-    checked: Iterable[tuple[str, bytes | None, str | None]]
-    if workers > 1:
-        pool = Pool(workers)
-        checked = pool.imap(_check_image, paths, chunksize=64)
-    else:
-        pool = None
-        checked = map(_check_image, paths)
-    try:
-        for i, (path, data, error) in zip(order, checked):
-            if data is None:
-                on_skip(path, error or "unreadable")
-                continue
-            rel, label = items[i]
-            ext = Path(rel).suffix.lower().lstrip(".")
-            yield Sample(f"{i:09d}", "jpg" if ext == "jpeg" else ext, data, label)
-    finally:
-        if pool is not None:
-            pool.terminate()

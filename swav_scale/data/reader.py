@@ -1,0 +1,86 @@
+"""Reading samples out of tar shards, tolerating the damage real storage does to them.
+
+A sample is WebDataset's dict: `__key__`, `__url__` and one entry per member extension. `read_span` yields
+exactly the samples a plan asks for, in order; a sample it cannot deliver (the tar ends early or breaks off, a
+member is missing) comes back as None with the reason, so the consumer's count, and with it the plan's
+replay, stays exact.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image
+
+from swav_scale.data.plan import Span
+from swav_scale.data.shards import ShardError
+
+# torchvision 0.29 deprecates its image codecs in favour of TorchCodec (not a dependency here). They remain the
+# fastest decoders available (measured: PNG 13 vs 50 us, JPEG 500x375 1.66 vs 1.94 ms for PIL), so the notice,
+# printed once per decoded image otherwise, is silenced for them only.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif")
+
+Sample = dict[str, Any]
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used for training; the message names it and its shard."""
+
+
+def shard_samples(url: str) -> Iterator[Sample]:
+    """Every sample of one shard in stored order (local path, or any URL WebDataset's gopen opens)."""
+    return wds.tariterators.tarfile_samples([{"url": url}])
+
+
+def read_span(span: Span) -> Iterator[tuple[int, Sample | None, str | None]]:
+    """(index, sample, None) for every index of `span`, or (index, None, reason) where it cannot be read.
+
+    Samples before and between the wanted indices are skipped without decoding. A shard that cannot be opened
+    at all is an error naming it; one that breaks off later yields its remaining indices as unreadable."""
+    wanted = span.indices()
+    target = next(wanted, None)
+    position = -1
+    reason = f"{span.shard} ended after {{n}} samples, before sample {{i}} (truncated, or the manifest is stale)"
+    if target is None:
+        return
+    try:
+        for position, sample in enumerate(shard_samples(span.shard)):
+            if position == target:
+                yield position, sample, None
+                target = next(wanted, None)
+                if target is None:
+                    return
+    except Exception as e:  # noqa: BLE001 - a broken stream must not stop the run: its samples are counted bad
+        if position < 0:
+            raise ShardError(f"shard {span.shard} cannot be read: {type(e).__name__}: {e}") from e
+        detail = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+        reason = f"{span.shard} broke off after {{n}} samples ({type(e).__name__}: {detail}) before sample {{i}}"
+    while target is not None:
+        yield target, None, reason.format(n=position + 1, i=target)
+        target = next(wanted, None)
+
+
+def decode(sample: Sample) -> Tensor:
+    """The sample's image as a uint8 RGB tensor (C, H, W); BadSample names the sample and its shard."""
+    where = f"{sample.get('__url__')}: sample {sample.get('__key__')}"
+    for ext in IMAGE_KEYS:
+        if ext in sample:
+            data = torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8)
+            try:
+                return decode_image(data, mode=ImageReadMode.RGB)
+            except RuntimeError as e:
+                raise BadSample(f"{where} does not decode: {e}") from None
+    raise BadSample(f"{where} has no image (fields: {sorted(k for k in sample if not k.startswith('__'))}); "
+                    "expected one of " + ", ".join(IMAGE_KEYS))
+
+
+def label_of(sample: Sample) -> int:
+    return int(sample["cls"]) if "cls" in sample else -1

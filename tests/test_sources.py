@@ -1,0 +1,86 @@
+"""Shard sources beyond a local directory: brace patterns, http(s) served on loopback, pipe: commands."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import free_port
+from test_data import multicrop
+
+from swav_scale.data.loader import MultiCropStream, ShardLoader
+from swav_scale.data.plan import Layout, Planner
+from swav_scale.data.shards import Manifest, ShardError
+from swav_scale.data.sources import open_shards
+
+PATTERN = "train-{000000..000006}.tar"
+
+
+def keys(manifest: Manifest) -> list[str]:
+    stream = MultiCropStream(Planner(manifest, 7, 3, 50), multicrop(), 0, Layout(1, 1, 16))
+    return [k for b in ShardLoader(stream, 0, 2, False) for k in b.keys]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, fmnist_train_shards: Path) -> Iterator[tuple[str, Path]]:
+    """The test shards, and a copy missing one shard, over http on loopback (python -m http.server)."""
+    root = tmp_path_factory.mktemp("www")
+    shutil.copytree(fmnist_train_shards, root / "train")
+    shutil.copytree(fmnist_train_shards, root / "holed")
+    (root / "holed" / "train-000003.tar").unlink()
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{url}/train/manifest.json", timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield url, root
+    server.terminate()
+    server.wait()
+
+
+def test_a_local_brace_pattern_reads_like_the_directory(fmnist_train_shards: Path) -> None:
+    local = open_shards(str(fmnist_train_shards))
+    pattern = open_shards(str(fmnist_train_shards / PATTERN))
+    assert [s.name for s in pattern.shards] == [s.name for s in local.shards]
+    assert keys(pattern) == keys(local)
+    subset = open_shards(str(fmnist_train_shards / "train-{000000..000002}.tar"))
+    assert subset.total == 300
+
+
+def test_http_shards_stream_like_local_ones(served: tuple[str, Path], fmnist_train_shards: Path) -> None:
+    url, _ = served
+    by_dir = open_shards(f"{url}/train")
+    by_pattern = open_shards(f"{url}/train/{PATTERN}")
+    assert by_dir.path(by_dir.shards[0]) == f"{url}/train/train-000000.tar"
+    assert keys(by_dir) == keys(by_pattern) == keys(open_shards(str(fmnist_train_shards)))
+
+
+def test_pipe_commands_need_and_use_a_manifest(fmnist_train_shards: Path) -> None:
+    spec = f"pipe:cat {fmnist_train_shards}/{PATTERN}"
+    with pytest.raises(ShardError, match="name their manifest.json with data.train_manifest"):
+        open_shards(spec)
+    piped = open_shards(spec, str(fmnist_train_shards / "manifest.json"))
+    assert piped.path(piped.shards[0]) == f"pipe:cat {fmnist_train_shards}/train-000000.tar"
+    assert keys(piped) == keys(open_shards(str(fmnist_train_shards)))
+
+
+def test_missing_remote_shards_and_manifests_are_named(served: tuple[str, Path], tmp_path: Path) -> None:
+    url, _ = served
+    holed = open_shards(f"{url}/holed")
+    with pytest.raises(ShardError, match=r"shard http://127.0.0.1:\d+/holed/train-000003.tar cannot be read"):
+        keys(holed)
+    with pytest.raises(ShardError, match=r"manifest http://.*/nothing/manifest.json cannot be read"):
+        open_shards(f"{url}/nothing")
+    with pytest.raises(ShardError, match=r"train-000008.tar \(from .*\) names no shard listed in"):
+        open_shards(f"{url}/train/train-{{000008..000009}}.tar")
