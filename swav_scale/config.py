@@ -46,6 +46,10 @@ class CropsConfig:
     jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     blur_prob: float = 0.5
+    # jitter, grayscale and blur in batch on the training device instead of in the data workers (for GPUs
+    # whose CPUs cannot keep up: the workers then only decode, crop and flip; benchmarks/bench_data.py)
+    color_on_device: bool = False
+    reduced_decode: bool = True  # decode large JPEGs at 1/2-1/8 size where no crop loses resolution by it
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 

@@ -18,7 +18,7 @@ from swav_scale.checkpoint import Checkpointer, RNGState, TrainProgress
 from swav_scale.config import Config, check_queue, check_world
 from swav_scale.data.loader import MultiCropStream, ShardLoader
 from swav_scale.data.plan import Layout, Planner, steps_per_epoch
-from swav_scale.data.multicrop import CropSpec, MultiCrop, normalize
+from swav_scale.data.multicrop import CropSpec, MultiCrop, device_views
 from swav_scale.data.shards import Manifest, ShardError
 from swav_scale.data.sources import open_shards
 from swav_scale.distributed import DistEnv, all_reduce_mean
@@ -46,6 +46,8 @@ def build_multicrop(cfg: Config) -> MultiCrop:
         jitter_prob=c.jitter_prob,
         grayscale_prob=c.grayscale_prob,
         blur_prob=c.blur_prob,
+        defer_color=c.color_on_device,
+        reduced_decode=c.reduced_decode,
     )
 
 
@@ -147,7 +149,7 @@ def train(cfg: Config, env: DistEnv) -> TrainResult:
                 lr = float(schedule.lr[step])
                 set_lr(engine.optimizer, lr)
                 normalize_prototypes_(prototypes)
-                views = [normalize(v.to(env.device, non_blocking=True), mean, std) for v in batch.views]
+                views = device_views(batch.views, env.device, mean, std, cfg.crops.color_on_device)
 
                 with engine.autocast():
                     z, scores = engine.module(views)

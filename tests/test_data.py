@@ -367,3 +367,20 @@ def test_a_shard_missing_from_storage_is_named(tmp_path: Path, fmnist_train_shar
     (copy / "train-000002.tar").unlink()
     with pytest.raises(ShardError, match=r"shard .*train-000002.tar cannot be read: FileNotFoundError"):
         list(data)
+
+
+def test_colour_on_the_device_gives_the_views_of_the_workers(fmnist_train_shards: Path) -> None:
+    """crops.color_on_device: workers only crop and flip, the training process jitters in batch; the views
+    match the ones made entirely in the workers (to a level on a rare pixel)."""
+    from swav_scale.data.multicrop import device_views
+
+    def first_batch(defer: bool) -> list[torch.Tensor]:
+        mc = MultiCrop(SPECS, jitter=(0.4, 0.4, 0.0, 0.0), blur_prob=0.5, defer_color=defer)
+        stream = MultiCropStream(planner(fmnist_train_shards), mc, 0, Layout(1, 1, 16))
+        batch = next(iter(ShardLoader(stream, 0, 2, False)))
+        return device_views(batch.views, torch.device("cpu"), (0.5,) * 3, (0.25,) * 3, defer)
+
+    in_workers, on_device = first_batch(False), first_batch(True)
+    assert [v.shape for v in on_device] == [v.shape for v in in_workers]
+    for a, b in zip(in_workers, on_device):
+        assert (a - b).abs().max() <= 1 / 255 / 0.25 + 1e-6

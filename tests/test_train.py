@@ -101,9 +101,10 @@ def test_interrupted_run_resumes_to_the_same_weights(full_run: Path, fmnist_trai
 
 def test_resume_on_other_world_sizes_sees_every_sample_once(fmnist_train_shards: Path, tmp_path: Path) -> None:
     """2 ranks, then 3, then 1, with the global batch kept: the ledger of every step's keys shows each epoch's
-    samples exactly once, none repeated, none skipped; the queue's rows and the weights carry over."""
+    samples exactly once, none repeated, none skipped; the queue's rows and the weights carry over. (The colour
+    operations run in the training process here, crops.color_on_device, to exercise that path too.)"""
     run_dir = tmp_path / "elastic"
-    common = ("optim.batch_size=24", "swav.queue_length=48", "data.ledger=true")
+    common = ("optim.batch_size=24", "swav.queue_length=48", "data.ledger=true", "crops.color_on_device=true")
     for nproc, stop in ((2, 9), (3, 20), (1, 52)):
         proc = swav_scale("pretrain", str(REPO / "configs" / "quickstart.yaml"), *TINY,
                           f"data.train_shards={fmnist_train_shards}", f"train.run_dir={run_dir}", *common,
@@ -167,3 +168,29 @@ def test_bad_input_stops_with_a_clear_message(tmp_path: Path, fmnist_train_shard
                           override, "--nproc", "2", timeout=120)
         assert proc.returncode != 0
         assert message in " ".join((proc.stdout + proc.stderr).split()), (override, proc.stdout + proc.stderr)
+
+
+def test_damaged_shards_stop_every_rank_with_a_clear_message(tmp_path: Path) -> None:
+    """A third of the images corrupt: the ranks replace and count them, agree the fraction is past
+    data.max_bad_fraction at the first logged step, and all stop with a message that says what to do."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from swav_scale.data.shards import Sample, write_shards
+
+    def png(i: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (28, 28), dtype=np.uint8)).save(buf, "PNG")
+        return buf.getvalue() if i % 3 else b"\x89PNG\r\n\x1a\n not really"
+
+    shards = tmp_path / "damaged"
+    write_shards([Sample(f"s{i:04d}", "png", png(i), i % 10) for i in range(256)], shards, [str(c) for c in range(10)],
+                 256, max_count=64)
+    proc = swav_scale("pretrain", str(REPO / "configs" / "quickstart.yaml"), *TINY, f"data.train_shards={shards}",
+                      f"train.run_dir={tmp_path / 'run'}", "data.max_bad_fraction=0.05", "--nproc", "2")
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode != 0
+    assert "could not be read (more than data.max_bad_fraction=0.05)" in out and "verify_shards" in out, out
+    assert "replaced an unreadable sample" in out and "does not decode" in out

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import itertools
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from swav_scale.data.multicrop import sample_seed
+from swav_scale.data.multicrop import MultiCrop, sample_seed
 from swav_scale.data.plan import Layout, Planner, Segment, Span, consumer_rng, interleave, worker_batches
-from swav_scale.data.reader import BadSample, decode, label_of, read_span
+from swav_scale.data.reader import BadSample, decode_reduced, label_of, read_span
 from swav_scale.data.shards import ShardError
 
 
@@ -41,8 +41,7 @@ class Batch(NamedTuple):
 class MultiCropStream(IterableDataset):
     """One rank's training stream for one segment of an epoch; ShardLoader sets the segment before iterating."""
 
-    def __init__(self, planner: Planner, transform: Callable[[Tensor, int], list[Tensor]], rank: int,
-                 layout: Layout) -> None:
+    def __init__(self, planner: Planner, transform: MultiCrop, rank: int, layout: Layout) -> None:
         self.planner = planner
         self.transform = transform
         self.rank = rank
@@ -78,8 +77,8 @@ class MultiCropStream(IterableDataset):
                 if sample is None:
                     raise BadSample(reason)
                 key = sample["__key__"]
-                crops = self.transform(decode(sample), sample_seed(self.planner.seed, self.epoch, key))
-                good.append((key, label_of(sample), crops))
+                seed = sample_seed(self.planner.seed, self.epoch, key)
+                good.append((key, label_of(sample), self._crops(sample, seed)))
             except BadSample as e:
                 bad.append(str(e))
         if not good:
@@ -87,13 +86,14 @@ class MultiCropStream(IterableDataset):
         for j in range(len(bad)):  # stand-ins: batch members again, with crops of their own
             key, label, _ = good[j % len(good)]
             seed = sample_seed(self.planner.seed, self.epoch, key, repeat=1 + j // len(good))
-            good.append((key, label, self.transform(self._image_of(chunk, key), seed)))
+            sample = next(s for _, s, _ in chunk if s is not None and s["__key__"] == key)
+            good.append((key, label, self._crops(sample, seed)))
         views = [torch.stack(v) for v in zip(*(crops for _, _, crops in good))]
         return Batch(views, torch.tensor([label for _, label, _ in good]), [key for key, _, _ in good], bad)
 
-    @staticmethod
-    def _image_of(chunk: list[tuple[int, Any, str | None]], key: str) -> Tensor:
-        return decode(next(s for _, s, _ in chunk if s is not None and s["__key__"] == key))
+    def _crops(self, sample: Any, seed: int) -> list[Tensor]:
+        image, full_size = decode_reduced(sample, self.transform.decode_reduction)
+        return self.transform(image, seed, full_size=full_size)
 
 
 class ShardLoader:

@@ -8,12 +8,15 @@ replay, stays exact.
 
 from __future__ import annotations
 
+import io
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image
 
@@ -80,6 +83,29 @@ def decode(sample: Sample) -> Tensor:
                 raise BadSample(f"{where} does not decode: {e}") from None
     raise BadSample(f"{where} has no image (fields: {sorted(k for k in sample if not k.startswith('__'))}); "
                     "expected one of " + ", ".join(IMAGE_KEYS))
+
+
+def decode_reduced(sample: Sample, reduction: Callable[[int, int], int]) -> tuple[Tensor, tuple[int, int]]:
+    """The sample's image and its full (height, width). A JPEG for which `reduction(height, width)` (e.g.
+    `MultiCrop.decode_reduction`) gives f > 1 is decoded at 1/f of its size (rounded up) in the DCT domain
+    (libjpeg's scaled IDCT, through PIL's draft mode): for a 12 MP photo (f = 4 with SwAV's crops) a third of
+    the time and a sixteenth of the memory. The reduced image is a (C, H, W) view of PIL's (H, W, C) pixels:
+    channels last, the layout torch's uint8 antialiased resize reads fastest (2x). Everything else, f = 1
+    included, is `decode(sample)`, byte for byte; so is a JPEG PIL cannot read (then `decode` reports it)."""
+    ext = next((e for e in IMAGE_KEYS if e in sample), None)
+    if ext in ("jpg", "jpeg"):
+        try:
+            with Image.open(io.BytesIO(sample[ext])) as im:
+                width, height = im.size
+                f = reduction(height, width) if im.format == "JPEG" else 1
+                if f > 1:
+                    im.draft("RGB", (width // f, height // f))  # the smallest scale keeping this size: 1/f
+                    pixels = np.array(im if im.mode == "RGB" else im.convert("RGB"))
+                    return torch.from_numpy(pixels).permute(2, 0, 1), (height, width)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            pass
+    image = decode(sample)
+    return image, (image.shape[-2], image.shape[-1])
 
 
 def label_of(sample: Sample) -> int:
