@@ -42,6 +42,7 @@ class CropsConfig:
     counts: list[int] = field(default_factory=lambda: [2, 6])
     min_scale: list[float] = field(default_factory=lambda: [0.14, 0.05])
     max_scale: list[float] = field(default_factory=lambda: [1.0, 0.14])
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # crop aspect ratios (log-uniform)
     color_jitter: list[float] = field(default_factory=lambda: [0.8, 0.8, 0.8, 0.2])  # brightness contrast sat hue
     jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
@@ -204,6 +205,8 @@ def validate(cfg: Config) -> None:
     for name in ("counts", "min_scale", "max_scale"):
         if len(getattr(c, name)) != n:
             raise ConfigError(f"crops.{name} has {len(getattr(c, name))} entries but crops.sizes has {n}")
+    if len(c.ratio) != 2 or not 0 < c.ratio[0] <= c.ratio[1]:
+        raise ConfigError(f"crops.ratio={c.ratio}: give [lowest, highest] aspect ratio, 0 < lowest <= highest")
     if len(c.color_jitter) != 4:
         raise ConfigError("crops.color_jitter needs 4 entries: brightness, contrast, saturation, hue")
     total_crops = sum(c.counts)

@@ -48,6 +48,7 @@ def build_multicrop(cfg: Config) -> MultiCrop:
         blur_prob=c.blur_prob,
         defer_color=c.color_on_device,
         reduced_decode=c.reduced_decode,
+        ratio=(c.ratio[0], c.ratio[1]),
     )
 
 

@@ -311,12 +311,12 @@ def _png(seed: int) -> bytes:
 
 
 def damaged_shards(tmp_path: Path) -> Path:
-    """4 shards of 30: a corrupt image, a sample without image, a non-image member; one shard truncated in
+    """4 shards of 30: a corrupt JPEG, a sample without image, a non-image member; one shard truncated in
     storage after the manifest was written (as a half-copied remote file would be)."""
     from swav_scale.data.shards import Sample, write_shards
 
     samples = [Sample(f"s{i:04d}", "png", _png(i), i % 3) for i in range(120)]
-    samples[5] = Sample("s0005", "png", b"\x89PNG\r\n\x1a\n garbage", 0)
+    samples[5] = Sample("s0005", "jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF garbage, not a JPEG body", 0)
     samples[40] = Sample("s0040", "cls", b"1", 1)  # no image at all
     samples[70] = Sample("s0070", "txt", b"a caption, not an image", 1)
     out = tmp_path / "damaged"
@@ -384,3 +384,23 @@ def test_colour_on_the_device_gives_the_views_of_the_workers(fmnist_train_shards
     assert [v.shape for v in on_device] == [v.shape for v in in_workers]
     for a, b in zip(in_workers, on_device):
         assert (a - b).abs().max() <= 1 / 255 / 0.25 + 1e-6
+
+
+def test_a_data_position_from_before_exact_resume_still_loads(fmnist_train_shards: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    data = loader(fmnist_train_shards, 0, 2, 16, 1)
+    data.load_state_dict({"epoch": 1, "batches_done": 5})
+    assert data.state_dict()["segments"] == [[2, 1, 16, 5]] and data.epoch == 1
+    assert "may repeat and skip some samples" in capsys.readouterr().err
+
+
+def test_crop_aspect_ratio_is_configurable() -> None:
+    from swav_scale.config import ConfigError, load_config
+    from swav_scale.train import build_multicrop
+
+    rng = random.Random(1)
+    assert all(h == w for h, w in (crop_box(rng, 28, 28, (0.15, 1.0), (1.0, 1.0))[2:] for _ in range(500)))
+    cfg = load_config(None, ["data.train_shards=x", "crops.ratio=[1.0,1.0]"])
+    assert build_multicrop(cfg).ratio == (1.0, 1.0)
+    with pytest.raises(ConfigError, match=r"crops.ratio=\[1.5, 1.0\]"):
+        load_config(None, ["data.train_shards=x", "crops.ratio=[1.5,1.0]"])

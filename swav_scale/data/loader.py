@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+from dataclasses import astuple
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -155,6 +156,11 @@ class ShardLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the saved segment if the layout is unchanged, else start a new one from where it stopped."""
+        if "segments" not in state:  # written before exact resharding: same layout, another sample order
+            print(f"rank {self.stream.rank}: the checkpoint's data position predates exact resume; epoch "
+                  f"{state['epoch']} continues after {state['batches_done']} steps of today's plan, so this "
+                  "epoch may repeat and skip some samples", file=sys.stderr)
+            state = {**state, "segments": [[*astuple(self.layout), int(state["batches_done"])]]}
         segments = [Segment(Layout(*seg[:3]), seg[3]) for seg in state["segments"]]
         saved = segments[0].layout.global_batch
         if saved != self.layout.global_batch:

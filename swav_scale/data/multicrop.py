@@ -307,6 +307,7 @@ class MultiCrop:
         blur_prob: float = 0.5,
         defer_color: bool = False,
         reduced_decode: bool = True,
+        ratio: tuple[float, float] = RATIO,
     ) -> None:
         self.crops = [spec for spec in specs for _ in range(spec.count)]
         self.jitter = jitter
@@ -315,6 +316,7 @@ class MultiCrop:
         self.blur_prob = blur_prob
         self.defer_color = defer_color
         self.reduced_decode = reduced_decode
+        self.ratio = ratio
 
     def __len__(self) -> int:
         return len(self.crops)
@@ -336,14 +338,15 @@ class MultiCrop:
     def decode_reduction(self, height: int, width: int) -> int:
         """How much smaller an image of height x width px may be decoded: the largest f of 8, 4, 2 such that
         every crop box that can be drawn (`crop_box`: at least min_scale of the area, aspect ratio within
-        RATIO, or the whole image) still spans at least its output size + 1 px of the image decoded at 1/f on
-        both sides, else 1. No crop is then sampled from fewer pixels than it has (the +1 covers rounding the
+        `ratio`, or the whole image) still spans at least its output size + 1 px of the image decoded at 1/f
+        on both sides, else 1. No crop is then sampled from fewer pixels than it has (the +1 covers rounding the
         box to the smaller image's grid); outputs change only by the decoder's DCT-domain downscaling instead
         of the antialiased resize doing all of it. With SwAV's recipe an ImageNet photo (~500 x 375) gets 1 (its
         96 px crops of 5% need the full resolution), photos of 2 MP or more 2, of 8 MP 4, of 31 MP 8."""
         if not (self.reduced_decode and self.crops):
             return 1
-        smallest = {(spec.size, min(math.sqrt(height * width * spec.min_scale * RATIO[0]) - 0.5, height, width))
+        lowest = height * width * self.ratio[0]
+        smallest = {(spec.size, min(math.sqrt(lowest * spec.min_scale) - 0.5, height, width))
                     for spec in self.crops}  # (output side, shortest box side) per kind of crop
         for f in REDUCTIONS:
             if all(side >= f * (size + 1) for size, side in smallest):
@@ -351,7 +354,7 @@ class MultiCrop:
         return 1
 
     def _draw(self, spec: CropSpec, rng: random.Random, height: int, width: int) -> _CropDraw:
-        box = crop_box(rng, height, width, (spec.min_scale, spec.max_scale))
+        box = crop_box(rng, height, width, (spec.min_scale, spec.max_scale), self.ratio)
         flip = rng.random() < 0.5
         jitter = self._draw_jitter(rng) if rng.random() < self.jitter_prob else None
         gray = rng.random() < self.grayscale_prob
