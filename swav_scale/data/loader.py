@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import itertools
 import sys
-from dataclasses import astuple
 from collections.abc import Iterator
+from dataclasses import astuple
 from typing import Any, NamedTuple
 
 import torch
@@ -176,5 +176,7 @@ class ShardLoader:
         self.bad_samples = int(state.get("bad_samples", 0))
 
     def load_resharded(self, states: list[dict[str, Any]], rank: int, world_size: int) -> None:
-        """Every old rank saved the same position; any of them will do."""
+        """Every old rank saved the same position; the epoch's bad-sample count (summed over the ranks when
+        checked) goes to new rank 0 whole."""
         self.load_state_dict(states[0])
+        self.bad_samples = sum(int(s.get("bad_samples", 0)) for s in states) if rank == 0 else 0
