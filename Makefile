@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEBIAN_PACKAGES := dataset-fashion-mnist
+DEBIAN_PACKAGES := dataset-fashion-mnist curl  # curl: WebDataset reads http(s) shards through it
 PYTEST_ARGS ?=
 
 .PHONY: all install system-packages demo test test-fast clean
