@@ -91,13 +91,23 @@ def parse_manifest(directory: str | Path) -> tuple[list[ShardInfo], list[str], d
             f"shard directory {directory} {what}: the shards are missing or were not finished; "
             "(re)create them with tools/make_shards.py"
         )
+    return manifest_from_json(path.read_text(), str(path))
+
+
+def manifest_from_json(text: str, where: str) -> tuple[list[ShardInfo], list[str], dict[str, Any]]:
+    """(shards, classes, raw JSON) of a manifest's text, read from `where` (a path or a URL)."""
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(text)
         shards = [ShardInfo(**s) for s in raw["shards"]]
         classes = list(raw.get("classes", []))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ShardError(f"{path} is not a valid manifest ({e}); recreate the shards with tools/make_shards.py")
+        raise ShardError(f"{where} is not a valid manifest ({e}); recreate the shards with tools/make_shards.py")
     return shards, classes, raw
+
+
+def require_samples(shards: list[ShardInfo], where: str) -> None:
+    if not shards or sum(s.samples for s in shards) == 0:
+        raise ShardError(f"{where} lists no samples; recreate the shards from a non-empty source")
 
 
 def read_manifest(directory: str | Path, verify_checksums: bool = False) -> Manifest:
@@ -105,8 +115,7 @@ def read_manifest(directory: str | Path, verify_checksums: bool = False) -> Mani
     directory = Path(directory)
     shards, classes, _ = parse_manifest(directory)
     path = directory / MANIFEST
-    if not shards or sum(s.samples for s in shards) == 0:
-        raise ShardError(f"{path} lists no samples; recreate the shards from a non-empty source")
+    require_samples(shards, str(path))
     for s in shards:
         f = directory / s.name
         if not f.is_file():

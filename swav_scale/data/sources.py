@@ -10,21 +10,29 @@ manifest's shards; each expanded URL is matched to a manifest entry by the shard
 
 from __future__ import annotations
 
-import json
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from braceexpand import braceexpand
 
-from swav_scale.data.shards import MANIFEST, Manifest, ShardError, ShardInfo, read_manifest
+from swav_scale.data.shards import (
+    MANIFEST,
+    Manifest,
+    ShardError,
+    ShardInfo,
+    manifest_from_json,
+    read_manifest,
+    require_samples,
+)
 
 REMOTE_PREFIXES = ("http://", "https://", "pipe:", "gs://", "s3://")
 
 
 @dataclass(frozen=True)
-class RemoteManifest(Manifest):
-    """A manifest whose shards are read through URLs (WebDataset's gopen) rather than from its directory."""
+class SourceManifest(Manifest):
+    """A manifest whose shards are read through the URLs, paths or commands of a source spec (WebDataset's
+    gopen) rather than from its own directory."""
 
     location: str = ""
     urls: dict[str, str] = field(default_factory=dict)
@@ -50,7 +58,8 @@ def open_shards(spec: str, manifest: str = "") -> Manifest:
     else:
         urls, base = [], spec.rstrip("/")
     manifest = manifest or f"{base}/{MANIFEST}"
-    shards, classes = _parse(_read_text(manifest), manifest)
+    shards, classes, _ = manifest_from_json(_read_text(manifest), manifest)
+    require_samples(shards, manifest)
     if not urls:
         mapping = {s.name: f"{base}/{s.name}" for s in shards}
     else:
@@ -61,7 +70,7 @@ def open_shards(spec: str, manifest: str = "") -> Manifest:
             if not Path(mapping[s.name]).is_file():
                 raise ShardError(f"shard {mapping[s.name]} is listed in {manifest} but absent; copy it again")
     directory = Path(base) if not is_remote(base) else Path(".")
-    return RemoteManifest(directory, shards, classes, location=spec, urls=mapping)
+    return SourceManifest(directory, shards, classes, location=spec, urls=mapping)
 
 
 def _read_text(where: str) -> str:
@@ -73,18 +82,6 @@ def _read_text(where: str) -> str:
     except (OSError, ValueError) as e:
         raise ShardError(f"manifest {where} cannot be read ({e}); it is written by tools/make_shards.py beside "
                          "the shards, or name it with data.train_manifest") from None
-
-
-def _parse(text: str, where: str) -> tuple[list[ShardInfo], list[str]]:
-    try:
-        raw = json.loads(text)
-        shards = [ShardInfo(**s) for s in raw["shards"]]
-        classes = list(raw.get("classes", []))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ShardError(f"{where} is not a valid manifest ({e}); recreate the shards with tools/make_shards.py")
-    if not shards or sum(s.samples for s in shards) == 0:
-        raise ShardError(f"{where} lists no samples; recreate the shards from a non-empty source")
-    return shards, classes
 
 
 def _match(urls: list[str], shards: list[ShardInfo], spec: str, manifest: str) -> dict[str, str]:
