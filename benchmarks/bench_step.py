@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from swav_scale.engine import cpu_has_native_bf16
+from swav_scale.engines.base import cpu_has_native_bf16
 from swav_scale.models import build_swav_model
 
 

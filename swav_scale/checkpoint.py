@@ -46,6 +46,18 @@ class Reshardable(Protocol):
         """Become rank `rank` of `world_size` from the states every rank of another world size saved."""
 
 
+@runtime_checkable
+class OwnFiles(Protocol):
+    """A global state that is partly written in its own format (DeepSpeed's ZeRO checkpoints) beside its DCP
+    state dict. Both calls are collective."""
+
+    def save_files(self, directory: Path) -> None:
+        """Write into `directory` (inside the step's partial directory)."""
+
+    def load_files(self, directory: Path, saved_world_size: int) -> None:
+        """Read what `save_files` wrote, possibly at another world size."""
+
+
 class TrainProgress:
     """How far training got, in optimizer steps."""
 
@@ -83,6 +95,29 @@ class RNGState:
         """Old rank r's streams for new rank r; a new rank beyond the old count reuses an old rank's streams,
         which only the augmentation-free parts of training use (crops are seeded per sample)."""
         self.load_state_dict(states[rank % len(states)])
+
+
+def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """The SwAV model's weights from a `step-N/` checkpoint, in one process, whichever engine and number of
+    ranks wrote it: DCP holds the whole model (DDP, FSDP) or the prototypes (DeepSpeed, whose trunk and head
+    are in its own files under `engine/`)."""
+    saved = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    target = model.state_dict()
+    state = {"engine": {"model": {k: v for k, v in target.items() if f"engine.model.{k}" in saved}}}
+    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # one process reads every shard
+    weights = state["engine"]["model"]
+    deepspeed_files = checkpoint / "engine"
+    if deepspeed_files.is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        from swav_scale.engines.zero import TAG
+
+        weights |= get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_files), tag=TAG)
+    missing = sorted(set(target) - set(weights))
+    if missing:
+        raise RuntimeError(f"checkpoint {checkpoint} lacks {len(missing)} model tensors ({', '.join(missing[:3])}"
+                           f"{', ...' if len(missing) > 3 else ''}); was it written for another model config?")
+    model.load_state_dict(weights)
 
 
 def step_dir_name(step: int) -> str:
@@ -124,6 +159,9 @@ class Checkpointer:
         barrier()
         started = time.time()
         dcp.save(global_states, checkpoint_id=str(partial))
+        for name, obj in global_states.items():
+            if isinstance(obj, OwnFiles):
+                obj.save_files(partial / name)
         buf = io.BytesIO()
         torch.save({k: v.state_dict() for k, v in rank_states.items()}, buf)
         atomic_write_bytes(partial / rank_file(self.env.rank), buf.getvalue())
@@ -151,6 +189,9 @@ class Checkpointer:
             raise RuntimeError(f"checkpoint {path} lacks {', '.join(missing)}; it is damaged: move it away to "
                                "resume from the previous one")
         self._load_global(path, global_states)
+        for name, obj in global_states.items():
+            if isinstance(obj, OwnFiles):
+                obj.load_files(path / name, old_world)
         if old_world == self.env.world_size:
             per_rank = torch.load(path / rank_file(self.env.rank), weights_only=False)
             for key, obj in rank_states.items():

@@ -16,19 +16,24 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
+ENGINES = ("ddp", "fsdp", "deepspeed")
+OPTIMIZERS = ("lars", "sgd", "adamw")
+
+
 class ConfigError(ValueError):
     """A configuration mistake, with a message that names the file and key and says what to do."""
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"  # resnet18 | resnet50 | resnet50w2 | resnet50w4 | resnet50w5
+    arch: str = "resnet50"  # resnet18 | resnet50 | resnet50w2 | resnet50w4 | resnet50w5 | vit_small | vit_base
     width: float | None = None  # overrides the arch's width multiplier (resnet18 at 0.5, say)
     small_stem: bool = False  # 3x3 stride-1 stem for 28-64 px images
     maxpool: bool = True  # False drops the stem max-pool (CIFAR-style), ~3x the compute
     hidden_dim: int = 2048  # projection MLP hidden width; 0 = a single linear layer
     embed_dim: int = 128
     num_prototypes: int = 3000
+    drop_path_rate: float | None = None  # ViTs only: stochastic depth (None = 0.1, DINO's default)
 
 
 @dataclass
@@ -82,6 +87,7 @@ class SwAVConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "lars"  # lars | sgd | adamw (ZeRO needs sgd or adamw: see swav_scale/optim.py)
     epochs: int = 100
     batch_size: int = 4096  # global: summed over all ranks
     base_lr: float = 4.8
@@ -89,7 +95,8 @@ class OptimConfig:
     warmup_epochs: float = 10
     start_warmup_lr: float = 0.3
     weight_decay: float = 1e-6
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD/LARS momentum; AdamW's beta1
+    beta2: float = 0.999  # AdamW only
     trust_coeff: float = 0.001  # LARS
 
 
@@ -97,7 +104,8 @@ class OptimConfig:
 class TrainConfig:
     run_dir: str = "runs/swav"
     seed: int = 31
-    engine: str = "ddp"
+    engine: str = "ddp"  # ddp | fsdp (torch FSDP2) | deepspeed (ZeRO, stage train.zero_stage)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 1 | 2 | 3 (train.engine=deepspeed only)
     precision: str = "auto"  # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | bf16 | fp32
     sync_batchnorm: bool = True  # on GPU only: gloo has no SyncBatchNorm
     channels_last: bool = True  # NHWC convolutions: 1.2-1.3x faster on CPU (oneDNN), the fast path on GPU
@@ -215,8 +223,19 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"swav.crops_for_assign names crop {i}, but crops.counts gives {total_crops} crops")
     if total_crops < 2:
         raise ConfigError("SwAV needs at least 2 crops per image (crops.counts)")
-    if cfg.train.engine not in ("ddp",):
-        raise ConfigError(f"train.engine={cfg.train.engine!r}: only 'ddp' is available in this version")
+    if cfg.train.engine not in ENGINES:
+        raise ConfigError(f"train.engine={cfg.train.engine!r}: choose one of {', '.join(ENGINES)}")
+    if cfg.train.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"train.zero_stage={cfg.train.zero_stage}: DeepSpeed ZeRO has stages 1, 2 and 3")
+    if cfg.optim.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={cfg.optim.name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if cfg.train.engine == "deepspeed" and cfg.optim.name == "lars":
+        raise ConfigError(
+            "optim.name=lars with train.engine=deepspeed: ZeRO steps the optimizer on flat shards that cut "
+            "through layers, so LARS's per-layer trust ratio would be computed on the wrong tensors "
+            "(DeepSpeed issue #490) and training would silently take wrong steps. Use optim.name=adamw or "
+            "optim.name=sgd with DeepSpeed, or train.engine=fsdp, whose LARS equals the DDP one"
+        )
     if cfg.train.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"train.precision={cfg.train.precision!r}: choose auto, bf16 or fp32")
     if cfg.optim.batch_size <= 0:

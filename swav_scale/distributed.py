@@ -52,6 +52,13 @@ def init_distributed() -> DistEnv:
     return DistEnv(rank, world_size, local_rank, local_world_size, device)
 
 
+def ensure_process_group(env: DistEnv) -> None:
+    """A one-rank process group for a lone process, for libraries that need one even alone (DeepSpeed)."""
+    if env.world_size == 1 and not dist.is_initialized():
+        backend = "nccl" if env.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

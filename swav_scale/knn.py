@@ -12,17 +12,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from swav_scale.checkpoint import load_model_weights
 from swav_scale.config import Config
 from swav_scale.data.multicrop import EvalTransform, normalize
 from swav_scale.data.reader import decode, label_of, shard_samples
 from swav_scale.data.shards import Manifest
 from swav_scale.data.sources import open_shards
-from swav_scale.engine import autocast_dtype
+from swav_scale.engines.base import autocast_dtype
 from swav_scale.utils import progress_bar
 
 
@@ -104,15 +104,13 @@ def knn_top1(
 
 
 def load_trunk(cfg: Config, checkpoint: Path | None) -> nn.Module:
-    """The trunk of a checkpoint (only the model part of the DCP checkpoint is read), or a fresh one."""
+    """The trunk of a checkpoint (only the model's part is read), or a fresh one."""
     from swav_scale.train import build_model
 
     torch.manual_seed(cfg.train.seed)  # a random-init baseline is the very network training started from
     model = build_model(cfg)
     if checkpoint is not None:
-        state = {"engine": {"model": model.state_dict()}}
-        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # one process reads every shard
-        model.load_state_dict(state["engine"]["model"])
+        load_model_weights(model, checkpoint)
     return model.trunk.eval()
 
 

@@ -1,8 +1,10 @@
-"""LARS with SwAV's parameter groups, and the learning-rate schedule computed up front."""
+"""The optimizer (LARS as in SwAV; SGD or AdamW) with SwAV's parameter groups, and the learning-rate schedule
+computed up front."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,28 +15,34 @@ from torch import nn
 from swav_scale.config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
     """Weights get weight decay and LARS adaptation; biases and norm parameters (all 1-d) get neither.
 
     timm's Lars adapts only groups with non-zero weight decay, so the second group is also left unadapted.
     """
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in params:
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return Lars(
-        param_groups(model, cfg.weight_decay),
-        lr=cfg.base_lr,
-        momentum=cfg.momentum,
-        trust_coeff=cfg.trust_coeff,
-    )
+def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """`optim.name`'s optimizer over `params` (a model's `.parameters()`, or the part one engine owns).
+
+    LARS scales each layer's step by its weight-to-gradient norm ratio, so it needs whole layers: FSDP2 gives
+    it DTensors whose norms are global, but DeepSpeed ZeRO hands the optimizer flat shards cut across layers,
+    which config validation refuses (swav_scale/config.py). SGD and AdamW update element by element and are
+    exact on any shard; AdamW is the usual choice for ViTs."""
+    groups = param_groups(params, cfg.weight_decay)
+    if cfg.name == "lars":
+        return Lars(groups, lr=cfg.base_lr, momentum=cfg.momentum, trust_coeff=cfg.trust_coeff)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=(cfg.momentum, cfg.beta2))
+    raise ValueError(f"optim.name={cfg.name!r} is not known")
 
 
 @dataclass(frozen=True)
@@ -55,8 +63,3 @@ class Schedule:
     @property
     def total_steps(self) -> int:
         return len(self.lr)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr

@@ -114,11 +114,12 @@ def swapped_prediction_loss(
     return total / len(codes)
 
 
-def normalize_prototypes_(prototypes: nn.Linear) -> None:
-    """Project every prototype back onto the unit sphere, so that C.z is a cosine similarity."""
+def normalize_prototypes_(weight: Tensor) -> None:
+    """Project every prototype (a row of C) back onto the unit sphere, so that C.z is a cosine similarity.
+
+    Rows are independent, so a rank holding whole rows of a sharded C normalises its own rows."""
     with torch.no_grad():
-        w = prototypes.weight
-        w.copy_(F.normalize(w, dim=1, p=2))
+        weight.copy_(F.normalize(weight, dim=1, p=2))
 
 
 def uniform_loss(num_prototypes: int) -> float:

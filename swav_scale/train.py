@@ -1,7 +1,7 @@
 """The SwAV pretraining loop, top to bottom.
 
 Setup builds every part from the config and computes the schedules up front; the loop then only indexes
-them. Parallelism lives in the engine (engine.py), state persistence in the checkpointer (checkpoint.py);
+them. Parallelism lives in the engine (engines/), state persistence in the checkpointer (checkpoint.py);
 the loop does not branch on either.
 """
 
@@ -15,19 +15,19 @@ from pathlib import Path
 import torch
 
 from swav_scale.checkpoint import Checkpointer, RNGState, TrainProgress
-from swav_scale.config import Config, check_queue, check_world
+from swav_scale.config import Config, SwAVConfig, check_queue, check_world
 from swav_scale.data.loader import MultiCropStream, ShardLoader
 from swav_scale.data.plan import Layout, Planner, steps_per_epoch
 from swav_scale.data.multicrop import CropSpec, MultiCrop, device_views
 from swav_scale.data.shards import Manifest, ShardError
 from swav_scale.data.sources import open_shards
 from swav_scale.distributed import DistEnv, all_reduce_mean
-from swav_scale.engine import build_engine
+from swav_scale.engines import Engine, build_engine
 from swav_scale.models import build_swav_model
-from swav_scale.optim import Schedule, build_optimizer, set_lr
+from swav_scale.optim import Schedule
 from swav_scale.queue import FeatureQueue
 from swav_scale.runlog import Ledger, MetricsLog, TrainProgressBar, write_run_info
-from swav_scale.swav import assign_codes, normalize_prototypes_, swapped_prediction_loss
+from swav_scale.swav import assign_codes, swapped_prediction_loss
 
 
 @dataclass
@@ -56,10 +56,11 @@ def build_model(cfg: Config) -> torch.nn.Module:
     """The SwAV model of the config, in its memory format: training and evaluation build it here alike."""
     m = cfg.model
     model = build_swav_model(
-        m.arch, m.width, m.small_stem, m.hidden_dim, m.embed_dim, m.num_prototypes, maxpool=m.maxpool
+        m.arch, m.width, m.small_stem, m.hidden_dim, m.embed_dim, m.num_prototypes, maxpool=m.maxpool,
+        drop_path_rate=m.drop_path_rate,
     )
     if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # the inputs follow: convs keep the weights' layout
+        model = model.to(memory_format=torch.channels_last)  # and the loop gives channels-last inputs
     return model
 
 
@@ -93,6 +94,28 @@ def check_bad_samples(loader: ShardLoader, cfg: Config, env: DistEnv) -> int:
     return int(bad)
 
 
+def swav_step(engine: Engine, views: list[torch.Tensor], swav: SwAVConfig, step: int, lr: float,
+              queue: FeatureQueue | None) -> torch.Tensor:
+    """One SwAV iteration on this rank's views; returns the loss. `queue` (when its epoch has come) gives
+    Sinkhorn its rows once full and takes this step's embeddings of the assigned crops."""
+    engine.set_lr(lr)
+    engine.normalize_prototypes()
+    with engine.autocast():
+        z, scores = engine.module(views)
+    queue_scores = [engine.prototype_scores(q) for q in queue.embeddings] if queue and queue.full else None
+    codes = assign_codes(scores, swav.crops_for_assign, swav.epsilon, swav.sinkhorn_iterations, queue_scores)
+    if queue is not None:
+        for j, i in enumerate(swav.crops_for_assign):
+            queue.push(j, z[i])
+        queue.advance(z[0].shape[0])
+    loss = swapped_prediction_loss(scores, codes, swav.temperature)
+    engine.backward(loss)
+    if step < swav.freeze_prototypes_iters:
+        engine.freeze_prototypes()
+    engine.step()
+    return loss
+
+
 def train(cfg: Config, env: DistEnv) -> TrainResult:
     run_dir = Path(cfg.train.run_dir)
 
@@ -109,9 +132,7 @@ def train(cfg: Config, env: DistEnv) -> TrainResult:
     # ---- model, optimizer, engine (same initial weights on every rank)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
-    engine = build_engine(cfg.train.engine, model, build_optimizer(model, cfg.optim), env, cfg.train.precision,
-                          cfg.train.sync_batchnorm)
-    prototypes = engine.model.prototypes
+    engine = build_engine(cfg, model, env)
     queue = None
     if cfg.swav.queue_length:
         queue = FeatureQueue(len(cfg.swav.crops_for_assign), cfg.swav.queue_length // env.world_size,
@@ -148,28 +169,10 @@ def train(cfg: Config, env: DistEnv) -> TrainResult:
                 if ledger:
                     ledger.write(step, epoch, batch.keys)
                 lr = float(schedule.lr[step])
-                set_lr(engine.optimizer, lr)
-                normalize_prototypes_(prototypes)
                 views = device_views(batch.views, env.device, mean, std, cfg.crops.color_on_device)
-
-                with engine.autocast():
-                    z, scores = engine.module(views)
-                queue_scores = None
-                if use_queue_epoch and queue.full:
-                    with torch.no_grad():
-                        queue_scores = [prototypes(queue.embeddings[j]) for j in range(queue.embeddings.shape[0])]
-                codes = assign_codes(scores, cfg.swav.crops_for_assign, cfg.swav.epsilon,
-                                     cfg.swav.sinkhorn_iterations, queue_scores)
-                if use_queue_epoch:
-                    for j, i in enumerate(cfg.swav.crops_for_assign):
-                        queue.push(j, z[i])
-                    queue.advance(z[0].shape[0])
-                loss = swapped_prediction_loss(scores, codes, cfg.swav.temperature)
-
-                engine.backward(loss)
-                if step < cfg.swav.freeze_prototypes_iters:
-                    engine.drop_grads([prototypes.weight])
-                engine.step()
+                if cfg.train.channels_last:  # sharded engines keep weights contiguous; convs follow the input
+                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                loss = swav_step(engine, views, cfg.swav, step, lr, queue if use_queue_epoch else None)
                 progress.step += 1
 
                 end_of_epoch = loader.at_epoch_end

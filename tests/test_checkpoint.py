@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from helpers import run_ranks
 
 from swav_scale.checkpoint import META, Checkpointer, RNGState, TrainProgress
 from swav_scale.distributed import DistEnv
-from swav_scale.engine import DDPEngine
+from swav_scale.engines.ddp import DDPEngine
 from swav_scale.models import build_swav_model
 from swav_scale.optim import build_optimizer
 from swav_scale.config import OptimConfig
@@ -22,7 +23,7 @@ def make_engine(world: int = 1, rank: int = 0) -> DDPEngine:
     torch.manual_seed(0)
     model = build_swav_model("resnet18", 0.125, True, 32, 16, 10)
     env = DistEnv(rank, world, rank, world, torch.device("cpu"))
-    return DDPEngine(model, build_optimizer(model, OptimConfig(base_lr=0.1)), env, "fp32")
+    return DDPEngine(model, functools.partial(build_optimizer, cfg=OptimConfig(base_lr=0.1)), env, "fp32")
 
 
 def train_steps(engine: DDPEngine, n: int, seed: int = 0) -> None:

@@ -56,3 +56,17 @@ def test_world_size_checks() -> None:
     assert check_world(cfg, 3) == 32
     with pytest.raises(ConfigError, match="does not split evenly over 5 ranks"):
         check_world(cfg, 5)
+
+
+def test_engine_and_optimizer_choices_are_checked() -> None:
+    base = ["data.train_shards=x"]
+    with pytest.raises(ConfigError, match=r"optim.name=lars with train.engine=deepspeed: .* \(DeepSpeed issue #490\)"):
+        load_config(None, [*base, "train.engine=deepspeed"])
+    with pytest.raises(ConfigError, match="train.engine='fsdp2': choose one of ddp, fsdp, deepspeed"):
+        load_config(None, [*base, "train.engine=fsdp2"])
+    with pytest.raises(ConfigError, match="train.zero_stage=4"):
+        load_config(None, [*base, "train.zero_stage=4"])
+    with pytest.raises(ConfigError, match="optim.name='lamb'"):
+        load_config(None, [*base, "optim.name=lamb"])
+    cfg = load_config(None, [*base, "train.engine=deepspeed", "optim.name=adamw", "train.zero_stage=3"])
+    assert (cfg.train.engine, cfg.train.zero_stage, cfg.optim.name) == ("deepspeed", 3, "adamw")

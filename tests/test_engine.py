@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from swav_scale import engine
-from swav_scale.engine import autocast_dtype, cpu_has_native_bf16
+from swav_scale.engines import base as engine
+from swav_scale.engines.base import autocast_dtype, cpu_has_native_bf16
 
 ZEN4 = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
 SKYLAKE = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"

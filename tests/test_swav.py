@@ -103,7 +103,7 @@ def test_loss_at_initialisation_is_about_ln_k() -> None:
     torch.manual_seed(0)
     k = 3000
     model = build_swav_model("resnet18", 0.25, True, 512, 128, k)
-    normalize_prototypes_(model.prototypes)
+    normalize_prototypes_(model.prototypes.weight)
     crops = [torch.randn(16, 3, 32, 32) for _ in range(2)] + [torch.randn(16, 3, 16, 16) for _ in range(2)]
     _, scores = model(crops)
     loss = swapped_prediction_loss(scores, assign_codes(scores, [0, 1]), temperature=0.1)
@@ -143,7 +143,7 @@ def test_loss_is_the_swapped_cross_entropy() -> None:
 
 def test_prototypes_are_normalised() -> None:
     layer = torch.nn.Linear(8, 5, bias=False)
-    normalize_prototypes_(layer)
+    normalize_prototypes_(layer.weight)
     assert torch.allclose(layer.weight.norm(dim=1), torch.ones(5))
 
 

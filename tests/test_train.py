@@ -194,3 +194,24 @@ def test_damaged_shards_stop_every_rank_with_a_clear_message(tmp_path: Path) -> 
     assert proc.returncode != 0
     assert "could not be read (more than data.max_bad_fraction=0.05)" in out and "verify_shards" in out, out
     assert "replaced an unreadable sample" in out and "does not decode" in out
+
+
+@pytest.mark.parametrize("engine", [
+    ("train.engine=fsdp",),
+    ("train.engine=deepspeed", "train.zero_stage=3", "optim.name=adamw", "optim.base_lr=0.002",
+     "optim.final_lr=0.00002", "optim.start_warmup_lr=0.0002", "optim.weight_decay=0.04"),
+], ids=["fsdp", "zero3"])
+def test_sharded_engines_train_resume_on_fewer_ranks_and_evaluate(engine: tuple[str, ...], fmnist_train_shards: Path,
+                                                                   fmnist_test_shards: Path, tmp_path: Path) -> None:
+    """The real loop under a sharded engine: 2 ranks, resumed on 1 (the checkpoint resharded), then kNN."""
+    run_dir = tmp_path / "sharded"
+    for nproc, stop in ((2, 9), (1, 14)):
+        proc = swav_scale("pretrain", str(REPO / "configs" / "quickstart.yaml"), *TINY, *engine,
+                          f"data.train_shards={fmnist_train_shards}", f"train.run_dir={run_dir}",
+                          f"train.max_steps={stop}", "--nproc", str(nproc))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 14 and all(m["loss"] > 0 for m in metrics)
+    proc = swav_scale("knn", str(run_dir), f"eval.test_shards={fmnist_test_shards}", "--workers", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "step-00000014" in proc.stdout

@@ -8,7 +8,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from swav_scale.models.resnet import ResNetTrunk, build_trunk
+from swav_scale.models.resnet import ARCHS as RESNET_ARCHS
+from swav_scale.models.resnet import build_trunk as build_resnet
+from swav_scale.models.vit import VIT_ARCHS, build_vit
+
+ARCHS = RESNET_ARCHS + VIT_ARCHS
+
+
+def build_trunk(
+    arch: str,
+    width: float | None = None,
+    small_stem: bool = False,
+    maxpool: bool = True,
+    drop_path_rate: float | None = None,
+) -> nn.Module:
+    """A ResNet or ViT trunk by name: images (N, 3, H, W) -> features (N, trunk.out_dim).
+
+    The ResNet-only options are refused for a ViT rather than ignored, so a config never silently trains a
+    different network than it names. `drop_path_rate` (ViTs only; None = DINO's 0.1) is stochastic depth.
+    """
+    if arch in VIT_ARCHS:
+        for key, value, default in (
+            ("width", width, None), ("small_stem", small_stem, False), ("maxpool", maxpool, True)
+        ):
+            if value != default:
+                raise ValueError(
+                    f"model.{key}={value} does not apply to model.arch={arch} (a ViT has a fixed width and a "
+                    f"patch embedding, no stem): leave model.{key} at its default ({default})"
+                )
+        return build_vit(arch, 0.1 if drop_path_rate is None else drop_path_rate)
+    if arch not in RESNET_ARCHS:
+        raise ValueError(f"model.arch={arch!r} is not known; choose one of {', '.join(ARCHS)}")
+    if drop_path_rate is not None:
+        raise ValueError(f"drop_path_rate applies to ViTs only, not to model.arch={arch}")
+    return build_resnet(arch, width, small_stem, maxpool)
 
 
 class ProjectionHead(nn.Module):
@@ -37,23 +70,32 @@ class SwAVModel(nn.Module):
     another), which is what makes multi-crop cheap; the head then runs once on all of them.
     """
 
-    def __init__(self, trunk: ResNetTrunk, hidden_dim: int, embed_dim: int, num_prototypes: int) -> None:
+    def __init__(self, trunk: nn.Module, hidden_dim: int, embed_dim: int, num_prototypes: int) -> None:
         super().__init__()
         self.trunk = trunk
         self.head = ProjectionHead(trunk.out_dim, hidden_dim, embed_dim)
         self.prototypes = nn.Linear(embed_dim, num_prototypes, bias=False)
 
     def forward(self, crops: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        features = [
-            self.trunk(torch.cat(list(same_size))) for _, same_size in itertools.groupby(crops, lambda c: c.shape[-2:])
-        ]
-        # The head and prototypes run in float32 even under autocast: they cost about 1% of the step, and the
-        # scores C.z are divided by tau = 0.1 in the loss, which would magnify bf16's rounding (0.4%) tenfold.
-        with torch.autocast(features[0].device.type, enabled=False):
-            z = F.normalize(self.head(torch.cat(features).float()), dim=1, p=2)
+        z = embed(self.trunk, self.head, crops)
+        with torch.autocast(z.device.type, enabled=False):
             scores = self.prototypes(z)
-        sizes = [c.shape[0] for c in crops]
-        return list(z.split(sizes)), list(scores.split(sizes))
+        return split_views(z, crops), split_views(scores, crops)
+
+
+def embed(trunk: nn.Module, head: nn.Module, crops: list[Tensor]) -> Tensor:
+    """The L2-normalised embeddings of all crops, concatenated in crop order (float32)."""
+    features = [trunk(torch.cat(list(same_size))) for _, same_size in itertools.groupby(crops, lambda c: c.shape[-2:])]
+    # The head and prototypes run in float32 even under autocast: they cost about 1% of the step, and the
+    # scores C.z are divided by tau = 0.1 in the loss, which would magnify bf16's rounding (0.4%) tenfold.
+    with torch.autocast(features[0].device.type, enabled=False):
+        return F.normalize(head(torch.cat(features).float()), dim=1, p=2)
+
+
+def split_views(rows: Tensor, crops: list[Tensor]) -> list[Tensor]:
+    """Rows of all crops -> one tensor per crop. Copies, not views: an engine's forward hooks (FSDP2) cannot
+    follow an in-place op on a returned view."""
+    return [t.clone() for t in rows.split([c.shape[0] for c in crops])]
 
 
 def build_swav_model(
@@ -64,5 +106,7 @@ def build_swav_model(
     embed_dim: int,
     num_prototypes: int,
     maxpool: bool = True,
+    drop_path_rate: float | None = None,
 ) -> SwAVModel:
-    return SwAVModel(build_trunk(arch, width, small_stem, maxpool), hidden_dim, embed_dim, num_prototypes)
+    trunk = build_trunk(arch, width, small_stem, maxpool, drop_path_rate)
+    return SwAVModel(trunk, hidden_dim, embed_dim, num_prototypes)

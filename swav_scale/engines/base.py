@@ -1,0 +1,111 @@
+"""What every engine offers the training loop, and the precision choice they share."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+class Engine(Protocol):
+    """The training loop's only view of parallelism.
+
+    Per step the loop calls `set_lr`, `normalize_prototypes()`, `module(views)` for the forward pass,
+    `prototype_scores` for the queue, `backward(loss)`, `freeze_prototypes()` during the first iterations,
+    and `step()`. The checkpointer treats the engine as one stateful object: `state_dict()` is in the
+    distributed-checkpoint (DCP) format, so engines that shard save their shards and load at another world
+    size. An engine whose state lives partly in its own files (DeepSpeed) also implements checkpoint.py's
+    `OwnFiles`.
+    """
+
+    module: nn.Module  # what the loop calls: views -> (embeddings z, prototype scores)
+    model: nn.Module  # the bare SwAV model (trunk, head, prototypes)
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def set_lr(self, lr: float) -> None: ...
+
+    def normalize_prototypes(self) -> None: ...
+
+    def prototype_scores(self, embeddings: Tensor) -> Tensor:
+        """C.z for embeddings outside the forward pass (the queue), without gradient."""
+        ...
+
+    def backward(self, loss: Tensor) -> None: ...
+
+    def freeze_prototypes(self) -> None:
+        """Leave the prototypes out of this step (after backward): SwAV freezes them for the first iterations."""
+        ...
+
+    def step(self) -> None: ...
+
+    def full_parameters(self) -> dict[str, Tensor]:
+        """Every parameter of the SwAV model, whole and in float32, by its name in SwAVModel (collective)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Autocast:
+    """Autocast to the engine's compute dtype (None: full precision)."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        if self.dtype is None:
+            yield
+        else:
+            with torch.autocast(self.device.type, dtype=self.dtype):
+                yield
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def drop_grads(params: list[nn.Parameter]) -> None:
+    """Leave `params` out of this step (frozen prototypes): a None gradient is skipped by the optimizer, which
+    then creates no state for it either, exactly as if the parameter had been frozen."""
+    for p in params:
+        p.grad = None
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics). Ranks' statistics drift apart, each
+    updated from its own batch; doing this before a save makes the saved replica rank 0's whichever rank DCP
+    picks to write it, so a resumed run continues bit for bit."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        with torch.no_grad():
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+
+
+def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16; read from Linux's cpuinfo flags,
+    False where there is none to read)."""
+    try:
+        flags = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `train.precision`: `auto` is bf16 on GPU and on CPUs with native bf16 (1.4x to 1.8x
+    faster for small ResNets on a Zen 4 core), fp32 on other CPUs, where bf16 is emulated and much slower."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())):
+        return torch.bfloat16
+    return None

@@ -1,0 +1,72 @@
+"""Data parallel: every rank holds the whole model and optimizer; gradients are all-reduced during backward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.nn.parallel import DistributedDataParallel
+
+from swav_scale.distributed import DistEnv
+from swav_scale.engines.base import Autocast, autocast_dtype, broadcast_buffers, drop_grads, set_lr
+from swav_scale.swav import normalize_prototypes_
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class DDPEngine(Autocast):
+    def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, env: DistEnv, precision: str) -> None:
+        self.model = model.to(env.device)
+        self.device = env.device
+        if env.world_size > 1:
+            self.module: nn.Module = DistributedDataParallel(
+                self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None
+            )
+        else:
+            self.module = self.model
+        self.optimizer = make_optimizer(self.model.parameters())
+        self.dtype = autocast_dtype(precision, env.device)
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def normalize_prototypes(self) -> None:
+        normalize_prototypes_(self.model.prototypes.weight)
+
+    @torch.no_grad()
+    def prototype_scores(self, embeddings: Tensor) -> Tensor:
+        return self.model.prototypes(embeddings)
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def freeze_prototypes(self) -> None:
+        drop_grads([self.model.prototypes.weight])
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def full_parameters(self) -> dict[str, Tensor]:
+        """Every parameter whole, on every rank."""
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+    def state_dict(self) -> dict[str, Any]:
+        broadcast_buffers(self.model)
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_dcp_state(self.module, self.optimizer, state)
+
+
+def load_dcp_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Model and optimizer state from a DCP-format dict, whatever engine and world size saved it.
+
+    Not strict: a parameter never stepped yet (frozen prototypes) has no optimizer state, and gets it at its
+    first step as in the uninterrupted run; missing model keys have already failed in dcp.load."""
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))

@@ -1,0 +1,116 @@
+"""FSDP2 (torch.distributed.fsdp.fully_shard): parameters, gradients and optimizer state sharded over ranks.
+
+Each rank keeps 1/world of every parameter as a DTensor row shard; a residual stage or transformer block
+is gathered just before its forward and freed after it (and again in backward). The optimizer steps on the
+shards; DTensor norms are global, so LARS's per-layer trust ratio is the same as under DDP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from swav_scale.distributed import DistEnv
+from swav_scale.engines.base import Autocast, autocast_dtype, broadcast_buffers, drop_grads, set_lr
+from swav_scale.engines.ddp import OptimizerFactory, load_dcp_state
+from swav_scale.swav import normalize_prototypes_
+
+
+def shard_units(trunk: nn.Module) -> list[nn.Module]:
+    """The trunk's units of sharding: the transformer blocks of a ViT, the four stages of a ResNet. A unit is
+    gathered whole for its forward, so peak memory is the shards plus the largest unit; per-block ResNet units
+    would lower that peak a little at the cost of 4x the collectives."""
+    blocks = getattr(trunk, "blocks", None)
+    if blocks is not None:
+        return list(blocks)
+    return [getattr(trunk, f"layer{i}") for i in range(1, 5)]
+
+
+def float32_norms(module: nn.Module, mesh: DeviceMesh) -> None:
+    """Give each BatchNorm its own float32 unit. torch's batch_norm refuses bf16 weights beside fp32 running
+    statistics, and statistics kept in bf16 would lose the small momentum updates; BatchNorm parameters are
+    a tiny fraction of a ResNet, so gathering them separately in fp32 costs little."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            fully_shard(m, mesh=mesh, mp_policy=MixedPrecisionPolicy())
+
+
+def parallelize(model: nn.Module, mesh: DeviceMesh, bf16_params: bool) -> nn.Module:
+    """Shard `model` in place: one FSDP unit per trunk stage / block, then the root unit (stem, projection
+    head, prototypes), which stays in float32 because the head and the Sinkhorn scores are computed in fp32
+    (swav_model.py). `bf16_params` gathers the trunk units in bf16 and reduces gradients in fp32."""
+    # FSDP2 shards contiguous parameters only. Convolutions still run channels-last: they follow the input's
+    # memory format, and the training loop makes its views channels-last when train.channels_last is set.
+    model.to(memory_format=torch.contiguous_format)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params else None
+    for unit in shard_units(model.trunk):
+        if policy is not None:
+            float32_norms(unit, mesh)
+        fully_shard(unit, mesh=mesh, mp_policy=policy or MixedPrecisionPolicy())
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy())
+    return model
+
+
+def local_rows(weight: Tensor) -> Tensor:
+    """This rank's whole rows of a replicated or row-sharded matrix (FSDP2 shards every parameter on dim 0)."""
+    if isinstance(weight, DTensor):
+        if tuple(weight.placements) != (Shard(0),):
+            raise ValueError(f"expected a matrix sharded by rows, got placements {weight.placements}")
+        return weight.to_local()
+    return weight
+
+
+class FSDPEngine(Autocast):
+    def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, env: DistEnv, precision: str) -> None:
+        self.device = env.device
+        self.dtype = autocast_dtype(precision, env.device)
+        self.model = model.to(env.device)
+        if env.world_size > 1 and dist.is_initialized():
+            mesh = init_device_mesh(env.device.type, (env.world_size,))
+            parallelize(self.model, mesh, bf16_params=env.device.type == "cuda" and self.dtype == torch.bfloat16)
+        # a lone rank has nothing to shard: it runs the plain model, and still loads and saves DCP checkpoints
+        # that sharded runs read and write
+        self.module = self.model
+        self.optimizer = make_optimizer(self.model.parameters())
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def normalize_prototypes(self) -> None:
+        normalize_prototypes_(local_rows(self.model.prototypes.weight))
+
+    @torch.no_grad()
+    def prototype_scores(self, embeddings: Tensor) -> Tensor:
+        # C is K x 128, small: gather it whole rather than depend on whether FSDP holds it sharded right now
+        weight = self.model.prototypes.weight
+        return embeddings @ (weight.full_tensor() if isinstance(weight, DTensor) else weight).t()
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()  # FSDP2 reduce-scatters each unit's gradients as its backward finishes
+
+    def freeze_prototypes(self) -> None:
+        drop_grads([self.model.prototypes.weight])
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def full_parameters(self) -> dict[str, Tensor]:
+        """Every parameter whole, on every rank (all-gathered from the shards)."""
+        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                for n, p in self.model.named_parameters()}
+
+    def state_dict(self) -> dict[str, Any]:
+        broadcast_buffers(self.model)  # buffers are replicated, not sharded: save rank 0's, as DDP does
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_dcp_state(self.model, self.optimizer, state)

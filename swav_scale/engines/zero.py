@@ -1,0 +1,191 @@
+"""DeepSpeed ZeRO 1/2/3: optimizer state (1), gradients (2) and parameters (3) partitioned over ranks.
+
+DeepSpeed owns the trunk and the projection head. The prototypes stay outside it, replicated, with their own
+optimizer of the same kind and a gradient all-reduce: ZeRO keeps parameters in flat buffers whose fp32
+master copies it rewrites at every step, so neither SwAV's in-place normalisation of C before each step nor
+leaving C out of a step while frozen (a None gradient, which also creates no optimizer state) can be done on
+a partitioned C. C is K x 128 (0.4M parameters for K = 3000): replicating it costs nothing.
+
+Precision: parameters and ZeRO's partitions stay fp32 and the forward runs under torch.autocast, as in the
+other engines. DeepSpeed's own bf16 mode would cast BatchNorm weights to bf16 beside fp32 running
+statistics, which torch's batch_norm refuses.
+
+Checkpoints: DeepSpeed's files (`save_checkpoint`) for its part, DCP for the prototypes. Resumed on another
+number of ranks, the DeepSpeed files are converted to DeepSpeed's universal checkpoint first
+(`deepspeed.checkpoint.ds_to_universal`) and loaded with `checkpoint.load_universal`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.checkpoint import ds_to_universal
+from deepspeed.utils import safe_get_full_fp32_param
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import get_state_dict
+
+from swav_scale.distributed import DistEnv, barrier, ensure_process_group
+from swav_scale.engines.base import Autocast, autocast_dtype, broadcast_buffers, drop_grads, set_lr
+from swav_scale.engines.ddp import OptimizerFactory, load_dcp_state
+from swav_scale.models.swav_model import embed, split_views
+from swav_scale.swav import normalize_prototypes_
+
+TAG = "zero"  # DeepSpeed's checkpoint tag: one per step-N directory, so the name need not vary
+
+
+class Embedder(nn.Module):
+    """Trunk + projection head: crops -> normalised embeddings. The part of the SwAV model DeepSpeed owns;
+    parameter names match SwAVModel's (trunk.*, head.*)."""
+
+    def __init__(self, trunk: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.trunk, self.head = trunk, head
+
+    def forward(self, crops: list[Tensor]) -> Tensor:
+        return embed(self.trunk, self.head, crops)
+
+
+class SwAVForward(nn.Module):
+    """What the loop calls: DeepSpeed's embeddings scored by the replicated prototypes."""
+
+    def __init__(self, embedder: nn.Module, prototypes: nn.Linear) -> None:
+        super().__init__()
+        self.embedder, self.prototypes = embedder, prototypes
+
+    def forward(self, crops: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        z = self.embedder(crops)
+        with torch.autocast(z.device.type, enabled=False):
+            scores = self.prototypes(z)
+        return split_views(z, crops), split_views(scores, crops)
+
+
+def deepspeed_config(stage: int, batch_per_rank: int, world_size: int, load_universal: bool = False) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": batch_per_rank,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": batch_per_rank * world_size,
+        "zero_optimization": {"stage": stage},
+        "gradient_clipping": 0.0,  # DeepSpeed clips to norm 1 unless told otherwise; the other engines do not clip
+        "zero_allow_untested_optimizer": True,  # our torch AdamW / SGD, which ZeRO partitions
+        "steps_per_print": 2**62,  # the loop logs; DeepSpeed's own step prints would interleave with it
+        "checkpoint": {"load_universal": load_universal},
+    }
+
+
+class DeepSpeedEngine(Autocast):
+    def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, env: DistEnv, precision: str,
+                 stage: int, batch_per_rank: int) -> None:
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        ensure_process_group(env)
+        self.device, self.env, self.stage, self.batch_per_rank = env.device, env, stage, batch_per_rank
+        self.dtype = autocast_dtype(precision, env.device)
+        self.make_optimizer = make_optimizer
+        # ZeRO flattens parameters into contiguous buffers; convolutions follow the channels-last inputs
+        self.model = model.to(env.device, memory_format=torch.contiguous_format)
+        self.prototypes: nn.Linear = model.prototypes
+        self.prototype_optimizer = make_optimizer([self.prototypes.weight])
+        self._replicated = nn.ModuleDict({"prototypes": self.prototypes})  # saved as prototypes.weight, as in DDP
+        self._initialize(load_universal=False)
+
+    def _initialize(self, load_universal: bool) -> None:
+        embedder = Embedder(self.model.trunk, self.model.head)
+        self.ds, *_ = deepspeed.initialize(
+            model=embedder,
+            optimizer=self.make_optimizer(embedder.parameters()),
+            config=deepspeed_config(self.stage, self.batch_per_rank, self.env.world_size, load_universal),
+            dist_init_required=False,
+        )
+        self.module = SwAVForward(self.ds, self.prototypes)
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.ds.optimizer, self.prototype_optimizer]
+
+    def set_lr(self, lr: float) -> None:
+        for optimizer in self.optimizers:
+            set_lr(optimizer, lr)
+
+    def normalize_prototypes(self) -> None:
+        normalize_prototypes_(self.prototypes.weight)
+
+    @torch.no_grad()
+    def prototype_scores(self, embeddings: Tensor) -> Tensor:
+        return self.prototypes(embeddings)
+
+    def backward(self, loss: Tensor) -> None:
+        self.ds.backward(loss)
+
+    def freeze_prototypes(self) -> None:
+        drop_grads([self.prototypes.weight])
+
+    def step(self) -> None:
+        grad = self.prototypes.weight.grad
+        if grad is not None and self.env.world_size > 1:
+            dist.all_reduce(grad)
+            grad.div_(self.env.world_size)  # a mean over ranks, as DDP and ZeRO average the other gradients
+        self.prototype_optimizer.step()
+        self.prototype_optimizer.zero_grad(set_to_none=True)
+        self.ds.step()
+
+    def full_parameters(self) -> dict[str, Tensor]:
+        """Every parameter whole, in float32, on every rank (gathered from the ZeRO partitions)."""
+        params = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in self.ds.module.named_parameters()}
+        return {**params, "prototypes.weight": self.prototypes.weight.detach().clone()}
+
+    # ---- checkpoints: the prototypes through DCP, DeepSpeed's part in its own files
+    def state_dict(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self._replicated, self.prototype_optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_dcp_state(self._replicated, self.prototype_optimizer, state)
+
+    def save_files(self, directory: Path) -> None:
+        broadcast_buffers(self.ds.module)  # rank 0's BatchNorm statistics, as the other engines save
+        self.ds.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+
+    def load_files(self, directory: Path, saved_world_size: int) -> None:
+        if saved_world_size == self.env.world_size:
+            self._load(directory)
+            return
+        if not isinstance(self.prototype_optimizer, torch.optim.Adam | torch.optim.AdamW):
+            raise RuntimeError(
+                f"rank {self.env.rank}: {directory.parent} was saved by {saved_world_size} ranks and this run has "
+                f"{self.env.world_size}. Changing the number of ranks under DeepSpeed goes through its universal "
+                f"checkpoint, which carries Adam-family optimizer state only (SGD momentum fails with "
+                f"KeyError 'exp_avg'). Resume on {saved_world_size} ranks, or train with optim.name=adamw"
+            )
+        universal = directory.parent / f".{directory.parent.name}-universal"
+        if self.env.is_main:
+            shutil.rmtree(universal, ignore_errors=True)
+            convert_to_universal(directory / TAG, universal / TAG)
+        barrier()
+        # DeepSpeed reads this option from its config only; it affects loading alone, so the engine keeps it
+        self._initialize(load_universal=True)
+        try:
+            self._load(universal)
+        finally:
+            barrier()
+            if self.env.is_main:
+                shutil.rmtree(universal, ignore_errors=True)
+
+    def _load(self, directory: Path) -> None:
+        path, _ = self.ds.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"rank {self.env.rank}: DeepSpeed found no checkpoint in {directory / TAG}")
+
+
+def convert_to_universal(source: Path, target: Path) -> None:
+    """DeepSpeed's ds_to_universal, called in-process (rank 0): ZeRO partitions of any world size ->
+    one file per parameter and optimizer state, which any world size can load."""
+    args = argparse.Namespace(input_folder=str(source), output_folder=str(target), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    ds_to_universal.main(args)

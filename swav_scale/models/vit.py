@@ -1,0 +1,61 @@
+"""Vision Transformer trunks (timm's ViT-S/16 and ViT-B/16) for SwAV, as DINO and later SwAV-ViT work use.
+
+The trunk *is* timm's `VisionTransformer` (a subclass, not a wrapper), so its module tree stays plain: the 12
+transformer blocks are `trunk.blocks`, which the FSDP2 parallelise step shards one by one as it does the
+ResNet stages, and the state_dict keys are timm's own (a checkpoint's trunk loads into
+`timm.create_model("vit_small_patch16_224", num_classes=0)`).
+"""
+
+from __future__ import annotations
+
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+
+# name -> (embed_dim, depth, num_heads): timm's vit_small_patch16_224 / vit_base_patch16_224 (DeiT/DINO sizes)
+_VITS: dict[str, tuple[int, int, int]] = {
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+}
+VIT_ARCHS = tuple(_VITS)
+PATCH_SIZE = 16
+
+
+class ViTTrunk(VisionTransformer):
+    """A ViT without its classifier: images (N, 3, H, W) -> CLS token after the final LayerNorm (N, out_dim).
+
+    Multi-crop feeds the trunk 224 px global and 96 px local crops: `dynamic_img_size` resamples the 14x14
+    position embeddings (bicubic) to each input's patch grid, as DINO's `interpolate_pos_encoding` does, so
+    one model takes any size that is a multiple of the patch size.
+    """
+
+    def __init__(self, embed_dim: int, depth: int, num_heads: int, drop_path_rate: float = 0.1) -> None:
+        super().__init__(
+            img_size=224,  # the size the position embeddings are stored at (then resampled per input)
+            patch_size=PATCH_SIZE,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            num_classes=0,
+            global_pool="token",
+            dynamic_img_size=True,
+            drop_path_rate=drop_path_rate,
+        )
+        self.out_dim = embed_dim
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        h, w = x.shape[-2:]
+        if h % PATCH_SIZE or w % PATCH_SIZE:
+            # timm would silently drop the border pixels that do not fill a whole patch
+            raise ValueError(f"ViT input of {h}x{w} px: both sides must be multiples of the patch size {PATCH_SIZE}")
+        return self.forward_head(self.forward_features(x), pre_logits=True)
+
+
+def build_vit(arch: str, drop_path_rate: float = 0.1) -> ViTTrunk:
+    """A ViT trunk by name, randomly initialised (timm's init; weights are never downloaded).
+
+    drop_path_rate: stochastic depth, rising linearly to this value at the last block; 0.1 is DINO's default
+    for ViT-S/16 and ViT-B/16.
+    """
+    if arch not in _VITS:
+        raise ValueError(f"model.arch={arch!r} is not a ViT; choose one of {', '.join(VIT_ARCHS)}")
+    return ViTTrunk(*_VITS[arch], drop_path_rate=drop_path_rate)

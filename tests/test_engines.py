@@ -1,0 +1,214 @@
+"""Sharded engines train exactly like DDP: FSDP2 and DeepSpeed ZeRO on real gloo ranks, same parameters after
+several SwAV steps (prototype freezing and normalisation included)."""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import run_ranks
+
+from torch.distributed.device_mesh import init_device_mesh
+
+from swav_scale.checkpoint import Checkpointer, TrainProgress
+from swav_scale.config import load_config
+from swav_scale.distributed import DistEnv
+from swav_scale.engines import build_engine
+from swav_scale.engines.fsdp import local_rows, parallelize
+from swav_scale.optim import build_optimizer
+from swav_scale.swav import assign_codes, normalize_prototypes_, swapped_prediction_loss
+from swav_scale.queue import FeatureQueue
+from swav_scale.train import build_model, swav_step
+
+STEPS = 4
+FREEZE = 2  # the prototypes start moving at step 2: both regimes are compared
+
+
+def small_config(engine: str, optim: str, **extra: str) -> list[str]:
+    overrides = {
+        "data.train_shards": "unused", "model.arch": "resnet18", "model.width": "0.125", "model.small_stem": "true",
+        "model.hidden_dim": "32", "model.embed_dim": "16", "model.num_prototypes": "12",
+        "crops.sizes": "[16,8]", "crops.counts": "[2,1]", "swav.freeze_prototypes_iters": str(FREEZE),
+        "optim.batch_size": "8", "optim.name": optim, "optim.base_lr": "0.2", "train.engine": engine,
+        # one weight layout for every engine (FSDP2 and ZeRO need contiguous weights): with channels-last
+        # weights under DDP the convolutions round differently, and AdamW magnifies that on near-zero gradients
+        "train.precision": "fp32", "train.channels_last": "false", **extra,
+    }
+    return [f"{k}={v}" for k, v in overrides.items()]
+
+
+def views_for(rank: int, step: int, batch: int = 4) -> list[torch.Tensor]:
+    """This rank's crops at `step`: different on every rank and step, the same for every engine."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return [torch.randn(batch, 3, 16, 16, generator=g) for _ in range(2)] + [torch.randn(batch, 3, 8, 8, generator=g)]
+
+
+def train_ranks(rank: int, world: int, overrides: list[str]) -> list[dict[str, torch.Tensor]]:
+    """Parameters at the start, after the frozen steps and at the end."""
+    cfg = load_config(None, overrides)
+    torch.manual_seed(cfg.train.seed)
+    engine = build_engine(cfg, build_model(cfg), DistEnv(rank, world, rank, world, torch.device("cpu")))
+    snapshots = [engine.full_parameters()]
+    for step in range(STEPS):
+        swav_step(engine, views_for(rank, step), cfg.swav, step, cfg.optim.base_lr, None)
+        if step + 1 == FREEZE:
+            snapshots.append(engine.full_parameters())
+    return snapshots + [engine.full_parameters()]
+
+
+def without_pre_norm_bias(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """All but the bias of the head's first Linear: BatchNorm follows it, so its gradient is zero up to
+    rounding, which differs with the order of an all-reduce or a convolution's memory layout, and which AdamW
+    normalises into steps of size lr. Any other parameter reveals a difference in the engines' arithmetic."""
+    return {k: v for k, v in params.items() if k != "head.mlp.0.bias"}
+
+
+def assert_same(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor], atol: float) -> None:
+    reference, other = without_pre_norm_bias(reference), without_pre_norm_bias(other)
+    assert reference.keys() == other.keys()
+    worst = max((reference[k] - other[k]).abs().max().item() for k in reference)
+    assert worst <= atol, f"largest difference {worst:.3g}"
+
+
+@functools.cache
+def ddp_reference(optim: str) -> list[list[dict[str, torch.Tensor]]]:
+    return run_ranks(train_ranks, 2, small_config("ddp", optim))
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw", "lars"])
+def test_fsdp_trains_like_ddp(optim: str) -> None:
+    ddp = ddp_reference(optim)
+    fsdp = run_ranks(train_ranks, 2, small_config("fsdp", optim))
+    for rank in range(2):
+        assert_same(ddp[0][-1], fsdp[rank][-1], atol=1e-5)
+    assert_prototypes_frozen_then_trained(fsdp[0])
+
+
+def assert_prototypes_frozen_then_trained(snapshots: list[dict[str, torch.Tensor]]) -> None:
+    """Frozen: only normalised during the first steps; then trained by the optimizer."""
+    start, frozen, end = (s["prototypes.weight"] for s in snapshots)
+    assert torch.allclose(frozen, F.normalize(start, dim=1), atol=1e-6)
+    assert (end - frozen).abs().max() > 1e-5  # LARS steps are small: trust ratio 0.001
+    assert (snapshots[1]["trunk.conv1.weight"] - snapshots[0]["trunk.conv1.weight"]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(("stage", "optim"), [(1, "sgd"), (2, "adamw"), (3, "sgd"), (3, "adamw")])
+def test_deepspeed_zero_trains_like_ddp(stage: int, optim: str) -> None:
+    ddp = ddp_reference(optim)
+    zero = run_ranks(train_ranks, 2, small_config("deepspeed", optim, **{"train.zero_stage": str(stage)}))
+    for rank in range(2):
+        assert_same(ddp[0][-1], zero[rank][-1], atol=1e-5)
+    assert_prototypes_frozen_then_trained(zero[0])
+
+
+# ---- resharding: save on 2 ranks, resume on 1 and on 3
+#
+# Every rank trains on the same views here, which makes a step independent of the world size (BatchNorm sees
+# the same per-rank batch; Sinkhorn's solution is the same for a batch repeated on every rank; gradients average
+# to the same). So one step after resuming on 1 or 3 ranks must equal the step the 2-rank run took after saving:
+# with AdamW, whose step is dominated by its moment estimates, only if the optimizer state was carried over.
+
+QUEUE = 24  # global rows: 12 per rank on 2 ranks, 24 on 1, 8 on 3
+
+
+def reshard_config(engine: str, optim: str, stage: int, world: int) -> list[str]:
+    # train.zero_stage is read by the deepspeed engine only
+    return small_config(engine, optim, **{"train.zero_stage": str(stage), "optim.batch_size": str(4 * world),
+                                          "swav.queue_length": str(QUEUE)})
+
+
+def setup_run(rank: int, world: int, overrides: list[str]):
+    cfg = load_config(None, overrides)
+    torch.manual_seed(cfg.train.seed)
+    env = DistEnv(rank, world, rank, world, torch.device("cpu"))
+    engine = build_engine(cfg, build_model(cfg), env)
+    return cfg, env, engine, FeatureQueue(2, QUEUE // world, cfg.model.embed_dim)
+
+
+def queue_copy(queue: FeatureQueue) -> dict:
+    return {"embeddings": queue.embeddings.clone(), "filled": queue.filled}
+
+
+def save_on_ranks(rank: int, world: int, overrides: list[str], root: str) -> dict:
+    cfg, env, engine, queue = setup_run(rank, world, overrides)
+    for step in range(STEPS):
+        swav_step(engine, views_for(0, step), cfg.swav, step, cfg.optim.base_lr, queue)
+    Checkpointer(root, env).save(STEPS, {"engine": engine, "progress": TrainProgress()}, {"queue": queue})
+    saved = {"params": engine.full_parameters(), "queue": queue_copy(queue)}
+    swav_step(engine, views_for(0, STEPS), cfg.swav, STEPS, cfg.optim.base_lr, None)
+    return saved | {"next": engine.full_parameters()}
+
+
+def resume_on_ranks(rank: int, world: int, overrides: list[str], root: str) -> dict:
+    cfg, env, engine, queue = setup_run(rank, world, overrides)
+    checkpointer = Checkpointer(root, env)
+    checkpointer.load(checkpointer.latest(), {"engine": engine, "progress": TrainProgress()}, {"queue": queue})
+    resumed = {"params": engine.full_parameters(), "queue": queue_copy(queue)}
+    swav_step(engine, views_for(0, STEPS), cfg.swav, STEPS, cfg.optim.base_lr, None)
+    return resumed | {"next": engine.full_parameters()}
+
+
+def filled_rows(queue_states: list[dict]) -> torch.Tensor:
+    return torch.cat([s["embeddings"][:, : s["filled"]] for s in queue_states], dim=1)
+
+
+@pytest.mark.parametrize(("engine", "stage"), [("ddp", 2), ("fsdp", 2), ("deepspeed", 2), ("deepspeed", 3)])
+def test_checkpoint_saved_on_2_ranks_resumes_on_1_and_3(tmp_path: Path, engine: str, stage: int) -> None:
+    saved = run_ranks(save_on_ranks, 2, reshard_config(engine, "adamw", stage, 2), str(tmp_path))
+    for world in (1, 3):
+        resumed = run_ranks(resume_on_ranks, world, reshard_config(engine, "adamw", stage, world), str(tmp_path))
+        for r in resumed:
+            assert_same(saved[0]["params"], r["params"], atol=0.0)
+            assert_same(saved[0]["next"], r["next"], atol=1e-5)
+        # the queue is resharded, not cut: every old row is in the new ranks' queues, in order
+        assert torch.equal(filled_rows([s["queue"] for s in saved]), filled_rows([r["queue"] for r in resumed]))
+
+
+def test_zero_with_sgd_refuses_another_world_size_clearly(tmp_path: Path) -> None:
+    run_ranks(save_on_ranks, 2, reshard_config("deepspeed", "sgd", 2, 2), str(tmp_path))
+    with pytest.raises(AssertionError, match="universal checkpoint, which carries Adam-family optimizer state only"):
+        run_ranks(resume_on_ranks, 1, reshard_config("deepspeed", "sgd", 2, 1), str(tmp_path))
+
+
+def bf16_units_ranks(rank: int, world: int, overrides: list[str]) -> dict:
+    """A few steps with the trunk's units gathered in bf16 (the GPU policy; on CPU here), BatchNorm in fp32."""
+    cfg = load_config(None, overrides)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg)
+    parallelize(model, init_device_mesh("cpu", (world,)), bf16_params=True)
+    seen: dict[str, torch.dtype] = {}
+
+    def record(name: str):
+        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            seen[name] = module.weight.dtype
+        return hook
+
+    model.trunk.layer1[0].conv1.register_forward_hook(record("conv"))
+    model.trunk.layer1[0].bn1.register_forward_hook(record("bn"))
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    losses = []
+    for step in range(STEPS):
+        normalize_prototypes_(local_rows(model.prototypes.weight))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            # 32 px: oneDNN's bf16 weight gradient of layer4's 2x2 -> 1x1 convolution (16 px crops) is sometimes
+            # garbage on CPU, whatever the engine
+            views = [F.interpolate(v, scale_factor=2) for v in views_for(rank, step)]
+            _, scores = model([v.contiguous(memory_format=torch.channels_last) for v in views])
+        loss = swapped_prediction_loss(scores, assign_codes(scores, [0, 1]), 0.1)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    stored = {p.dtype for p in model.parameters()}
+    return {"seen": seen, "stored": stored, "losses": losses}
+
+
+def test_fsdp_bf16_policy_gathers_trunk_in_bf16_and_keeps_batchnorm_fp32() -> None:
+    result = run_ranks(bf16_units_ranks, 2, small_config("fsdp", "sgd"))[0]
+    assert result["seen"] == {"conv": torch.bfloat16, "bn": torch.float32}
+    assert result["stored"] == {torch.float32}  # the sharded master parameters stay fp32
+    assert all(math.isfinite(x) for x in result["losses"]), result["losses"]
