@@ -20,6 +20,7 @@ import json
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -104,7 +105,9 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     saved = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     target = model.state_dict()
     state = {"engine": {"model": {k: v for k, v in target.items() if f"engine.model.{k}" in saved}}}
-    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # one process reads every shard
+    with warnings.catch_warnings():  # torch warns on every no_dist load; reading every shard alone is the point
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     weights = state["engine"]["model"]
     deepspeed_files = checkpoint / "engine"
     if deepspeed_files.is_dir():

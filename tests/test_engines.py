@@ -48,13 +48,15 @@ def views_for(rank: int, step: int, batch: int = 4) -> list[torch.Tensor]:
 
 
 def train_ranks(rank: int, world: int, overrides: list[str]) -> list[dict[str, torch.Tensor]]:
-    """Parameters at the start, after the frozen steps and at the end."""
+    """Parameters at the start, after the frozen steps and at the end. A queue of 2 steps' embeddings joins
+    Sinkhorn from the third step on, so the queue's scoring by the (sharded) prototypes is compared too."""
     cfg = load_config(None, overrides)
     torch.manual_seed(cfg.train.seed)
     engine = build_engine(cfg, build_model(cfg), DistEnv(rank, world, rank, world, torch.device("cpu")))
+    queue = FeatureQueue(2, 8, cfg.model.embed_dim)
     snapshots = [engine.full_parameters()]
     for step in range(STEPS):
-        swav_step(engine, views_for(rank, step), cfg.swav, step, cfg.optim.base_lr, None)
+        swav_step(engine, views_for(rank, step), cfg.swav, step, cfg.optim.base_lr, queue)
         if step + 1 == FREEZE:
             snapshots.append(engine.full_parameters())
     return snapshots + [engine.full_parameters()]

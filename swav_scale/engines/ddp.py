@@ -17,31 +17,18 @@ from swav_scale.swav import normalize_prototypes_
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
-class DDPEngine(Autocast):
-    def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, env: DistEnv, precision: str) -> None:
-        self.model = model.to(env.device)
-        self.device = env.device
-        if env.world_size > 1:
-            self.module: nn.Module = DistributedDataParallel(
-                self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None
-            )
-        else:
-            self.module = self.model
-        self.optimizer = make_optimizer(self.model.parameters())
-        self.dtype = autocast_dtype(precision, env.device)
+class TorchEngine(Autocast):
+    """What DDP and FSDP2 share: one torch optimizer over the (possibly sharded) model, state in DCP format."""
+
+    module: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
 
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 
-    def normalize_prototypes(self) -> None:
-        normalize_prototypes_(self.model.prototypes.weight)
-
-    @torch.no_grad()
-    def prototype_scores(self, embeddings: Tensor) -> Tensor:
-        return self.model.prototypes(embeddings)
-
     def backward(self, loss: Tensor) -> None:
-        loss.backward()
+        loss.backward()  # DDP all-reduces, FSDP2 reduce-scatters each unit's gradients as its backward ends
 
     def freeze_prototypes(self) -> None:
         drop_grads([self.model.prototypes.weight])
@@ -50,17 +37,38 @@ class DDPEngine(Autocast):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def full_parameters(self) -> dict[str, Tensor]:
-        """Every parameter whole, on every rank."""
-        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
-
     def state_dict(self) -> dict[str, Any]:
-        broadcast_buffers(self.model)
+        broadcast_buffers(self.model)  # buffers are replicated under both: save rank 0's
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_dcp_state(self.module, self.optimizer, state)
+
+
+class DDPEngine(TorchEngine):
+    def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, env: DistEnv, precision: str) -> None:
+        self.model = model.to(env.device)
+        self.device = env.device
+        if env.world_size > 1:
+            self.module = DistributedDataParallel(
+                self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None
+            )
+        else:
+            self.module = self.model
+        self.optimizer = make_optimizer(self.model.parameters())
+        self.dtype = autocast_dtype(precision, env.device)
+
+    def normalize_prototypes(self) -> None:
+        normalize_prototypes_(self.model.prototypes.weight)
+
+    @torch.no_grad()
+    def prototype_scores(self, embeddings: Tensor) -> Tensor:
+        return self.model.prototypes(embeddings)
+
+    def full_parameters(self) -> dict[str, Tensor]:
+        """Every parameter whole, on every rank."""
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
 
 
 def load_dcp_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:

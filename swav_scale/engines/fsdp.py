@@ -7,19 +7,16 @@ shards; DTensor norms are global, so LARS's per-layer trust ratio is the same as
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from swav_scale.distributed import DistEnv
-from swav_scale.engines.base import Autocast, autocast_dtype, broadcast_buffers, drop_grads, set_lr
-from swav_scale.engines.ddp import OptimizerFactory, load_dcp_state
+from swav_scale.engines.base import autocast_dtype
+from swav_scale.engines.ddp import OptimizerFactory, TorchEngine
 from swav_scale.swav import normalize_prototypes_
 
 
@@ -67,7 +64,7 @@ def local_rows(weight: Tensor) -> Tensor:
     return weight
 
 
-class FSDPEngine(Autocast):
+class FSDPEngine(TorchEngine):
     def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, env: DistEnv, precision: str) -> None:
         self.device = env.device
         self.dtype = autocast_dtype(precision, env.device)
@@ -80,9 +77,6 @@ class FSDPEngine(Autocast):
         self.module = self.model
         self.optimizer = make_optimizer(self.model.parameters())
 
-    def set_lr(self, lr: float) -> None:
-        set_lr(self.optimizer, lr)
-
     def normalize_prototypes(self) -> None:
         normalize_prototypes_(local_rows(self.model.prototypes.weight))
 
@@ -92,25 +86,7 @@ class FSDPEngine(Autocast):
         weight = self.model.prototypes.weight
         return embeddings @ (weight.full_tensor() if isinstance(weight, DTensor) else weight).t()
 
-    def backward(self, loss: Tensor) -> None:
-        loss.backward()  # FSDP2 reduce-scatters each unit's gradients as its backward finishes
-
-    def freeze_prototypes(self) -> None:
-        drop_grads([self.model.prototypes.weight])
-
-    def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
     def full_parameters(self) -> dict[str, Tensor]:
         """Every parameter whole, on every rank (all-gathered from the shards)."""
         return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
                 for n, p in self.model.named_parameters()}
-
-    def state_dict(self) -> dict[str, Any]:
-        broadcast_buffers(self.model)  # buffers are replicated, not sharded: save rank 0's, as DDP does
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_dcp_state(self.model, self.optimizer, state)
