@@ -5,7 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEBIAN_PACKAGES := dataset-fashion-mnist curl  # curl: WebDataset reads http(s) shards through it
+# curl: WebDataset reads http(s) shards through it; g++ and python3-dev: DeepSpeed compiles its CPU
+# communication op the first time a DeepSpeed engine starts
+DEBIAN_PACKAGES := dataset-fashion-mnist curl g++ python3-dev
 PYTEST_ARGS ?=
 
 .PHONY: all install system-packages demo test test-fast clean

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 
 from conftest import REPO
 
@@ -46,15 +45,15 @@ def pretrain(shards: Path, run_dir: Path, *extra: str) -> subprocess.CompletedPr
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
-    meta = json.loads((checkpoints[-1] / "meta.json").read_text())
+    from swav_scale.checkpoint import load_model_weights
     from swav_scale.config import load_config
     from swav_scale.train import build_model
 
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
+    meta = json.loads((checkpoints[-1] / "meta.json").read_text())
     model = build_model(load_config(run_dir / "config.yaml"))
-    state = {"engine": {"model": model.state_dict()}}
-    dcp.load(state, checkpoint_id=str(checkpoints[-1]))
-    return {"step": meta["step"], **state["engine"]["model"]}
+    load_model_weights(model, checkpoints[-1])
+    return {"step": meta["step"], **model.state_dict()}
 
 
 @pytest.fixture(scope="module")

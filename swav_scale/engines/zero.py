@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from swav_scale.distributed import DistEnv, barrier, ensure_process_group
 from swav_scale.engines.base import Autocast, autocast_dtype, broadcast_buffers, drop_grads, set_lr
 from swav_scale.engines.ddp import OptimizerFactory, load_dcp_state
-from swav_scale.models.swav_model import embed, split_views
+from swav_scale.models.swav_model import embed, score_views
 from swav_scale.swav import normalize_prototypes_
 
 TAG = "zero"  # DeepSpeed's checkpoint tag: one per step-N directory, so the name need not vary
@@ -60,10 +60,7 @@ class SwAVForward(nn.Module):
         self.embedder, self.prototypes = embedder, prototypes
 
     def forward(self, crops: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        z = self.embedder(crops)
-        with torch.autocast(z.device.type, enabled=False):
-            scores = self.prototypes(z)
-        return split_views(z, crops), split_views(scores, crops)
+        return score_views(self.embedder(crops), self.prototypes, crops)
 
 
 def deepspeed_config(stage: int, batch_per_rank: int, world_size: int, load_universal: bool = False) -> dict:

@@ -77,10 +77,7 @@ class SwAVModel(nn.Module):
         self.prototypes = nn.Linear(embed_dim, num_prototypes, bias=False)
 
     def forward(self, crops: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        z = embed(self.trunk, self.head, crops)
-        with torch.autocast(z.device.type, enabled=False):
-            scores = self.prototypes(z)
-        return split_views(z, crops), split_views(scores, crops)
+        return score_views(embed(self.trunk, self.head, crops), self.prototypes, crops)
 
 
 def embed(trunk: nn.Module, head: nn.Module, crops: list[Tensor]) -> Tensor:
@@ -92,10 +89,13 @@ def embed(trunk: nn.Module, head: nn.Module, crops: list[Tensor]) -> Tensor:
         return F.normalize(head(torch.cat(features).float()), dim=1, p=2)
 
 
-def split_views(rows: Tensor, crops: list[Tensor]) -> list[Tensor]:
-    """Rows of all crops -> one tensor per crop. Copies, not views: an engine's forward hooks (FSDP2) cannot
-    follow an in-place op on a returned view."""
-    return [t.clone() for t in rows.split([c.shape[0] for c in crops])]
+def score_views(z: Tensor, prototypes: nn.Linear, crops: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """(z, C.z) of all crops, in float32, split into one tensor per crop. Copies, not views: an engine's
+    forward hooks (FSDP2) cannot follow an in-place op on a returned view."""
+    with torch.autocast(z.device.type, enabled=False):
+        scores = prototypes(z)
+    sizes = [c.shape[0] for c in crops]
+    return [t.clone() for t in z.split(sizes)], [t.clone() for t in scores.split(sizes)]
 
 
 def build_swav_model(
