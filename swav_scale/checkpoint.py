@@ -11,6 +11,10 @@ Everything saved is an object with `state_dict()` / `load_state_dict()`, gathere
 A save writes into `step-N.partial/`; after every rank has finished, rank 0 writes `meta.json`, renames the
 directory to `step-N/` and only then moves the `latest` pointer. A run killed at any moment leaves either the
 previous checkpoint or the new one, never a half-written directory that looks valid.
+
+`meta.json` also lists every file of the checkpoint with its size and sha256 (each rank hashes a share). A
+checkpoint damaged after the fact (a truncated copy, a disk error) is found on resume, moved aside to
+`step-N.damaged/` with a warning, and the run resumes from the previous complete one.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import shutil
 import time
 import warnings
@@ -28,11 +33,13 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 
-from swav_scale.distributed import DistEnv, barrier
-from swav_scale.utils import atomic_write_bytes, atomic_write_text, fsync_dir
+from swav_scale.distributed import DistEnv, all_gather_object, barrier, broadcast_object
+from swav_scale.utils import atomic_write_bytes, atomic_write_text, console, fsync_dir, sha256_file
 
 META = "meta.json"
 LATEST = "latest"
+DAMAGED = ".damaged"
+STEP_DIR = re.compile(r"step-\d+")
 
 
 class Stateful(Protocol):
@@ -123,6 +130,40 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     model.load_state_dict(weights)
 
 
+def describe_files(directory: Path, names: list[str], checksums: bool) -> dict[str, dict[str, Any]]:
+    """Size (and sha256) of each named file under `directory`, as recorded in meta.json."""
+    out = {}
+    for name in names:
+        f = directory / name
+        out[name] = {"bytes": f.stat().st_size, **({"sha256": sha256_file(f)} if checksums else {})}
+    return out
+
+
+def find_damage(path: Path, checksums: bool, share: tuple[int, int] = (0, 1)) -> list[str]:
+    """What is wrong with a checkpoint directory that has its meta.json: files missing, of the wrong size or
+    (with `checksums`) content. Checks the files `share` = (index, count) selects, so ranks split the work."""
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError) as e:
+        return [f"{META} is unreadable ({e})"] if share[0] == 0 else []
+    files = meta.get("files")
+    if files is None:  # written before file lists were recorded: the per-rank files are what can be checked
+        return [f"{rank_file(r)} is missing" for r in range(int(meta.get("world_size", 1)))
+                if share[0] == 0 and not (path / rank_file(r)).is_file()]
+    damage = []
+    for i, (name, info) in enumerate(sorted(files.items())):
+        if i % share[1] != share[0]:
+            continue
+        f = path / name
+        if not f.is_file():
+            damage.append(f"{name} is missing")
+        elif f.stat().st_size != info["bytes"]:
+            damage.append(f"{name} has {f.stat().st_size} bytes where {info['bytes']} were written")
+        elif checksums and "sha256" in info and sha256_file(f) != info["sha256"]:
+            damage.append(f"{name} does not match the sha256 recorded when it was written")
+    return damage
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -134,23 +175,51 @@ def rank_file(rank: int) -> str:
 class Checkpointer:
     """Saves and restores the states of a run under `root` (run_dir/checkpoints)."""
 
-    def __init__(self, root: str | Path, env: DistEnv, keep: int = 3) -> None:
+    def __init__(self, root: str | Path, env: DistEnv, keep: int = 3, checksums: bool = True) -> None:
         self.root = Path(root)
         self.env = env
-        self.keep = max(1, keep)
+        self.keep = max(1, keep)  # the newest complete checkpoint is never pruned
+        self.checksums = checksums
 
     def complete_checkpoints(self) -> list[Path]:
-        """Complete checkpoint directories, oldest first."""
+        """Complete checkpoint directories (`step-N/` with meta.json), oldest first."""
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.glob("step-*") if p.is_dir() and not p.name.endswith(".partial")]
+        found = [p for p in self.root.iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir()]
         return sorted((p for p in found if (p / META).is_file()), key=lambda p: p.name)
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint. The `latest` pointer is for people and tools; the directories are
-        the truth (a run killed between the rename and the pointer update has a newer complete directory)."""
-        complete = self.complete_checkpoints()
-        return complete[-1] if complete else None
+        """The newest complete checkpoint whose files all have their recorded sizes (one process, read-only:
+        for evaluation and status). The `latest` pointer is for people and tools; the directories are the truth
+        (a run killed between the rename and the pointer update has a newer complete directory)."""
+        for path in reversed(self.complete_checkpoints()):
+            damage = find_damage(path, checksums=False)
+            if not damage:
+                return path
+            console.print(f"[yellow]warning:[/] skipping damaged checkpoint {path}: {'; '.join(damage[:3])}",
+                          highlight=False)
+        return None
+
+    def resume_point(self) -> Path | None:
+        """The newest complete, undamaged checkpoint (collective). Each rank verifies a share of the files (sizes
+        and, with checksums, sha256); a damaged checkpoint is moved to `step-N.damaged/`, with a warning, and the
+        previous one is tried. Nothing is deleted: the damaged files stay there for inspection."""
+        names = broadcast_object([p.name for p in self.complete_checkpoints()] if self.env.is_main else None)
+        share = (self.env.rank, self.env.world_size)
+        for name in reversed(names):
+            path = self.root / name
+            damage = [d for part in all_gather_object(find_damage(path, self.checksums, share)) for d in part]
+            if not damage:
+                return path
+            if self.env.is_main:
+                aside = path.with_name(path.name + DAMAGED)
+                console.print(f"[yellow]warning:[/] checkpoint {path} is damaged ({'; '.join(damage[:3])}"
+                              f"{'; ...' if len(damage) > 3 else ''}); moved to {aside}, trying the previous one",
+                              highlight=False)
+                shutil.rmtree(aside, ignore_errors=True)
+                path.rename(aside)
+            barrier()
+        return None
 
     def save(self, step: int, global_states: dict[str, Stateful], rank_states: dict[str, Stateful]) -> Path:
         final = self.root / step_dir_name(step)
@@ -169,9 +238,14 @@ class Checkpointer:
         torch.save({k: v.state_dict() for k, v in rank_states.items()}, buf)
         atomic_write_bytes(partial / rank_file(self.env.rank), buf.getvalue())
         barrier()  # every rank's files are on disk
+        names = broadcast_object(sorted(str(f.relative_to(partial)) for f in partial.rglob("*") if f.is_file())
+                                 if self.env.is_main else None)
+        mine = names[self.env.rank :: self.env.world_size]
+        files = {k: v for part in all_gather_object(describe_files(partial, mine, self.checksums)) for k, v in
+                 part.items()}
         if self.env.is_main:
             meta = {"step": step, "world_size": self.env.world_size, "time": time.time(),
-                    "save_seconds": round(time.time() - started, 3)}
+                    "save_seconds": round(time.time() - started, 3), "files": files}
             atomic_write_text(partial / META, json.dumps(meta))
             if final.exists():
                 shutil.rmtree(final)  # same step saved twice (resume then immediate save): the new one wins

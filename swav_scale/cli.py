@@ -1,4 +1,4 @@
-"""`swav-scale`: pretrain, knn, make-shards, verify-shards, demo."""
+"""`swav-scale`: pretrain, submit, status, knn, make-shards, verify-shards, demo."""
 
 from __future__ import annotations
 
@@ -14,11 +14,33 @@ from swav_scale.utils import console
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from swav_scale.launcher import launch_local
+    from swav_scale.launcher import EXIT_STOPPED, RunStopped, launch_local
 
     cfg = load_config(args.config, args.overrides)
-    launch_local(cfg, args.nproc)
+    try:
+        launch_local(cfg, args.nproc)
+    except RunStopped as e:
+        console.print(f"[yellow]stopped:[/] {e}", highlight=False)
+        sys.exit(EXIT_STOPPED)
     console.print(f"[green]done[/]: run directory {cfg.train.run_dir}")
+
+
+def _submit(args: argparse.Namespace) -> None:
+    from swav_scale.slurm import submit
+
+    submit(load_config(args.config, args.overrides), cluster=args.cluster)
+
+
+def _status(args: argparse.Namespace) -> None:
+    import json
+
+    from swav_scale.status import print_status, run_status
+
+    status = run_status(args.run_dir)
+    if args.json:
+        print(json.dumps(status, indent=1))
+    else:
+        print_status(status)
 
 
 def _knn(args: argparse.Namespace) -> None:
@@ -85,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.epochs=10")
     pre.add_argument("--nproc", type=int, default=1, help="local ranks (processes)")
     pre.set_defaults(func=_pretrain)
+
+    sm = sub.add_parser("submit", help="pretrain as a SLURM job (submitit), requeued on preemption until done")
+    sm.add_argument("config", help="YAML file under configs/")
+    sm.add_argument("overrides", nargs="*", help="key=value overrides, e.g. slurm.nodes=4 slurm.partition=gpu")
+    sm.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
+                    help="submitit executor (default: slurm where sbatch exists, else local)")
+    sm.set_defaults(func=_submit)
+
+    st = sub.add_parser("status", help="a run's progress, last complete checkpoint, requeues and SLURM job ids")
+    st.add_argument("run_dir")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=_status)
 
     knn = sub.add_parser("knn", help="kNN top-1 of a run's frozen trunk on the test split")
     knn.add_argument("run_dir")

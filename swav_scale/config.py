@@ -110,7 +110,8 @@ class TrainConfig:
     sync_batchnorm: bool = True  # on GPU only: gloo has no SyncBatchNorm
     channels_last: bool = True  # NHWC convolutions: 1.2-1.3x faster on CPU (oneDNN), the fast path on GPU
     checkpoint_every: int = 500  # steps; a checkpoint is also written at the end of every epoch
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # the newest N complete ones; never fewer than 1
+    checkpoint_checksums: bool = True  # sha256 of every file, checked on resume (each rank hashes a share)
     log_every: int = 10
     tensorboard: bool = True
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); for tests and smoke runs
@@ -130,6 +131,29 @@ class EvalConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """`swav-scale submit`: the SLURM job, through submitit. One task per GPU (or `tasks_per_node` on CPU nodes);
+    empty strings and zeros leave the cluster's defaults."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8  # one task per GPU; 0 for CPU nodes (then tasks_per_node)
+    tasks_per_node: int = 0  # 0 = gpus_per_node
+    cpus_per_task: int = 10
+    mem_gb: int = 0  # per node
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    time_min: int = 4320  # the job's time limit; the run requeues itself when it is reached
+    signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: one step plus a checkpoint must fit
+    max_requeues: int = 100  # after this many restarts (preemptions and time-outs) the job stops requeueing
+    job_name: str = "swav"
+    log_dir: str = ""  # submitit's logs; default run_dir/slurm
+    additional: dict[str, Any] = field(default_factory=dict)  # more #SBATCH keys, e.g. {exclusive: true}
+    setup: list[str] = field(default_factory=list)  # shell lines before the tasks start (module load ...)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
@@ -138,6 +162,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[tuple[str, list[str]]]:

@@ -1,10 +1,15 @@
 """Starting ranks: the job every rank runs, and a local launcher that starts N of them on this machine.
 
-`TrainJob` is what each rank executes, whoever started it: the local launcher below, or submitit on SLURM
-(it is a picklable callable, as submitit requires). The local launcher sets the same environment variables
-that submitit's TorchDistributedEnvironment exports (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...), so the
-code path from there on is identical. Rank 0 keeps the terminal (for the progress bar); the other ranks write
-to run_dir/logs/rank-N.log. If a rank fails, the others are stopped and its log is shown.
+`TrainJob` is what each rank executes, whoever started it: the local launcher below, torchrun
+(`torchrun --nproc-per-node N -m swav_scale.launcher CONFIG [key=value ...]`), or submitit on SLURM (it is a
+picklable callable, as submitit requires). All of them hand it RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...
+in the environment (on SLURM, from submitit's JobEnvironment), so the code path from there on is identical.
+Rank 0 of a local run keeps the terminal (for the progress bar); the other ranks write to
+run_dir/logs/rank-N.log. If a rank fails, the others are stopped and its log is shown.
+
+Stopping: SIGUSR2 (SLURM's warning), SIGTERM and Ctrl-C make every rank save the same step and exit with
+EXIT_STOPPED (preemption.py). Under submitit, SIGUSR2 then requeues the job: rank 0 hands over to submitit's
+own handler, which calls `TrainJob.checkpoint` and `scontrol requeue`, once the collective save is on disk.
 """
 
 from __future__ import annotations
@@ -16,9 +21,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from swav_scale.config import Config, ConfigError, from_yaml_text, to_yaml
+from swav_scale.config import Config, ConfigError, from_yaml_text, load_config, to_yaml
 from swav_scale.utils import atomic_write_text, console
+
+EXIT_STOPPED = 3  # a rank saved and stopped on request; rerunning the same command resumes
+
+
+class RunStopped(RuntimeError):
+    """The ranks stopped on a signal after saving; the run is resumable."""
 
 
 class TrainJob:
@@ -29,15 +41,63 @@ class TrainJob:
 
     def __call__(self) -> int:
         from swav_scale.distributed import init_distributed, shutdown
+        from swav_scale.preemption import StopRequested, StopSignals
         from swav_scale.train import train
 
         cfg = from_yaml_text(self.config_yaml)
+        if os.environ.get("SUBMITIT_EXECUTOR") and "RANK" not in os.environ:
+            import submitit
+
+            # CUDA_VISIBLE_DEVICES stays as SLURM set it: init_distributed picks the GPU by LOCAL_RANK
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         env = init_distributed()
+        stops = StopSignals()
         try:
-            result = train(cfg, env)
+            return train(cfg, env, stops).steps
+        except StopRequested as stop:
+            console.print(f"rank {env.rank}: {stop}", highlight=False)
+            if stop.requeue:
+                self._requeue(stops, env.is_main)
+            raise SystemExit(EXIT_STOPPED) from None
         finally:
+            stops.restore()
             shutdown()
-        return result.steps
+
+    @staticmethod
+    def _requeue(stops: Any, is_main: bool) -> None:
+        """Under submitit, rank 0 runs submitit's SIGUSR2 handler now that the checkpoint is saved: it calls
+        `checkpoint()` below and requeues the job (or says why not). The other ranks wait for it, so that a
+        cluster that kills a job on its first failed task cannot end the job before it is requeued."""
+        from swav_scale.distributed import barrier
+
+        handler = stops.previous_handler(signal.SIGUSR2)
+        under_submitit = type(getattr(handler, "__self__", None)).__module__.startswith("submitit")
+        if not under_submitit:
+            return
+        error: BaseException | None = None
+        if is_main:
+            try:
+                handler(signal.SIGUSR2, None)
+            except SystemExit:  # submitit exits once the job is requeued
+                pass
+            except Exception as e:  # not requeued: too many time-outs, or slurm.max_requeues spent
+                error = e
+        barrier()
+        if error is not None:
+            raise error
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """What submitit requeues on SIGUSR2: this same job, which resumes from the newest checkpoint. None
+        (no requeue) once the job has restarted slurm.max_requeues times."""
+        import submitit
+
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+        limit = from_yaml_text(self.config_yaml).slurm.max_requeues
+        if restarts >= limit:
+            console.print(f"[red]not requeued:[/] the job has restarted {restarts} times (slurm.max_requeues="
+                          f"{limit}); submit it again to continue from its last checkpoint", highlight=False)
+            return None
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config_yaml))
 
 
 def _free_port() -> int:
@@ -74,22 +134,39 @@ def launch_local(cfg: Config, nproc: int) -> None:
                       log))
         if out:
             out.close()
+    forward = _forward_signals([p for _, p, _ in procs])
     try:
         _wait_all(procs)
     except BaseException:
         for _, p, _ in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+                p.send_signal(signal.SIGTERM)  # a peer failed: their next collective fails, or they save and stop
         for _, p, _ in procs:
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
         raise
+    finally:
+        for sig, handler in forward.items():
+            signal.signal(sig, handler)
+
+
+def _forward_signals(procs: list[subprocess.Popen]) -> dict[int, Any]:
+    """Pass stop requests on to the ranks, which save and stop together (they also get Ctrl-C from the terminal
+    themselves; a second SIGINT would interrupt them at once, so SIGINT is passed on as SIGTERM)."""
+
+    def forward(signum: int, frame: Any) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGUSR2 if signum == signal.SIGUSR2 else signal.SIGTERM)
+
+    return {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)}
 
 
 def _wait_all(procs: list[tuple[int, subprocess.Popen, Path | None]]) -> None:
     pending = list(procs)
+    stopped = []
     while pending:
         for item in list(pending):
             rank, p, log = item
@@ -97,6 +174,9 @@ def _wait_all(procs: list[tuple[int, subprocess.Popen, Path | None]]) -> None:
             if code is None:
                 continue
             pending.remove(item)
+            if code == EXIT_STOPPED:
+                stopped.append(rank)
+                continue
             if code != 0:
                 where = f"its log: {log}" if log else "its output is above"
                 tail = ""
@@ -105,17 +185,24 @@ def _wait_all(procs: list[tuple[int, subprocess.Popen, Path | None]]) -> None:
                     console.print(f"[red]--- last lines of rank {rank}'s log ---[/]\n{tail}", highlight=False)
                 raise RuntimeError(f"rank {rank} failed with exit code {code}; {where}")
         time.sleep(0.2)
+    if stopped:
+        raise RunStopped(f"the run stopped on request after saving a checkpoint (ranks {stopped}); run the same "
+                         "command again to resume")
 
 
-def _worker_main(config_file: str) -> None:
+def _worker_main(argv: list[str]) -> None:
+    """One rank: `python -m swav_scale.launcher CONFIG [key=value ...]` (what torchrun and launch_local run)."""
     from swav_scale.data.shards import ShardError
 
+    if not argv:
+        sys.exit("usage: python -m swav_scale.launcher CONFIG [key=value ...] (one rank; RANK, WORLD_SIZE, "
+                 "MASTER_ADDR, MASTER_PORT in the environment, e.g. from torchrun)")
     try:
-        TrainJob(Path(config_file).read_text())()
+        TrainJob(to_yaml(load_config(argv[0], argv[1:])))()
     except (ConfigError, ShardError) as e:  # the user's to fix: a message, not a traceback
         console.print(f"[red]rank {os.environ.get('RANK', '?')}: error:[/] {e}", highlight=False)
         sys.exit(2)
 
 
 if __name__ == "__main__":
-    _worker_main(sys.argv[1])
+    _worker_main(sys.argv[1:])

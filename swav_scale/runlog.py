@@ -36,6 +36,7 @@ def write_run_info(run_dir: Path, cfg: Config, world_size: int, resumed_from: st
             "torch": torch.__version__,
             "cuda": torch.cuda.is_available(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
         }
     )
     meta["git_sha"] = meta["launches"][-1]["git_sha"]

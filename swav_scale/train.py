@@ -25,6 +25,7 @@ from swav_scale.distributed import DistEnv, all_reduce_mean
 from swav_scale.engines import Engine, build_engine
 from swav_scale.models import build_swav_model
 from swav_scale.optim import Schedule
+from swav_scale.preemption import StopRequested, StopSignals
 from swav_scale.queue import FeatureQueue
 from swav_scale.runlog import Ledger, MetricsLog, TrainProgressBar, write_run_info
 from swav_scale.swav import assign_codes, swapped_prediction_loss
@@ -116,7 +117,9 @@ def swav_step(engine: Engine, views: list[torch.Tensor], swav: SwAVConfig, step:
     return loss
 
 
-def train(cfg: Config, env: DistEnv) -> TrainResult:
+def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None) -> TrainResult:
+    """Train to the end of the schedule, resuming from the newest complete checkpoint. With `stops`, a
+    signal on any rank makes every rank save the current step and raise StopRequested."""
     run_dir = Path(cfg.train.run_dir)
 
     # ---- data: every rank gets the same number of steps per epoch
@@ -142,9 +145,10 @@ def train(cfg: Config, env: DistEnv) -> TrainResult:
     progress = TrainProgress()
     global_states = {"engine": engine, "progress": progress}
     rank_states = {"rng": RNGState(), "data": loader, **({"queue": queue} if queue else {})}
-    checkpointer = Checkpointer(run_dir / "checkpoints", env, cfg.train.keep_checkpoints)
+    checkpointer = Checkpointer(run_dir / "checkpoints", env, cfg.train.keep_checkpoints,
+                                cfg.train.checkpoint_checksums)
     checkpointer.clean_partial()
-    latest = checkpointer.latest()
+    latest = checkpointer.resume_point()
     if latest is not None:
         checkpointer.load(latest, global_states, rank_states)
     if env.is_main:
@@ -195,10 +199,14 @@ def train(cfg: Config, env: DistEnv) -> TrainResult:
                 elif bar:
                     bar.update(progress.step, epoch, None, lr, None)
 
-                if progress.step % cfg.train.checkpoint_every == 0 or end_of_epoch or progress.step == last_step:
+                requeue, stop = stops.agreed() if stops else (False, False)
+                if (progress.step % cfg.train.checkpoint_every == 0 or end_of_epoch or progress.step == last_step
+                        or requeue or stop):
                     saved = checkpointer.save(progress.step, global_states, rank_states)
                 if progress.step >= last_step:
                     break
+                if requeue or stop:
+                    raise StopRequested(requeue, progress.step, saved)
     finally:
         if ledger:
             ledger.close()

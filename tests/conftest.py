@@ -34,3 +34,13 @@ def fmnist_test_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "test"
     make_shards(["--fashion-mnist", "--split", "test", "--limit", "300", "--max-count", "100", "--out", str(out)])
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_full_run(tmp_path_factory: pytest.TempPathFactory, fmnist_train_shards: Path) -> Path:
+    """The TINY config on 2 ranks, uninterrupted: the reference that interrupted runs must equal bit for bit."""
+    from runs import pretrain
+
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    pretrain(fmnist_train_shards, run_dir)
+    return run_dir

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import run_ranks
 
-from swav_scale.checkpoint import META, Checkpointer, RNGState, TrainProgress
+from swav_scale.checkpoint import DAMAGED, META, Checkpointer, RNGState, TrainProgress, find_damage
 from swav_scale.distributed import DistEnv
 from swav_scale.engines.ddp import DDPEngine
 from swav_scale.models import build_swav_model
@@ -123,6 +123,40 @@ def test_per_rank_state_is_saved_per_rank_on_real_ranks(tmp_path: Path) -> None:
     r["custom"] = TrainProgress()
     with pytest.raises(RuntimeError, match="written by 2 ranks, this run has 1, and its per-rank 'custom' state"):
         Checkpointer(tmp_path, env).load(tmp_path / "step-00000002", g, r)
+
+
+def _resume_point_on_rank(rank: int, world: int, root: str) -> str | None:
+    env = DistEnv(rank, world, rank, world, torch.device("cpu"))
+    engine = make_engine(world, rank)
+    g, r = states(engine, FeatureQueue(2, 4, 16))
+    ckpt = Checkpointer(root, env, keep=5)
+    for step in (1, 2, 3, 4):
+        ckpt.save(step, g, r)
+    if rank == 0:  # damage after the fact: one file flipped in place, one truncated, one meta.json garbled
+        flipped = Path(root) / "step-00000004" / "rank-00001.pt"
+        data = bytearray(flipped.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        flipped.write_bytes(bytes(data))
+        truncated = Path(root) / "step-00000003" / ".metadata"
+        truncated.write_bytes(truncated.read_bytes()[:10])
+        (Path(root) / "step-00000002" / META).write_text("{not json")
+    torch.distributed.barrier()
+    found = ckpt.resume_point()
+    return None if found is None else found.name
+
+
+def test_damaged_checkpoints_are_found_on_real_ranks_and_moved_aside(tmp_path: Path) -> None:
+    """Each rank hashes a share of the files; a flipped byte (same size), a truncated file and a garbled
+    meta.json are each caught, the damaged directories move to `.damaged` and every rank agrees on step 1."""
+    assert run_ranks(_resume_point_on_rank, 2, str(tmp_path)) == ["step-00000001", "step-00000001"]
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == [
+        "step-00000001", f"step-00000002{DAMAGED}", f"step-00000003{DAMAGED}", f"step-00000004{DAMAGED}"]
+    assert find_damage(tmp_path / f"step-00000004{DAMAGED}", checksums=True) == [
+        "rank-00001.pt does not match the sha256 recorded when it was written"]
+    assert find_damage(tmp_path / f"step-00000004{DAMAGED}", checksums=False) == []  # sizes alone miss a flip
+    assert find_damage(tmp_path / f"step-00000003{DAMAGED}", checksums=False)[0].startswith(".metadata has 10 bytes")
+    env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
+    assert Checkpointer(tmp_path, env).complete_checkpoints() == [tmp_path / "step-00000001"]
 
 
 def test_resharded_queue_keeps_every_filled_row() -> None:

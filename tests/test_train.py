@@ -14,71 +14,26 @@ import pytest
 import torch
 
 from conftest import REPO
+from runs import TINY, final_weights, pretrain, swav_scale
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "model.arch=resnet18", "model.width=0.125", "model.small_stem=true", "model.hidden_dim=32",
-    "model.embed_dim=16", "model.num_prototypes=20",
-    "crops.sizes=[28,12]", "crops.counts=[2,2]", "crops.min_scale=[0.4,0.15]", "crops.max_scale=[1.0,0.4]",
-    "crops.color_jitter=[0.4,0.4,0,0]", "crops.blur_prob=0", "crops.mean=[0.286,0.286,0.286]",
-    "crops.std=[0.353,0.353,0.353]",
-    "optim.batch_size=32", "optim.epochs=2", "optim.base_lr=0.3", "optim.final_lr=0.003",
-    "optim.warmup_epochs=0.5", "optim.start_warmup_lr=0.03",
-    "swav.freeze_prototypes_iters=5", "swav.queue_length=64", "swav.queue_start_epoch=1",
-    "data.num_workers=1", "data.shuffle_buffer=50",
-    "train.checkpoint_every=6", "train.log_every=2", "train.tensorboard=false",
-    "eval.resize=28", "eval.crop=28", "eval.batch_size=100",
-]
-
-
-def swav_scale(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "swav_scale.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def pretrain(shards: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    proc = swav_scale("pretrain", str(REPO / "configs" / "quickstart.yaml"), *TINY, f"data.train_shards={shards}",
-                      f"train.run_dir={run_dir}", *extra, "--nproc", "2")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from swav_scale.checkpoint import load_model_weights
-    from swav_scale.config import load_config
-    from swav_scale.train import build_model
-
-    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
-    meta = json.loads((checkpoints[-1] / "meta.json").read_text())
-    model = build_model(load_config(run_dir / "config.yaml"))
-    load_model_weights(model, checkpoints[-1])
-    return {"step": meta["step"], **model.state_dict()}
-
-
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory: pytest.TempPathFactory, fmnist_train_shards: Path) -> Path:
-    run_dir = tmp_path_factory.mktemp("runs") / "full"
-    pretrain(fmnist_train_shards, run_dir)
-    return run_dir
-
-
-def test_run_writes_config_sha_metrics_and_checkpoints(full_run: Path) -> None:
+def test_run_writes_config_sha_metrics_and_checkpoints(tiny_full_run: Path) -> None:
     steps = 2 * (637 // 32)
-    assert (full_run / "config.yaml").is_file()
-    meta = json.loads((full_run / "meta.json").read_text())
+    assert (tiny_full_run / "config.yaml").is_file()
+    meta = json.loads((tiny_full_run / "meta.json").read_text())
     assert len(meta["git_sha"]) >= 40 or meta["git_sha"] == "unknown"
     assert meta["launches"][0]["world_size"] == 2
-    lines = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tiny_full_run / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == steps
     assert all({"loss", "lr", "images_per_s", "epoch"} <= set(m) for m in lines)
     assert lines[-1]["loss"] < lines[0]["loss"], "SwAV loss goes down"
-    names = [p.name for p in (full_run / "checkpoints").glob("step-*")]
+    names = [p.name for p in (tiny_full_run / "checkpoints").glob("step-*")]
     assert f"step-{steps:08d}" in names and not any(n.endswith(".partial") for n in names)
-    assert (full_run / "logs" / "rank-1.log").is_file()
+    assert (tiny_full_run / "logs" / "rank-1.log").is_file()
 
 
-def test_interrupted_run_resumes_to_the_same_weights(full_run: Path, fmnist_train_shards: Path,
+def test_interrupted_run_resumes_to_the_same_weights(tiny_full_run: Path, fmnist_train_shards: Path,
                                                      tmp_path: Path) -> None:
     """Stop after 4 steps (inside the first epoch, before any periodic checkpoint), after 19 (the epoch
     boundary) and after 27 (mid-epoch, 3 steps after a checkpoint), rerunning the same command each time: the
@@ -88,7 +43,7 @@ def test_interrupted_run_resumes_to_the_same_weights(full_run: Path, fmnist_trai
         pretrain(fmnist_train_shards, run_dir, f"train.max_steps={stop}")
         assert final_weights(run_dir)["step"] == stop
     pretrain(fmnist_train_shards, run_dir)
-    resumed, full = final_weights(run_dir), final_weights(full_run)
+    resumed, full = final_weights(run_dir), final_weights(tiny_full_run)
     assert resumed["step"] == full["step"]
     for key in full:
         if key != "step":
@@ -123,7 +78,7 @@ def test_resume_on_other_world_sizes_sees_every_sample_once(fmnist_train_shards:
     assert all(len(ks) == 24 for _, ks in steps.values())
 
 
-def test_killed_run_loses_nothing(full_run: Path, fmnist_train_shards: Path, tmp_path: Path) -> None:
+def test_killed_run_loses_nothing(tiny_full_run: Path, fmnist_train_shards: Path, tmp_path: Path) -> None:
     """SIGKILL every rank at an arbitrary moment, rerun: it resumes from the last complete checkpoint and ends
     with the same weights as the uninterrupted run."""
     run_dir = tmp_path / "killed"
@@ -140,13 +95,13 @@ def test_killed_run_loses_nothing(full_run: Path, fmnist_train_shards: Path, tmp
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     pretrain(fmnist_train_shards, run_dir)
-    resumed, full = final_weights(run_dir), final_weights(full_run)
+    resumed, full = final_weights(run_dir), final_weights(tiny_full_run)
     for key in full:
         assert torch.equal(torch.as_tensor(resumed[key]), torch.as_tensor(full[key])), key
 
 
-def test_knn_command_reports_top1(full_run: Path, fmnist_test_shards: Path) -> None:
-    proc = swav_scale("knn", str(full_run), f"eval.test_shards={fmnist_test_shards}", "--baselines")
+def test_knn_command_reports_top1(tiny_full_run: Path, fmnist_test_shards: Path) -> None:
+    proc = swav_scale("knn", str(tiny_full_run), f"eval.test_shards={fmnist_test_shards}", "--baselines")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for row in ("SwAV (step-00000038)", "random init", "raw pixels"):
         assert row in proc.stdout

@@ -14,6 +14,7 @@ reports what it replaced, and the training loop counts it against data.max_bad_f
 from __future__ import annotations
 
 import itertools
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import astuple
@@ -97,6 +98,14 @@ class MultiCropStream(IterableDataset):
         return self.transform(image, seed, full_size=full_size)
 
 
+def leave_signals_to_the_trainer(worker_id: int) -> None:
+    """SLURM signals every process of a job step, data workers included. A stop or preemption is for the
+    training process to handle (it saves, then stops the workers itself); a worker that died of it instead
+    would make the save impossible. Workers still exit when their parent does (torch's watchdog)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class ShardLoader:
     """A rank's loader over epochs. Its position (epoch; per segment the layout and steps done) is the same on
     every rank and reshards to any world size: see plan.py."""
@@ -135,7 +144,8 @@ class ShardLoader:
         s.spans = {w: spans for (r, w), spans in plan.items() if r == s.rank}
         loader = DataLoader(s, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            pin_memory=self.pin_memory, persistent_workers=False)
+                            pin_memory=self.pin_memory, persistent_workers=False,
+                            worker_init_fn=leave_signals_to_the_trainer)
         for batch in loader:
             segment.steps += 1
             for reason in batch.bad[: max(0, REPORTED_BAD - self.bad_samples)]:

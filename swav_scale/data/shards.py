@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from swav_scale.utils import atomic_write_text, fsync_dir, progress_bar
+from swav_scale.utils import atomic_write_text, fsync_dir, progress_bar, sha256_file  # noqa: F401 (re-exported)
 
 MANIFEST = "manifest.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff", ".gif")
@@ -64,15 +64,6 @@ class Manifest:
 
     def path(self, shard: ShardInfo) -> str:
         return str(self.directory / shard.name)
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (shards are far larger than memory is willing to hold)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def parse_manifest(directory: str | Path) -> tuple[list[ShardInfo], list[str], dict[str, Any]]:

@@ -1,0 +1,74 @@
+"""`swav-scale submit`: a pretraining run as a SLURM job through submitit, requeued until it finishes.
+
+The job is `launcher.TrainJob` in every task (one per GPU), the same callable the local launcher and torchrun
+end in. SLURM sends SIGUSR2 `slurm.signal_delay_s` before the time limit or a preemption; the ranks save
+together and the job requeues itself (preemption.py, launcher.py). Resubmitting the same command after a
+failure resumes from the newest complete checkpoint as well.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from swav_scale.config import Config, to_yaml
+from swav_scale.launcher import TrainJob
+from swav_scale.utils import console
+
+JOBS_FILE = "jobs.jsonl"  # one line per submission, for `swav-scale status`
+
+
+def tasks_per_node(cfg: Config) -> int:
+    s = cfg.slurm
+    tasks = s.tasks_per_node or s.gpus_per_node
+    if tasks < 1:
+        raise ValueError("slurm.gpus_per_node=0 needs slurm.tasks_per_node (the ranks per CPU node)")
+    return tasks
+
+
+def executor_parameters(cfg: Config) -> dict[str, Any]:
+    """submitit AutoExecutor parameters from cfg.slurm; empty values leave the cluster's defaults."""
+    s = cfg.slurm
+    params: dict[str, Any] = {
+        "name": s.job_name,
+        "nodes": s.nodes,
+        "tasks_per_node": tasks_per_node(cfg),
+        "cpus_per_task": s.cpus_per_task,
+        "timeout_min": s.time_min,
+        "slurm_signal_delay_s": s.signal_delay_s,
+        # preemptions and time-outs are told apart by submitit; TrainJob.checkpoint caps restarts of both
+        "slurm_additional_parameters": {"requeue": True, **s.additional},
+    }
+    optional = {"gpus_per_node": s.gpus_per_node, "mem_gb": s.mem_gb, "slurm_partition": s.partition,
+                "slurm_account": s.account, "slurm_qos": s.qos, "slurm_constraint": s.constraint,
+                "slurm_setup": list(s.setup)}
+    params.update({k: v for k, v in optional.items() if v})
+    return params
+
+
+def submit(cfg: Config, cluster: str | None = None) -> Any:
+    """Submit `cfg` (already validated) and record the job in run_dir/jobs.jsonl; returns the submitit job."""
+    import submitit
+
+    from swav_scale.train import preflight
+
+    nodes, tasks = cfg.slurm.nodes, tasks_per_node(cfg)
+    preflight(cfg, nodes * tasks)  # a typo or a missing shard fails here, not after a day in the queue
+    run_dir = Path(cfg.train.run_dir)
+    log_dir = Path(cfg.slurm.log_dir or run_dir / "slurm")
+    executor = submitit.AutoExecutor(folder=log_dir / "%j", cluster=cluster,
+                                     slurm_max_num_timeout=cfg.slurm.max_requeues)
+    executor.update_parameters(**executor_parameters(cfg))
+    job = executor.submit(TrainJob(to_yaml(cfg)))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"job_id": str(job.job_id), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ranks": nodes * tasks,
+              "log_dir": str(log_dir / str(job.job_id)), "command": " ".join(shlex.quote(a) for a in sys.argv)}
+    with open(run_dir / JOBS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    console.print(f"submitted job [bold]{job.job_id}[/] ({nodes} node(s) x {tasks} task(s)); logs in "
+                  f"{record['log_dir']}; follow it with `swav-scale status {run_dir}`", highlight=False)
+    return job

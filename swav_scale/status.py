@@ -1,0 +1,110 @@
+"""`swav-scale status RUN_DIR`: where a run stands, read from its directory alone (no process group, no GPU).
+
+A run restarted many times by SLURM leaves its story in files: checkpoints/ (what is safe), metrics.jsonl
+(how far it got and how it is doing), meta.json (one entry per start, with the SLURM job id and restart
+count) and jobs.jsonl (one line per `swav-scale submit`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from swav_scale.checkpoint import DAMAGED, META, Checkpointer
+from swav_scale.config import load_config
+from swav_scale.distributed import DistEnv
+from swav_scale.utils import console
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a JSONL file that may be in the middle of an append."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def total_steps(run_dir: Path) -> int | None:
+    """The run's last step, from its config and shard manifest (None when the shards are out of reach)."""
+    from swav_scale.data.plan import steps_per_epoch
+    from swav_scale.data.sources import open_shards
+
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+        steps = steps_per_epoch(open_shards(cfg.data.train_shards, cfg.data.train_manifest), cfg.optim.batch_size)
+    except Exception:  # status must answer even when the data is not mounted here
+        return None
+    total = steps * cfg.optim.epochs
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+
+
+def run_status(run_dir: str | Path) -> dict[str, Any]:
+    """Everything `status` prints, as a dict (also what `--json` writes)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); give the train.run_dir of a run")
+    checkpoints = Checkpointer(run_dir / "checkpoints", DistEnv(0, 1, 0, 1, torch.device("cpu")))
+    latest = checkpoints.latest()
+    meta = json.loads((latest / META).read_text()) if latest else {}
+    metrics = _json_lines(run_dir / "metrics.jsonl")
+    launches = json.loads((run_dir / "meta.json").read_text())["launches"] if (run_dir / "meta.json").is_file() else []
+    submissions = _json_lines(run_dir / "jobs.jsonl")
+    job_ids = list(dict.fromkeys([s["job_id"] for s in submissions] +
+                                 [x["slurm_job_id"] for x in launches if x.get("slurm_job_id")]))
+    last = metrics[-1] if metrics else {}
+    root = run_dir / "checkpoints"
+    return {
+        "run_dir": str(run_dir),
+        "checkpoint": str(latest) if latest else None,
+        "checkpoint_step": meta.get("step"),
+        "checkpoint_world_size": meta.get("world_size"),
+        "checkpoint_time": meta.get("time"),
+        "complete_checkpoints": len(checkpoints.complete_checkpoints()),
+        "damaged_checkpoints": sorted(p.name for p in root.glob(f"step-*{DAMAGED}")) if root.is_dir() else [],
+        "last_logged_step": last.get("step"),
+        "total_steps": total_steps(run_dir),
+        "epoch": last.get("epoch"),
+        "loss": last.get("loss"),
+        "lr": last.get("lr"),
+        "images_per_s": last.get("images_per_s"),
+        "last_metrics_time": last.get("time"),
+        "starts": len(launches),
+        "requeues": sum(1 for x in launches if x.get("slurm_restart_count")),
+        "job_ids": job_ids,
+    }
+
+
+def print_status(status: dict[str, Any]) -> None:
+    import time
+
+    def when(t: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+    table = Table(title=f"run {status['run_dir']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    step, total = status["last_logged_step"], status["total_steps"]
+    table.add_row("progress", f"step {step if step is not None else '-'} of {total if total else '?'}, "
+                              f"epoch {status['epoch'] if status['epoch'] is not None else '-'}"
+                              f" (logged {when(status['last_metrics_time'])})")
+    loss = status["loss"]
+    table.add_row("last loss", "-" if loss is None else f"{loss:.4f} (lr {status['lr']:.4g}, "
+                                                        f"{status['images_per_s']} images/s)")
+    ckpt = status["checkpoint"]
+    table.add_row("last complete checkpoint", "none yet" if not ckpt else
+                  f"{ckpt} (step {status['checkpoint_step']}, {status['checkpoint_world_size']} ranks, "
+                  f"{when(status['checkpoint_time'])}); {status['complete_checkpoints']} kept")
+    if status["damaged_checkpoints"]:
+        table.add_row("damaged, moved aside", ", ".join(status["damaged_checkpoints"]))
+    table.add_row("starts", f"{status['starts']} ({status['requeues']} after a SLURM requeue)")
+    table.add_row("SLURM job ids", ", ".join(status["job_ids"]) or "- (not run under SLURM)")
+    console.print(table)

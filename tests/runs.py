@@ -1,0 +1,106 @@
+"""The small real pretraining run the end-to-end tests share: its overrides and the helpers that drive the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from conftest import REPO
+
+TINY = [
+    "model.arch=resnet18", "model.width=0.125", "model.small_stem=true", "model.hidden_dim=32",
+    "model.embed_dim=16", "model.num_prototypes=20",
+    "crops.sizes=[28,12]", "crops.counts=[2,2]", "crops.min_scale=[0.4,0.15]", "crops.max_scale=[1.0,0.4]",
+    "crops.color_jitter=[0.4,0.4,0,0]", "crops.blur_prob=0", "crops.mean=[0.286,0.286,0.286]",
+    "crops.std=[0.353,0.353,0.353]",
+    "optim.batch_size=32", "optim.epochs=2", "optim.base_lr=0.3", "optim.final_lr=0.003",
+    "optim.warmup_epochs=0.5", "optim.start_warmup_lr=0.03",
+    "swav.freeze_prototypes_iters=5", "swav.queue_length=64", "swav.queue_start_epoch=1",
+    "data.num_workers=1", "data.shuffle_buffer=50",
+    "train.checkpoint_every=6", "train.log_every=2", "train.tensorboard=false",
+    "eval.resize=28", "eval.crop=28", "eval.batch_size=100",
+]
+
+
+def swav_scale(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "swav_scale.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def pretrain(shards: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    proc = swav_scale("pretrain", str(REPO / "configs" / "quickstart.yaml"), *TINY, f"data.train_shards={shards}",
+                      f"train.run_dir={run_dir}", *extra, "--nproc", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from swav_scale.checkpoint import load_model_weights
+    from swav_scale.config import load_config
+    from swav_scale.train import build_model
+
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
+    meta = json.loads((checkpoints[-1] / "meta.json").read_text())
+    model = build_model(load_config(run_dir / "config.yaml"))
+    load_model_weights(model, checkpoints[-1])
+    return {"step": meta["step"], **model.state_dict()}
+
+
+def pretrain_command(shards: Path, run_dir: Path, *extra: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "swav_scale.cli", "pretrain", str(REPO / "configs" / "quickstart.yaml"), *TINY,
+            f"data.train_shards={shards}", f"train.run_dir={run_dir}", *extra, "--nproc", str(nproc)]
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """Steps in metrics.jsonl so far (a line being appended is skipped)."""
+    path, steps = run_dir / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except ValueError:
+            pass
+    return steps
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
+    """Until rank 0 has logged `step` or later (raises if `proc` ends first or the time runs out)."""
+    deadline = time.time() + timeout
+    while not any(s >= step for s in logged_steps(run_dir)):
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before step {step}")
+        if time.time() > deadline:
+            raise AssertionError(f"no step {step} in {run_dir / 'metrics.jsonl'} after {timeout} s")
+        time.sleep(0.05)
+
+
+def rank_pids(run_dir: Path) -> dict[int, int]:
+    """The training process of each rank of the run in `run_dir` (not its data workers, which share its
+    command line): rank -> pid, from /proc."""
+    import psutil
+
+    config = str(run_dir / "logs" / "launch-config.yaml")
+    found = {}
+    for p in psutil.process_iter(["pid", "cmdline", "ppid"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            if config not in cmd or "swav_scale.launcher" not in cmd:
+                continue
+            parent = psutil.Process(p.info["ppid"])
+            if "swav_scale.launcher" in (parent.cmdline() or []):
+                continue  # a DataLoader worker of a rank
+            found[int(p.environ()["RANK"])] = p.info["pid"]
+        except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
+            continue
+    return found
+
+
+def assert_same_weights(run_dir: Path, reference: Path) -> None:
+    got, want = final_weights(run_dir), final_weights(reference)
+    assert got["step"] == want["step"]
+    for key in want:
+        assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(want[key])), key

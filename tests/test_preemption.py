@@ -1,0 +1,144 @@
+"""Stops, kills and damage on real ranks (processes) without SLURM: every interrupted run ends with the weights
+of the uninterrupted one, bit for bit. (The same through a real SLURM cluster: test_slurm.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from runs import (TINY, assert_same_weights, pretrain, pretrain_command, rank_pids, swav_scale, wait_for_step)
+from swav_scale.launcher import EXIT_STOPPED
+
+pytestmark = pytest.mark.slow
+
+
+def _stop_at(run_dir: Path, shards: Path, step: int, signalled: str, sig: int) -> int:
+    """Start the run, send `sig` to `signalled` (a rank number, or "launcher") once `step` is logged, and
+    return the step at which it saved and stopped."""
+    proc = subprocess.Popen(pretrain_command(shards, run_dir), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_for_step(run_dir, step, proc)
+    pid = proc.pid if signalled == "launcher" else rank_pids(run_dir)[int(signalled)]
+    os.kill(pid, sig)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_STOPPED, out
+    assert "the run stopped on request after saving a checkpoint (ranks [0, 1])" in " ".join(out.split()), out
+    rank1 = (run_dir / "logs" / "rank-1.log").read_text()
+    saved = [int(line.split("after step ")[1].split(";")[0]) for line in (out + rank1).splitlines()
+             if "after step " in line]
+    assert len(saved) == 2 and saved[0] == saved[1], "both ranks saved the same step"
+    return saved[0]
+
+
+def test_signals_on_any_rank_save_one_step_everywhere_and_resume_exactly(fmnist_train_shards: Path,
+                                                                          tiny_full_run: Path, tmp_path: Path) -> None:
+    """SIGUSR2 (SLURM's warning) to rank 1 only, SIGTERM to rank 0 only, SIGINT (Ctrl-C) to the launcher: each
+    time every rank saves the same step and exits with EXIT_STOPPED, and the reruns finish with the weights of
+    the uninterrupted run."""
+    run_dir = tmp_path / "stopped"
+    stops = [_stop_at(run_dir, fmnist_train_shards, 8, "1", signal.SIGUSR2),
+             _stop_at(run_dir, fmnist_train_shards, 20, "0", signal.SIGTERM),
+             _stop_at(run_dir, fmnist_train_shards, 30, "launcher", signal.SIGINT)]
+    assert stops[0] >= 8 and stops[1] >= 20 and stops[2] >= 30
+    launches = json.loads((run_dir / "meta.json").read_text())["launches"]
+    assert [x["resumed_from"][-8:] if x["resumed_from"] else None for x in launches] == [
+        None, f"{stops[0]:08d}", f"{stops[1]:08d}"]
+    pretrain(fmnist_train_shards, run_dir)
+    assert_same_weights(run_dir, tiny_full_run)
+
+
+def test_sigkill_of_one_rank_mid_step_loses_nothing(fmnist_train_shards: Path, tiny_full_run: Path,
+                                                     tmp_path: Path) -> None:
+    """SIGKILL rank 1 mid-epoch: the surviving rank fails in its next collective instead of hanging, the launcher
+    reports which rank died, and the rerun resumes from the last complete checkpoint."""
+    run_dir = tmp_path / "rank-killed"
+    proc = subprocess.Popen(pretrain_command(fmnist_train_shards, run_dir), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_for_step(run_dir, 14, proc)
+    os.kill(rank_pids(run_dir)[1], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode not in (0, EXIT_STOPPED), out
+    assert "failed with exit code" in out and "rank" in out, out
+    pretrain(fmnist_train_shards, run_dir)
+    assert_same_weights(run_dir, tiny_full_run)
+
+
+def test_sigkill_during_a_checkpoint_save_falls_back_to_the_previous_one(fmnist_train_shards: Path,
+                                                                         tiny_full_run: Path, tmp_path: Path) -> None:
+    """Rank 1 is held inside the save of step 12 (its DCP shard written, its per-rank file not yet; see
+    tests/inject/sitecustomize.py) and the whole run is SIGKILLed there: the half-written `step-12.partial`
+    is never taken for a checkpoint, the rerun removes it and resumes from step 6."""
+    run_dir = tmp_path / "killed-in-save"
+    marker = tmp_path / "held"
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests' / 'inject'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "SWAV_TEST_HOLD_SAVE_STEP": "12", "SWAV_TEST_HOLD_SAVE_MARKER": str(marker)}
+    proc = subprocess.Popen(pretrain_command(fmnist_train_shards, run_dir), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not marker.is_file():
+        assert proc.poll() is None and time.time() < deadline, "the run never reached the held save"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "step-00000012.partial").is_dir()
+    assert sorted(p.name for p in checkpoints.glob("step-*[0-9]")) == ["step-00000006"]
+    proc = pretrain(fmnist_train_shards, run_dir)
+    launches = json.loads((run_dir / "meta.json").read_text())["launches"]
+    assert launches[-1]["resumed_from"].endswith("step-00000006")
+    assert not list(checkpoints.glob("*.partial"))
+    assert_same_weights(run_dir, tiny_full_run)
+
+
+def test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_used(fmnist_train_shards: Path,
+                                                                            tiny_full_run: Path,
+                                                                            tmp_path: Path) -> None:
+    """The newest checkpoint truncated after the fact (a bad copy, a full disk): the rerun warns, moves it to
+    `step-N.damaged/` (kept for inspection, never counted as complete again) and resumes from the one before.
+    `swav-scale status` reports it."""
+    run_dir = tmp_path / "damaged"
+    pretrain(fmnist_train_shards, run_dir, "train.max_steps=20")
+    newest = run_dir / "checkpoints" / "step-00000020"
+    shard = sorted(newest.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    proc = pretrain(fmnist_train_shards, run_dir)
+    out = "".join(proc.stdout.split())  # rich wraps long paths anywhere
+    assert f"checkpoint{newest}isdamaged({shard.name}has" in out and "tryingthepreviousone" in out, proc.stdout
+    assert (run_dir / "checkpoints" / "step-00000020.damaged").is_dir()
+    launches = json.loads((run_dir / "meta.json").read_text())["launches"]
+    assert launches[-1]["resumed_from"].endswith("step-00000019")
+    assert_same_weights(run_dir, tiny_full_run)
+
+    status = json.loads(swav_scale("status", str(run_dir), "--json").stdout)
+    assert status["checkpoint_step"] == status["last_logged_step"] == status["total_steps"] == 38
+    assert status["damaged_checkpoints"] == ["step-00000020.damaged"]
+    assert status["starts"] == 2 and status["requeues"] == 0 and status["job_ids"] == []
+    table = swav_scale("status", str(run_dir))
+    assert table.returncode == 0 and "step 38 of 38" in table.stdout, table.stdout + table.stderr
+
+
+def test_torchrun_runs_the_same_config_and_hands_over_to_the_local_launcher(fmnist_train_shards: Path,
+                                                                            tiny_full_run: Path,
+                                                                            tmp_path: Path) -> None:
+    """`torchrun -m swav_scale.launcher CONFIG key=value ...` trains the same run: 10 steps under torchrun, the
+    rest under `swav-scale pretrain`, the same weights as the uninterrupted run."""
+    if shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("torchrun is not installed beside this Python")
+    run_dir = tmp_path / "torchrun"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+           "-m", "swav_scale.launcher", str(REPO / "configs" / "quickstart.yaml"), *TINY,
+           f"data.train_shards={fmnist_train_shards}", f"train.run_dir={run_dir}", "train.max_steps=10"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (run_dir / "checkpoints" / "step-00000010" / "meta.json").is_file()
+    pretrain(fmnist_train_shards, run_dir)
+    assert_same_weights(run_dir, tiny_full_run)
