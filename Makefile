@@ -10,7 +10,10 @@ STAMP := $(VENV)/.installed
 DEBIAN_PACKAGES := dataset-fashion-mnist curl g++ python3-dev
 PYTEST_ARGS ?=
 
-.PHONY: all install system-packages demo test test-fast clean
+# the one-node SLURM cluster of the SLURM tests (tests/test_slurm.py; tools/slurm_cluster.sh)
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+
+.PHONY: all install system-packages slurm-cluster slurm-stop demo test test-fast clean
 
 all: test
 
@@ -35,10 +38,24 @@ system-packages:
 		echo "note: Debian packages$$missing not installed (not root or no apt); set FASHION_MNIST_DIR"; \
 	fi
 
+# As root with apt: install SLURM and start (or keep) the local test cluster. Elsewhere the SLURM tests skip
+# and say why.
+slurm-cluster:
+	@if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "note: not root with apt: no local SLURM cluster; tests/test_slurm.py will skip"; exit 0; fi; \
+	missing=""; for p in $(SLURM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi; \
+	bash tools/slurm_cluster.sh start
+
+slurm-stop:
+	bash tools/slurm_cluster.sh stop
+
 demo: install
 	$(VENV)/bin/swav-scale demo
 
-test: install
+test: install slurm-cluster
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install

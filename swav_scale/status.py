@@ -91,7 +91,7 @@ def print_status(status: dict[str, Any]) -> None:
 
     table = Table(title=f"run {status['run_dir']}", show_header=False)
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # paths in full: they are for copying
     step, total = status["last_logged_step"], status["total_steps"]
     table.add_row("progress", f"step {step if step is not None else '-'} of {total if total else '?'}, "
                               f"epoch {status['epoch'] if status['epoch'] is not None else '-'}"
