@@ -142,3 +142,21 @@ def test_torchrun_runs_the_same_config_and_hands_over_to_the_local_launcher(fmni
     assert (run_dir / "checkpoints" / "step-00000010" / "meta.json").is_file()
     pretrain(fmnist_train_shards, run_dir)
     assert_same_weights(run_dir, tiny_full_run)
+
+
+def test_submit_runs_through_submitit_without_slurm(fmnist_train_shards: Path, tmp_path: Path) -> None:
+    """`swav-scale submit --cluster local`: the submitit path (JobEnvironment -> torch.distributed, TrainJob)
+    on this machine, two tasks; the job is recorded for `status`."""
+    run_dir = tmp_path / "local-submit"
+    proc = swav_scale("submit", str(REPO / "configs" / "quickstart.yaml"), *TINY, "slurm.gpus_per_node=0",
+                      "slurm.tasks_per_node=2", "slurm.cpus_per_task=1", "slurm.time_min=30", "train.max_steps=6",
+                      f"data.train_shards={fmnist_train_shards}", f"train.run_dir={run_dir}", "--cluster", "local")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    final = run_dir / "checkpoints" / "step-00000006" / "meta.json"
+    deadline = time.time() + 300
+    while not final.is_file():
+        assert time.time() < deadline, "the local submitit job did not finish"
+        time.sleep(0.2)
+    assert json.loads(final.read_text())["world_size"] == 2
+    status = json.loads(swav_scale("status", str(run_dir), "--json").stdout)
+    assert status["checkpoint_step"] == 6 and len(status["job_ids"]) == 1

@@ -125,3 +125,26 @@ def test_job_survives_two_preemptions_and_a_killed_rank_bitwise(slurm: None, fmn
     status = json.loads(swav_scale("status", str(run_dir), "--json").stdout)
     assert status["checkpoint_step"] == 38 and status["job_ids"] == [job, second]
     assert status["starts"] == 4 and status["requeues"] == 2
+
+
+def test_slurm_keys_reach_the_job(slurm: None, fmnist_train_shards: Path, tmp_path: Path) -> None:
+    """The job SLURM holds has the config's size, time limit, partition, name, requeue flag, extra #SBATCH keys
+    and setup lines (submitted held, read back with scontrol, cancelled)."""
+    run_dir = tmp_path / "options"
+    proc = swav_scale("submit", str(REPO / "configs" / "quickstart.yaml"), *TINY, *SLURM_JOB,
+                      f"data.train_shards={fmnist_train_shards}", f"train.run_dir={run_dir}", "slurm.time_min=7",
+                      "slurm.partition=debug", "slurm.job_name=options-check",
+                      "slurm.additional={hold: true, comment: swav-options}", "slurm.setup=['echo setup-line-ran']")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = _job_ids(run_dir)[-1]
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
+        fields = dict(kv.split("=", 1) for kv in shown.split() if "=" in kv)
+        assert fields["JobName"] == "options-check" and fields["Partition"] == "debug"
+        assert fields["TimeLimit"] == "00:07:00" and fields["Requeue"] == "1" and fields["Comment"] == "swav-options"
+        assert fields["NumTasks"] == "2" and fields["CPUs/Task"] == "1" and fields["Reason"] == "JobHeldUser"
+        script = subprocess.run(["scontrol", "write", "batch_script", job, "-"], capture_output=True, text=True,
+                                check=True).stdout
+        assert "echo setup-line-ran" in script and "#SBATCH --signal=USR2@120" in script
+    finally:
+        subprocess.run(["scancel", job])
