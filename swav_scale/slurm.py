@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swav_scale.config import Config, to_yaml
+from swav_scale.config import Config, ConfigError, to_yaml
 from swav_scale.launcher import TrainJob
 from swav_scale.utils import console
 
@@ -26,7 +26,7 @@ def tasks_per_node(cfg: Config) -> int:
     s = cfg.slurm
     tasks = s.tasks_per_node or s.gpus_per_node
     if tasks < 1:
-        raise ValueError("slurm.gpus_per_node=0 needs slurm.tasks_per_node (the ranks per CPU node)")
+        raise ConfigError("slurm.gpus_per_node=0 needs slurm.tasks_per_node (the ranks per CPU node)")
     return tasks
 
 
