@@ -32,6 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from rich.markup import escape
 
 from swav_scale.distributed import DistEnv, all_gather_object, barrier, broadcast_object
 from swav_scale.utils import atomic_write_bytes, atomic_write_text, console, fsync_dir, sha256_file
@@ -196,7 +197,7 @@ class Checkpointer:
             damage = find_damage(path, checksums=False)
             if not damage:
                 return path
-            console.print(f"[yellow]warning:[/] skipping damaged checkpoint {path}: {'; '.join(damage[:3])}",
+            console.print(f"[yellow]warning:[/] skipping damaged checkpoint {escape(str(path))}: {escape('; '.join(damage[:3]))}",
                           highlight=False)
         return None
 
@@ -213,8 +214,8 @@ class Checkpointer:
                 return path
             if self.env.is_main:
                 aside = path.with_name(path.name + DAMAGED)
-                console.print(f"[yellow]warning:[/] checkpoint {path} is damaged ({'; '.join(damage[:3])}"
-                              f"{'; ...' if len(damage) > 3 else ''}); moved to {aside}, trying the previous one",
+                console.print(f"[yellow]warning:[/] checkpoint {escape(str(path))} is damaged ({escape('; '.join(damage[:3]))}"
+                              f"{'; ...' if len(damage) > 3 else ''}); moved to {escape(str(aside))}, trying the previous one",
                               highlight=False)
                 shutil.rmtree(aside, ignore_errors=True)
                 path.rename(aside)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from swav_scale.config import ConfigError, load_config
@@ -20,7 +21,7 @@ def _pretrain(args: argparse.Namespace) -> None:
     try:
         launch_local(cfg, args.nproc)
     except RunStopped as e:
-        console.print(f"[yellow]stopped:[/] {e}", highlight=False)
+        console.print(f"[yellow]stopped:[/] {escape(str(e))}", highlight=False)
         sys.exit(EXIT_STOPPED)
     console.print(f"[green]done[/]: run directory {cfg.train.run_dir}")
 
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (ConfigError, ShardError, FileNotFoundError, RuntimeError) as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(2)
 
 

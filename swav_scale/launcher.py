@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from swav_scale.config import Config, ConfigError, from_yaml_text, load_config, to_yaml
 from swav_scale.utils import atomic_write_text, console
 
@@ -52,13 +54,18 @@ class TrainJob:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         env = init_distributed()
         stops = StopSignals()
+        started_from = _newest_checkpoint(cfg)
         try:
             return train(cfg, env, stops).steps
         except StopRequested as stop:
-            console.print(f"rank {env.rank}: {stop}", highlight=False)
+            console.print(f"rank {env.rank}: {escape(str(stop))}", highlight=False)
             if stop.requeue:
                 self._requeue(stops, env.is_main)
             raise SystemExit(EXIT_STOPPED) from None
+        except Exception as error:
+            if env.local_rank < 2:  # two ranks per node ask, so that a dead rank 0 does not silence the node
+                _requeue_after_failure(cfg, error, started_from, env.rank)
+            raise
         finally:
             stops.restore()
             shutdown()
@@ -98,6 +105,40 @@ class TrainJob:
                           f"{limit}); submit it again to continue from its last checkpoint", highlight=False)
             return None
         return submitit.helpers.DelayedSubmission(TrainJob(self.config_yaml))
+
+
+def _newest_checkpoint(cfg: Config) -> Path | None:
+    from swav_scale.checkpoint import Checkpointer
+    from swav_scale.distributed import DistEnv
+
+    import torch
+
+    return Checkpointer(Path(cfg.train.run_dir) / "checkpoints", DistEnv(0, 1, 0, 1, torch.device("cpu"))).latest()
+
+
+def _requeue_after_failure(cfg: Config, error: Exception, started_from: Path | None, rank: int) -> None:
+    """A SLURM job whose rank died (OOM killer, a crashed node): its peers fail in their next collective and
+    land here. If this start completed a checkpoint, the job is requeued and resumes from it; if not, a requeue
+    would most likely fail the same way, so the job ends with the error. Mistakes in the config, the data or
+    the numbers (ConfigError, ShardError, a NaN loss) are never requeued."""
+    from swav_scale.data.shards import ShardError
+
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or not job:
+        return
+    if isinstance(error, (ConfigError, ShardError, FloatingPointError)):
+        return
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    newest = _newest_checkpoint(cfg)
+    why = f"rank {rank}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if restarts >= cfg.slurm.max_requeues or newest is None or newest == started_from:
+        reason = (f"restarted {restarts} times (slurm.max_requeues)" if restarts >= cfg.slurm.max_requeues
+                  else "no checkpoint completed since this start")
+        console.print(f"[red]{escape(why)}[/]; job {job} not requeued: {reason}", highlight=False)
+        return
+    console.print(f"[yellow]{escape(why)}[/]; requeueing job {job} to resume from {escape(str(newest))}",
+                  highlight=False)
+    subprocess.run(["scontrol", "requeue", job], timeout=60, check=False)
 
 
 def _free_port() -> int:
@@ -182,7 +223,7 @@ def _wait_all(procs: list[tuple[int, subprocess.Popen, Path | None]]) -> None:
                 tail = ""
                 if log and log.is_file():
                     tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-                    console.print(f"[red]--- last lines of rank {rank}'s log ---[/]\n{tail}", highlight=False)
+                    console.print(f"[red]--- last lines of rank {rank}'s log ---[/]\n{escape(tail)}", highlight=False)
                 raise RuntimeError(f"rank {rank} failed with exit code {code}; {where}")
         time.sleep(0.2)
     if stopped:
@@ -200,7 +241,7 @@ def _worker_main(argv: list[str]) -> None:
     try:
         TrainJob(to_yaml(load_config(argv[0], argv[1:])))()
     except (ConfigError, ShardError) as e:  # the user's to fix: a message, not a traceback
-        console.print(f"[red]rank {os.environ.get('RANK', '?')}: error:[/] {e}", highlight=False)
+        console.print(f"[red]rank {os.environ.get('RANK', '?')}: error:[/] {escape(str(e))}", highlight=False)
         sys.exit(2)
 
 

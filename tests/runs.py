@@ -67,10 +67,12 @@ def logged_steps(run_dir: Path) -> list[int]:
     return steps
 
 
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
-    """Until rank 0 has logged `step` or later (raises if `proc` ends first or the time runs out)."""
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen | None = None, timeout: float = 300,
+                  since: int = 0) -> None:
+    """Until rank 0 has logged `step` or later in a line after the first `since` lines (those of earlier starts
+    of the run); raises if `proc` ends first or the time runs out."""
     deadline = time.time() + timeout
-    while not any(s >= step for s in logged_steps(run_dir)):
+    while not any(s >= step for s in logged_steps(run_dir)[since:]):
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"the run ended (exit {proc.returncode}) before step {step}")
         if time.time() > deadline:

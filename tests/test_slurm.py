@@ -1,8 +1,9 @@
 """Preemption-proof training through a real SLURM cluster (tools/slurm_cluster.sh; `make test` starts it as root).
 
 One 2-task job is warned of preemption (`scancel --signal=USR2`), requeued by the admin (`scontrol requeue`),
-loses a rank to SIGKILL and is submitted again; it comes back each time and ends with the weights of the
-uninterrupted local run of the same config, bit for bit. Where SLURM is not running, the tests say so and skip.
+loses a rank to SIGKILL (and requeues itself) and is cancelled and submitted again; it comes back each time and
+ends with the weights of the uninterrupted local run of the same config, bit for bit. Where SLURM is not
+running, the tests say so and skip.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from runs import TINY, assert_same_weights, logged_steps, swav_scale, wait_for_step
+from runs import TINY, assert_same_weights, logged_steps, pretrain, swav_scale, wait_for_step
 
 pytestmark = pytest.mark.slow
 
@@ -85,46 +86,65 @@ def _task_pid(job_id: str, rank: int) -> int:
     raise AssertionError(f"no process for task {rank} of job {job_id}")
 
 
-def _submit(run_dir: Path, shards: Path) -> str:
-    proc = swav_scale("submit", str(REPO / "configs" / "quickstart.yaml"), *TINY, *SLURM_JOB,
+def _submit(run_dir: Path, shards: Path, *extra: str) -> str:
+    proc = swav_scale("submit", str(REPO / "configs" / "quickstart.yaml"), *TINY, *SLURM_JOB, *extra,
                       f"data.train_shards={shards}", f"train.run_dir={run_dir}", "--cluster", "slurm")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return _job_ids(run_dir)[-1]
 
 
-def test_job_survives_two_preemptions_and_a_killed_rank_bitwise(slurm: None, fmnist_train_shards: Path,
-                                                                 tiny_full_run: Path, tmp_path: Path) -> None:
+def _resumed_step(run_dir: Path, start: int) -> int:
+    return int(_starts(run_dir)[start]["resumed_from"].rsplit("-", 1)[1])
+
+
+def test_job_survives_preemptions_a_killed_rank_and_a_cancel_bitwise(slurm: None, fmnist_train_shards: Path,
+                                                                     tmp_path: Path) -> None:
+    """Three epochs (57 steps) of the TINY config as one 2-task job, interrupted four ways; it comes back after
+    each and ends with the weights of an uninterrupted local run of the same config, bit for bit."""
+    epochs = "optim.epochs=3"
+    reference = tmp_path / "uninterrupted"
+    pretrain(fmnist_train_shards, reference, epochs)
     run_dir = tmp_path / "slurm-run"
-    job = _submit(run_dir, fmnist_train_shards)
-    saved_steps = []
+    job = _submit(run_dir, fmnist_train_shards, epochs)
 
     # 1. SLURM's warning before a preemption or the time limit: every rank saves, the job requeues itself
     wait_for_step(run_dir, 8, timeout=300)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     _wait(lambda: len(_starts(run_dir)) == 2, "the job to restart after SIGUSR2")
-    saved_steps.append(int(_starts(run_dir)[1]["resumed_from"].rsplit("-", 1)[1]))
-    assert saved_steps[0] >= 8 and _starts(run_dir)[1]["slurm_restart_count"] == 1
+    logged = {1: len(logged_steps(run_dir))}  # start -> metrics lines before it (a start logs after meta.json)
+    first = _resumed_step(run_dir, 1)
+    assert first >= 8 and _starts(run_dir)[1]["slurm_restart_count"] == 1
 
     # 2. an admin requeue (SIGTERM, then SIGKILL after SLURM's KillWait): saved on SIGTERM, back again
-    wait_for_step(run_dir, saved_steps[0] + 8, timeout=300)
+    wait_for_step(run_dir, first + 8, timeout=300, since=logged[1])
     subprocess.run(["scontrol", "requeue", job], check=True)
     _wait(lambda: len(_starts(run_dir)) == 3, "the job to restart after scontrol requeue")
-    saved_steps.append(int(_starts(run_dir)[2]["resumed_from"].rsplit("-", 1)[1]))
-    assert saved_steps[1] >= saved_steps[0] + 8 and _starts(run_dir)[2]["slurm_restart_count"] == 2
+    logged[2] = len(logged_steps(run_dir))
+    second = _resumed_step(run_dir, 2)
+    assert second >= first + 8 and _starts(run_dir)[2]["slurm_restart_count"] == 2
 
-    # 3. a rank dies (SIGKILL, as the OOM killer does): the job fails; submitting the same command again resumes
-    target = saved_steps[1] + 6
-    wait_for_step(run_dir, target, timeout=300)
+    # 3. a rank dies (SIGKILL, as the OOM killer does): its peer fails in the next collective and, since a
+    # checkpoint was completed since this start (every 6 steps), requeues the job
+    wait_for_step(run_dir, second + 8, timeout=300, since=logged[2])
     os.kill(_task_pid(job, 1), signal.SIGKILL)
-    _wait(lambda: not _in_queue(job), "the job with a killed rank to end")
-    assert max(logged_steps(run_dir)) < 38, "the job was meant to be killed before its end"
-    second = _submit(run_dir, fmnist_train_shards)
-    _wait(lambda: not _in_queue(second), "the resubmitted job to finish")
+    _wait(lambda: len(_starts(run_dir)) == 4, "the job to restart after a rank was killed")
+    logged[3] = len(logged_steps(run_dir))
+    third = _resumed_step(run_dir, 3)
+    assert third > second and _starts(run_dir)[3]["slurm_restart_count"] == 3
 
-    assert_same_weights(run_dir, tiny_full_run)
+    # 4. the user cancels (SIGTERM, no requeue): saved; the same submit command continues as a new job
+    wait_for_step(run_dir, third + 4, timeout=300, since=logged[3])
+    subprocess.run(["scancel", job], check=True)
+    _wait(lambda: not _in_queue(job), "the cancelled job to leave the queue")
+    assert max(logged_steps(run_dir)) < 57, "the job was meant to be cancelled before its end"
+    again = _submit(run_dir, fmnist_train_shards, epochs)
+    _wait(lambda: not _in_queue(again), "the resubmitted job to finish")
+    assert _resumed_step(run_dir, 4) >= third + 4
+
+    assert_same_weights(run_dir, reference)
     status = json.loads(swav_scale("status", str(run_dir), "--json").stdout)
-    assert status["checkpoint_step"] == 38 and status["job_ids"] == [job, second]
-    assert status["starts"] == 4 and status["requeues"] == 2
+    assert status["checkpoint_step"] == status["total_steps"] == 57 and status["job_ids"] == [job, again]
+    assert status["starts"] == 5 and status["requeues"] == 3
 
 
 def test_slurm_keys_reach_the_job(slurm: None, fmnist_train_shards: Path, tmp_path: Path) -> None:

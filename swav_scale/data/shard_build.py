@@ -28,6 +28,8 @@ from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from swav_scale.data.inputs import Item, Source, load_item
 from swav_scale.data.shards import (
     MANIFEST,
@@ -302,7 +304,7 @@ class _SkipPrinter:
     def __call__(self, skipped: list[tuple[str, str]]) -> None:
         for path, reason in skipped:
             if self.printed < SKIPPED_PRINTED:
-                console.print(f"[yellow]skipped unreadable image[/] {path}: {reason}", highlight=False)
+                console.print(f"[yellow]skipped unreadable image[/] {escape(str(path))}: {escape(str(reason))}", highlight=False)
                 self.printed += 1
 
 

@@ -213,7 +213,7 @@ def print_report(report: VerifyReport) -> None:
         table.add_row(s.name, samples, "-" if s.bytes is None else f"{s.bytes:,}", status)
     console.print(table)
     for p in report.problems:
-        console.print(f"[red]problem:[/] {p}", highlight=False)
+        console.print(f"[red]problem:[/] {escape(str(p))}", highlight=False)
     checked = "decoded" if report.decoded else "not decoded (--no-decode)"
     bad = [s for s in report.shards if not s.ok]
     if report.ok:
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = verify_directory(args.directory, decode=not args.no_decode, workers=max(1, args.workers))
     except ShardError as e:
-        console.print(f"[red]error:[/] {e}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return 2
     print_report(report)
     return 0 if report.ok else 1
