@@ -89,6 +89,11 @@ def test_only_complete_checkpoints_count(tmp_path: Path) -> None:
     ckpt.save(5, g, r)
     (tmp_path / "latest").write_text("step-00000003")
     assert ckpt.latest().name == "step-00000005"
+    # pruning never leaves a run without a complete checkpoint, whatever keep_checkpoints says
+    lean = Checkpointer(tmp_path / "lean", env, keep=0)
+    for step in (1, 2):
+        lean.save(step, g, r)
+    assert [p.name for p in lean.complete_checkpoints()] == ["step-00000002"]
 
 
 def _save_on_rank(rank: int, world: int, root: str) -> list[str]:
