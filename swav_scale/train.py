@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -21,6 +22,7 @@ from swav_scale.data.plan import Layout, Planner, steps_per_epoch
 from swav_scale.data.multicrop import CropSpec, MultiCrop, device_views
 from swav_scale.data.shards import Manifest, ShardError
 from swav_scale.data.sources import open_shards
+from swav_scale.diagnostics import HealthCheck, code_statistics
 from swav_scale.distributed import DistEnv, all_reduce_mean
 from swav_scale.engines import Engine, build_engine
 from swav_scale.models import build_swav_model
@@ -28,7 +30,14 @@ from swav_scale.optim import Schedule
 from swav_scale.preemption import StopRequested, StopSignals
 from swav_scale.queue import FeatureQueue
 from swav_scale.runlog import Ledger, MetricsLog, TrainProgressBar, write_run_info
+from swav_scale.utils import console
 from swav_scale.swav import assign_codes, swapped_prediction_loss
+
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor
+    scores: list[torch.Tensor]  # C.z per crop, detached
+    codes: dict[int, torch.Tensor]  # Sinkhorn codes per assigned crop
 
 
 @dataclass
@@ -96,9 +105,9 @@ def check_bad_samples(loader: ShardLoader, cfg: Config, env: DistEnv) -> int:
 
 
 def swav_step(engine: Engine, views: list[torch.Tensor], swav: SwAVConfig, step: int, lr: float,
-              queue: FeatureQueue | None) -> torch.Tensor:
-    """One SwAV iteration on this rank's views; returns the loss. `queue` (when its epoch has come) gives
-    Sinkhorn its rows once full and takes this step's embeddings of the assigned crops."""
+              queue: FeatureQueue | None) -> StepResult:
+    """One SwAV iteration on this rank's views; returns the loss, scores and codes. `queue` (when its epoch has
+    come) gives Sinkhorn its rows once full and takes this step's embeddings of the assigned crops."""
     engine.set_lr(lr)
     engine.normalize_prototypes()
     with engine.autocast():
@@ -114,7 +123,7 @@ def swav_step(engine: Engine, views: list[torch.Tensor], swav: SwAVConfig, step:
     if step < swav.freeze_prototypes_iters:
         engine.freeze_prototypes()
     engine.step()
-    return loss
+    return StepResult(loss, [x.detach() for x in scores], codes)
 
 
 def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None) -> TrainResult:
@@ -154,6 +163,9 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None) -> TrainR
     if env.is_main:
         write_run_info(run_dir, cfg, env.world_size, str(latest) if latest else None)
     metrics = MetricsLog(run_dir, cfg.train.tensorboard) if env.is_main else None
+    health = HealthCheck(cfg.model.num_prototypes,
+                         grace_steps=max(cfg.swav.freeze_prototypes_iters,
+                                         round(cfg.optim.warmup_epochs * loader.steps_per_epoch)))
     ledger = Ledger(run_dir, env.rank) if cfg.data.ledger else None
 
     saved = latest
@@ -176,13 +188,13 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None) -> TrainR
                 views = device_views(batch.views, env.device, mean, std, cfg.crops.color_on_device)
                 if cfg.train.channels_last:  # sharded engines keep weights contiguous; convs follow the input
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                loss = swav_step(engine, views, cfg.swav, step, lr, queue if use_queue_epoch else None)
+                result = swav_step(engine, views, cfg.swav, step, lr, queue if use_queue_epoch else None)
                 progress.step += 1
 
                 end_of_epoch = loader.at_epoch_end
                 if progress.step % cfg.train.log_every == 0 or progress.step == last_step or end_of_epoch:
                     bad_samples = check_bad_samples(loader, cfg, env)
-                    loss_value = all_reduce_mean(loss.detach().float()).item()
+                    loss_value = all_reduce_mean(result.loss.detach().float()).item()
                     if not math.isfinite(loss_value):
                         raise FloatingPointError(
                             f"loss is {loss_value} at step {progress.step}: lower optim.base_lr or check the data; "
@@ -191,9 +203,13 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None) -> TrainR
                     now = time.time()
                     ips = images_per_step * (progress.step - tick_step) / max(now - tick, 1e-9)
                     tick, tick_step = now, progress.step
+                    stats = code_statistics(result.scores, result.codes, cfg.swav.temperature)
+                    for warning in health.check(progress.step, loss_value, stats) if env.is_main else []:
+                        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
                     if metrics:
                         metrics.write(progress.step, epoch=epoch, loss=loss_value, lr=lr, images_per_s=round(ips, 1),
-                                      bad_samples=bad_samples)
+                                      bad_samples=bad_samples, loss_over_ln_k=round(loss_value / health.ln_k, 4),
+                                      **stats)
                     if bar:
                         bar.update(progress.step, epoch, loss_value, lr, ips)
                 elif bar:

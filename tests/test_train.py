@@ -26,7 +26,9 @@ def test_run_writes_config_sha_metrics_and_checkpoints(tiny_full_run: Path) -> N
     assert meta["launches"][0]["world_size"] == 2
     lines = [json.loads(line) for line in (tiny_full_run / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == steps
-    assert all({"loss", "lr", "images_per_s", "epoch"} <= set(m) for m in lines)
+    assert all({"loss", "lr", "images_per_s", "epoch", "loss_over_ln_k", "prototypes_used", "code_entropy",
+                "prediction_entropy", "code_confidence", "prediction_confidence"} <= set(m) for m in lines)
+    assert all(0 < m["prototypes_used"] <= 1 and m["code_entropy"] > 0.9 for m in lines)
     assert lines[-1]["loss"] < lines[0]["loss"], "SwAV loss goes down"
     names = [p.name for p in (tiny_full_run / "checkpoints").glob("step-*")]
     assert f"step-{steps:08d}" in names and not any(n.endswith(".partial") for n in names)

@@ -1,0 +1,102 @@
+"""Is SwAV learning? Numbers that tell progress from collapse or a loss stuck at ln K, and the warnings.
+
+The most common SwAV failure is silent: the loss sits at ln K (every prediction uniform) or the network maps
+everything to a few prototypes, and nothing says so for days. At log steps the loop computes, over the global
+batch (one all-reduce):
+
+* `prototypes_used`: the fraction of the K prototypes that are the code argmax of at least one sample;
+* `code_entropy`: entropy of the batch-mean code q, over ln K (1 = the equipartition Sinkhorn aims at);
+* `prediction_entropy`: entropy of the batch-mean prediction softmax(C.z/tau), over ln K (low: collapse);
+* `code_confidence`: mean of max_k q_k (1/K: uniform codes; 1: one-hot);
+* `prediction_confidence`: mean of max_k p_k (1/K: uniform predictions, the loss is then ln K);
+
+and the loop logs `loss_over_ln_k`, the loss against ln K. (The loss is a cross-entropy against soft codes, so
+it can exceed ln K while learning: confident predictions of the wrong prototype cost more than uniform ones. A
+loss at ln K means stuck only together with uniform predictions.)
+
+`HealthCheck` turns them into warnings with what to change (the same advice as the README).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _entropy(p: Tensor) -> float:
+    p = p / p.sum()
+    return float(-(p * torch.log(p.clamp_min(1e-12))).sum())
+
+
+@torch.no_grad()
+def code_statistics(scores: list[Tensor], codes: dict[int, Tensor], temperature: float,
+                    group: dist.ProcessGroup | None = None) -> dict[str, float]:
+    """The statistics above for the assigned crops of this step, over every rank in `group`."""
+    q = torch.cat([codes[i].float() for i in sorted(codes)])
+    p = torch.cat([F.softmax(scores[i].float() / temperature, dim=1) for i in sorted(codes)])
+    k = q.shape[1]
+    used = torch.bincount(q.argmax(dim=1), minlength=k).float()
+    sums = torch.stack([q.max(dim=1).values.sum(), p.max(dim=1).values.sum(), q.new_tensor(len(q))])
+    packed = torch.cat([used, q.sum(0), p.sum(0), sums])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(packed, group=group)
+    used, q_sum, p_sum = packed[:k], packed[k:2 * k], packed[2 * k:3 * k]
+    q_max_sum, p_max_sum, n = packed[3 * k:].tolist()
+    ln_k = math.log(k)
+    return {
+        "prototypes_used": round(float((used > 0).float().mean()), 4),
+        "code_entropy": round(_entropy(q_sum) / ln_k, 4),
+        "prediction_entropy": round(_entropy(p_sum) / ln_k, 4),
+        "code_confidence": round(q_max_sum / n, 4),
+        "prediction_confidence": round(p_max_sum / n, 4),
+    }
+
+
+STUCK_ADVICE = ("freeze the prototypes longer (swav.freeze_prototypes_iters), lower swav.epsilon (e.g. 0.03), "
+                "start the queue later (swav.queue_start_epoch) or lower optim.base_lr")
+COLLAPSE_ADVICE = ("with a small global batch, add a queue (swav.queue_length, a multiple of optim.batch_size) so "
+                   "Sinkhorn spreads the codes over more samples; check that the augmentations are on (crops.*), and "
+                   "lower optim.base_lr")
+
+
+class HealthCheck:
+    """Warns, once each, when training looks stuck at ln K or collapsed, after `patience` consecutive logged steps
+    past `grace_steps` (the prototypes are frozen and the loss is at ln K by design at the start)."""
+
+    def __init__(self, num_prototypes: int, grace_steps: int, patience: int = 5) -> None:
+        self.k = num_prototypes
+        self.ln_k = math.log(num_prototypes)
+        self.grace_steps = grace_steps
+        self.patience = patience
+        self.streaks = {"stuck": 0, "collapsed": 0}
+        self.warned: set[str] = set()
+
+    def check(self, step: int, loss: float, stats: dict[str, float]) -> list[str]:
+        """The new warnings at this logged step (empty when all is well or already said)."""
+        if step <= self.grace_steps:
+            return []
+        signs = {
+            "stuck": abs(loss - self.ln_k) < 0.01 * self.ln_k and stats["prediction_confidence"] < 2 / self.k,
+            # predictions concentrated on a few prototypes (flat codes make the argmax count meaningless, so
+            # `prototypes_used` alone is not evidence: uniform predictions give it too)
+            "collapsed": stats["prediction_entropy"] < 0.5,
+        }
+        out = []
+        for name, bad in signs.items():
+            self.streaks[name] = self.streaks[name] + 1 if bad else 0
+            if self.streaks[name] >= self.patience and name not in self.warned:
+                self.warned.add(name)
+                out.append(self._message(name, step, loss, stats))
+        return out
+
+    def _message(self, name: str, step: int, loss: float, stats: dict[str, float]) -> str:
+        if name == "stuck":
+            return (f"step {step}: the loss ({loss:.4f}) has stayed at ln K = {self.ln_k:.4f} with uniform predictions "
+                    f"for {self.patience} logged steps: SwAV is not learning. Try: {STUCK_ADVICE}")
+        return (f"step {step}: training looks collapsed: {stats['prototypes_used']:.0%} of the prototypes are used "
+                f"and the mean prediction's entropy is {stats['prediction_entropy']:.2f} of ln K, for "
+                f"{self.patience} logged steps. Try: {COLLAPSE_ADVICE}")
