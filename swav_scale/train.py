@@ -30,8 +30,8 @@ from swav_scale.optim import Schedule
 from swav_scale.preemption import StopRequested, StopSignals
 from swav_scale.queue import FeatureQueue
 from swav_scale.runlog import Ledger, MetricsLog, TrainProgressBar, write_run_info
-from swav_scale.utils import console
 from swav_scale.swav import assign_codes, swapped_prediction_loss
+from swav_scale.utils import console
 
 
 class StepResult(NamedTuple):
