@@ -1,4 +1,4 @@
-"""`swav-scale`: pretrain, submit, status, knn, make-shards, verify-shards, demo."""
+"""`swav-scale`: pretrain, submit, status, knn, export, make-shards, verify-shards, demo."""
 
 from __future__ import annotations
 
@@ -70,6 +70,15 @@ def _knn(args: argparse.Namespace) -> None:
     print_knn_table(results, cfg.eval.k)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from swav_scale.export import export_backbone
+
+    formats = ("safetensors", "pth") if args.format == "both" else (args.format,)
+    for path in export_backbone(args.run_dir, args.checkpoint, args.out, formats):
+        console.print(f"wrote {path}", highlight=False)
+    console.print(f"how to load it: {Path(path).parent / 'export.json'}", highlight=False)
+
+
 def print_knn_table(results: dict[str, float], k: int, title: str = "kNN top-1") -> None:
     table = Table(title=f"{title} (k={k}, cosine, weights exp(s/0.07))")
     table.add_column("features")
@@ -129,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--baselines", action="store_true", help="also evaluate random init and raw pixels")
     knn.add_argument("--workers", type=int, default=2, help="data-loading processes")
     knn.set_defaults(func=_knn)
+
+    ex = sub.add_parser("export", help="the pretrained backbone as one safetensors/.pth file (any engine's checkpoint)")
+    ex.add_argument("run_dir")
+    ex.add_argument("--checkpoint", help="a step-N directory (default: the run's newest)")
+    ex.add_argument("--out", help="output directory (default: RUN_DIR/export/step-N)")
+    ex.add_argument("--format", choices=("safetensors", "pth", "both"), default="both")
+    ex.set_defaults(func=_export)
 
     ms = sub.add_parser("make-shards", help="same as tools/make_shards.py", add_help=False)
     ms.add_argument("rest", nargs=argparse.REMAINDER)

@@ -159,7 +159,8 @@ def test_damaged_shards_stop_every_rank_with_a_clear_message(tmp_path: Path) -> 
 ], ids=["fsdp", "zero3"])
 def test_sharded_engines_train_resume_on_fewer_ranks_and_evaluate(engine: tuple[str, ...], fmnist_train_shards: Path,
                                                                    fmnist_test_shards: Path, tmp_path: Path) -> None:
-    """The real loop under a sharded engine: 2 ranks, resumed on 1 (the checkpoint resharded), then kNN."""
+    """The real loop under a sharded engine: 2 ranks, resumed on 1 (the checkpoint resharded), then kNN and
+    export."""
     run_dir = tmp_path / "sharded"
     for nproc, stop in ((2, 9), (1, 14)):
         proc = swav_scale("pretrain", str(REPO / "configs" / "quickstart.yaml"), *TINY, *engine,
@@ -171,3 +172,10 @@ def test_sharded_engines_train_resume_on_fewer_ranks_and_evaluate(engine: tuple[
     proc = swav_scale("knn", str(run_dir), f"eval.test_shards={fmnist_test_shards}", "--workers", "1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "step-00000014" in proc.stdout
+    # export consolidates the shards / ZeRO partitions into one file of the trunk's weights
+    proc = swav_scale("export", str(run_dir), "--format", "pth")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    exported = torch.load(run_dir / "export" / "step-00000014" / "backbone.pth")
+    weights = final_weights(run_dir)
+    assert exported.keys() == {k[len("trunk."):] for k in weights if k.startswith("trunk.")}
+    assert all(torch.equal(v, weights[f"trunk.{k}"]) for k, v in exported.items())
