@@ -75,8 +75,8 @@ def _export(args: argparse.Namespace) -> None:
 
     formats = ("safetensors", "pth") if args.format == "both" else (args.format,)
     for path in export_backbone(args.run_dir, args.checkpoint, args.out, formats):
-        console.print(f"wrote {path}", highlight=False)
-    console.print(f"how to load it: {Path(path).parent / 'export.json'}", highlight=False)
+        console.print(f"wrote {escape(str(path))}", highlight=False)
+    console.print(f"how to load it: {escape(str(Path(path).parent / 'export.json'))}", highlight=False)
 
 
 def print_knn_table(results: dict[str, float], k: int, title: str = "kNN top-1") -> None:
