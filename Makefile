@@ -26,28 +26,28 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) system-packages
 
-# Debian packages, installed only when missing and only where we may (root + apt). Elsewhere the demo reads
-# Fashion-MNIST from $$FASHION_MNIST_DIR (see README.md).
-system-packages:
-	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -z "$$missing" ]; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "installing Debian packages:$$missing"; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
-	else \
-		echo "note: Debian packages$$missing not installed (not root or no apt); set FASHION_MNIST_DIR"; \
-	fi
+# $(call apt_install,PACKAGES,NOTE): install the missing PACKAGES, only where we may (root + apt); elsewhere
+# print NOTE.
+define apt_install
+missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+if [ -z "$$missing" ]; then :; \
+elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	echo "installing Debian packages:$$missing"; \
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+else \
+	echo "note: Debian packages$$missing not installed (not root or no apt); $(2)"; \
+fi
+endef
 
-# As root with apt: install SLURM and start (or keep) the local test cluster. Elsewhere the SLURM tests skip
-# and say why.
+# Elsewhere the demo reads Fashion-MNIST from $$FASHION_MNIST_DIR (see README.md).
+system-packages:
+	@$(call apt_install,$(DEBIAN_PACKAGES),set FASHION_MNIST_DIR)
+
+# As root: install SLURM and start (or keep) the local test cluster. Elsewhere the SLURM tests skip and say why.
 slurm-cluster:
-	@if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
-		echo "note: not root with apt: no local SLURM cluster; tests/test_slurm.py will skip"; exit 0; fi; \
-	missing=""; for p in $(SLURM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages:$$missing"; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi; \
-	bash tools/slurm_cluster.sh start
+	@$(call apt_install,$(SLURM_PACKAGES),tests/test_slurm.py will skip) && \
+	if [ "$$(id -u)" = 0 ] && dpkg -s slurmctld >/dev/null 2>&1; then bash tools/slurm_cluster.sh start; \
+	else echo "note: no local SLURM cluster started (it needs root); tests/test_slurm.py skips unless one answers"; fi
 
 slurm-stop:
 	bash tools/slurm_cluster.sh stop

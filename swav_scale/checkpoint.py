@@ -165,6 +165,16 @@ def find_damage(path: Path, checksums: bool, share: tuple[int, int] = (0, 1)) ->
     return damage
 
 
+def newest_checkpoint(run_dir: str | Path, required: bool = False) -> Path | None:
+    """The newest complete checkpoint of a run, found by one process (evaluation, export, the launcher). With
+    `required`, finding none is an error that says to train first."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    path = Checkpointer(checkpoints, DistEnv(0, 1, 0, 1, torch.device("cpu"))).latest()
+    if path is None and required:
+        raise FileNotFoundError(f"{checkpoints} holds no complete checkpoint; train first")
+    return path
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -260,12 +270,12 @@ class Checkpointer:
     def load(self, path: Path, global_states: dict[str, Stateful], rank_states: dict[str, Stateful]) -> dict:
         """Restore every state from `path`. Saved by another number of ranks, the global states reshard through
         DCP and each per-rank state is rebuilt from all old ranks' files by its `load_resharded`."""
+        damage = find_damage(path, checksums=False)
+        if damage:
+            raise RuntimeError(f"checkpoint {path} is damaged ({'; '.join(damage[:3])}): move it away to resume "
+                               "from the previous one")
         meta = json.loads((path / META).read_text())
         old_world = int(meta["world_size"])
-        missing = [rank_file(r) for r in range(old_world) if not (path / rank_file(r)).is_file()]
-        if missing:
-            raise RuntimeError(f"checkpoint {path} lacks {', '.join(missing)}; it is damaged: move it away to "
-                               "resume from the previous one")
         self._load_global(path, global_states)
         for name, obj in global_states.items():
             if isinstance(obj, OwnFiles):

@@ -45,8 +45,7 @@ def _status(args: argparse.Namespace) -> None:
 
 
 def _knn(args: argparse.Namespace) -> None:
-    from swav_scale.checkpoint import Checkpointer
-    from swav_scale.distributed import DistEnv
+    from swav_scale.checkpoint import newest_checkpoint
     from swav_scale.knn import evaluate, load_trunk, raw_pixels
 
     import torch
@@ -57,10 +56,7 @@ def _knn(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoders = {}
     if not args.random_init:
-        env = DistEnv(0, 1, 0, 1, device)
-        checkpoint = Path(args.checkpoint) if args.checkpoint else Checkpointer(run_dir / "checkpoints", env).latest()
-        if checkpoint is None:
-            raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no complete checkpoint; train first")
+        checkpoint = Path(args.checkpoint) if args.checkpoint else newest_checkpoint(run_dir, required=True)
         encoders[f"SwAV ({checkpoint.name})"] = load_trunk(cfg, checkpoint).to(device)
     if args.random_init or args.baselines:
         encoders["random init"] = load_trunk(cfg, None).to(device)

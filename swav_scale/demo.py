@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 
-from swav_scale.checkpoint import Checkpointer
+from swav_scale.checkpoint import newest_checkpoint
 from swav_scale.cli import print_knn_table
 from swav_scale.config import load_config
 from swav_scale.data.make_shards import ensure_shards
-from swav_scale.distributed import DistEnv
 from swav_scale.knn import evaluate, load_trunk, raw_pixels
 from swav_scale.launcher import launch_local
 from swav_scale.utils import atomic_write_text, console
@@ -41,7 +40,7 @@ def run_demo(config: str, overrides: list[str], nproc: int, data_dir: Path) -> d
     t = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run_dir = Path(cfg.train.run_dir)
-    checkpoint = Checkpointer(run_dir / "checkpoints", DistEnv(0, 1, 0, 1, device)).latest()
+    checkpoint = newest_checkpoint(run_dir, required=True)
     encoders = {
         "SwAV (this run)": load_trunk(cfg, checkpoint).to(device),
         "same network, random init": load_trunk(cfg, None).to(device),

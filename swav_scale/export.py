@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from swav_scale.checkpoint import META, Checkpointer, load_model_weights
+from swav_scale.checkpoint import META, load_model_weights, newest_checkpoint
 from swav_scale.config import Config, load_config
-from swav_scale.distributed import DistEnv
 from swav_scale.utils import atomic_write_bytes, atomic_write_text, sha256_file
 
 FORMATS = ("safetensors", "pth")
@@ -48,11 +47,7 @@ def export_backbone(run_dir: str | Path, checkpoint: str | Path | None = None, o
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
-    if checkpoint is None:
-        checkpoint = Checkpointer(run_dir / "checkpoints", DistEnv(0, 1, 0, 1, torch.device("cpu"))).latest()
-        if checkpoint is None:
-            raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no complete checkpoint; train first")
-    checkpoint = Path(checkpoint)
+    checkpoint = Path(checkpoint) if checkpoint else newest_checkpoint(run_dir, required=True)
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise ValueError(f"unknown export format {', '.join(bad)}; choose from {', '.join(FORMATS)}")

@@ -42,6 +42,7 @@ class TrainJob:
         self.config_yaml = config_yaml
 
     def __call__(self) -> int:
+        from swav_scale.checkpoint import newest_checkpoint
         from swav_scale.distributed import init_distributed, shutdown
         from swav_scale.preemption import StopRequested, StopSignals
         from swav_scale.train import train
@@ -54,7 +55,7 @@ class TrainJob:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         env = init_distributed()
         stops = StopSignals()
-        started_from = _newest_checkpoint(cfg)
+        started_from = newest_checkpoint(cfg.train.run_dir)
         try:
             return train(cfg, env, stops).steps
         except StopRequested as stop:
@@ -98,22 +99,20 @@ class TrainJob:
         (no requeue) once the job has restarted slurm.max_requeues times."""
         import submitit
 
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
-        limit = from_yaml_text(self.config_yaml).slurm.max_requeues
-        if restarts >= limit:
-            console.print(f"[red]not requeued:[/] the job has restarted {restarts} times (slurm.max_requeues="
-                          f"{limit}); submit it again to continue from its last checkpoint", highlight=False)
+        spent = _requeues_spent(from_yaml_text(self.config_yaml))
+        if spent:
+            console.print(f"[red]not requeued:[/] {spent}; submit it again to continue from its last checkpoint",
+                          highlight=False)
             return None
         return submitit.helpers.DelayedSubmission(TrainJob(self.config_yaml))
 
 
-def _newest_checkpoint(cfg: Config) -> Path | None:
-    from swav_scale.checkpoint import Checkpointer
-    from swav_scale.distributed import DistEnv
-
-    import torch
-
-    return Checkpointer(Path(cfg.train.run_dir) / "checkpoints", DistEnv(0, 1, 0, 1, torch.device("cpu"))).latest()
+def _requeues_spent(cfg: Config) -> str | None:
+    """Why the job may not requeue again (it restarted slurm.max_requeues times), or None."""
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    if restarts >= cfg.slurm.max_requeues:
+        return f"the job has restarted {restarts} times (slurm.max_requeues={cfg.slurm.max_requeues})"
+    return None
 
 
 def _requeue_after_failure(cfg: Config, error: Exception, started_from: Path | None, rank: int) -> None:
@@ -121,6 +120,7 @@ def _requeue_after_failure(cfg: Config, error: Exception, started_from: Path | N
     land here. If this start completed a checkpoint, the job is requeued and resumes from it; if not, a requeue
     would most likely fail the same way, so the job ends with the error. Mistakes in the config, the data or
     the numbers (ConfigError, ShardError, a NaN loss) are never requeued."""
+    from swav_scale.checkpoint import newest_checkpoint
     from swav_scale.data.shards import ShardError
 
     job = os.environ.get("SLURM_JOB_ID")
@@ -128,12 +128,11 @@ def _requeue_after_failure(cfg: Config, error: Exception, started_from: Path | N
         return
     if isinstance(error, (ConfigError, ShardError, FloatingPointError)):
         return
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
-    newest = _newest_checkpoint(cfg)
+    newest = newest_checkpoint(cfg.train.run_dir)
     why = f"rank {rank}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    if restarts >= cfg.slurm.max_requeues or newest is None or newest == started_from:
-        reason = (f"restarted {restarts} times (slurm.max_requeues)" if restarts >= cfg.slurm.max_requeues
-                  else "no checkpoint completed since this start")
+    progress = newest is not None and newest != started_from
+    reason = _requeues_spent(cfg) or (None if progress else "no checkpoint completed since this start")
+    if reason:
         console.print(f"[red]{escape(why)}[/]; job {job} not requeued: {reason}", highlight=False)
         return
     console.print(f"[yellow]{escape(why)}[/]; requeueing job {job} to resume from {escape(str(newest))}",

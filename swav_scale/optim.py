@@ -50,6 +50,7 @@ class Schedule:
     """Per-iteration learning rates: linear warmup from start_warmup_lr, then cosine to final_lr."""
 
     lr: np.ndarray
+    warmup_steps: int = 0
 
     @classmethod
     def build(cls, cfg: OptimConfig, steps_per_epoch: int) -> Schedule:
@@ -58,8 +59,4 @@ class Schedule:
         warm = np.linspace(cfg.start_warmup_lr, cfg.base_lr, warmup, endpoint=False)
         t = np.arange(total - warmup)
         cosine = cfg.final_lr + 0.5 * (cfg.base_lr - cfg.final_lr) * (1 + np.cos(math.pi * t / max(1, len(t))))
-        return cls(np.concatenate([warm, cosine]))
-
-    @property
-    def total_steps(self) -> int:
-        return len(self.lr)
+        return cls(np.concatenate([warm, cosine]), warmup)

@@ -37,14 +37,14 @@ def total_steps(run_dir: Path) -> int | None:
     """The run's last step, from its config and shard manifest (None when the shards are out of reach)."""
     from swav_scale.data.plan import steps_per_epoch
     from swav_scale.data.sources import open_shards
+    from swav_scale.train import planned_steps
 
     try:
         cfg = load_config(run_dir / "config.yaml")
         steps = steps_per_epoch(open_shards(cfg.data.train_shards, cfg.data.train_manifest), cfg.optim.batch_size)
     except Exception:  # status must answer even when the data is not mounted here
         return None
-    total = steps * cfg.optim.epochs
-    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+    return planned_steps(cfg, steps)
 
 
 def run_status(run_dir: str | Path) -> dict[str, Any]:

@@ -74,6 +74,12 @@ def build_model(cfg: Config) -> torch.nn.Module:
     return model
 
 
+def planned_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """The step the run ends at: all epochs, or train.max_steps if that comes first."""
+    total = cfg.optim.epochs * steps_per_epoch
+    return min(cfg.train.max_steps, total) if cfg.train.max_steps else total
+
+
 def preflight(cfg: Config, world_size: int) -> tuple[Manifest, int]:
     """Checks that need no process group: the batch splits over the ranks, the shards exist and hold at least
     one global batch, the queue holds whole global batches. The launcher runs them once before starting ranks,
@@ -139,7 +145,7 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None) -> TrainR
     loader = ShardLoader(stream, cfg.data.num_workers, cfg.data.prefetch_factor,
                          pin_memory=env.device.type == "cuda")
     schedule = Schedule.build(cfg.optim, loader.steps_per_epoch)
-    last_step = schedule.total_steps if not cfg.train.max_steps else min(cfg.train.max_steps, schedule.total_steps)
+    last_step = planned_steps(cfg, loader.steps_per_epoch)
 
     # ---- model, optimizer, engine (same initial weights on every rank)
     torch.manual_seed(cfg.train.seed)
@@ -163,9 +169,7 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None) -> TrainR
     if env.is_main:
         write_run_info(run_dir, cfg, env.world_size, str(latest) if latest else None)
     metrics = MetricsLog(run_dir, cfg.train.tensorboard) if env.is_main else None
-    health = HealthCheck(cfg.model.num_prototypes,
-                         grace_steps=max(cfg.swav.freeze_prototypes_iters,
-                                         round(cfg.optim.warmup_epochs * loader.steps_per_epoch)))
+    health = HealthCheck(cfg.model.num_prototypes, max(cfg.swav.freeze_prototypes_iters, schedule.warmup_steps))
     ledger = Ledger(run_dir, env.rank) if cfg.data.ledger else None
 
     saved = latest

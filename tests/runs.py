@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -80,25 +81,29 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen | None = None
         time.sleep(0.05)
 
 
-def rank_pids(run_dir: Path) -> dict[int, int]:
-    """The training process of each rank of the run in `run_dir` (not its data workers, which share its
-    command line): rank -> pid, from /proc."""
+def rank_processes(is_rank: Callable[[list[str], dict[str, str]], bool], rank_variable: str) -> dict[int, int]:
+    """rank -> pid of the processes that `is_rank(cmdline, environ)` accepts, from /proc, the rank read from
+    their `rank_variable`. A rank's DataLoader workers share its command line and environment, so a process
+    whose parent is accepted too is a worker and is left out."""
     import psutil
 
-    config = str(run_dir / "logs" / "launch-config.yaml")
+    def accepted(p: psutil.Process) -> bool:
+        return is_rank(p.cmdline() or [], p.environ())
+
     found = {}
-    for p in psutil.process_iter(["pid", "cmdline", "ppid"]):
+    for p in psutil.process_iter():
         try:
-            cmd = p.info["cmdline"] or []
-            if config not in cmd or "swav_scale.launcher" not in cmd:
-                continue
-            parent = psutil.Process(p.info["ppid"])
-            if "swav_scale.launcher" in (parent.cmdline() or []):
-                continue  # a DataLoader worker of a rank
-            found[int(p.environ()["RANK"])] = p.info["pid"]
-        except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
+            if accepted(p) and not accepted(p.parent()):
+                found[int(p.environ()[rank_variable])] = p.pid
+        except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError, KeyError):
             continue
     return found
+
+
+def rank_pids(run_dir: Path) -> dict[int, int]:
+    """The training process of each rank of the local run in `run_dir`."""
+    config = str(run_dir / "logs" / "launch-config.yaml")
+    return rank_processes(lambda cmd, env: config in cmd and "swav_scale.launcher" in cmd, "RANK")
 
 
 def assert_same_weights(run_dir: Path, reference: Path) -> None:

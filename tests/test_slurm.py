@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from runs import TINY, assert_same_weights, logged_steps, pretrain, swav_scale, wait_for_step
+from runs import TINY, assert_same_weights, logged_steps, pretrain, rank_processes, swav_scale, wait_for_step
 
 pytestmark = pytest.mark.slow
 
@@ -68,22 +68,11 @@ def _in_queue(job_id: str) -> bool:
 
 
 def _task_pid(job_id: str, rank: int) -> int:
-    """The training process of task `rank` of the job (not its data workers), found through /proc."""
-    import psutil
-
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            environ = p.environ()
-            if environ.get("SLURM_JOB_ID") != job_id or environ.get("SLURM_PROCID") != str(rank):
-                continue
-            if "submitit.core._submit" not in " ".join(p.info["cmdline"] or []):
-                continue
-            if "submitit.core._submit" in " ".join(psutil.Process(p.ppid()).cmdline()):
-                continue  # a DataLoader worker of the task
-            return p.info["pid"]
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    raise AssertionError(f"no process for task {rank} of job {job_id}")
+    """The training process of task `rank` of the job."""
+    tasks = rank_processes(lambda cmd, env: env.get("SLURM_JOB_ID") == job_id
+                           and "submitit.core._submit" in " ".join(cmd), "SLURM_PROCID")
+    assert rank in tasks, f"no process for task {rank} of job {job_id}"
+    return tasks[rank]
 
 
 def _submit(run_dir: Path, shards: Path, *extra: str) -> str:
