@@ -226,8 +226,9 @@ def _wait_all(procs: list[tuple[int, subprocess.Popen, Path | None]]) -> None:
                 raise RuntimeError(f"rank {rank} failed with exit code {code}; {where}")
         time.sleep(0.2)
     if stopped:
-        raise RunStopped(f"the run stopped on request after saving a checkpoint (ranks {stopped}); run the same "
-                         "command again to resume")
+        # Ranks exit in any order; the message lists them sorted so it reads the same every time.
+        raise RunStopped(f"the run stopped on request after saving a checkpoint (ranks {sorted(stopped)}); "
+                         "run the same command again to resume")
 
 
 def _worker_main(argv: list[str]) -> None:
