@@ -1,10 +1,11 @@
-"""`swav-scale`: pretrain, submit, status, knn, export, make-shards, verify-shards, demo."""
+"""`swav-scale`: pretrain, submit, status, knn, linear, report, export, make-shards, verify-shards, demo."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
@@ -44,17 +45,27 @@ def _status(args: argparse.Namespace) -> None:
         print_status(status)
 
 
-def _knn(args: argparse.Namespace) -> None:
+def _started_local_ranks(args: argparse.Namespace, run_dir: Path) -> bool:
+    """`--nproc N` outside a distributed job: run this same command as N local ranks (run_dir/logs/COMMAND/
+    holds the logs of ranks 1..N-1) and return True once they are done."""
+    import os
+
+    if args.nproc <= 1 or "RANK" in os.environ:
+        return False
+    from swav_scale.launcher import run_local_ranks
+
+    argv = without_option(args.argv, "--nproc")
+    run_local_ranks([sys.executable, "-m", "swav_scale.cli", *argv], args.nproc, run_dir / "logs" / args.command)
+    return True
+
+
+def _encoders(args: argparse.Namespace, cfg: Any, run_dir: Path, device: Any) -> tuple[dict[str, Any], Path | None]:
+    """The encoders an evaluation compares: the checkpoint's trunk, then the baselines asked for."""
     from swav_scale.checkpoint import newest_checkpoint
-    from swav_scale.knn import evaluate, load_trunk, raw_pixels
+    from swav_scale.knn import load_trunk, raw_pixels
 
-    import torch
-
-    run_dir = Path(args.run_dir)
-    config_file = run_dir / "config.yaml"
-    cfg = load_config(config_file, args.overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoders = {}
+    encoders: dict[str, Any] = {}
+    checkpoint = None
     if not args.random_init:
         checkpoint = Path(args.checkpoint) if args.checkpoint else newest_checkpoint(run_dir, required=True)
         encoders[f"SwAV ({checkpoint.name})"] = load_trunk(cfg, checkpoint).to(device)
@@ -62,8 +73,72 @@ def _knn(args: argparse.Namespace) -> None:
         encoders["random init"] = load_trunk(cfg, None).to(device)
     if args.baselines:
         encoders["raw pixels"] = raw_pixels
-    results = evaluate(cfg, encoders, device, args.workers)
-    print_knn_table(results, cfg.eval.k)
+    return encoders, checkpoint
+
+
+def _knn(args: argparse.Namespace) -> None:
+    """One process, `--nproc N` local ranks, or one rank of a job torchrun (or SLURM) started: each rank
+    extracts the features of its part of the bank and the queries, and rank 0 prints the table."""
+    from swav_scale.distributed import init_distributed, shutdown
+    from swav_scale.knn import evaluate
+
+    run_dir = Path(args.run_dir)
+    cfg = load_config(run_dir / "config.yaml", args.overrides)  # a typo fails here, before any rank starts
+    if _started_local_ranks(args, run_dir):
+        return
+    env = init_distributed()
+    try:
+        encoders, _ = _encoders(args, cfg, run_dir, env.device)
+        results = evaluate(cfg, encoders, env.device, args.workers)
+        if env.is_main:
+            print_knn_table(results, cfg.eval.k)
+    finally:
+        shutdown()
+
+
+def _linear(args: argparse.Namespace) -> None:
+    """Like `knn`: one process, `--nproc N` local ranks or one rank of a distributed job. Rank 0 prints the
+    table and appends the checkpoint's result to run_dir/linear.jsonl (what `report` plots)."""
+    import json
+    import time
+
+    from swav_scale.checkpoint import META
+    from swav_scale.distributed import init_distributed, shutdown
+    from swav_scale.linear import probe
+
+    run_dir = Path(args.run_dir)
+    cfg = load_config(run_dir / "config.yaml", args.overrides)
+    if _started_local_ranks(args, run_dir):
+        return
+    env = init_distributed()
+    try:
+        encoders, checkpoint = _encoders(args, cfg, run_dir, env.device)
+        results = probe(cfg, encoders, env.device, args.workers)
+        if not env.is_main:
+            return
+        table = Table(title=f"linear probe on frozen features ({cfg.eval.linear_epochs} epochs, SGD, cosine)")
+        for column in ("features", "top-1 %", "top-5 %"):
+            table.add_column(column, justify="left" if column == "features" else "right")
+        for name, r in results.items():
+            table.add_row(name, f"{r.top1:.2f}", f"{r.top5:.2f}")
+        console.print(table)
+        if checkpoint is not None:
+            mine = results[next(iter(results))]
+            line = {"step": json.loads((checkpoint / META).read_text())["step"], "time": round(time.time(), 3),
+                    "checkpoint": str(checkpoint), "linear_top1": mine.top1, "linear_top5": mine.top5,
+                    "linear_epochs": cfg.eval.linear_epochs, "world_size": env.world_size,
+                    "baselines": {n: [r.top1, r.top5] for n, r in list(results.items())[1:]}}
+            with open(run_dir / "linear.jsonl", "a") as f:  # one line per probe: appends never lose earlier ones
+                f.write(json.dumps(line) + "\n")
+    finally:
+        shutdown()
+
+
+def _report(args: argparse.Namespace) -> None:
+    from swav_scale.report import write_report
+
+    path = write_report(args.run_dir, args.out)
+    console.print(f"wrote {escape(str(path))} and its plots", highlight=False)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -132,8 +207,24 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--checkpoint", help="a step-N directory (default: the run's newest)")
     knn.add_argument("--random-init", action="store_true", help="evaluate the untrained network instead")
     knn.add_argument("--baselines", action="store_true", help="also evaluate random init and raw pixels")
-    knn.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    knn.add_argument("--workers", type=int, default=2, help="data-loading processes per rank")
+    knn.add_argument("--nproc", type=int, default=1, help="local ranks, each extracting a part of the features")
+
+    lin = sub.add_parser("linear", help="linear probe (top-1/top-5) on a run's frozen trunk features")
+    lin.add_argument("run_dir")
+    lin.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.linear_epochs=50")
+    lin.add_argument("--checkpoint", help="a step-N directory (default: the run's newest)")
+    lin.add_argument("--random-init", action="store_true", help="probe the untrained network instead")
+    lin.add_argument("--baselines", action="store_true", help="also probe random init and raw pixels")
+    lin.add_argument("--workers", type=int, default=2, help="data-loading processes per rank")
+    lin.add_argument("--nproc", type=int, default=1, help="local ranks, each extracting a part of the features")
+    lin.set_defaults(func=_linear)
     knn.set_defaults(func=_knn)
+
+    rp = sub.add_parser("report", help="PNG plots (loss, lr, kNN, prototype usage, ...) and a Markdown summary")
+    rp.add_argument("run_dir")
+    rp.add_argument("--out", help="output directory (default: RUN_DIR/report)")
+    rp.set_defaults(func=_report)
 
     ex = sub.add_parser("export", help="the pretrained backbone as one safetensors/.pth file (any engine's checkpoint)")
     ex.add_argument("run_dir")
@@ -173,8 +264,23 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+def without_option(argv: list[str], option: str) -> list[str]:
+    """`argv` without `option VALUE` / `option=VALUE`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parse(sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse(argv)
+    args.argv = argv
     try:
         args.func(args)
     except (ConfigError, ShardError, FileNotFoundError, RuntimeError) as e:

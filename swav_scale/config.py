@@ -119,15 +119,23 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Feature extraction for kNN: resize the short side to `resize`, centre-crop `crop`."""
+    """Evaluation of the frozen trunk (`swav-scale knn`, `swav-scale linear`, kNN during pretraining). Features
+    are taken of the whole image: resize the short side to `resize`, centre-crop `crop`."""
 
-    train_shards: str = ""  # kNN bank; defaults to data.train_shards
-    test_shards: str = ""  # kNN queries
+    train_shards: str = ""  # kNN bank (shards or an ImageFolder); defaults to data.train_shards
+    test_shards: str = ""  # kNN queries (shards or an ImageFolder)
+    every_epochs: int = 0  # kNN during pretraining after every this many epochs (0: never), logged as knn_top1
     resize: int = 256
     crop: int = 224
     k: int = 20
     temperature: float = 0.07
-    batch_size: int = 256
+    batch_size: int = 256  # feature extraction
+    # linear probe on the frozen features: SGD with momentum, cosine schedule from linear_lr (per 256 samples)
+    linear_epochs: int = 100
+    linear_batch_size: int = 256
+    linear_lr: float = 0.1
+    linear_momentum: float = 0.9
+    linear_weight_decay: float = 0.0
 
 
 @dataclass

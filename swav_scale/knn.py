@@ -7,50 +7,29 @@ exp(s / T). Top-1 accuracy of the vote is the figure reported.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from swav_scale.checkpoint import load_model_weights
-from swav_scale.config import Config
+from swav_scale.config import Config, ConfigError
+from swav_scale.data.labelled import LabelledStream, Unit, open_labelled
 from swav_scale.data.multicrop import EvalTransform, normalize
-from swav_scale.data.reader import decode, label_of, shard_samples
-from swav_scale.data.shards import Manifest
-from swav_scale.data.sources import open_shards
+from swav_scale.distributed import all_gather_object
 from swav_scale.engines.base import autocast_dtype
 from swav_scale.utils import progress_bar
-
-
-class EvalStream(IterableDataset):
-    """All samples of a shard directory, once, as (images, labels) batches; shards split over workers."""
-
-    def __init__(self, manifest: Manifest, transform: Callable[[Tensor], Tensor], batch_size: int) -> None:
-        self.manifest, self.transform, self.batch_size = manifest, transform, batch_size
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        images, labels = [], []
-        for shard in self.manifest.shards[worker::workers]:
-            for s in shard_samples(self.manifest.path(shard)):
-                images.append(self.transform(decode(s)))
-                labels.append(label_of(s))
-                if len(images) == self.batch_size:
-                    yield torch.stack(images), torch.tensor(labels)
-                    images, labels = [], []
-        if images:
-            yield torch.stack(images), torch.tensor(labels)
 
 
 @torch.no_grad()
 def extract_features(
     encoders: dict[str, Callable[[Tensor], Tensor]],
-    manifest: Manifest,
+    units: list[Unit],
     transform: Callable[[Tensor], Tensor],
     mean: tuple[float, ...],
     std: tuple[float, ...],
@@ -59,27 +38,32 @@ def extract_features(
     device: torch.device | str = "cpu",
     description: str = "features",
     dtype: torch.dtype | None = None,
+    show_progress: bool = True,
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """({encoder name: L2-normalised features (N, D)}, labels (N,)) for every sample in the shard directory.
+    """({encoder name: L2-normalised features (N, D)}, labels (N,)) for every image of `units` (a rank's part
+    of a LabelledImages set, or all of it).
 
     Every encoder sees the same decoded batch, so the images are read and decoded once however many encoders
     (the trained network and its baselines) are compared. `dtype` runs the encoders under autocast (bf16 for a
     network trained in bf16: the features it was trained to produce, at up to twice the speed)."""
     device = torch.device(device)
-    workers = min(num_workers, len(manifest.shards))
-    loader = DataLoader(EvalStream(manifest, transform, batch_size), batch_size=None, num_workers=workers)
+    workers = min(num_workers, len(units))
+    loader = DataLoader(LabelledStream(units, transform, batch_size), batch_size=None, num_workers=workers)
     feats: dict[str, list[Tensor]] = {name: [] for name in encoders}
     labels = []
-    with progress_bar(description, manifest.total) as advance:
+    bar = progress_bar(description, sum(u.count for u in units)) if show_progress else nullcontext(lambda n: None)
+    with bar as advance:
         for x, y in loader:
             x = normalize(x.to(device), mean, std)
             for name, encode in encoders.items():
-                with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
                     out = encode(x)
                 feats[name].append(F.normalize(out.float(), dim=1).cpu())
             labels.append(y)
             advance(len(y))
-    return {name: torch.cat(f) for name, f in feats.items()}, torch.cat(labels)
+    empty = torch.zeros(0)
+    return ({name: torch.cat(f) if f else empty for name, f in feats.items()},
+            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
 
 
 def raw_pixels(x: Tensor) -> Tensor:
@@ -87,20 +71,63 @@ def raw_pixels(x: Tensor) -> Tensor:
     return x.flatten(1)
 
 
+def _all_gather(x: Tensor, group: dist.ProcessGroup | None) -> list[Tensor]:
+    """Every rank's `x` (same shape on all), on the CPU; sent through the GPU under NCCL, which has no CPU path."""
+    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
+              else torch.device("cpu"))
+    x = x.to(device)
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x, group=group)
+    return [p.cpu() for p in parts]
+
+
+def _gather_rows(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Every rank's rows of `x` (any number per rank), concatenated in rank order."""
+    sizes = all_gather_object(len(x))
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype)
+    padded[: len(x)] = x
+    return torch.cat([p[:n] for p, n in zip(_all_gather(padded, group), sizes)])
+
+
 @torch.no_grad()
 def knn_top1(
     bank: Tensor, bank_labels: Tensor, queries: Tensor, query_labels: Tensor,
-    k: int = 20, temperature: float = 0.07, chunk: int = 1024,
+    k: int = 20, temperature: float = 0.07, chunk: int = 1024, group: dist.ProcessGroup | None = None,
 ) -> float:
-    """Top-1 accuracy (in %) of the exp(s/T)-weighted k-NN vote; features must be L2-normalised."""
-    num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
-    k = min(k, len(bank))
+    """Top-1 accuracy (in %) of the exp(s/T)-weighted k-NN vote; features must be L2-normalised.
+
+    Under torch.distributed each rank passes its own part of the bank and of the queries, and all get the
+    same figure. The bank never moves: every rank scores all queries against its part and keeps its k best,
+    then the ranks' candidates are merged (an ImageNet bank, 1.28M x 2048 in fp32, is 10 GB: gathering it on
+    every rank is what limits DINO's kNN). Only the queries and k candidates per query and rank travel."""
+    grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    if grouped:
+        queries, query_labels = _gather_rows(queries, group), _gather_rows(query_labels, group)
+    top = max(int(bank_labels.max()) if len(bank_labels) else -1, int(query_labels.max()))
+    num_classes = (max(all_gather_object(top)) if grouped else top) + 1
     correct = 0
     for start in range(0, len(queries), chunk):
-        sim, idx = (queries[start : start + chunk] @ bank.t()).topk(k, dim=1)
-        votes = torch.zeros(len(sim), num_classes).scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
+        q = queries[start : start + chunk]
+        sim, labels = _local_top_k(q, bank, bank_labels, k)
+        if grouped:  # the k best of every rank's part of the bank -> the k best overall
+            sim, best = torch.cat(_all_gather(sim, group), dim=1).topk(k, dim=1)
+            labels = torch.cat(_all_gather(labels, group), dim=1).gather(1, best)
+        votes = torch.zeros(len(q), num_classes).scatter_add_(1, labels, (sim / temperature).exp())
         correct += (votes.argmax(dim=1) == query_labels[start : start + chunk]).sum().item()
     return 100.0 * correct / len(queries)
+
+
+def _local_top_k(queries: Tensor, bank: Tensor, bank_labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k most similar bank rows per query: (similarities, labels), each (Q, k). A bank of fewer than k
+    rows is padded with similarity -inf (weight exp(-inf) = 0), so every rank contributes k candidates."""
+    sim = queries @ bank.t() if len(bank) else torch.zeros(len(queries), 0)
+    n = min(k, sim.shape[1])
+    sim, idx = sim.topk(n, dim=1)
+    labels = bank_labels[idx]
+    if n < k:
+        sim = torch.cat([sim, torch.full((len(queries), k - n), float("-inf"))], dim=1)
+        labels = torch.cat([labels, torch.zeros(len(queries), k - n, dtype=labels.dtype)], dim=1)
+    return sim, labels
 
 
 def load_trunk(cfg: Config, checkpoint: Path | None) -> nn.Module:
@@ -114,25 +141,66 @@ def load_trunk(cfg: Config, checkpoint: Path | None) -> nn.Module:
     return model.trunk.eval()
 
 
+Split = tuple[dict[str, Tensor], Tensor]  # ({encoder name: features}, labels) of this rank's part of a split
+
+
+def split_features(
+    cfg: Config,
+    encoders: dict[str, Callable[[Tensor], Tensor]],
+    device: torch.device | str = "cpu",
+    num_workers: int = 2,
+    show_progress: bool = True,
+) -> tuple[Split, Split]:
+    """Features of the train split (eval.train_shards, default data.train_shards) and of the test split
+    (eval.test_shards), each a shard set or an ImageFolder. Under torch.distributed, of this rank's part."""
+    e = cfg.eval
+    if not e.test_shards:
+        raise ConfigError("eval.test_shards is not set: give the test split (a shard directory or an ImageFolder)")
+    bank_set = (open_labelled(e.train_shards) if e.train_shards
+                else open_labelled(cfg.data.train_shards, cfg.data.train_manifest))
+    query_set = open_labelled(e.test_shards)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    transform = EvalTransform(e.resize, e.crop)
+    mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
+    dtype = autocast_dtype(cfg.train.precision, torch.device(device))  # the precision the network trained in
+    bank, bank_y = extract_features(encoders, bank_set.part(rank, world), transform, mean, std, e.batch_size,
+                                    num_workers, device, "bank (train split)", dtype, show_progress)
+    queries, query_y = extract_features(encoders, query_set.part(rank, world), transform, mean, std, e.batch_size,
+                                        num_workers, device, "queries (test split)", dtype, show_progress)
+    return (bank, bank_y), (queries, query_y)
+
+
 def evaluate(
     cfg: Config,
     encoders: dict[str, Callable[[Tensor], Tensor]],
     device: torch.device | str = "cpu",
     num_workers: int = 2,
+    show_progress: bool = True,
 ) -> dict[str, float]:
-    """kNN top-1 of each named encoder, bank = eval.train_shards (default data.train_shards), queries =
-    eval.test_shards."""
+    """kNN top-1 of each named encoder: bank = the train split, queries = the test split (`split_features`).
+    Under torch.distributed every rank extracts the features of its part of both, and all ranks return the
+    same figures."""
+    (bank, bank_y), (queries, query_y) = split_features(cfg, encoders, device, num_workers, show_progress)
     e = cfg.eval
-    bank_manifest = (open_shards(e.train_shards) if e.train_shards
-                     else open_shards(cfg.data.train_shards, cfg.data.train_manifest))
-    if not e.test_shards:
-        raise ValueError("eval.test_shards is not set: give the shard directory of the test split")
-    query_manifest = open_shards(e.test_shards)
-    transform = EvalTransform(e.resize, e.crop)
-    mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
-    dtype = autocast_dtype(cfg.train.precision, torch.device(device))  # the precision the network trained in
-    bank, bank_y = extract_features(encoders, bank_manifest, transform, mean, std, e.batch_size, num_workers,
-                                    device, "bank (train split)", dtype)
-    queries, query_y = extract_features(encoders, query_manifest, transform, mean, std, e.batch_size,
-                                        num_workers, device, "queries (test split)", dtype)
     return {name: knn_top1(bank[name], bank_y, queries[name], query_y, e.k, e.temperature) for name in encoders}
+
+
+def knn_during_training(cfg: Config, model: nn.Module, parameters: dict[str, Tensor], device: torch.device,
+                        num_workers: int) -> float:
+    """kNN top-1 of the network being trained (every rank calls it; all get the figure).
+
+    The trunk is rebuilt whole on each rank from `parameters` (the engine's `full_parameters()`) and rank 0's
+    buffers (BatchNorm statistics differ per rank; a checkpoint keeps rank 0's), so the forward passes need no
+    collective whatever the engine shards: ranks read parts of different sizes. Neither the model nor the
+    training RNG is touched, so the run continues exactly as without the evaluation."""
+    from swav_scale.train import build_model
+
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for b in buffers.values():
+            dist.broadcast(b, src=0)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        copy = build_model(cfg)
+        copy.load_state_dict({**parameters, **buffers}, strict=True)
+        trunk = copy.trunk.to(device).eval()
+        return evaluate(cfg, {"trunk": trunk}, device, num_workers, show_progress=False)["trunk"]

@@ -151,11 +151,18 @@ def launch_local(cfg: Config, nproc: int) -> None:
     from swav_scale.train import preflight
 
     preflight(cfg, nproc)  # fail here, once, rather than in every rank
-    run_dir = Path(cfg.train.run_dir)
-    logs = run_dir / "logs"
+    logs = Path(cfg.train.run_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     config_file = logs / "launch-config.yaml"
     atomic_write_text(config_file, to_yaml(cfg))
+    run_local_ranks([sys.executable, "-m", "swav_scale.launcher", str(config_file)], nproc, logs)
+
+
+def run_local_ranks(command: list[str], nproc: int, logs: Path) -> None:
+    """Run `command` as ranks 0..nproc-1 of one torch.distributed job on this machine (the environment torchrun
+    would give them) and wait for all; rank 0 keeps the terminal, rank N writes logs/rank-N.log. Signals are
+    forwarded; if a rank fails, the others are stopped and the failure is raised."""
+    logs.mkdir(parents=True, exist_ok=True)
     base_env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -169,8 +176,7 @@ def launch_local(cfg: Config, nproc: int) -> None:
         env = {**base_env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
         log = None if rank == 0 else logs / f"rank-{rank}.log"
         out = None if log is None else open(log, "w")
-        cmd = [sys.executable, "-m", "swav_scale.launcher", str(config_file)]
-        procs.append((rank, subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None),
+        procs.append((rank, subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT if out else None),
                       log))
         if out:
             out.close()

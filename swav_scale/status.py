@@ -20,7 +20,7 @@ from swav_scale.distributed import DistEnv
 from swav_scale.utils import console
 
 
-def _json_lines(path: Path) -> list[dict[str, Any]]:
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
     """The complete lines of a JSONL file that may be in the middle of an append."""
     if not path.is_file():
         return []
@@ -55,12 +55,12 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     checkpoints = Checkpointer(run_dir / "checkpoints", DistEnv(0, 1, 0, 1, torch.device("cpu")))
     latest = checkpoints.latest()
     meta = json.loads((latest / META).read_text()) if latest else {}
-    metrics = _json_lines(run_dir / "metrics.jsonl")
+    metrics = read_json_lines(run_dir / "metrics.jsonl")
     launches = json.loads((run_dir / "meta.json").read_text())["launches"] if (run_dir / "meta.json").is_file() else []
-    submissions = _json_lines(run_dir / "jobs.jsonl")
+    submissions = read_json_lines(run_dir / "jobs.jsonl")
     job_ids = list(dict.fromkeys([s["job_id"] for s in submissions] +
                                  [x["slurm_job_id"] for x in launches if x.get("slurm_job_id")]))
-    last = metrics[-1] if metrics else {}
+    last = next((m for m in reversed(metrics) if "loss" in m), {})  # not a kNN line (eval.every_epochs)
     root = run_dir / "checkpoints"
     return {
         "run_dir": str(run_dir),

@@ -16,7 +16,8 @@ from typing import NamedTuple
 import torch
 
 from swav_scale.checkpoint import Checkpointer, RNGState, TrainProgress
-from swav_scale.config import Config, SwAVConfig, check_queue, check_world
+from swav_scale.config import Config, ConfigError, SwAVConfig, check_queue, check_world
+from swav_scale.data.labelled import open_labelled
 from swav_scale.data.loader import MultiCropStream, ShardLoader
 from swav_scale.data.plan import Layout, Planner, steps_per_epoch
 from swav_scale.data.multicrop import CropSpec, MultiCrop, device_views
@@ -25,6 +26,7 @@ from swav_scale.data.sources import open_shards
 from swav_scale.diagnostics import HealthCheck, code_statistics
 from swav_scale.distributed import DistEnv, all_reduce_mean
 from swav_scale.engines import Engine, build_engine
+from swav_scale.knn import knn_during_training
 from swav_scale.models import build_swav_model
 from swav_scale.optim import Schedule
 from swav_scale.preemption import StopRequested, StopSignals
@@ -38,6 +40,7 @@ class StepResult(NamedTuple):
     loss: torch.Tensor
     scores: list[torch.Tensor]  # C.z per crop, detached
     codes: dict[int, torch.Tensor]  # Sinkhorn codes per assigned crop
+    grad_norm: float | None = None  # L2 norm of the step's gradients over the whole model, when measured
 
 
 @dataclass
@@ -88,7 +91,21 @@ def preflight(cfg: Config, world_size: int) -> tuple[Manifest, int]:
     manifest = open_shards(cfg.data.train_shards, cfg.data.train_manifest)
     steps_per_epoch(manifest, world_size * batch_per_rank)
     check_queue(cfg)
+    check_periodic_knn(cfg)
     return manifest, batch_per_rank
+
+
+def check_periodic_knn(cfg: Config) -> None:
+    """eval.every_epochs needs the test split, and finds out now rather than after the first epoch."""
+    if cfg.eval.every_epochs <= 0:
+        return
+    if not cfg.eval.test_shards:
+        raise ConfigError(f"eval.every_epochs={cfg.eval.every_epochs} runs kNN during pretraining, on "
+                          "eval.test_shards, which is not set: give the held-out split (shards or an ImageFolder), "
+                          "or set eval.every_epochs=0")
+    open_labelled(cfg.eval.test_shards)
+    if cfg.eval.train_shards:
+        open_labelled(cfg.eval.train_shards)
 
 
 def check_bad_samples(loader: ShardLoader, cfg: Config, env: DistEnv) -> int:
@@ -111,8 +128,9 @@ def check_bad_samples(loader: ShardLoader, cfg: Config, env: DistEnv) -> int:
 
 
 def swav_step(engine: Engine, views: list[torch.Tensor], swav: SwAVConfig, step: int, lr: float,
-              queue: FeatureQueue | None) -> StepResult:
-    """One SwAV iteration on this rank's views; returns the loss, scores and codes. `queue` (when its epoch has
+              queue: FeatureQueue | None, measure_grad_norm: bool = False) -> StepResult:
+    """One SwAV iteration on this rank's views; returns the loss, scores and codes (and the gradient norm when
+    measured: at log steps only, since it reads a value back from the device). `queue` (when its epoch has
     come) gives Sinkhorn its rows once full and takes this step's embeddings of the assigned crops."""
     engine.set_lr(lr)
     engine.normalize_prototypes()
@@ -128,8 +146,8 @@ def swav_step(engine: Engine, views: list[torch.Tensor], swav: SwAVConfig, step:
     engine.backward(loss)
     if step < swav.freeze_prototypes_iters:
         engine.freeze_prototypes()
-    engine.step()
-    return StepResult(loss, [x.detach() for x in scores], codes)
+    grad_norm = engine.step(measure_grad_norm)
+    return StepResult(loss, [x.detach() for x in scores], codes, grad_norm)
 
 
 def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None) -> TrainResult:
@@ -192,11 +210,13 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None) -> TrainR
                 views = device_views(batch.views, env.device, mean, std, cfg.crops.color_on_device)
                 if cfg.train.channels_last:  # sharded engines keep weights contiguous; convs follow the input
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                result = swav_step(engine, views, cfg.swav, step, lr, queue if use_queue_epoch else None)
+                end_of_epoch = loader.at_epoch_end  # this batch is the epoch's last
+                log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == last_step or end_of_epoch
+                result = swav_step(engine, views, cfg.swav, step, lr, queue if use_queue_epoch else None,
+                                   measure_grad_norm=log_now)
                 progress.step += 1
 
-                end_of_epoch = loader.at_epoch_end
-                if progress.step % cfg.train.log_every == 0 or progress.step == last_step or end_of_epoch:
+                if log_now:
                     bad_samples = check_bad_samples(loader, cfg, env)
                     loss_value = all_reduce_mean(result.loss.detach().float()).item()
                     if not math.isfinite(loss_value):
@@ -213,11 +233,20 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None) -> TrainR
                     if metrics:
                         metrics.write(progress.step, epoch=epoch, loss=loss_value, lr=lr, images_per_s=round(ips, 1),
                                       bad_samples=bad_samples, loss_over_ln_k=round(loss_value / health.ln_k, 4),
-                                      **stats)
+                                      grad_norm=result.grad_norm, **stats)
                     if bar:
                         bar.update(progress.step, epoch, loss_value, lr, ips)
                 elif bar:
                     bar.update(progress.step, epoch, None, lr, None)
+
+                if end_of_epoch and cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0:
+                    top1 = knn_during_training(cfg, engine.model, engine.full_parameters(), env.device,
+                                               cfg.data.num_workers)
+                    if metrics:
+                        metrics.write(progress.step, epoch=epoch, knn_top1=top1)
+                    if env.is_main:
+                        console.print(f"epoch {epoch}: kNN top-1 {top1:.2f} on {cfg.eval.test_shards}", highlight=False)
+                    tick = time.time()  # the evaluation is not training time
 
                 requeue, stop = stops.agreed() if stops else (False, False)
                 if (progress.step % cfg.train.checkpoint_every == 0 or end_of_epoch or progress.step == last_step

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -47,20 +48,27 @@ def views_for(rank: int, step: int, batch: int = 4) -> list[torch.Tensor]:
     return [torch.randn(batch, 3, 16, 16, generator=g) for _ in range(2)] + [torch.randn(batch, 3, 8, 8, generator=g)]
 
 
-def train_ranks(rank: int, world: int, overrides: list[str]) -> list[dict[str, torch.Tensor]]:
-    """Parameters at the start, after the frozen steps and at the end. A queue of 2 steps' embeddings joins
-    Sinkhorn from the third step on, so the queue's scoring by the (sharded) prototypes is compared too."""
+class Trace(NamedTuple):
+    snapshots: list[dict[str, torch.Tensor]]  # parameters at the start, after the frozen steps, at the end
+    grad_norms: list[float]  # measured at every step
+
+
+def train_ranks(rank: int, world: int, overrides: list[str]) -> Trace:
+    """Parameters at the start, after the frozen steps and at the end, and the gradient norm of every step. A
+    queue of 2 steps' embeddings joins Sinkhorn from the third step on, so the queue's scoring by the
+    (sharded) prototypes is compared too."""
     cfg = load_config(None, overrides)
     torch.manual_seed(cfg.train.seed)
     engine = build_engine(cfg, build_model(cfg), DistEnv(rank, world, rank, world, torch.device("cpu")))
     queue = FeatureQueue(2, 8, cfg.model.embed_dim)
-    snapshots = [engine.full_parameters()]
+    snapshots, norms = [engine.full_parameters()], []
     for step in range(STEPS):
         lr = cfg.optim.base_lr * (step + 1) / STEPS  # a schedule: every engine must apply set_lr
-        swav_step(engine, views_for(rank, step), cfg.swav, step, lr, queue)
+        result = swav_step(engine, views_for(rank, step), cfg.swav, step, lr, queue, measure_grad_norm=True)
+        norms.append(result.grad_norm)
         if step + 1 == FREEZE:
             snapshots.append(engine.full_parameters())
-    return snapshots + [engine.full_parameters()]
+    return Trace(snapshots + [engine.full_parameters()], norms)
 
 
 def without_pre_norm_bias(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -78,7 +86,7 @@ def assert_same(reference: dict[str, torch.Tensor], other: dict[str, torch.Tenso
 
 
 @functools.cache
-def ddp_reference(optim: str) -> list[list[dict[str, torch.Tensor]]]:
+def ddp_reference(optim: str) -> list[Trace]:
     return run_ranks(train_ranks, 2, small_config("ddp", optim))
 
 
@@ -87,8 +95,16 @@ def test_fsdp_trains_like_ddp(optim: str) -> None:
     ddp = ddp_reference(optim)
     fsdp = run_ranks(train_ranks, 2, small_config("fsdp", optim))
     for rank in range(2):
-        assert_same(ddp[0][-1], fsdp[rank][-1], atol=1e-5)
-    assert_prototypes_frozen_then_trained(fsdp[0])
+        assert_same(ddp[0].snapshots[-1], fsdp[rank].snapshots[-1], atol=1e-5)
+        assert_same_grad_norms(ddp[0].grad_norms, fsdp[rank].grad_norms)
+    assert_prototypes_frozen_then_trained(fsdp[0].snapshots)
+
+
+def assert_same_grad_norms(reference: list[float], other: list[float]) -> None:
+    """The engine's gradient norm is the whole model's on every rank, frozen steps included (prototypes left
+    out there), as DDP sees it: ZeRO and FSDP add up their shards and the replicated prototypes."""
+    assert all(n > 0 for n in reference)
+    assert other == pytest.approx(reference, rel=1e-5)
 
 
 def assert_prototypes_frozen_then_trained(snapshots: list[dict[str, torch.Tensor]]) -> None:
@@ -104,8 +120,9 @@ def test_deepspeed_zero_trains_like_ddp(stage: int, optim: str) -> None:
     ddp = ddp_reference(optim)
     zero = run_ranks(train_ranks, 2, small_config("deepspeed", optim, **{"train.zero_stage": str(stage)}))
     for rank in range(2):
-        assert_same(ddp[0][-1], zero[rank][-1], atol=1e-5)
-    assert_prototypes_frozen_then_trained(zero[0])
+        assert_same(ddp[0].snapshots[-1], zero[rank].snapshots[-1], atol=1e-5)
+        assert_same_grad_norms(ddp[0].grad_norms, zero[rank].grad_norms)
+    assert_prototypes_frozen_then_trained(zero[0].snapshots)
 
 
 # ---- resharding: save on 2 ranks, resume on 1 and on 3

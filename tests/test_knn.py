@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import run_ranks
+
+from swav_scale.data.labelled import open_labelled
 from swav_scale.data.multicrop import EvalTransform
-from swav_scale.data.shards import read_manifest
+from swav_scale.data.reader import label_of, shard_samples
 from swav_scale.knn import extract_features, knn_top1, raw_pixels
 from swav_scale.models.resnet import build_trunk
 
@@ -32,15 +36,65 @@ def test_knn_top1_counts_over_chunks() -> None:
     assert knn_top1(bank, torch.tensor([0, 1, 2, 3]), queries, torch.tensor([0, 1, 2, 0, 0]), k=1, chunk=2) == 80.0
 
 
+def random_features(n: int, dim: int = 8, classes: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, dim, generator=g), dim=1), torch.randint(0, classes, (n,), generator=g)
+
+
+# Uneven parts on purpose: rank 2 of 3 holds fewer bank rows than k and no queries at all.
+BANK_CUTS = {2: [0, 60, 97], 3: [0, 50, 94, 97]}
+QUERY_CUTS = {2: [0, 30, 41], 3: [0, 11, 41, 41]}
+
+
+def knn_on_parts(rank: int, world: int, k: int) -> float:
+    bank, bank_y = random_features(97, seed=1)
+    queries, query_y = random_features(41, seed=2)
+    b, q = BANK_CUTS[world], QUERY_CUTS[world]
+    return knn_top1(bank[b[rank] : b[rank + 1]], bank_y[b[rank] : b[rank + 1]],
+                    queries[q[rank] : q[rank + 1]], query_y[q[rank] : q[rank + 1]], k=k, chunk=16)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_knn_over_ranks_equals_one_process(world: int) -> None:
+    """Each rank keeps its part of the bank; merging every rank's k best gives the single-process vote."""
+    bank, bank_y = random_features(97, seed=1)
+    queries, query_y = random_features(41, seed=2)
+    for k in (5, 20):
+        alone = knn_top1(bank, bank_y, queries, query_y, k=k)
+        assert 0 < alone < 100
+        assert run_ranks(knn_on_parts, world, k) == [alone] * world
+
+
+def test_image_folder_reads_like_the_shards(fmnist_test_shards: Path, tmp_path: Path) -> None:
+    """The same images as an ImageFolder tree (root/<class>/<file>.png): the same labels and pixels. (Class
+    folders are numbered so that their sorted order, which numbers ImageFolder classes, is the shards'.)"""
+    shards = open_labelled(str(fmnist_test_shards))
+    for unit in shards.units:
+        for sample in shard_samples(unit.name):
+            folder = tmp_path / "folder" / f"class-{label_of(sample):02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{sample['__key__']}.png").write_bytes(sample["png"])
+    images = open_labelled(str(tmp_path / "folder"))
+    assert images.total == shards.total and len(images.units) == 1
+    assert images.classes == [f"class-{i:02d}" for i in range(len(shards.classes))]
+    transform = EvalTransform(28, 28)
+    a, a_y = extract_features({"p": raw_pixels}, shards.units, transform, MEAN, STD, num_workers=0)
+    b, b_y = extract_features({"p": raw_pixels}, images.units, transform, MEAN, STD, num_workers=0)
+    order_a, order_b = a_y.argsort(stable=True), b_y.argsort(stable=True)
+    assert torch.equal(a_y[order_a], b_y[order_b])
+    assert torch.allclose(a["p"].sum(0), b["p"].sum(0), atol=1e-4)
+    assert knn_top1(a["p"], a_y, a["p"], a_y, k=5) == knn_top1(b["p"], b_y, b["p"], b_y, k=5)
+
+
 def test_encoders_share_one_decoding_pass(fmnist_test_shards: Path) -> None:
     """Several encoders in one call give each exactly the features it gives alone, in the same sample order."""
-    manifest = read_manifest(fmnist_test_shards)
+    manifest = open_labelled(str(fmnist_test_shards))
     torch.manual_seed(0)
     trunk = build_trunk("resnet18", 0.25, small_stem=True).eval()
     transform = EvalTransform(28, 28)
-    both, labels = extract_features({"trunk": trunk, "pixels": raw_pixels}, manifest, transform, MEAN, STD,
+    both, labels = extract_features({"trunk": trunk, "pixels": raw_pixels}, manifest.units, transform, MEAN, STD,
                                     batch_size=64, num_workers=2)
-    alone, labels_alone = extract_features({"pixels": raw_pixels}, manifest, transform, MEAN, STD,
+    alone, labels_alone = extract_features({"pixels": raw_pixels}, manifest.units, transform, MEAN, STD,
                                            batch_size=64, num_workers=2)
     assert torch.equal(labels, labels_alone) and len(labels) == manifest.total
     assert torch.equal(both["pixels"], alone["pixels"])
@@ -50,12 +104,12 @@ def test_encoders_share_one_decoding_pass(fmnist_test_shards: Path) -> None:
 
 def test_bf16_features_stay_close_to_fp32(fmnist_test_shards: Path) -> None:
     """A network trained in bf16 is evaluated in bf16; its features must agree with the fp32 ones."""
-    manifest = read_manifest(fmnist_test_shards)
+    units = open_labelled(str(fmnist_test_shards)).units
     torch.manual_seed(0)
     trunk = build_trunk("resnet18", 0.25, small_stem=True).eval()
     transform = EvalTransform(28, 28)
-    fp32, _ = extract_features({"t": trunk}, manifest, transform, MEAN, STD, batch_size=100, num_workers=0)
-    bf16, _ = extract_features({"t": trunk}, manifest, transform, MEAN, STD, batch_size=100, num_workers=0,
+    fp32, _ = extract_features({"t": trunk}, units, transform, MEAN, STD, batch_size=100, num_workers=0)
+    bf16, _ = extract_features({"t": trunk}, units, transform, MEAN, STD, batch_size=100, num_workers=0,
                                dtype=torch.bfloat16)
     assert not torch.equal(fp32["t"], bf16["t"]), "autocast must actually run the encoder in bf16"
     assert (fp32["t"] * bf16["t"]).sum(dim=1).min() > 0.99  # cosine similarity of unit vectors
@@ -69,3 +123,4 @@ def test_eval_transform_matches_resize_then_centre_crop() -> None:
         image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
         expected = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop)])(image)
         assert torch.equal(EvalTransform(resize, crop)(image), expected), (h, w, resize, crop)
+

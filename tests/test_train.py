@@ -159,23 +159,30 @@ def test_damaged_shards_stop_every_rank_with_a_clear_message(tmp_path: Path) -> 
 ], ids=["fsdp", "zero3"])
 def test_sharded_engines_train_resume_on_fewer_ranks_and_evaluate(engine: tuple[str, ...], fmnist_train_shards: Path,
                                                                    fmnist_test_shards: Path, tmp_path: Path) -> None:
-    """The real loop under a sharded engine: 2 ranks, resumed on 1 (the checkpoint resharded), then kNN and
-    export."""
+    """The real loop under a sharded engine: 2 ranks to the end of the first epoch, with kNN during
+    pretraining from the sharded parameters; resumed on 1 (the checkpoint resharded); then kNN and export."""
     run_dir = tmp_path / "sharded"
-    for nproc, stop in ((2, 9), (1, 14)):
+    for nproc, stop in ((2, 19), (1, 24)):  # 637 samples, global batch 32: 19 steps per epoch
         proc = swav_scale("pretrain", str(REPO / "configs" / "quickstart.yaml"), *TINY, *engine,
                           f"data.train_shards={fmnist_train_shards}", f"train.run_dir={run_dir}",
-                          f"train.max_steps={stop}", "--nproc", str(nproc))
+                          f"train.max_steps={stop}", "eval.every_epochs=1", f"eval.test_shards={fmnist_test_shards}",
+                          "--nproc", str(nproc))
         assert proc.returncode == 0, proc.stdout + proc.stderr
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["step"] == 14 and all(m["loss"] > 0 for m in metrics)
-    proc = swav_scale("knn", str(run_dir), f"eval.test_shards={fmnist_test_shards}", "--workers", "1")
+    knn = [m for m in metrics if "knn_top1" in m]
+    assert metrics[-1]["step"] == 24 and all(m["loss"] > 0 for m in metrics if "loss" in m)
+    assert [m["step"] for m in knn] == [19]
+    proc = swav_scale("knn", str(run_dir), "--workers", "1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "step-00000014" in proc.stdout
+    assert "step-00000024" in proc.stdout
+    # the kNN the sharded ranks ran at step 19 is the kNN of the consolidated checkpoint of that step
+    proc = swav_scale("knn", str(run_dir), "--checkpoint", str(run_dir / "checkpoints" / "step-00000019"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"{knn[0]['knn_top1']:.2f}" in proc.stdout, proc.stdout
     # export consolidates the shards / ZeRO partitions into one file of the trunk's weights
     proc = swav_scale("export", str(run_dir), "--format", "pth")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    exported = torch.load(run_dir / "export" / "step-00000014" / "backbone.pth")
+    exported = torch.load(run_dir / "export" / "step-00000024" / "backbone.pth")
     weights = final_weights(run_dir)
     assert exported.keys() == {k[len("trunk."):] for k in weights if k.startswith("trunk.")}
     assert all(torch.equal(v, weights[f"trunk.{k}"]) for k, v in exported.items())

@@ -18,7 +18,7 @@ class Engine(Protocol):
 
     Per step the loop calls `set_lr`, `normalize_prototypes()`, `module(views)` for the forward pass,
     `prototype_scores` for the queue, `backward(loss)`, `freeze_prototypes()` during the first iterations,
-    and `step()`. The checkpointer treats the engine as one stateful object: `state_dict()` is in the
+    and `step()`, which at log steps also measures the gradient norm. The checkpointer treats the engine as one stateful object: `state_dict()` is in the
     distributed-checkpoint (DCP) format, so engines that shard save their shards and load at another world
     size. An engine whose state lives partly in its own files (DeepSpeed) also implements checkpoint.py's
     `OwnFiles`.
@@ -43,7 +43,11 @@ class Engine(Protocol):
         """Leave the prototypes out of this step (after backward): SwAV freezes them for the first iterations."""
         ...
 
-    def step(self) -> None: ...
+    def step(self, measure_grad_norm: bool = False) -> float | None:
+        """Apply the optimizer to this step's gradients. With `measure_grad_norm`, return the L2 norm of those
+        gradients over every parameter of the model on all ranks (frozen prototypes have none), as DDP would
+        see it whatever the sharding; every rank must pass the same flag, since sharded engines reduce it."""
+        ...
 
     def full_parameters(self) -> dict[str, Tensor]:
         """Every parameter of the SwAV model, whole and in float32, by its name in SwAVModel (collective)."""
@@ -72,6 +76,14 @@ class Autocast:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def local_sum_of_squares(grads: list[Tensor]) -> Tensor:
+    """Sum of squared entries of `grads` in float32: this rank's part of a global L2 norm. The square of
+    torch's total norm, not a loop of .pow(2).sum(), so it costs one fused reduction per tensor list."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    return torch.nn.utils.get_total_norm([g.float() for g in grads], norm_type=2.0) ** 2
 
 
 def drop_grads(params: list[nn.Parameter]) -> None:

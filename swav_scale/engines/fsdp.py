@@ -15,7 +15,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from swav_scale.distributed import DistEnv
-from swav_scale.engines.base import autocast_dtype
+from swav_scale.engines.base import autocast_dtype, local_sum_of_squares
 from swav_scale.engines.ddp import OptimizerFactory, TorchEngine
 from swav_scale.swav import normalize_prototypes_
 
@@ -69,7 +69,8 @@ class FSDPEngine(TorchEngine):
         self.device = env.device
         self.dtype = autocast_dtype(precision, env.device)
         self.model = model.to(env.device)
-        if env.world_size > 1 and dist.is_initialized():
+        self.sharded = env.world_size > 1 and dist.is_initialized()
+        if self.sharded:
             mesh = init_device_mesh(env.device.type, (env.world_size,))
             parallelize(self.model, mesh, bf16_params=env.device.type == "cuda" and self.dtype == torch.bfloat16)
         # a lone rank has nothing to shard: it runs the plain model, and still loads and saves DCP checkpoints
@@ -85,6 +86,16 @@ class FSDPEngine(TorchEngine):
         # C is K x 128, small: gather it whole rather than depend on whether FSDP holds it sharded right now
         weight = self.model.prototypes.weight
         return embeddings @ (weight.full_tensor() if isinstance(weight, DTensor) else weight).t()
+
+    def grad_norm(self) -> float:
+        """Each rank squares and sums its own gradient shards; one all-reduce adds the ranks' parts. (A DTensor's
+        own norm would cost one collective per parameter.)"""
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                 for p in self.model.parameters() if p.grad is not None]
+        total = local_sum_of_squares(grads).to(self.device)
+        if self.sharded:
+            dist.all_reduce(total)
+        return total.sqrt().item()
 
     def full_parameters(self) -> dict[str, Tensor]:
         """Every parameter whole, on every rank (all-gathered from the shards)."""

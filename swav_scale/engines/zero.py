@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from swav_scale.distributed import DistEnv, barrier, ensure_process_group
-from swav_scale.engines.base import Autocast, autocast_dtype, broadcast_buffers, drop_grads, set_lr
+from swav_scale.engines.base import (Autocast, autocast_dtype, broadcast_buffers, drop_grads, local_sum_of_squares,
+                                     set_lr)
 from swav_scale.engines.ddp import OptimizerFactory, load_dcp_state
 from swav_scale.models.swav_model import embed, score_views
 from swav_scale.swav import normalize_prototypes_
@@ -122,14 +124,20 @@ class DeepSpeedEngine(Autocast):
     def freeze_prototypes(self) -> None:
         drop_grads([self.prototypes.weight])
 
-    def step(self) -> None:
+    def step(self, measure_grad_norm: bool = False) -> float | None:
         grad = self.prototypes.weight.grad
         if grad is not None and self.env.world_size > 1:
             dist.all_reduce(grad)
             grad.div_(self.env.world_size)  # a mean over ranks, as DDP and ZeRO average the other gradients
+        prototypes_sq = local_sum_of_squares([grad] if grad is not None else []).item() if measure_grad_norm else 0.0
         self.prototype_optimizer.step()
         self.prototype_optimizer.zero_grad(set_to_none=True)
         self.ds.step()
+        if not measure_grad_norm:
+            return None
+        # ZeRO computes the global norm of its partitions in every step (zero_optimization.compute_grad_norm,
+        # on by default); the replicated prototypes' gradient is added to it here
+        return math.sqrt(float(self.ds.get_global_grad_norm()) ** 2 + prototypes_sq)
 
     def full_parameters(self) -> dict[str, Tensor]:
         """Every parameter whole, in float32, on every rank (gathered from the ZeRO partitions)."""

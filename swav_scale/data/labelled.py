@@ -1,0 +1,99 @@
+"""Labelled images for evaluation (kNN bank and queries, linear probe): a shard directory or an ImageFolder tree.
+
+Evaluation reads every image once, in a fixed order, split over ranks and then over DataLoader workers by
+*units*: a shard, or a run of `FOLDER_UNIT` files of an ImageFolder. A rank's features therefore come from a
+disjoint part of the set; together the ranks cover each image exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+
+from swav_scale.data.reader import decode, label_of, shard_samples
+from swav_scale.data.shards import MANIFEST, ShardError, list_image_folder
+from swav_scale.data.sources import is_remote, open_shards
+
+FOLDER_UNIT = 1000  # ImageFolder files per unit of work: enough to amortise a worker's start, small enough to spread
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of work: a shard (its path or URL), or a list of (file, class) of an ImageFolder."""
+
+    name: str
+    count: int
+    files: tuple[tuple[str, int], ...] = ()  # ImageFolder only
+
+    def images(self) -> Iterator[tuple[Tensor, int]]:
+        """(uint8 RGB image (C, H, W), class index) for every image of the unit, in stored order."""
+        if not self.files:
+            for sample in shard_samples(self.name):
+                yield decode(sample), label_of(sample)
+            return
+        for path, label in self.files:
+            try:
+                data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+                yield decode_image(data, mode=ImageReadMode.RGB), label
+            except (OSError, RuntimeError) as e:
+                raise ShardError(f"{path} cannot be read as an image ({e}); remove or replace it") from None
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """A labelled evaluation set: its units of work and class names."""
+
+    location: str
+    units: list[Unit]
+    classes: list[str]
+
+    @property
+    def total(self) -> int:
+        return sum(u.count for u in self.units)
+
+    def part(self, rank: int, world_size: int) -> list[Unit]:
+        """This rank's units (every world_size-th): disjoint over ranks, together the whole set."""
+        return self.units[rank::world_size]
+
+
+def open_labelled(spec: str, manifest: str = "") -> LabelledImages:
+    """A shard set (a directory with manifest.json, a brace pattern or URL: see sources.py) or an ImageFolder
+    tree (root/<class>/<image>, classes sorted by name as torchvision's ImageFolder numbers them)."""
+    root = Path(spec)
+    shard_set = manifest or is_remote(spec) or "{" in spec or (root / MANIFEST).is_file()
+    if shard_set or not (root.is_dir() and any(d.is_dir() for d in root.iterdir())):
+        shards = open_shards(spec, manifest)  # also the error for a directory that is neither
+        return LabelledImages(spec, [Unit(shards.path(s), s.samples) for s in shards.shards], list(shards.classes))
+    items, classes = list_image_folder(root)
+    files = [(os.path.join(root, path), label) for path, label in items]
+    units = [Unit(f"{root}[{i}:{i + FOLDER_UNIT}]", len(files[i : i + FOLDER_UNIT]), tuple(files[i : i + FOLDER_UNIT]))
+             for i in range(0, len(files), FOLDER_UNIT)]
+    return LabelledImages(spec, units, classes)
+
+
+class LabelledStream(IterableDataset):
+    """Units as (images, labels) batches of at most `batch_size`; units split over DataLoader workers."""
+
+    def __init__(self, units: list[Unit], transform: Callable[[Tensor], Tensor], batch_size: int) -> None:
+        self.units, self.transform, self.batch_size = units, transform, batch_size
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        images, labels = [], []
+        for unit in self.units[worker::workers]:
+            for image, label in unit.images():
+                images.append(self.transform(image))
+                labels.append(label)
+                if len(images) == self.batch_size:
+                    yield torch.stack(images), torch.tensor(labels)
+                    images, labels = [], []
+        if images:
+            yield torch.stack(images), torch.tensor(labels)

@@ -1,0 +1,52 @@
+"""The researcher's workflow on a real 2-rank run: kNN during pretraining, `knn` and `linear` on 1 and 2 ranks,
+and `report`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from runs import assert_same_weights, pretrain, swav_scale
+
+
+def test_knn_during_pretraining_evaluations_on_ranks_and_the_report(fmnist_train_shards: Path,
+                                                                     fmnist_test_shards: Path,
+                                                                     tiny_full_run: Path, tmp_path: Path) -> None:
+    """eval.every_epochs=1 logs a kNN figure after each epoch and leaves the run's weights exactly those of the
+    run without it (the evaluation touches neither the model nor the RNG). `swav-scale knn` then gives the
+    same figure on the final checkpoint, on one process and on 2 ranks each reading half of the data; so does
+    `swav-scale linear`; `report` draws the curves."""
+    run_dir = tmp_path / "run"
+    pretrain(fmnist_train_shards, run_dir, "eval.every_epochs=1", f"eval.test_shards={fmnist_test_shards}")
+    assert_same_weights(run_dir, tiny_full_run)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    knn = [line for line in lines if "knn_top1" in line]
+    assert [line["epoch"] for line in knn] == [0, 1]
+    assert all(line["grad_norm"] > 0 for line in lines if "loss" in line)
+
+    for nproc in ("1", "2"):
+        proc = swav_scale("knn", str(run_dir), "--nproc", nproc)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"{knn[-1]['knn_top1']:.2f}" in proc.stdout, proc.stdout
+
+    probes = []
+    for nproc in ("1", "2"):
+        proc = swav_scale("linear", str(run_dir), "eval.linear_epochs=10", "--baselines", "--nproc", nproc)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        probes.append(json.loads((run_dir / "linear.jsonl").read_text().splitlines()[-1]))
+    # The probe itself is the same on any number of ranks (test_linear.py); here the features differ in their
+    # last bits (the convolutions see other batches), which SGD may carry to a sample or two of the 300.
+    assert abs(probes[0]["linear_top1"] - probes[1]["linear_top1"]) <= 1.0 and probes[1]["world_size"] == 2
+    assert probes[0]["step"] == knn[-1]["step"]
+    assert set(probes[0]["baselines"]) == {"random init", "raw pixels"}
+    assert 10 < probes[0]["linear_top1"] <= probes[0]["linear_top5"] <= 100
+
+    proc = swav_scale("report", str(run_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = run_dir / "report"
+    for plot in ("loss.png", "lr.png", "prototypes.png", "grad_norm.png", "knn.png", "linear.png"):
+        assert (report / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
+        assert f"]({plot})" in (report / "report.md").read_text()
+    summary = (report / "report.md").read_text()
+    assert f"last {knn[-1]['knn_top1']:.2f}" in summary
+    assert f"top-1 {probes[-1]['linear_top1']:.2f}" in summary
