@@ -246,7 +246,7 @@ def _worker_main(argv: list[str]) -> None:
                  "MASTER_ADDR, MASTER_PORT in the environment, e.g. from torchrun)")
     try:
         TrainJob(to_yaml(load_config(argv[0], argv[1:])))()
-    except (ConfigError, ShardError) as e:  # the user's to fix: a message, not a traceback
+    except (ConfigError, ShardError, FloatingPointError) as e:  # the user's to fix: a message, not a traceback
         console.print(f"[red]rank {os.environ.get('RANK', '?')}: error:[/] {escape(str(e))}", highlight=False)
         sys.exit(2)
 

@@ -127,6 +127,16 @@ def check_bad_samples(loader: ShardLoader, cfg: Config, env: DistEnv) -> int:
     return int(bad)
 
 
+def finite_loss(loss: torch.Tensor, step: int, last_good: Path | None) -> float:
+    """The loss averaged over ranks. NaN or inf stops every rank (they all see the same mean) before anything
+    is saved, naming the step and the checkpoint to go back to."""
+    value = all_reduce_mean(loss.detach().float()).item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"loss is {value} at step {step}: lower optim.base_lr or check the data; the last "
+                                 f"good checkpoint is {last_good or 'none (none was saved yet)'}")
+    return value
+
+
 def swav_step(engine: Engine, views: list[torch.Tensor], swav: SwAVConfig, step: int, lr: float,
               queue: FeatureQueue | None, measure_grad_norm: bool = False) -> StepResult:
     """One SwAV iteration on this rank's views; returns the loss, scores and codes (and the gradient norm when
@@ -218,12 +228,7 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None) -> TrainR
 
                 if log_now:
                     bad_samples = check_bad_samples(loader, cfg, env)
-                    loss_value = all_reduce_mean(result.loss.detach().float()).item()
-                    if not math.isfinite(loss_value):
-                        raise FloatingPointError(
-                            f"loss is {loss_value} at step {progress.step}: lower optim.base_lr or check the data; "
-                            f"the last good checkpoint is {saved}"
-                        )
+                    loss_value = finite_loss(result.loss, progress.step, saved)
                     now = time.time()
                     ips = images_per_step * (progress.step - tick_step) / max(now - tick, 1e-9)
                     tick, tick_step = now, progress.step
@@ -251,6 +256,8 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None) -> TrainR
                 requeue, stop = stops.agreed() if stops else (False, False)
                 if (progress.step % cfg.train.checkpoint_every == 0 or end_of_epoch or progress.step == last_step
                         or requeue or stop):
+                    if not log_now:  # never save the weights of a step whose loss is not finite
+                        finite_loss(result.loss, progress.step, saved)
                     saved = checkpointer.save(progress.step, global_states, rank_states)
                 if progress.step >= last_step:
                     break

@@ -186,3 +186,25 @@ def test_sharded_engines_train_resume_on_fewer_ranks_and_evaluate(engine: tuple[
     weights = final_weights(run_dir)
     assert exported.keys() == {k[len("trunk."):] for k in weights if k.startswith("trunk.")}
     assert all(torch.equal(v, weights[f"trunk.{k}"]) for k, v in exported.items())
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(fmnist_train_shards: Path,
+                                                                     tmp_path: Path) -> None:
+    """A good start to step 6, then resumed with inputs that make the loss NaN (a zero normalisation std):
+    every rank stops at the first step, naming it and the last good checkpoint, saves nothing (the step has
+    a checkpoint due: checkpoint_every=1), and is not retried."""
+    run_dir = tmp_path / "nan"
+    common = [str(REPO / "configs" / "quickstart.yaml"), *TINY, f"data.train_shards={fmnist_train_shards}",
+              f"train.run_dir={run_dir}"]
+    proc = swav_scale("pretrain", *common, "train.max_steps=6", "--nproc", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    good = run_dir / "checkpoints" / "step-00000006"
+    proc = swav_scale("pretrain", *common, "crops.std=[0,0,0]", "train.checkpoint_every=1", "train.log_every=5",
+                      "--nproc", "2")
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode != 0
+    assert "loss is nan at step 7" in out, out
+    assert f"thelastgoodcheckpointis{good}" in out.replace(" ", ""), out  # rich wraps long paths
+    assert "Traceback" not in out, out
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-00000006"]
+    assert all(v.isfinite().all() for k, v in final_weights(run_dir).items() if k != "step")
