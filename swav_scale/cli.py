@@ -201,25 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_status)
 
-    knn = sub.add_parser("knn", help="kNN top-1 of a run's frozen trunk on the test split")
-    knn.add_argument("run_dir")
-    knn.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.test_shards=DIR")
-    knn.add_argument("--checkpoint", help="a step-N directory (default: the run's newest)")
-    knn.add_argument("--random-init", action="store_true", help="evaluate the untrained network instead")
-    knn.add_argument("--baselines", action="store_true", help="also evaluate random init and raw pixels")
-    knn.add_argument("--workers", type=int, default=2, help="data-loading processes per rank")
-    knn.add_argument("--nproc", type=int, default=1, help="local ranks, each extracting a part of the features")
-
-    lin = sub.add_parser("linear", help="linear probe (top-1/top-5) on a run's frozen trunk features")
-    lin.add_argument("run_dir")
-    lin.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.linear_epochs=50")
-    lin.add_argument("--checkpoint", help="a step-N directory (default: the run's newest)")
-    lin.add_argument("--random-init", action="store_true", help="probe the untrained network instead")
-    lin.add_argument("--baselines", action="store_true", help="also probe random init and raw pixels")
-    lin.add_argument("--workers", type=int, default=2, help="data-loading processes per rank")
-    lin.add_argument("--nproc", type=int, default=1, help="local ranks, each extracting a part of the features")
-    lin.set_defaults(func=_linear)
-    knn.set_defaults(func=_knn)
+    evaluations = (("knn", _knn, "kNN top-1 of a run's frozen trunk on the test split", "eval.test_shards=DIR"),
+                   ("linear", _linear, "linear probe (top-1/top-5) on a run's frozen trunk features",
+                    "eval.linear_epochs=50"))
+    for name, func, help_text, example in evaluations:
+        ev = sub.add_parser(name, help=help_text)
+        ev.add_argument("run_dir")
+        ev.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+        ev.add_argument("--checkpoint", help="a step-N directory (default: the run's newest)")
+        ev.add_argument("--random-init", action="store_true", help="evaluate the untrained network instead")
+        ev.add_argument("--baselines", action="store_true", help="also evaluate random init and raw pixels")
+        ev.add_argument("--workers", type=int, default=2, help="data-loading processes per rank")
+        ev.add_argument("--nproc", type=int, default=1, help="local ranks, each extracting a part of the features")
+        ev.set_defaults(func=func)
 
     rp = sub.add_parser("report", help="PNG plots (loss, lr, kNN, prototype usage, ...) and a Markdown summary")
     rp.add_argument("run_dir")
