@@ -71,28 +71,35 @@ def raw_pixels(x: Tensor) -> Tensor:
     return x.flatten(1)
 
 
-def _all_gather(x: Tensor, group: dist.ProcessGroup | None) -> list[Tensor]:
+def _all_gather(x: Tensor) -> list[Tensor]:
     """Every rank's `x` (same shape on all), on the CPU; sent through the GPU under NCCL, which has no CPU path."""
-    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
-              else torch.device("cpu"))
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     x = x.to(device)
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x, group=group)
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
     return [p.cpu() for p in parts]
 
 
-def _gather_rows(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+def _gather_rows(x: Tensor) -> Tensor:
     """Every rank's rows of `x` (any number per rank), concatenated in rank order."""
     sizes = all_gather_object(len(x))
     padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype)
     padded[: len(x)] = x
-    return torch.cat([p[:n] for p, n in zip(_all_gather(padded, group), sizes)])
+    return torch.cat([p[:n] for p, n in zip(_all_gather(padded), sizes)])
+
+
+def _same_width_everywhere(features: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A rank that read no image of a split (fewer shards than ranks) has no feature width of its own; it takes
+    the others', so that its empty part can still be gathered and scored (collective)."""
+    widths = all_gather_object({name: f.shape[1:] for name, f in features.items() if len(f)})
+    return {name: f if len(f) else f.reshape(0, *next(w[name] for w in widths if name in w))
+            for name, f in features.items()}
 
 
 @torch.no_grad()
 def knn_top1(
     bank: Tensor, bank_labels: Tensor, queries: Tensor, query_labels: Tensor,
-    k: int = 20, temperature: float = 0.07, chunk: int = 1024, group: dist.ProcessGroup | None = None,
+    k: int = 20, temperature: float = 0.07, chunk: int = 1024,
 ) -> float:
     """Top-1 accuracy (in %) of the exp(s/T)-weighted k-NN vote; features must be L2-normalised.
 
@@ -100,9 +107,9 @@ def knn_top1(
     same figure. The bank never moves: every rank scores all queries against its part and keeps its k best,
     then the ranks' candidates are merged (an ImageNet bank, 1.28M x 2048 in fp32, is 10 GB: gathering it on
     every rank is what limits DINO's kNN). Only the queries and k candidates per query and rank travel."""
-    grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if grouped:
-        queries, query_labels = _gather_rows(queries, group), _gather_rows(query_labels, group)
+        queries, query_labels = _gather_rows(queries), _gather_rows(query_labels)
     top = max(int(bank_labels.max()) if len(bank_labels) else -1, int(query_labels.max()))
     num_classes = (max(all_gather_object(top)) if grouped else top) + 1
     correct = 0
@@ -110,8 +117,8 @@ def knn_top1(
         q = queries[start : start + chunk]
         sim, labels = _local_top_k(q, bank, bank_labels, k)
         if grouped:  # the k best of every rank's part of the bank -> the k best overall
-            sim, best = torch.cat(_all_gather(sim, group), dim=1).topk(k, dim=1)
-            labels = torch.cat(_all_gather(labels, group), dim=1).gather(1, best)
+            sim, best = torch.cat(_all_gather(sim), dim=1).topk(k, dim=1)
+            labels = torch.cat(_all_gather(labels), dim=1).gather(1, best)
         votes = torch.zeros(len(q), num_classes).scatter_add_(1, labels, (sim / temperature).exp())
         correct += (votes.argmax(dim=1) == query_labels[start : start + chunk]).sum().item()
     return 100.0 * correct / len(queries)
@@ -167,6 +174,8 @@ def split_features(
                                     num_workers, device, "bank (train split)", dtype, show_progress)
     queries, query_y = extract_features(encoders, query_set.part(rank, world), transform, mean, std, e.batch_size,
                                         num_workers, device, "queries (test split)", dtype, show_progress)
+    if world > 1:
+        bank, queries = _same_width_everywhere(bank), _same_width_everywhere(queries)
     return (bank, bank_y), (queries, query_y)
 
 

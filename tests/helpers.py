@@ -46,3 +46,16 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
             errors = "\n".join(p.read_text() for p in sorted(Path(out).glob("*.err")))
             raise AssertionError(f"a rank failed:\n{errors}") from e
         return [torch.load(Path(out) / f"{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def image_folder_of(shards: Path, root: Path) -> Path:
+    """The images of a shard set as root/class-NN/<key>.png (numbered so that sorted order is the label order)."""
+    from swav_scale.data.labelled import open_labelled
+    from swav_scale.data.reader import label_of, shard_samples
+
+    for unit in open_labelled(str(shards)).units:
+        for sample in shard_samples(unit.name):
+            folder = root / f"class-{label_of(sample):02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{sample['__key__']}.png").write_bytes(sample["png"])
+    return root

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from helpers import image_folder_of
 from runs import assert_same_weights, pretrain, swav_scale
 
 
@@ -29,9 +30,12 @@ def test_knn_during_pretraining_evaluations_on_ranks_and_the_report(fmnist_train
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert f"{knn[-1]['knn_top1']:.2f}" in proc.stdout, proc.stdout
 
+    # the probe's test split as an ImageFolder: one unit of work, so the second rank reads none of it
+    folder = image_folder_of(fmnist_test_shards, tmp_path / "test-folder")
     probes = []
     for nproc in ("1", "2"):
-        proc = swav_scale("linear", str(run_dir), "eval.linear_epochs=10", "--baselines", "--nproc", nproc)
+        proc = swav_scale("linear", str(run_dir), "eval.linear_epochs=10", f"eval.test_shards={folder}", "--baselines",
+                          "--nproc", nproc)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         probes.append(json.loads((run_dir / "linear.jsonl").read_text().splitlines()[-1]))
     # The probe itself is the same on any number of ranks (test_linear.py); here the features differ in their

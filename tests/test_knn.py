@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import run_ranks
+from helpers import image_folder_of, run_ranks
 
 from swav_scale.data.labelled import open_labelled
 from swav_scale.data.multicrop import EvalTransform
-from swav_scale.data.reader import label_of, shard_samples
 from swav_scale.knn import extract_features, knn_top1, raw_pixels
 from swav_scale.models.resnet import build_trunk
 
@@ -69,12 +68,7 @@ def test_image_folder_reads_like_the_shards(fmnist_test_shards: Path, tmp_path: 
     """The same images as an ImageFolder tree (root/<class>/<file>.png): the same labels and pixels. (Class
     folders are numbered so that their sorted order, which numbers ImageFolder classes, is the shards'.)"""
     shards = open_labelled(str(fmnist_test_shards))
-    for unit in shards.units:
-        for sample in shard_samples(unit.name):
-            folder = tmp_path / "folder" / f"class-{label_of(sample):02d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{sample['__key__']}.png").write_bytes(sample["png"])
-    images = open_labelled(str(tmp_path / "folder"))
+    images = open_labelled(str(image_folder_of(fmnist_test_shards, tmp_path / "folder")))
     assert images.total == shards.total and len(images.units) == 1
     assert images.classes == [f"class-{i:02d}" for i in range(len(shards.classes))]
     transform = EvalTransform(28, 28)
