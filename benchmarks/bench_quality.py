@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from rich.table import Table
 
 from swav_scale.checkpoint import newest_checkpoint

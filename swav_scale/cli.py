@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from rich.markup import escape
@@ -76,11 +77,10 @@ def _encoders(args: argparse.Namespace, cfg: Any, run_dir: Path, device: Any) ->
     return encoders, checkpoint
 
 
-def _knn(args: argparse.Namespace) -> None:
-    """One process, `--nproc N` local ranks, or one rank of a job torchrun (or SLURM) started: each rank
-    extracts the features of its part of the bank and the queries, and rank 0 prints the table."""
+def _run_evaluation(args: argparse.Namespace, work: Callable[[Any, Any, dict[str, Any], Path | None], None]) -> None:
+    """What `knn` and `linear` share: one process, `--nproc N` local ranks, or one rank of a job torchrun (or
+    SLURM) started. Each rank builds the encoders and calls `work(cfg, env, encoders, checkpoint)`."""
     from swav_scale.distributed import init_distributed, shutdown
-    from swav_scale.knn import evaluate
 
     run_dir = Path(args.run_dir)
     cfg = load_config(run_dir / "config.yaml", args.overrides)  # a typo fails here, before any rank starts
@@ -88,31 +88,34 @@ def _knn(args: argparse.Namespace) -> None:
         return
     env = init_distributed()
     try:
-        encoders, _ = _encoders(args, cfg, run_dir, env.device)
-        results = evaluate(cfg, encoders, env.device, args.workers)
-        if env.is_main:
-            print_knn_table(results, cfg.eval.k)
+        encoders, checkpoint = _encoders(args, cfg, run_dir, env.device)
+        work(cfg, env, encoders, checkpoint)
     finally:
         shutdown()
 
 
+def _knn(args: argparse.Namespace) -> None:
+    """Each rank extracts the features of its part of the bank and the queries; rank 0 prints the table."""
+    from swav_scale.knn import evaluate
+
+    def work(cfg: Any, env: Any, encoders: dict[str, Any], checkpoint: Path | None) -> None:
+        results = evaluate(cfg, encoders, env.device, args.workers)
+        if env.is_main:
+            print_knn_table(results, cfg.eval.k)
+
+    _run_evaluation(args, work)
+
+
 def _linear(args: argparse.Namespace) -> None:
-    """Like `knn`: one process, `--nproc N` local ranks or one rank of a distributed job. Rank 0 prints the
-    table and appends the checkpoint's result to run_dir/linear.jsonl (what `report` plots)."""
+    """Rank 0 prints the table and appends the checkpoint's result to run_dir/linear.jsonl (what `report`
+    plots)."""
     import json
     import time
 
     from swav_scale.checkpoint import META
-    from swav_scale.distributed import init_distributed, shutdown
     from swav_scale.linear import probe
 
-    run_dir = Path(args.run_dir)
-    cfg = load_config(run_dir / "config.yaml", args.overrides)
-    if _started_local_ranks(args, run_dir):
-        return
-    env = init_distributed()
-    try:
-        encoders, checkpoint = _encoders(args, cfg, run_dir, env.device)
+    def work(cfg: Any, env: Any, encoders: dict[str, Any], checkpoint: Path | None) -> None:
         results = probe(cfg, encoders, env.device, args.workers)
         if not env.is_main:
             return
@@ -128,10 +131,10 @@ def _linear(args: argparse.Namespace) -> None:
                     "checkpoint": str(checkpoint), "linear_top1": mine.top1, "linear_top5": mine.top5,
                     "linear_epochs": cfg.eval.linear_epochs, "world_size": env.world_size,
                     "baselines": {n: [r.top1, r.top5] for n, r in list(results.items())[1:]}}
-            with open(run_dir / "linear.jsonl", "a") as f:  # one line per probe: appends never lose earlier ones
+            with open(Path(args.run_dir) / "linear.jsonl", "a") as f:  # one line per probe, earlier ones kept
                 f.write(json.dumps(line) + "\n")
-    finally:
-        shutdown()
+
+    _run_evaluation(args, work)
 
 
 def _report(args: argparse.Namespace) -> None:

@@ -65,13 +65,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _grouped() -> bool:
+def grouped() -> bool:
+    """Whether this process is one of several in a process group (collectives have someone to talk to)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` on every rank (a lone process gets its own back)."""
-    if not _grouped():
+    if not grouped():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -80,7 +81,7 @@ def broadcast_object(obj: Any) -> Any:
 
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order."""
-    if not _grouped():
+    if not grouped():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -92,6 +93,13 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         value = value.clone()
         dist.all_reduce(value)
         value /= dist.get_world_size()
+    return value
+
+
+def all_reduce_sum_(value: torch.Tensor) -> torch.Tensor:
+    """`value` summed over the ranks, in place (a lone process keeps its own)."""
+    if grouped():
+        dist.all_reduce(value)
     return value
 
 

@@ -21,7 +21,7 @@ from swav_scale.checkpoint import load_model_weights
 from swav_scale.config import Config, ConfigError
 from swav_scale.data.labelled import LabelledStream, Unit, open_labelled
 from swav_scale.data.multicrop import EvalTransform, normalize
-from swav_scale.distributed import all_gather_object
+from swav_scale.distributed import all_gather_object, grouped
 from swav_scale.engines.base import autocast_dtype
 from swav_scale.utils import progress_bar
 
@@ -107,16 +107,16 @@ def knn_top1(
     same figure. The bank never moves: every rank scores all queries against its part and keeps its k best,
     then the ranks' candidates are merged (an ImageNet bank, 1.28M x 2048 in fp32, is 10 GB: gathering it on
     every rank is what limits DINO's kNN). Only the queries and k candidates per query and rank travel."""
-    grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if grouped:
+    several = grouped()
+    if several:
         queries, query_labels = _gather_rows(queries), _gather_rows(query_labels)
     top = max(int(bank_labels.max()) if len(bank_labels) else -1, int(query_labels.max()))
-    num_classes = (max(all_gather_object(top)) if grouped else top) + 1
+    num_classes = max(all_gather_object(top)) + 1
     correct = 0
     for start in range(0, len(queries), chunk):
         q = queries[start : start + chunk]
         sim, labels = _local_top_k(q, bank, bank_labels, k)
-        if grouped:  # the k best of every rank's part of the bank -> the k best overall
+        if several:  # the k best of every rank's part of the bank -> the k best overall
             sim, best = torch.cat(_all_gather(sim), dim=1).topk(k, dim=1)
             labels = torch.cat(_all_gather(labels), dim=1).gather(1, best)
         votes = torch.zeros(len(q), num_classes).scatter_add_(1, labels, (sim / temperature).exp())
@@ -205,7 +205,7 @@ def knn_during_training(cfg: Config, model: nn.Module, parameters: dict[str, Ten
     from swav_scale.train import build_model
 
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if grouped():
         for b in buffers.values():
             dist.broadcast(b, src=0)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

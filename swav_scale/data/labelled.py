@@ -50,7 +50,6 @@ class Unit:
 class LabelledImages:
     """A labelled evaluation set: its units of work and class names."""
 
-    location: str
     units: list[Unit]
     classes: list[str]
 
@@ -70,12 +69,12 @@ def open_labelled(spec: str, manifest: str = "") -> LabelledImages:
     shard_set = manifest or is_remote(spec) or "{" in spec or (root / MANIFEST).is_file()
     if shard_set or not (root.is_dir() and any(d.is_dir() for d in root.iterdir())):
         shards = open_shards(spec, manifest)  # also the error for a directory that is neither
-        return LabelledImages(spec, [Unit(shards.path(s), s.samples) for s in shards.shards], list(shards.classes))
+        return LabelledImages([Unit(shards.path(s), s.samples) for s in shards.shards], list(shards.classes))
     items, classes = list_image_folder(root)
     files = [(os.path.join(root, path), label) for path, label in items]
     units = [Unit(f"{root}[{i}:{i + FOLDER_UNIT}]", len(files[i : i + FOLDER_UNIT]), tuple(files[i : i + FOLDER_UNIT]))
              for i in range(0, len(files), FOLDER_UNIT)]
-    return LabelledImages(spec, units, classes)
+    return LabelledImages(units, classes)
 
 
 class LabelledStream(IterableDataset):
