@@ -66,6 +66,8 @@ def test_engine_and_optimizer_choices_are_checked() -> None:
         load_config(None, [*base, "train.engine=fsdp2"])
     with pytest.raises(ConfigError, match="train.zero_stage=4"):
         load_config(None, [*base, "train.zero_stage=4"])
+    with pytest.raises(ConfigError, match="train.zero_bucket_elements=0: a bucket holds at least one element"):
+        load_config(None, [*base, "train.zero_bucket_elements=0"])
     with pytest.raises(ConfigError, match="optim.name='lamb'"):
         load_config(None, [*base, "optim.name=lamb"])
     cfg = load_config(None, [*base, "train.engine=deepspeed", "optim.name=adamw", "train.zero_stage=3"])

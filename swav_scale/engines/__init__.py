@@ -33,5 +33,5 @@ def build_engine(cfg: Config, model: nn.Module, env: DistEnv) -> Engine:
         from swav_scale.engines.zero import DeepSpeedEngine  # deepspeed takes seconds to import
 
         return DeepSpeedEngine(model, make_optimizer, env, t.precision, t.zero_stage,
-                               cfg.optim.batch_size // env.world_size)
+                               cfg.optim.batch_size // env.world_size, t.zero_bucket_elements)
     raise ValueError(f"train.engine={t.engine!r} is not known")

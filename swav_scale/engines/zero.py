@@ -8,7 +8,10 @@ a partitioned C. C is K x 128 (0.4M parameters for K = 3000): replicating it cos
 
 Precision: parameters and ZeRO's partitions stay fp32 and the forward runs under torch.autocast, as in the
 other engines. DeepSpeed's own bf16 mode would cast BatchNorm weights to bf16 beside fp32 running
-statistics, which torch's batch_norm refuses.
+statistics, which torch's batch_norm refuses. With fp32 partitions ZeRO-3 means its fp32 master partition
+to be the partition itself (stage3.py: "we don't need another copy of the weights"), but DeepSpeed 0.19.8
+compares a torch.device with a str there, which is never equal, and keeps a second copy;
+`share_master_partitions` restores the intended sharing.
 
 Checkpoints: DeepSpeed's files (`save_checkpoint`) for its part, DCP for the prototypes. Resumed on another
 number of ranks, the DeepSpeed files are converted to DeepSpeed's universal checkpoint first
@@ -65,12 +68,14 @@ class SwAVForward(nn.Module):
         return score_views(self.embedder(crops), self.prototypes, crops)
 
 
-def deepspeed_config(stage: int, batch_per_rank: int, world_size: int, load_universal: bool = False) -> dict:
+def deepspeed_config(stage: int, batch_per_rank: int, world_size: int, bucket_elements: int,
+                     load_universal: bool = False) -> dict:
+    buckets = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
     return {
         "train_micro_batch_size_per_gpu": batch_per_rank,
         "gradient_accumulation_steps": 1,
         "train_batch_size": batch_per_rank * world_size,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, **dict.fromkeys(buckets, bucket_elements)},
         "gradient_clipping": 0.0,  # DeepSpeed clips to norm 1 unless told otherwise; the other engines do not clip
         "zero_allow_untested_optimizer": True,  # our torch AdamW / SGD, which ZeRO partitions
         "steps_per_print": 2**62,  # the loop logs; DeepSpeed's own step prints would interleave with it
@@ -80,10 +85,11 @@ def deepspeed_config(stage: int, batch_per_rank: int, world_size: int, load_univ
 
 class DeepSpeedEngine(Autocast):
     def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, env: DistEnv, precision: str,
-                 stage: int, batch_per_rank: int) -> None:
+                 stage: int, batch_per_rank: int, bucket_elements: int) -> None:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         ensure_process_group(env)
         self.device, self.env, self.stage, self.batch_per_rank = env.device, env, stage, batch_per_rank
+        self.bucket_elements = bucket_elements
         self.dtype = autocast_dtype(precision, env.device)
         self.make_optimizer = make_optimizer
         # ZeRO flattens parameters into contiguous buffers; convolutions follow the channels-last inputs
@@ -98,9 +104,12 @@ class DeepSpeedEngine(Autocast):
         self.ds, *_ = deepspeed.initialize(
             model=embedder,
             optimizer=self.make_optimizer(embedder.parameters()),
-            config=deepspeed_config(self.stage, self.batch_per_rank, self.env.world_size, load_universal),
+            config=deepspeed_config(self.stage, self.batch_per_rank, self.env.world_size, self.bucket_elements,
+                                    load_universal),
             dist_init_required=False,
         )
+        if self.stage == 3:
+            share_master_partitions(self.ds.optimizer)
         self.module = SwAVForward(self.ds, self.prototypes)
 
     @property
@@ -186,6 +195,32 @@ class DeepSpeedEngine(Autocast):
                                           load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"rank {self.env.rank}: DeepSpeed found no checkpoint in {directory / TAG}")
+
+
+def share_master_partitions(optimizer: Any) -> int:
+    """Make each fp32 master partition of a ZeRO-3 optimizer share its storage with the parameter partition
+    it is a copy of, where both are fp32 on one device; returns the bytes freed.
+
+    That sharing is what DeepSpeed's stage 3 does when the model trains in fp32 under torch.autocast: its step
+    then updates the master partition and copies it onto the parameter partition, a copy onto itself. In
+    DeepSpeed 0.19.8 the check that chooses it (`partition.device == self.device`, a torch.device against the
+    str of `current_device_name()`) is never true, so each rank holds its parameter partition twice: 0.63x
+    DDP's per-rank state instead of 0.5x at 2 ranks (docs/benchmarks.md). Reassigning `.data` keeps the master
+    tensors themselves, which the inner optimizer's param_groups and state are keyed by. A master partition
+    that is not an exact copy (another dtype, offloading) is left alone.
+    """
+    low = getattr(optimizer, "fp16_partitioned_groups_flat", [])
+    masters = getattr(optimizer, "fp32_partitioned_groups_flat", [])
+    freed = 0
+    for partition, master in zip(low, masters):
+        if (partition is None or master is partition or master.dtype != partition.dtype
+                or master.device != partition.device or master.shape != partition.shape
+                or master.untyped_storage().data_ptr() == partition.untyped_storage().data_ptr()
+                or not torch.equal(master, partition)):
+            continue
+        freed += master.untyped_storage().nbytes()
+        master.data = partition.data
+    return freed
 
 
 def convert_to_universal(source: Path, target: Path) -> None:
