@@ -37,19 +37,13 @@ import datetime
 import gc
 import importlib.metadata
 import json
-import os
 import resource
-import socket
-import tempfile
-import traceback
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import run_ranks
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -152,38 +146,6 @@ def measure(rank: int, world: int, overrides: list[str], steps: int, batch: int)
             "rss_increase_kib": maxrss - rss_before, "n_params": n_params, "n_trunk_params": n_trunk}
 
 
-def _entry(rank: int, world: int, port: int, out: str, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's deprecated collectives, in ZeRO
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        (Path(out) / f"{rank}.json").write_text(json.dumps(measure(rank, world, *args)))
-    except BaseException:
-        (Path(out) / f"{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def run_engine(world: int, args: tuple) -> list[dict[str, Any]]:
-    """`world` fresh gloo processes; each rank's numbers, or RuntimeError with the ranks' tracebacks."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out:
-        try:
-            mp.spawn(_entry, args=(world, port, out, args), nprocs=world, join=True)
-        except Exception as e:
-            errors = "\n".join(p.read_text() for p in sorted(Path(out).glob("*.err"))) or str(e)
-            if errors != str(e) or len(list(Path(out).glob("*.json"))) < world:
-                raise RuntimeError(errors) from e
-            # every rank measured, then one died on the way out (DeepSpeed's threads, at times): keep the numbers
-            Console(stderr=True).print(f"[yellow]a rank exited abnormally after measuring: {escape(str(e))}[/]")
-        return [json.loads((Path(out) / f"{r}.json").read_text()) for r in range(world)]
-
-
 def overrides_for(engine: str, a: argparse.Namespace) -> list[str]:
     name, stage = ENGINES[engine]
     o = {"data.train_shards": "unused", "model.arch": a.arch, "model.small_stem": "true",
@@ -215,7 +177,7 @@ def main() -> None:
     failures: dict[str, str] = {}
     for engine in engines:
         try:
-            results[engine] = run_engine(a.world, (overrides_for(engine, a), a.steps, a.batch))
+            results[engine] = run_ranks(measure, a.world, overrides_for(engine, a), a.steps, a.batch)
         except RuntimeError as e:
             failures[engine] = str(e)
     try:

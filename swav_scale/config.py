@@ -254,6 +254,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"crops.ratio={c.ratio}: give [lowest, highest] aspect ratio, 0 < lowest <= highest")
     if len(c.color_jitter) != 4:
         raise ConfigError("crops.color_jitter needs 4 entries: brightness, contrast, saturation, hue")
+    if cfg.swav.sinkhorn_iterations < 1:
+        raise ConfigError(f"swav.sinkhorn_iterations={cfg.swav.sinkhorn_iterations}: Sinkhorn needs at least 1 "
+                          "iteration to give codes that are distributions (SwAV uses 3)")
+    for name in ("epsilon", "temperature"):
+        if getattr(cfg.swav, name) <= 0:
+            raise ConfigError(f"swav.{name}={getattr(cfg.swav, name)} must be positive (SwAV: epsilon 0.05, "
+                              "temperature 0.1)")
     total_crops = sum(c.counts)
     for i in cfg.swav.crops_for_assign:
         if not 0 <= i < total_crops:

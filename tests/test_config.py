@@ -66,6 +66,10 @@ def test_engine_and_optimizer_choices_are_checked() -> None:
         load_config(None, [*base, "train.engine=fsdp2"])
     with pytest.raises(ConfigError, match="train.zero_stage=4"):
         load_config(None, [*base, "train.zero_stage=4"])
+    with pytest.raises(ConfigError, match="swav.sinkhorn_iterations=0: Sinkhorn needs at least 1"):
+        load_config(None, [*base, "swav.sinkhorn_iterations=0"])
+    with pytest.raises(ConfigError, match="swav.epsilon=0.0 must be positive"):
+        load_config(None, [*base, "swav.epsilon=0"])
     with pytest.raises(ConfigError, match="train.zero_bucket_elements=0: a bucket holds at least one element"):
         load_config(None, [*base, "train.zero_bucket_elements=0"])
     with pytest.raises(ConfigError, match="optim.name='lamb'"):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from helpers import run_ranks
 
 from torch.distributed.device_mesh import init_device_mesh
+from torch.overrides import TorchFunctionMode
 
 from swav_scale.checkpoint import Checkpointer, TrainProgress
 from swav_scale.config import load_config
@@ -125,6 +126,57 @@ def test_deepspeed_zero_trains_like_ddp(stage: int, optim: str) -> None:
         assert_same(ddp[0].snapshots[-1], zero[rank].snapshots[-1], atol=1e-5)
         assert_same_grad_norms(ddp[0].grad_norms, zero[rank].grad_norms)
     assert_prototypes_frozen_then_trained(zero[0].snapshots)
+
+
+# Tensor methods that make the host wait for the device (on a GPU): reading a value, or an output whose size
+# depends on the data
+HOST_SYNCS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "nonzero",
+              "unique", "unique_consecutive", "masked_select"}
+
+
+class HostSyncs(TorchFunctionMode):
+    """Records every call, in Python, of a tensor function that reads a result back to the host, except on
+    the optimizers' step counters: torch keeps those on the host (unless capturable or fused), so reading one
+    waits for nothing."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        super().__init__()
+        self.optimizers, self.seen = optimizers, []
+
+    def on_host(self, t: object) -> bool:
+        counters = (s.get("step") for o in self.optimizers for s in o.state.values())
+        return any(t is c for c in counters)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if getattr(func, "__name__", "") in HOST_SYNCS and not (args and self.on_host(args[0])):
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def host_syncs_per_step(rank: int, world: int, overrides: list[str]) -> list[list[str]]:
+    """The host syncs of each SwAV step, queue full: a frozen step, a trained one, then one measuring the
+    gradient norm (a log step)."""
+    cfg = load_config(None, overrides)
+    torch.manual_seed(cfg.train.seed)
+    engine = build_engine(cfg, build_model(cfg), DistEnv(rank, world, rank, world, torch.device("cpu")))
+    optimizers = [getattr(o, "optimizer", o) for o in getattr(engine, "optimizers", None) or [engine.optimizer]]
+    queue = FeatureQueue(2, 4, cfg.model.embed_dim)
+    seen = []
+    for step, measure in ((0, False), (FREEZE, False), (FREEZE + 1, True)):
+        with HostSyncs(optimizers) as syncs:
+            swav_step(engine, views_for(rank, step), cfg.swav, step, cfg.optim.base_lr, queue, measure)
+        seen.append(syncs.seen)
+    return seen
+
+
+@pytest.mark.parametrize(("engine", "optim"), [("ddp", "lars"), ("ddp", "adamw"), ("fsdp", "lars")])
+def test_a_step_reads_nothing_back_from_the_device_unless_it_logs(engine: str, optim: str) -> None:
+    """No .item(), bool() or data-dependent shape in a step (the loop reads the loss at log steps only): on a
+    GPU each would stall the host until the device catches up. Sinkhorn, the queue, the loss, prototype
+    freezing and the optimizer step are all covered; the gradient norm is read at a log step only."""
+    for frozen, trained, logged in run_ranks(host_syncs_per_step, 2, small_config(engine, optim)):
+        assert frozen == [] and trained == []
+        assert logged == ["item"]
 
 
 def zero3_after_steps(rank: int, world: int, overrides: list[str]) -> tuple[list[bool], int]:
