@@ -19,7 +19,7 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 # Scores are cosines (z and the rows of C are unit vectors), so exp(C.z / epsilon) lies in
 # [exp(-1/epsilon), exp(1/epsilon)]: within float32 (normal numbers from exp(-87) to exp(88)) while
