@@ -23,12 +23,11 @@ import inspect
 import json
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from ranks import run_ranks
+from ranks import add_engine_arguments, chosen_engines, run_ranks
 from rich.console import Console
 from rich.table import Table
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -156,16 +155,9 @@ def overrides_for(engine: str, a: argparse.Namespace) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet50")
-    p.add_argument("--world", type=int, default=2)
-    p.add_argument("--batch", type=int, default=2, help="per rank")
-    p.add_argument("--engines", default="ddp,fsdp,zero2,zero3", help=f"comma-separated, of {', '.join(ENGINES)}")
-    p.add_argument("--set", nargs="*", default=[], help="extra config overrides, key=value")
-    p.add_argument("--json", type=Path)
+    add_engine_arguments(p, "resnet50", "ddp,fsdp,zero2,zero3", ENGINES)
     a = p.parse_args()
-    engines = a.engines.split(",")
-    if unknown := [e for e in engines if e not in ENGINES]:
-        p.error(f"unknown engines {unknown}; known: {', '.join(ENGINES)}")
+    engines = chosen_engines(p, a.engines, ENGINES)
     console = Console(width=150)
     results = {e: run_ranks(count_step, a.world, overrides_for(e, a), a.batch)[0] for e in engines}
     first = next(iter(results.values()))

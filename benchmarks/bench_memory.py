@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ranks import run_ranks
+from ranks import add_engine_arguments, chosen_engines, run_ranks
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -158,19 +158,12 @@ def overrides_for(engine: str, a: argparse.Namespace) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="resnet50w2")
-    p.add_argument("--world", type=int, default=2)
+    add_engine_arguments(p, "resnet50w2", "ddp,fsdp,zero3", ENGINES)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--batch", type=int, default=2, help="per rank")
     p.add_argument("--global-px", type=int, default=32)
     p.add_argument("--local-px", type=int, default=16)
-    p.add_argument("--engines", default="ddp,fsdp,zero3", help=f"comma-separated, of {', '.join(ENGINES)}")
-    p.add_argument("--set", nargs="*", default=[], help="extra config overrides, key=value")
-    p.add_argument("--json", type=Path)
     a = p.parse_args()
-    engines = a.engines.split(",")
-    if unknown := [e for e in engines if e not in ENGINES]:
-        p.error(f"unknown engines {unknown}; known: {', '.join(ENGINES)}")
+    engines = chosen_engines(p, a.engines, ENGINES)
     if a.steps < 2:
         p.error("--steps must be >= 2: AdamW creates its state at the first step")
     results: dict[str, list[dict[str, Any]]] = {}

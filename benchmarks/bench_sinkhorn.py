@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from references import lightly_sinkhorn, original_sinkhorn
 from rich.console import Console
 from rich.table import Table
+from timing import interleaved_medians
 
 from swav_scale.swav import sinkhorn
 
@@ -35,23 +33,6 @@ def parse_case(case: str) -> tuple[int, int, int]:
     rows, k = case.split("x")
     batch, _, queue = rows.partition("+")
     return int(batch), int(queue or 0), int(k)
-
-
-def median_ms(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Each function's median time; they take turns, one call each per round, so that a change in the
-    machine's speed during the run reaches all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(repeats + 2):
-        for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 2:  # two warm-up calls
-                times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -75,13 +56,14 @@ def main() -> None:
         z = F.normalize(torch.randn(batch + queue, 128, generator=g), dim=1)
         prototypes = F.normalize(torch.randn(k, 128, generator=g), dim=1)
         scores = (z @ prototypes.t()).to(device)
-        ms = median_ms({
+        seconds = interleaved_medians({
             "ours": lambda: sinkhorn(scores),
             # the references divide their input in place: each gets a copy, whose time is then taken off
             "original": lambda: original_sinkhorn(scores.clone()),
             "lightly": lambda: lightly_sinkhorn(scores.clone()),
             "copy": lambda: scores.clone(),
         }, a.repeats, device)
+        ms = {name: 1e3 * t for name, t in seconds.items()}
         ours, original, lightly = ms["ours"], ms["original"] - ms["copy"], ms["lightly"] - ms["copy"]
         diff = (sinkhorn(scores) - original_sinkhorn(scores.clone())).abs().max().item()
         label = f"{batch}{f' + {queue} queue' if queue else ''} x {k}"

@@ -26,37 +26,19 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from references import LightlyStep, OriginalStep
 from rich.console import Console
 from rich.table import Table
+from timing import interleaved_medians
 
 from swav_scale.config import load_config
 from swav_scale.distributed import DistEnv
 from swav_scale.engines import build_engine
 from swav_scale.engines.base import autocast_dtype
 from swav_scale.train import build_model, swav_step
-
-
-def median_step_s(variants: dict[str, Callable[[], object]], steps: int, device: torch.device) -> dict[str, float]:
-    """Each variant's median step time. The variants take turns, one step each per round, so that a change in
-    the machine's speed during the run (another process, the clock) reaches all of them alike."""
-    times: dict[str, list[float]] = {label: [] for label in variants}
-    for i in range(steps + 2):
-        for label, step in variants.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 2:  # two warm-up steps: kernel selection, optimizer state
-                times[label].append(time.perf_counter() - start)
-    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def main() -> None:
@@ -125,7 +107,7 @@ def main() -> None:
     console.print(f"[bold]SwAV step[/]  {a.arch}{f' width {a.width}' if a.width else ''}, crops {crop_text} px, "
                   f"batch {a.batch}, K {a.prototypes}, SGD; {name}, {torch.get_num_threads()} threads, "
                   f"torch {torch.__version__}, {datetime.date.today()}")
-    images_per_s = {label: a.batch / t for label, t in median_step_s(variants, a.steps, device).items()}
+    images_per_s = {label: a.batch / t for label, t in interleaved_medians(variants, a.steps, device).items()}
     table = Table()
     for col in ("step", "images/s", "swav_scale / this", "swav_scale fp32 / this"):
         table.add_column(col, justify="left" if col == "step" else "right")

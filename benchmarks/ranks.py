@@ -4,13 +4,14 @@ JSON-serialisable result."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
 import tempfile
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +52,21 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
             # every rank measured, then one died on the way out (DeepSpeed's threads, at times): keep the numbers
             Console(stderr=True).print(f"[yellow]a rank exited abnormally after measuring: {escape(str(e))}[/]")
         return [json.loads((Path(out) / f"{r}.json").read_text()) for r in range(world)]
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, arch: str, engines: str, known: Iterable[str]) -> None:
+    """The options every per-engine benchmark takes: model, ranks, batch, engines, overrides, JSON output."""
+    parser.add_argument("--arch", default=arch)
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2, help="per rank")
+    parser.add_argument("--engines", default=engines, help=f"comma-separated, of {', '.join(known)}")
+    parser.add_argument("--set", nargs="*", default=[], help="extra config overrides, key=value")
+    parser.add_argument("--json", type=Path)
+
+
+def chosen_engines(parser: argparse.ArgumentParser, engines: str, known: Iterable[str]) -> list[str]:
+    """--engines as a list; an unknown name is a usage error."""
+    chosen = engines.split(",")
+    if unknown := [e for e in chosen if e not in known]:
+        parser.error(f"unknown engines {unknown}; known: {', '.join(known)}")
+    return chosen

@@ -197,9 +197,9 @@ class DeepSpeedEngine(Autocast):
             raise RuntimeError(f"rank {self.env.rank}: DeepSpeed found no checkpoint in {directory / TAG}")
 
 
-def share_master_partitions(optimizer: Any) -> int:
+def share_master_partitions(optimizer: Any) -> None:
     """Make each fp32 master partition of a ZeRO-3 optimizer share its storage with the parameter partition
-    it is a copy of, where both are fp32 on one device; returns the bytes freed.
+    it is a copy of, where both are fp32 on one device.
 
     That sharing is what DeepSpeed's stage 3 does when the model trains in fp32 under torch.autocast: its step
     then updates the master partition and copies it onto the parameter partition, a copy onto itself. In
@@ -211,16 +211,12 @@ def share_master_partitions(optimizer: Any) -> int:
     """
     low = getattr(optimizer, "fp16_partitioned_groups_flat", [])
     masters = getattr(optimizer, "fp32_partitioned_groups_flat", [])
-    freed = 0
     for partition, master in zip(low, masters):
-        if (partition is None or master is partition or master.dtype != partition.dtype
-                or master.device != partition.device or master.shape != partition.shape
-                or master.untyped_storage().data_ptr() == partition.untyped_storage().data_ptr()
-                or not torch.equal(master, partition)):
-            continue
-        freed += master.untyped_storage().nbytes()
-        master.data = partition.data
-    return freed
+        if (partition is not None and master.dtype == partition.dtype and master.device == partition.device
+                and master.shape == partition.shape
+                and master.untyped_storage().data_ptr() != partition.untyped_storage().data_ptr()
+                and torch.equal(master, partition)):
+            master.data = partition.data
 
 
 def convert_to_universal(source: Path, target: Path) -> None:
