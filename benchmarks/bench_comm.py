@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from ranks import add_engine_arguments, chosen_engines, run_ranks
+from ranks import add_engine_arguments, chosen_engines, engine_overrides, run_ranks
 from rich.console import Console
 from rich.table import Table
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -39,8 +39,6 @@ from swav_scale.queue import FeatureQueue
 from swav_scale.train import build_model, swav_step
 
 MIB = 2**20
-ENGINES = {"ddp": ("ddp", 2), "fsdp": ("fsdp", 2), "zero1": ("deepspeed", 1), "zero2": ("deepspeed", 2),
-           "zero3": ("deepspeed", 3)}
 # collective -> the argument whose size is its payload: the whole tensor reduced or gathered. The names of
 # torch.distributed's functions and of DeepSpeed's communication backend (`deepspeed.comm.comm.cdb`), which
 # calls torch functions it looked up once, when it was created, so that patching torch alone would miss them
@@ -145,19 +143,18 @@ def count_step(rank: int, world: int, overrides: list[str], batch: int) -> dict[
 
 
 def overrides_for(engine: str, a: argparse.Namespace) -> list[str]:
-    name, stage = ENGINES[engine]
     o = {"data.train_shards": "unused", "model.arch": a.arch, "crops.sizes": "[32,16]", "crops.counts": "[2,4]",
-         "optim.name": "adamw", "optim.batch_size": str(a.batch * a.world), "train.engine": name,
-         "train.zero_stage": str(stage), "train.precision": "fp32", "train.channels_last": "false",
+         "optim.name": "adamw", "optim.batch_size": str(a.batch * a.world),
+         "train.precision": "fp32", "train.channels_last": "false",
          "swav.freeze_prototypes_iters": "0", "swav.queue_length": str(a.batch * a.world)}
-    return [f"{k}={v}" for k, v in o.items()] + a.set
+    return [f"{k}={v}" for k, v in o.items()] + engine_overrides(engine) + a.set
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_engine_arguments(p, "resnet50", "ddp,fsdp,zero2,zero3", ENGINES)
+    add_engine_arguments(p, "resnet50", "ddp,fsdp,fsdp-keep,zero2,zero3")
     a = p.parse_args()
-    engines = chosen_engines(p, a.engines, ENGINES)
+    engines = chosen_engines(p, a.engines)
     console = Console(width=150)
     results = {e: run_ranks(count_step, a.world, overrides_for(e, a), a.batch)[0] for e in engines}
     first = next(iter(results.values()))

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ranks import add_engine_arguments, chosen_engines, run_ranks
+from ranks import add_engine_arguments, chosen_engines, engine_overrides, run_ranks
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -59,9 +59,7 @@ MIB = 2**20
 TARGET = 0.55  # sharded per-rank state / DDP's, at 2 ranks
 # the engines the target is for: those that shard the parameters too. ZeRO-1 partitions the optimizer state
 # and ZeRO-2 also the gradients; both keep every parameter whole on every rank, so cannot reach it
-SHARD_PARAMETERS = {"fsdp", "deepspeed", "zero3"}
-ENGINES = {"ddp": ("ddp", 0), "fsdp": ("fsdp", 0), "deepspeed": ("deepspeed", 3),
-           "zero1": ("deepspeed", 1), "zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3)}
+SHARD_PARAMETERS = {"fsdp", "fsdp-keep", "zero3"}
 
 
 def tensors_in(obj: Any) -> Iterator[Tensor]:
@@ -147,23 +145,22 @@ def measure(rank: int, world: int, overrides: list[str], steps: int, batch: int)
 
 
 def overrides_for(engine: str, a: argparse.Namespace) -> list[str]:
-    name, stage = ENGINES[engine]
     o = {"data.train_shards": "unused", "model.arch": a.arch, "model.small_stem": "true",
          "crops.sizes": f"[{a.global_px},{a.local_px}]", "crops.counts": "[2,2]",
-         "optim.name": "adamw", "optim.batch_size": str(a.batch * a.world), "train.engine": name,
-         "train.zero_stage": str(stage or 2), "train.precision": "fp32", "train.channels_last": "false",
+         "optim.name": "adamw", "optim.batch_size": str(a.batch * a.world),
+         "train.precision": "fp32", "train.channels_last": "false",
          "swav.freeze_prototypes_iters": "0"}  # the prototypes step too, so their optimizer state exists
-    return [f"{k}={v}" for k, v in o.items()] + a.set
+    return [f"{k}={v}" for k, v in o.items()] + engine_overrides(engine) + a.set
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_engine_arguments(p, "resnet50w2", "ddp,fsdp,zero3", ENGINES)
+    add_engine_arguments(p, "resnet50w2", "ddp,fsdp,zero3")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--global-px", type=int, default=32)
     p.add_argument("--local-px", type=int, default=16)
     a = p.parse_args()
-    engines = chosen_engines(p, a.engines, ENGINES)
+    engines = chosen_engines(p, a.engines)
     if a.steps < 2:
         p.error("--steps must be >= 2: AdamW creates its state at the first step")
     results: dict[str, list[dict[str, Any]]] = {}

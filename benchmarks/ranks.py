@@ -11,7 +11,7 @@ import socket
 import tempfile
 import traceback
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,19 +54,35 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
         return [json.loads((Path(out) / f"{r}.json").read_text()) for r in range(world)]
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser, arch: str, engines: str, known: Iterable[str]) -> None:
+# The engines the per-engine benchmarks compare, as config overrides. fsdp-keep keeps each trunk unit gathered
+# from its forward to its backward (one all-gather a step instead of one per crop resolution plus backward).
+ENGINES = {
+    "ddp": {"train.engine": "ddp"},
+    "fsdp": {"train.engine": "fsdp"},
+    "fsdp-keep": {"train.engine": "fsdp", "train.fsdp_reshard_after_forward": "false"},
+    "zero1": {"train.engine": "deepspeed", "train.zero_stage": "1"},
+    "zero2": {"train.engine": "deepspeed", "train.zero_stage": "2"},
+    "zero3": {"train.engine": "deepspeed", "train.zero_stage": "3"},
+}
+
+
+def engine_overrides(engine: str) -> list[str]:
+    return [f"{k}={v}" for k, v in ENGINES[engine].items()]
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, arch: str, engines: str) -> None:
     """The options every per-engine benchmark takes: model, ranks, batch, engines, overrides, JSON output."""
     parser.add_argument("--arch", default=arch)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2, help="per rank")
-    parser.add_argument("--engines", default=engines, help=f"comma-separated, of {', '.join(known)}")
+    parser.add_argument("--engines", default=engines, help=f"comma-separated, of {', '.join(ENGINES)}")
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides, key=value")
     parser.add_argument("--json", type=Path)
 
 
-def chosen_engines(parser: argparse.ArgumentParser, engines: str, known: Iterable[str]) -> list[str]:
+def chosen_engines(parser: argparse.ArgumentParser, engines: str) -> list[str]:
     """--engines as a list; an unknown name is a usage error."""
     chosen = engines.split(",")
-    if unknown := [e for e in chosen if e not in known]:
-        parser.error(f"unknown engines {unknown}; known: {', '.join(known)}")
+    if unknown := [e for e in chosen if e not in ENGINES]:
+        parser.error(f"unknown engines {unknown}; known: {', '.join(ENGINES)}")
     return chosen

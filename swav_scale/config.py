@@ -110,6 +110,17 @@ class TrainConfig:
     # most models, so the whole gradient would sit in one bucket beside its partitions: ZeRO-3's RSS increase
     # was 1.30x DDP's with it, 1.04x with 2.5e7 (100 MB fp32; docs/benchmarks.md). Larger: fewer collectives.
     zero_bucket_elements: int = 25_000_000
+    # FSDP2: free each gathered trunk unit after its forward (true), or keep it until its backward (false):
+    # two all-gathers of the trunk a step, or one, for the memory of the whole unsharded trunk from forward
+    # to backward (docs/scaling.md and docs/benchmarks.md measure both).
+    fsdp_reshard_after_forward: bool = True
+    # torch.compile each trunk unit (ResNet stage, ViT block) in place; engines.compile_units says how and why.
+    # Compiling costs a minute or more at start-up and again on each resume. Not with ZeRO-3 (its hooks on
+    # every layer would be traced into the graphs).
+    compile: bool = False
+    # Ranks per SyncBatchNorm group on GPU (0: all ranks). The original's syncbn_process_group_size: 8 keeps
+    # BatchNorm's per-layer collectives inside a node of 8 GPUs (docs/scaling.md).
+    sync_batchnorm_group: int = 0
     precision: str = "auto"  # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | bf16 | fp32
     sync_batchnorm: bool = True  # on GPU only: gloo has no SyncBatchNorm
     channels_last: bool = True  # NHWC convolutions: 1.2-1.3x faster on CPU (oneDNN), the fast path on GPU
@@ -274,6 +285,13 @@ def validate(cfg: Config) -> None:
     if cfg.train.zero_bucket_elements < 1:
         raise ConfigError(f"train.zero_bucket_elements={cfg.train.zero_bucket_elements}: a bucket holds at least "
                           f"one element (25000000 is the default)")
+    if cfg.train.compile and cfg.train.engine == "deepspeed" and cfg.train.zero_stage == 3:
+        raise ConfigError("train.compile=true with ZeRO-3: DeepSpeed gathers each layer's parameters in hooks that "
+                          "torch.compile would trace into the graph. Use train.engine=fsdp (which compiles "
+                          "per unit, outside its gathers), ZeRO-1/2, or train.compile=false")
+    if cfg.train.sync_batchnorm_group < 0:
+        raise ConfigError(f"train.sync_batchnorm_group={cfg.train.sync_batchnorm_group}: give the ranks per "
+                          "group (8 = one node of 8 GPUs), or 0 for all ranks")
     if cfg.optim.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name={cfg.optim.name!r}: choose one of {', '.join(OPTIMIZERS)}")
     if cfg.train.engine == "deepspeed" and cfg.optim.name == "lars":
@@ -291,7 +309,10 @@ def validate(cfg: Config) -> None:
 
 def check_world(cfg: Config, world_size: int) -> int:
     """The per-rank batch size, or an error if the global batch does not split over the ranks."""
-    b = cfg.optim.batch_size
+    b, group = cfg.optim.batch_size, cfg.train.sync_batchnorm_group
+    if group and world_size % group:
+        raise ConfigError(f"train.sync_batchnorm_group={group} does not divide the {world_size} ranks into whole "
+                          f"groups; use a divisor of {world_size} (the GPUs of a node), or 0 for all ranks")
     if b % world_size:
         raise ConfigError(
             f"optim.batch_size={b} (global) does not split evenly over {world_size} ranks; "

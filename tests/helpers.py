@@ -32,6 +32,10 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out
     except BaseException:
         (Path(out_dir) / f"{rank}.err").write_text(traceback.format_exc())
         raise
+    else:
+        # no rank tears its group down while another still communicates (a ZeRO-3 rank once aborted in
+        # teardown, "terminate called without an active exception", under a loaded machine)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

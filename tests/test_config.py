@@ -56,6 +56,10 @@ def test_world_size_checks() -> None:
     assert check_world(cfg, 3) == 32
     with pytest.raises(ConfigError, match="does not split evenly over 5 ranks"):
         check_world(cfg, 5)
+    cfg.train.sync_batchnorm_group = 2
+    with pytest.raises(ConfigError, match="train.sync_batchnorm_group=2 does not divide the 3 ranks"):
+        check_world(cfg, 3)
+    assert check_world(cfg, 4) == 24
 
 
 def test_engine_and_optimizer_choices_are_checked() -> None:
@@ -72,6 +76,11 @@ def test_engine_and_optimizer_choices_are_checked() -> None:
         load_config(None, [*base, "swav.epsilon=0"])
     with pytest.raises(ConfigError, match="train.zero_bucket_elements=0: a bucket holds at least one element"):
         load_config(None, [*base, "train.zero_bucket_elements=0"])
+    with pytest.raises(ConfigError, match="train.compile=true with ZeRO-3: DeepSpeed gathers"):
+        load_config(None, [*base, "train.engine=deepspeed", "optim.name=adamw", "train.zero_stage=3",
+                           "train.compile=true"])
+    with pytest.raises(ConfigError, match="train.sync_batchnorm_group=-1: give the ranks per group"):
+        load_config(None, [*base, "train.sync_batchnorm_group=-1"])
     with pytest.raises(ConfigError, match="optim.name='lamb'"):
         load_config(None, [*base, "optim.name=lamb"])
     cfg = load_config(None, [*base, "train.engine=deepspeed", "optim.name=adamw", "train.zero_stage=3"])

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from helpers import run_ranks
 
@@ -19,8 +20,8 @@ from torch.overrides import TorchFunctionMode
 from swav_scale.checkpoint import Checkpointer, TrainProgress
 from swav_scale.config import load_config
 from swav_scale.distributed import DistEnv
-from swav_scale.engines import build_engine
-from swav_scale.engines.fsdp import local_rows, parallelize
+from swav_scale.engines import batchnorm_group, build_engine
+from swav_scale.engines.fsdp import local_rows, parallelize, shard_units
 from swav_scale.optim import build_optimizer
 from swav_scale.swav import assign_codes, normalize_prototypes_, swapped_prediction_loss
 from swav_scale.queue import FeatureQueue
@@ -99,6 +100,70 @@ def test_fsdp_trains_like_ddp(optim: str) -> None:
         assert_same(ddp[0].snapshots[-1], fsdp[rank].snapshots[-1], atol=1e-5)
         assert_same_grad_norms(ddp[0].grad_norms, fsdp[rank].grad_norms)
     assert_prototypes_frozen_then_trained(fsdp[0].snapshots)
+
+
+def trunk_gathers_per_step(rank: int, world: int, overrides: list[str]) -> tuple[int, int]:
+    """(FSDP all-gathers in one step after the first, FSDP units in the trunk)."""
+    cfg = load_config(None, overrides)
+    torch.manual_seed(cfg.train.seed)
+    engine = build_engine(cfg, build_model(cfg), DistEnv(rank, world, rank, world, torch.device("cpu")))
+    queue = FeatureQueue(2, 8, cfg.model.embed_dim)
+    swav_step(engine, views_for(rank, 0), cfg.swav, 0, 0.1, queue)  # FSDP initialises itself lazily
+    gather, calls = dist.all_gather_single, []
+    dist.all_gather_single = lambda *args, **kwargs: calls.append(1) or gather(*args, **kwargs)
+    try:
+        swav_step(engine, views_for(rank, 1), cfg.swav, 1, 0.1, queue)
+    finally:
+        dist.all_gather_single = gather
+    return len(calls), len(shard_units(engine.model.trunk))
+
+
+@pytest.mark.parametrize("reshard", [True, False])
+def test_fsdp_gathers_each_trunk_unit_once_per_pass_whatever_the_crop_resolutions(reshard: bool) -> None:
+    """Two crop resolutions, yet each stage is gathered once in forward and, unless kept gathered
+    (train.fsdp_reshard_after_forward=false), once more in backward; the root unit once. Kept gathered, FSDP
+    still trains exactly like DDP."""
+    overrides = small_config("fsdp", "adamw", **{"train.fsdp_reshard_after_forward": str(reshard).lower()})
+    for gathers, units in run_ranks(trunk_gathers_per_step, 2, overrides):
+        assert gathers == (2 * units if reshard else units) + 1
+    if not reshard:
+        ddp, fsdp = ddp_reference("adamw"), run_ranks(train_ranks, 2, overrides)
+        for rank in range(2):
+            assert_same(ddp[0].snapshots[-1], fsdp[rank].snapshots[-1], atol=1e-5)
+            assert_same_grad_norms(ddp[0].grad_norms, fsdp[rank].grad_norms)
+
+
+@pytest.mark.slow
+def test_fsdp_with_compiled_units_trains_like_ddp() -> None:
+    """train.compile=true: each stage's forward is compiled (inductor) while FSDP2 gathers and reduces around
+    it; the parameters after the steps are DDP's, up to the compiled kernels' rounding (with SGD: AdamW divides
+    near-zero gradients by their own size, which turns rounding into steps of size lr)."""
+    ddp = ddp_reference("sgd")
+    compiled = run_ranks(train_ranks, 2, small_config("fsdp", "sgd", **{"train.compile": "true"}))
+    for rank in range(2):
+        assert_same(ddp[0].snapshots[-1], compiled[rank].snapshots[-1], atol=1e-4)
+        assert compiled[rank].grad_norms == pytest.approx(ddp[0].grad_norms, rel=1e-4)
+
+
+def batchnorm_groups(rank: int, world: int, group_size: int) -> tuple[list[int] | None, float]:
+    """(the ranks of this rank's SyncBatchNorm group, the sum of rank numbers over it). SyncBatchNorm itself
+    runs on GPUs only; the group and the conversion, checked here, do not."""
+    group = batchnorm_group(world, group_size)
+    total = torch.tensor(float(rank))
+    dist.all_reduce(total, group=group)
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_model(load_config(None, small_config("ddp", "sgd"))),
+                                                          group)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert norms and all(m.process_group is group for m in norms)
+    return (None if group is None else dist.get_process_group_ranks(group)), total.item()
+
+
+def test_syncbatchnorm_groups_are_blocks_of_consecutive_ranks() -> None:
+    """train.sync_batchnorm_group=2 on 4 ranks: ranks 0-1 and 2-3 average their BatchNorm statistics apart (as
+    the original's syncbn_process_group_size keeps them inside a node); 0 or the world size means all."""
+    results = run_ranks(batchnorm_groups, 4, 2)
+    assert results == [([0, 1], 1.0), ([0, 1], 1.0), ([2, 3], 5.0), ([2, 3], 5.0)]
+    assert run_ranks(batchnorm_groups, 2, 0) == [(None, 1.0), (None, 1.0)]
 
 
 def assert_same_grad_norms(reference: list[float], other: list[float]) -> None:

@@ -72,3 +72,32 @@ def test_head_and_prototypes_stay_float32_under_bf16_autocast() -> None:
     assert features.dtype == torch.bfloat16, "the trunk runs in bf16"
     assert all(t.dtype == torch.float32 for t in z + scores)
     assert torch.allclose(torch.stack(z).norm(dim=-1), torch.ones(2, 4), atol=1e-6)
+
+
+def test_a_list_of_resolutions_runs_each_stage_once_with_the_same_arithmetic() -> None:
+    """The trunk takes one batch per crop resolution in one call: each stage is called once (an FSDP unit is
+    then gathered once), and every batch gets what it would get alone, BatchNorm statistics included."""
+    torch.manual_seed(0)
+    together = build_trunk("resnet18", width=0.25, small_stem=True)
+    alone = build_trunk("resnet18", width=0.25, small_stem=True)
+    alone.load_state_dict(together.state_dict())
+    calls = {name: 0 for name in ("layer1", "layer2", "layer3", "layer4")}
+    for name in calls:
+        def count(module: torch.nn.Module, args: tuple, name: str = name) -> None:
+            calls[name] += 1
+        getattr(together, name).register_forward_pre_hook(count)
+    batches = [torch.randn(4, 3, 28, 28), torch.randn(6, 3, 12, 12)]
+    features = together(batches)
+    assert calls == {"layer1": 1, "layer2": 1, "layer3": 1, "layer4": 1}
+    for got, batch in zip(features, batches, strict=True):
+        assert torch.equal(got, alone(batch))
+    for (name, a), b in zip(together.state_dict().items(), alone.state_dict().values(), strict=True):
+        assert torch.equal(a, b), f"{name} differs (running statistics are updated per batch, in order)"
+
+
+def test_a_vit_takes_a_list_of_resolutions_too() -> None:
+    vit = build_trunk("vit_small", drop_path_rate=0.0).eval()
+    batches = [torch.randn(2, 3, 32, 32), torch.randn(1, 3, 16, 16)]
+    features = vit(batches)
+    assert [f.shape for f in features] == [(2, 384), (1, 384)]
+    assert torch.allclose(features[1], vit(batches[1]), atol=1e-6)

@@ -30,27 +30,33 @@ def shard_units(trunk: nn.Module) -> list[nn.Module]:
     return [getattr(trunk, f"layer{i}") for i in range(1, 5)]
 
 
-def float32_norms(module: nn.Module, mesh: DeviceMesh) -> None:
+def float32_norms(module: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool) -> None:
     """Give each BatchNorm its own float32 unit. torch's batch_norm refuses bf16 weights beside fp32 running
     statistics, and statistics kept in bf16 would lose the small momentum updates; BatchNorm parameters are
     a tiny fraction of a ResNet, so gathering them separately in fp32 costs little."""
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            fully_shard(m, mesh=mesh, mp_policy=MixedPrecisionPolicy())
+            fully_shard(m, mesh=mesh, mp_policy=MixedPrecisionPolicy(),
+                        reshard_after_forward=reshard_after_forward)
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh, bf16_params: bool) -> nn.Module:
+def parallelize(model: nn.Module, mesh: DeviceMesh, bf16_params: bool,
+                reshard_after_forward: bool = True) -> nn.Module:
     """Shard `model` in place: one FSDP unit per trunk stage / block, then the root unit (stem, projection
     head, prototypes), which stays in float32 because the head and the Sinkhorn scores are computed in fp32
-    (swav_model.py). `bf16_params` gathers the trunk units in bf16 and reduces gradients in fp32."""
+    (swav_model.py). `bf16_params` gathers the trunk units in bf16 and reduces gradients in fp32.
+    `reshard_after_forward=False` keeps each trunk unit gathered from its forward to its backward, so a step
+    gathers it once instead of twice. (A ResNet stage takes all crop resolutions in one call, models/resnet.py:
+    Stage; a ViT block is called, and gathered, once per resolution.)"""
     # FSDP2 shards contiguous parameters only. Convolutions still run channels-last: they follow the input's
     # memory format, and the training loop makes its views channels-last when train.channels_last is set.
     model.to(memory_format=torch.contiguous_format)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params else None
     for unit in shard_units(model.trunk):
         if policy is not None:
-            float32_norms(unit, mesh)
-        fully_shard(unit, mesh=mesh, mp_policy=policy or MixedPrecisionPolicy())
+            float32_norms(unit, mesh, reshard_after_forward)
+        fully_shard(unit, mesh=mesh, mp_policy=policy or MixedPrecisionPolicy(),
+                    reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy())
     return model
 
@@ -65,14 +71,16 @@ def local_rows(weight: Tensor) -> Tensor:
 
 
 class FSDPEngine(TorchEngine):
-    def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, env: DistEnv, precision: str) -> None:
+    def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, env: DistEnv, precision: str,
+                 reshard_after_forward: bool = True) -> None:
         self.device = env.device
         self.dtype = autocast_dtype(precision, env.device)
         self.model = model.to(env.device)
         self.sharded = env.world_size > 1 and dist.is_initialized()
         if self.sharded:
             mesh = init_device_mesh(env.device.type, (env.world_size,))
-            parallelize(self.model, mesh, bf16_params=env.device.type == "cuda" and self.dtype == torch.bfloat16)
+            parallelize(self.model, mesh, bf16_params=env.device.type == "cuda" and self.dtype == torch.bfloat16,
+                        reshard_after_forward=reshard_after_forward)
         # a lone rank has nothing to shard: it runs the plain model, and still loads and saves DCP checkpoints
         # that sharded runs read and write
         self.module = self.model

@@ -22,8 +22,28 @@ _ARCHS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], list[int], float]] 
 ARCHS = tuple(_ARCHS)
 
 
+class Stage(nn.Sequential):
+    """A residual stage (torchvision's nn.Sequential of blocks, same parameter names) that also takes a list
+    of batches, one per crop resolution, and returns their outputs in a list.
+
+    Why: multi-crop gives batches of two resolutions, and a stage called once per resolution is one FSDP unit
+    gathered once per resolution, and again per resolution in backward. One call per step runs the same
+    arithmetic (each resolution still goes through on its own, with its own BatchNorm statistics) and lets a
+    sharding engine gather the stage once.
+    """
+
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+        if isinstance(x, Tensor):
+            return super().forward(x)
+        outputs = []
+        for batch in x:
+            outputs.append(super().forward(batch))
+        return outputs
+
+
 class ResNetTrunk(nn.Module):
-    """A ResNet without its classifier: images (N, 3, H, W) -> pooled features (N, out_dim).
+    """A ResNet without its classifier: images (N, 3, H, W) -> pooled features (N, out_dim); a list of batches
+    (one per crop resolution) -> a list of features, each stage running once over all of them (Stage).
 
     `small_stem` replaces the 7x7 stride-2 stem convolution by a 3x3 stride-1 one, for 28-64 px images where a
     stride-4 stem would leave too few pixels for the later stages; `maxpool=False` also drops the stem's
@@ -75,7 +95,7 @@ class ResNetTrunk(nn.Module):
 
     def _make_layer(
         self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, stride: int = 1
-    ) -> nn.Sequential:
+    ) -> Stage:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
@@ -86,12 +106,14 @@ class ResNetTrunk(nn.Module):
         layers = [block(self.inplanes, planes, stride, downsample)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+        return Stage(*layers)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.avgpool(x).flatten(1)
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+        batches = [x] if isinstance(x, Tensor) else x
+        stems = [self.maxpool(self.relu(self.bn1(self.conv1(batch)))) for batch in batches]
+        outputs = self.layer4(self.layer3(self.layer2(self.layer1(stems))))
+        features = [self.avgpool(out).flatten(1) for out in outputs]
+        return features[0] if isinstance(x, Tensor) else features
 
 
 def build_trunk(

@@ -66,8 +66,8 @@ class ProjectionHead(nn.Module):
 class SwAVModel(nn.Module):
     """Returns, for every crop, the normalised embedding z and the prototype scores C.z.
 
-    Crops of equal resolution go through the trunk together (two global crops in one call, the small ones in
-    another), which is what makes multi-crop cheap; the head then runs once on all of them.
+    Crops of equal resolution go through the trunk together (the two global crops in one batch, the small
+    ones in another), which is what makes multi-crop cheap; the head then runs once on all of them.
     """
 
     def __init__(self, trunk: nn.Module, hidden_dim: int, embed_dim: int, num_prototypes: int) -> None:
@@ -82,7 +82,8 @@ class SwAVModel(nn.Module):
 
 def embed(trunk: nn.Module, head: nn.Module, crops: list[Tensor]) -> Tensor:
     """The L2-normalised embeddings of all crops, concatenated in crop order (float32)."""
-    features = [trunk(torch.cat(list(same_size))) for _, same_size in itertools.groupby(crops, lambda c: c.shape[-2:])]
+    # one trunk call for all resolutions: each stage then runs once a step (an FSDP unit is gathered once)
+    features = trunk([torch.cat(list(same_size)) for _, same_size in itertools.groupby(crops, lambda c: c.shape[-2:])])
     # The head and prototypes run in float32 even under autocast: they cost about 1% of the step, and the
     # scores C.z are divided by tau = 0.1 in the loss, which would magnify bf16's rounding (0.4%) tenfold.
     with torch.autocast(features[0].device.type, enabled=False):

@@ -42,7 +42,12 @@ class ViTTrunk(VisionTransformer):
         )
         self.out_dim = embed_dim
 
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:  # type: ignore[override]
+        """Features of a batch, or of each batch of a list (one per crop resolution, as ResNetTrunk takes).
+        A list runs through the whole trunk once per batch: timm's blocks take one tensor, so an FSDP unit
+        (a block) is gathered once per resolution."""
+        if not isinstance(x, Tensor):
+            return [self.forward(batch) for batch in x]
         h, w = x.shape[-2:]
         if h % PATCH_SIZE or w % PATCH_SIZE:
             # timm would silently drop the border pixels that do not fill a whole patch
