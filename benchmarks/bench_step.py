@@ -37,6 +37,12 @@ def step_ms(model: torch.nn.Module, crops: list[torch.Tensor], bf16: bool, steps
     return (time.perf_counter() - start) / steps * 1000
 
 
+def demo_model(width: float) -> torch.nn.Module:
+    """The demo's SwAV model at `width`, the same initial weights every time."""
+    torch.manual_seed(0)
+    return build_swav_model("resnet18", width, True, 512, 128, 100)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--widths", type=float, nargs="+", default=[0.25, 0.5])
@@ -49,10 +55,7 @@ def main() -> None:
     print(f"SwAV step, ResNet-18 small stem, 4x28 px crops, batch {args.batch}, 1 core; "
           f"native bf16: {cpu_has_native_bf16()}")
     for width in args.widths:
-        torch.manual_seed(0)
-        nchw = build_swav_model("resnet18", width, True, 512, 128, 100)
-        torch.manual_seed(0)
-        nhwc = build_swav_model("resnet18", width, True, 512, 128, 100).to(memory_format=torch.channels_last)
+        nchw, nhwc = demo_model(width), demo_model(width).to(memory_format=torch.channels_last)
         results = {
             "fp32 NCHW": step_ms(nchw, crops, False, args.steps),
             "fp32 channels-last": step_ms(nhwc, crops, False, args.steps),
@@ -60,8 +63,7 @@ def main() -> None:
             "bf16 channels-last": step_ms(nhwc, crops, True, args.steps),
         }
         for precision, bf16 in (("fp32", False), ("bf16", True)) if args.compile else ():
-            torch.manual_seed(0)
-            compiled = build_swav_model("resnet18", width, True, 512, 128, 100).to(memory_format=torch.channels_last)
+            compiled = demo_model(width).to(memory_format=torch.channels_last)
             compile_units(compiled.trunk)  # one model per precision: autocast changes the graphs
             results[f"{precision} channels-last, compiled"] = step_ms(compiled, crops, bf16, args.steps)
         base = results["fp32 NCHW"]

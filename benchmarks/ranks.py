@@ -55,7 +55,7 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
 
 
 # The engines the per-engine benchmarks compare, as config overrides. fsdp-keep keeps each trunk unit gathered
-# from its forward to its backward (one all-gather a step instead of one per crop resolution plus backward).
+# from its forward to its backward (one all-gather of the trunk a step instead of two).
 ENGINES = {
     "ddp": {"train.engine": "ddp"},
     "fsdp": {"train.engine": "fsdp"},

@@ -62,26 +62,25 @@ def test_world_size_checks() -> None:
     assert check_world(cfg, 4) == 24
 
 
+# (overrides, what the refusal says): each is refused with a message naming the key and what to do
+REFUSED = [
+    (["train.engine=deepspeed"], r"optim.name=lars with train.engine=deepspeed: .* \(DeepSpeed issue #490\)"),
+    (["train.engine=fsdp2"], "train.engine='fsdp2': choose one of ddp, fsdp, deepspeed"),
+    (["train.zero_stage=4"], "train.zero_stage=4"),
+    (["swav.sinkhorn_iterations=0"], "swav.sinkhorn_iterations=0: Sinkhorn needs at least 1"),
+    (["swav.epsilon=0"], "swav.epsilon=0.0 must be positive"),
+    (["train.zero_bucket_elements=0"], "train.zero_bucket_elements=0: a bucket holds at least one element"),
+    (["train.engine=deepspeed", "optim.name=adamw", "train.zero_stage=3", "train.compile=true"],
+     "train.compile=true with ZeRO-3: DeepSpeed gathers"),
+    (["train.sync_batchnorm_group=-1"], "train.sync_batchnorm_group=-1: give the ranks per group"),
+    (["optim.name=lamb"], "optim.name='lamb'"),
+]
+
+
 def test_engine_and_optimizer_choices_are_checked() -> None:
     base = ["data.train_shards=x"]
-    with pytest.raises(ConfigError, match=r"optim.name=lars with train.engine=deepspeed: .* \(DeepSpeed issue #490\)"):
-        load_config(None, [*base, "train.engine=deepspeed"])
-    with pytest.raises(ConfigError, match="train.engine='fsdp2': choose one of ddp, fsdp, deepspeed"):
-        load_config(None, [*base, "train.engine=fsdp2"])
-    with pytest.raises(ConfigError, match="train.zero_stage=4"):
-        load_config(None, [*base, "train.zero_stage=4"])
-    with pytest.raises(ConfigError, match="swav.sinkhorn_iterations=0: Sinkhorn needs at least 1"):
-        load_config(None, [*base, "swav.sinkhorn_iterations=0"])
-    with pytest.raises(ConfigError, match="swav.epsilon=0.0 must be positive"):
-        load_config(None, [*base, "swav.epsilon=0"])
-    with pytest.raises(ConfigError, match="train.zero_bucket_elements=0: a bucket holds at least one element"):
-        load_config(None, [*base, "train.zero_bucket_elements=0"])
-    with pytest.raises(ConfigError, match="train.compile=true with ZeRO-3: DeepSpeed gathers"):
-        load_config(None, [*base, "train.engine=deepspeed", "optim.name=adamw", "train.zero_stage=3",
-                           "train.compile=true"])
-    with pytest.raises(ConfigError, match="train.sync_batchnorm_group=-1: give the ranks per group"):
-        load_config(None, [*base, "train.sync_batchnorm_group=-1"])
-    with pytest.raises(ConfigError, match="optim.name='lamb'"):
-        load_config(None, [*base, "optim.name=lamb"])
+    for overrides, message in REFUSED:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [*base, *overrides])
     cfg = load_config(None, [*base, "train.engine=deepspeed", "optim.name=adamw", "train.zero_stage=3"])
     assert (cfg.train.engine, cfg.train.zero_stage, cfg.optim.name) == ("deepspeed", 3, "adamw")

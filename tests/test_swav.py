@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from helpers import run_ranks
+from references import original_sinkhorn  # benchmarks/references.py: the benchmarks' reference, checked here
 
 from swav_scale.models import build_swav_model
 from swav_scale.queue import FeatureQueue
@@ -48,19 +49,6 @@ def test_distributed_sinkhorn_matches_single_process(world: int, with_queue: boo
     per_rank = run_ranks(_sinkhorn_on_rank, world, scores, queue)
     expected = _reference(scores, queue, world)
     assert (torch.cat(per_rank) - expected).abs().max().item() <= 1e-6
-
-
-def original_sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
-    """facebookresearch/swav's distributed_sinkhorn on one process, operation for operation."""
-    Q = torch.exp(scores / epsilon).t()
-    B, K = Q.shape[1], Q.shape[0]
-    Q /= torch.sum(Q)
-    for _ in range(iterations):
-        Q /= torch.sum(Q, dim=1, keepdim=True)
-        Q /= K
-        Q /= torch.sum(Q, dim=0, keepdim=True)
-        Q /= B
-    return (Q * B).t()
 
 
 @pytest.mark.parametrize("iterations", [1, 3, 10])
