@@ -44,10 +44,10 @@ def small_config(engine: str, optim: str, **extra: str) -> list[str]:
     return [f"{k}={v}" for k, v in overrides.items()]
 
 
-def views_for(rank: int, step: int, batch: int = 4) -> list[torch.Tensor]:
+def views_for(rank: int, step: int, batch: int = 4, sizes: tuple[int, ...] = (16, 16, 8)) -> list[torch.Tensor]:
     """This rank's crops at `step`: different on every rank and step, the same for every engine."""
     g = torch.Generator().manual_seed(1000 * step + rank)
-    return [torch.randn(batch, 3, 16, 16, generator=g) for _ in range(2)] + [torch.randn(batch, 3, 8, 8, generator=g)]
+    return [torch.randn(batch, 3, size, size, generator=g) for size in sizes]
 
 
 class Trace(NamedTuple):
@@ -108,11 +108,12 @@ def trunk_gathers_per_step(rank: int, world: int, overrides: list[str]) -> tuple
     torch.manual_seed(cfg.train.seed)
     engine = build_engine(cfg, build_model(cfg), DistEnv(rank, world, rank, world, torch.device("cpu")))
     queue = FeatureQueue(2, 8, cfg.model.embed_dim)
-    swav_step(engine, views_for(rank, 0), cfg.swav, 0, 0.1, queue)  # FSDP initialises itself lazily
+    sizes = tuple(size for size, count in zip(cfg.crops.sizes, cfg.crops.counts) for _ in range(count))
+    swav_step(engine, views_for(rank, 0, sizes=sizes), cfg.swav, 0, 0.1, queue)  # FSDP initialises itself lazily
     gather, calls = dist.all_gather_single, []
     dist.all_gather_single = lambda *args, **kwargs: calls.append(1) or gather(*args, **kwargs)
     try:
-        swav_step(engine, views_for(rank, 1), cfg.swav, 1, 0.1, queue)
+        swav_step(engine, views_for(rank, 1, sizes=sizes), cfg.swav, 1, 0.1, queue)
     finally:
         dist.all_gather_single = gather
     return len(calls), len(shard_units(engine.model.trunk))
@@ -133,13 +134,24 @@ def test_fsdp_gathers_each_trunk_unit_once_per_pass_whatever_the_crop_resolution
             assert_same_grad_norms(ddp[0].grad_norms, fsdp[rank].grad_norms)
 
 
+def test_fsdp_gathers_each_vit_block_once_per_pass_whatever_the_crop_resolutions() -> None:
+    """The same for a ViT, whose blocks (timm's, made to take a list: models/vit.py) are its FSDP units."""
+    overrides = small_config("fsdp", "adamw", **{"model.arch": "vit_small", "model.width": "null",
+                                                 "model.small_stem": "false", "crops.sizes": "[32,16]"})
+    for gathers, units in run_ranks(trunk_gathers_per_step, 2, overrides):
+        assert (gathers, units) == (2 * 12 + 1, 12)
+
+
 @pytest.mark.slow
-def test_fsdp_with_compiled_units_trains_like_ddp() -> None:
-    """train.compile=true: each stage's forward is compiled (inductor) while FSDP2 gathers and reduces around
-    it; the parameters after the steps are DDP's, up to the compiled kernels' rounding (with SGD: AdamW divides
-    near-zero gradients by their own size, which turns rounding into steps of size lr)."""
+@pytest.mark.parametrize("engine,extra", [("ddp", {}), ("fsdp", {}), ("deepspeed", {"train.zero_stage": "2"})],
+                         ids=["ddp", "fsdp", "zero2"])
+def test_compiled_units_train_like_eager_ddp(engine: str, extra: dict[str, str]) -> None:
+    """train.compile=true: each stage's forward is compiled (inductor) while the engine's own machinery (DDP's
+    bucketed all-reduce, FSDP2's gathers and reduce-scatters, ZeRO-2's partitioned gradients) works around it;
+    the parameters after the steps are eager DDP's, up to the compiled kernels' rounding (with SGD: AdamW
+    divides near-zero gradients by their own size, which turns rounding into steps of size lr)."""
     ddp = ddp_reference("sgd")
-    compiled = run_ranks(train_ranks, 2, small_config("fsdp", "sgd", **{"train.compile": "true"}))
+    compiled = run_ranks(train_ranks, 2, small_config(engine, "sgd", **{"train.compile": "true", **extra}))
     for rank in range(2):
         assert_same(ddp[0].snapshots[-1], compiled[rank].snapshots[-1], atol=1e-4)
         assert compiled[rank].grad_norms == pytest.approx(ddp[0].grad_norms, rel=1e-4)

@@ -46,8 +46,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, bf16_params: bool,
     head, prototypes), which stays in float32 because the head and the Sinkhorn scores are computed in fp32
     (swav_model.py). `bf16_params` gathers the trunk units in bf16 and reduces gradients in fp32.
     `reshard_after_forward=False` keeps each trunk unit gathered from its forward to its backward, so a step
-    gathers it once instead of twice. (A ResNet stage takes all crop resolutions in one call, models/resnet.py:
-    Stage; a ViT block is called, and gathered, once per resolution.)"""
+    gathers it once instead of twice. (A unit takes all crop resolutions in one call, and so is gathered once
+    per pass: models/resnet.py: Stage, models/vit.py: MultiResolutionBlock.)"""
     # FSDP2 shards contiguous parameters only. Convolutions still run channels-last: they follow the input's
     # memory format, and the training loop makes its views channels-last when train.channels_last is set.
     model.to(memory_format=torch.contiguous_format)

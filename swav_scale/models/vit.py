@@ -8,7 +8,9 @@ ResNet stages, and the state_dict keys are timm's own (a checkpoint's trunk load
 
 from __future__ import annotations
 
-from timm.models.vision_transformer import VisionTransformer
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
 # name -> (embed_dim, depth, num_heads): timm's vit_small_patch16_224 / vit_base_patch16_224 (DeiT/DINO sizes)
@@ -18,6 +20,16 @@ _VITS: dict[str, tuple[int, int, int]] = {
 }
 VIT_ARCHS = tuple(_VITS)
 PATCH_SIZE = 16
+
+
+class MultiResolutionBlock(Block):
+    """timm's transformer block (the same parameters and names), which also takes a list of token batches, one
+    per crop resolution, and runs each through. One call for all resolutions is what lets FSDP2 gather the
+    block once per pass instead of once per resolution: its hooks act per call."""
+
+    def forward(self, x: Tensor | list[Tensor], **kwargs: object) -> Tensor | list[Tensor]:  # type: ignore[override]
+        block = super().forward
+        return block(x, **kwargs) if isinstance(x, Tensor) else [block(tokens, **kwargs) for tokens in x]
 
 
 class ViTTrunk(VisionTransformer):
@@ -39,20 +51,34 @@ class ViTTrunk(VisionTransformer):
             global_pool="token",
             dynamic_img_size=True,
             drop_path_rate=drop_path_rate,
+            block_fn=MultiResolutionBlock,
         )
         self.out_dim = embed_dim
 
-    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:  # type: ignore[override]
-        """Features of a batch, or of each batch of a list (one per crop resolution, as ResNetTrunk takes).
-        A list runs through the whole trunk once per batch: timm's blocks take one tensor, so an FSDP unit
-        (a block) is gathered once per resolution."""
-        if not isinstance(x, Tensor):
-            return [self.forward(batch) for batch in x]
+    def tokens(self, x: Tensor) -> Tensor:
+        """Images -> the class token and the patch tokens with their position embeddings, resampled to this
+        input's patch grid: what timm's forward_features does before the blocks, for this trunk's
+        configuration (a class token, no register tokens, the class token's own position embedding)."""
         h, w = x.shape[-2:]
         if h % PATCH_SIZE or w % PATCH_SIZE:
             # timm would silently drop the border pixels that do not fill a whole patch
             raise ValueError(f"ViT input of {h}x{w} px: both sides must be multiples of the patch size {PATCH_SIZE}")
-        return self.forward_head(self.forward_features(x), pre_logits=True)
+        x = self.patch_embed(x)  # (N, H/16, W/16, C): dynamic_img_size keeps the grid
+        n, rows, cols, c = x.shape
+        pos_embed = resample_abs_pos_embed(self.pos_embed, new_size=(rows, cols),
+                                           old_size=self.patch_embed.grid_size,
+                                           num_prefix_tokens=self.num_prefix_tokens)
+        x = torch.cat([self.cls_token.expand(n, -1, -1), x.reshape(n, -1, c)], dim=1) + pos_embed
+        return self.norm_pre(self.patch_drop(self.pos_drop(x)))
+
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:  # type: ignore[override]
+        """Features of a batch, or of each batch of a list (one per crop resolution, as ResNetTrunk takes). The
+        blocks take the list whole, each in one call: under FSDP2 a block is gathered once per pass however
+        many resolutions there are."""
+        batches = [x] if isinstance(x, Tensor) else x
+        tokens = self.blocks([self.tokens(b) for b in batches])
+        features = [self.forward_head(self.norm(t), pre_logits=True) for t in tokens]
+        return features[0] if isinstance(x, Tensor) else features
 
 
 def build_vit(arch: str, drop_path_rate: float = 0.1) -> ViTTrunk:
