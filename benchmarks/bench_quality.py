@@ -19,7 +19,7 @@ from rich.table import Table
 
 from swav_scale.checkpoint import newest_checkpoint
 from swav_scale.config import load_config
-from swav_scale.knn import knn_top1, load_trunk, raw_pixels, split_features
+from swav_scale.knn import knn_top1, load_trunk, protocol, raw_pixels, split_features
 from swav_scale.linear import train_linear_probe
 from swav_scale.utils import atomic_write_text, console
 
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
                          "linear_top1": probe.top1, "linear_top5": probe.top5}
     timings = {"features_s": round(extracted - started, 1), "evaluations_s": round(time.time() - extracted, 1)}
 
-    table = Table(title=f"{run_dir} ({checkpoint.name}), features at {cfg.eval.crop} px")
+    table = Table(title=f"{run_dir} ({checkpoint.name}); kNN: {protocol(cfg.eval)}")
     for column in ("features", "kNN top-1 %", "linear top-1 %", "linear top-5 %"):
         table.add_column(column, justify="left" if column == "features" else "right")
     for name, r in results.items():

@@ -11,7 +11,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from swav_scale.config import ConfigError, load_config
+from swav_scale.config import ConfigError, EvalConfig, load_config
 from swav_scale.data.shards import ShardError
 from swav_scale.utils import console
 
@@ -101,7 +101,7 @@ def _knn(args: argparse.Namespace) -> None:
     def work(cfg: Any, env: Any, encoders: dict[str, Any], checkpoint: Path | None) -> None:
         results = evaluate(cfg, encoders, env.device, args.workers)
         if env.is_main:
-            print_knn_table(results, cfg.eval.k)
+            print_knn_table(results, cfg.eval)
 
     _run_evaluation(args, work)
 
@@ -153,8 +153,11 @@ def _export(args: argparse.Namespace) -> None:
     console.print(f"how to load it: {escape(str(Path(path).parent / 'export.json'))}", highlight=False)
 
 
-def print_knn_table(results: dict[str, float], k: int, title: str = "kNN top-1") -> None:
-    table = Table(title=f"{title} (k={k}, cosine, weights exp(s/0.07))")
+def print_knn_table(results: dict[str, float], e: EvalConfig, title: str = "kNN top-1") -> None:
+    """The figures, titled with the protocol of `e` (the config's eval section) that produced them."""
+    from swav_scale.knn import protocol
+
+    table = Table(title=f"{title} ({protocol(e)})")
     table.add_column("features")
     table.add_column("top-1 %", justify="right")
     for name, acc in results.items():

@@ -145,6 +145,10 @@ class EvalConfig:
     k: int = 20
     temperature: float = 0.07
     batch_size: int = 256  # feature extraction
+    # Re-estimate every BatchNorm's statistics on this many training images, transformed as for the features,
+    # before extracting them (PreciseBN at the evaluation size; swav_scale/precise_bn.py). 0: keep the trained
+    # network's running statistics, which come from augmented training crops (DINO's kNN protocol).
+    precise_bn_images: int = 0
     # linear probe on the frozen features: SGD with momentum, cosine schedule from linear_lr (per 256 samples)
     linear_epochs: int = 100
     linear_batch_size: int = 256
@@ -305,6 +309,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.precision={cfg.train.precision!r}: choose auto, bf16 or fp32")
     if cfg.optim.batch_size <= 0:
         raise ConfigError("optim.batch_size must be positive")
+    if cfg.eval.precise_bn_images < 0:
+        raise ConfigError(f"eval.precise_bn_images={cfg.eval.precise_bn_images}: give the number of training "
+                          "images to re-estimate BatchNorm statistics on (10000, say), or 0 to keep the trained ones")
 
 
 def check_world(cfg: Config, world_size: int) -> int:

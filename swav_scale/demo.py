@@ -50,7 +50,7 @@ def run_demo(config: str, overrides: list[str], nproc: int, data_dir: Path) -> d
     timings["knn_s"] = time.time() - t
     timings["total_s"] = time.time() - started
 
-    print_knn_table(results, cfg.eval.k, title="Fashion-MNIST kNN top-1")
+    print_knn_table(results, cfg.eval, title="Fashion-MNIST kNN top-1")
     swav, baselines = results["SwAV (this run)"], [v for k, v in results.items() if k != "SwAV (this run)"]
     margin = swav - max(baselines)
     verdict = "[green]SwAV beats both baselines" if margin > 0 else "[red]SwAV does NOT beat the baselines"

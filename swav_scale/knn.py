@@ -18,11 +18,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from swav_scale.checkpoint import load_model_weights
-from swav_scale.config import Config, ConfigError
+from swav_scale.config import Config, ConfigError, EvalConfig
 from swav_scale.data.labelled import LabelledStream, Unit, open_labelled
 from swav_scale.data.multicrop import EvalTransform, normalize
 from swav_scale.distributed import all_gather_object, grouped
 from swav_scale.engines.base import autocast_dtype
+from swav_scale.precise_bn import calibration_batches, precise_batchnorm
 from swav_scale.utils import progress_bar
 
 
@@ -64,6 +65,14 @@ def extract_features(
     empty = torch.zeros(0)
     return ({name: torch.cat(f) if f else empty for name, f in feats.items()},
             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+
+
+def protocol(e: EvalConfig) -> str:
+    """How the figures of `e` (the config's eval section) are measured, for the tables that show them."""
+    text = f"k={e.k}, cosine, weights exp(s/{e.temperature:g}), {e.crop} px"
+    if e.precise_bn_images:
+        text += f", BatchNorm statistics of {e.precise_bn_images} training images"
+    return text
 
 
 def raw_pixels(x: Tensor) -> Tensor:
@@ -170,6 +179,11 @@ def split_features(
     transform = EvalTransform(e.resize, e.crop)
     mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
     dtype = autocast_dtype(cfg.train.precision, torch.device(device))  # the precision the network trained in
+    if e.precise_bn_images:  # the same images and batches on any number of ranks (precise_bn.py)
+        encoders = {name: precise_batchnorm(enc, calibration_batches(bank_set.units, transform, mean, std,
+                                                                     e.precise_bn_images, e.batch_size, device),
+                                            dtype) if isinstance(enc, nn.Module) else enc
+                    for name, enc in encoders.items()}
     bank, bank_y = extract_features(encoders, bank_set.part(rank, world), transform, mean, std, e.batch_size,
                                     num_workers, device, "bank (train split)", dtype, show_progress)
     queries, query_y = extract_features(encoders, query_set.part(rank, world), transform, mean, std, e.batch_size,

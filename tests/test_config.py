@@ -74,6 +74,7 @@ REFUSED = [
      "train.compile=true with ZeRO-3: DeepSpeed gathers"),
     (["train.sync_batchnorm_group=-1"], "train.sync_batchnorm_group=-1: give the ranks per group"),
     (["optim.name=lamb"], "optim.name='lamb'"),
+    (["eval.precise_bn_images=-1"], "eval.precise_bn_images=-1: give the number of training images"),
 ]
 
 

@@ -149,12 +149,15 @@ def test_compiled_units_train_like_eager_ddp(engine: str, extra: dict[str, str])
     """train.compile=true: each stage's forward is compiled (inductor) while the engine's own machinery (DDP's
     bucketed all-reduce, FSDP2's gathers and reduce-scatters, ZeRO-2's partitioned gradients) works around it;
     the parameters after the steps are eager DDP's, up to the compiled kernels' rounding (with SGD: AdamW
-    divides near-zero gradients by their own size, which turns rounding into steps of size lr)."""
+    divides near-zero gradients by their own size, which turns rounding into steps of size lr). That rounding
+    depends on the CPU inductor generates code for (under 1.0e-4 on one Zen 4; 1.01e-4 in the parameters and
+    1.05e-4 relative in a gradient norm on another): 2e-4 is still 4 orders of magnitude below how far the steps
+    move the parameters (4.2 at most)."""
     ddp = ddp_reference("sgd")
     compiled = run_ranks(train_ranks, 2, small_config(engine, "sgd", **{"train.compile": "true", **extra}))
     for rank in range(2):
-        assert_same(ddp[0].snapshots[-1], compiled[rank].snapshots[-1], atol=1e-4)
-        assert compiled[rank].grad_norms == pytest.approx(ddp[0].grad_norms, rel=1e-4)
+        assert_same(ddp[0].snapshots[-1], compiled[rank].snapshots[-1], atol=2e-4)
+        assert compiled[rank].grad_norms == pytest.approx(ddp[0].grad_norms, rel=2e-4)
 
 
 def batchnorm_groups(rank: int, world: int, group_size: int) -> tuple[list[int] | None, float]:

@@ -1,0 +1,97 @@
+"""BatchNorm statistics re-estimated for evaluation: PreciseBN (Wu & Johnson 2021, "Rethinking 'Batch' in
+BatchNorm") at the evaluation resolution (FixRes, Touvron et al. 2019).
+
+Why: a trained network's BatchNorm running statistics are an exponential average (momentum 0.1, so mostly
+the last 10-20 steps) of the statistics of *training crops*: augmented, and at the training resolution.
+Evaluation takes features of whole, unaugmented images, often at another size (the demo: 36 px images for
+28 px crops), whose activations have other means and variances, so every BatchNorm layer normalises with
+numbers that belong to another input distribution. Re-estimating them on training images exactly as the
+evaluation transforms them (no labels, no gradient, no weight changed) measures the network with its own
+statistics: +1.0 kNN point on the demo's checkpoint (docs/benchmarks.md). Off by default
+(`eval.precise_bn_images=0`), which keeps the frozen-network protocol of DINO's kNN.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from swav_scale.data.labelled import Unit
+from swav_scale.data.multicrop import normalize
+from swav_scale.distributed import all_reduce_sum_, grouped
+
+
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers that keep running statistics (an evaluation trunk has no SyncBatchNorm: that is
+    applied by the training engine)."""
+    return [m for m in model.modules() if isinstance(m, BATCHNORMS) and m.track_running_stats]
+
+
+@torch.no_grad()
+def precise_batchnorm(model: nn.Module, batches: Iterable[Tensor], dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of `model`, in eval mode, whose BatchNorm running statistics are the means of the batch statistics
+    over `batches`, each batch weighted by its number of images (PreciseBN's estimate of the population
+    statistics; a short last batch counts for what it holds). Under torch.distributed every rank passes its own
+    batches and all get the mean over every rank's (collective). `model` itself is untouched; a model without
+    BatchNorm is returned as it is. `dtype` runs the forward passes under autocast, as the features will be."""
+    if not batchnorm_layers(model):
+        return model
+    model = copy.deepcopy(model)
+    layers = batchnorm_layers(model)
+    momenta = [m.momentum for m in layers]
+    sums = [(torch.zeros_like(m.running_mean), torch.zeros_like(m.running_var)) for m in layers]
+    for m in layers:
+        m.momentum = 1.0  # after each forward pass the running statistics are that batch's
+    model.train()
+    seen = 0
+    for x in batches:
+        with torch.autocast(x.device.type, dtype=dtype) if dtype else nullcontext():
+            model(x)
+        seen += len(x)
+        for m, (mean, var) in zip(layers, sums):
+            mean.add_(m.running_mean, alpha=len(x))
+            var.add_(m.running_var, alpha=len(x))
+    device = layers[0].running_mean.device
+    total = all_reduce_sum_(torch.tensor(float(seen), device=device)).item()
+    if total == 0:
+        raise ValueError("precise_batchnorm: no image to estimate BatchNorm statistics from on any rank; give "
+                         "an evaluation split that has images")
+    for m, momentum, (mean, var) in zip(layers, momenta, sums):
+        m.running_mean.copy_(all_reduce_sum_(mean) / total)
+        m.running_var.copy_(all_reduce_sum_(var) / total)
+        m.momentum = momentum
+    return model.eval()
+
+
+def calibration_batches(units: list[Unit], transform: Callable[[Tensor], Tensor], mean: tuple[float, ...],
+                        std: tuple[float, ...], images: int, batch_size: int,
+                        device: torch.device | str = "cpu") -> Iterator[Tensor]:
+    """The first `images` images of a split (its units in stored order) in batches of `batch_size` (the last
+    one holds what is left), transformed and normalised as the features will be. Under torch.distributed,
+    every world_size-th of those batches, from this rank's: any number of ranks computes the statistics of
+    the same batches, so they are the same to float rounding however many ranks evaluate (bf16 convolutions
+    may carry that rounding to a few queries of a kNN; in fp32 its figures are equal). Read in this process,
+    since the order must not depend on DataLoader workers (10,000 small images take seconds)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if grouped() else (0, 1)
+    batch: list[Tensor] = []
+    taken = 0
+    for unit in units:
+        for image, _ in unit.images():
+            if (taken // batch_size) % world == rank:
+                batch.append(transform(image))
+            taken += 1
+            if len(batch) == batch_size or (taken == images and batch):
+                yield normalize(torch.stack(batch).to(device), mean, std)
+                batch = []
+            if taken == images:
+                return
+    if batch:  # the split ran out first
+        yield normalize(torch.stack(batch).to(device), mean, std)
