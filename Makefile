@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # the one-node SLURM cluster of the SLURM tests (tests/test_slurm.py; tools/slurm_cluster.sh)
 SLURM_PACKAGES := slurmctld slurmd slurm-client munge
 
-.PHONY: all install system-packages slurm-cluster slurm-stop demo test test-fast clean
+.PHONY: all install system-packages slurm-cluster slurm-stop demo test test-fast gpu-wheels clean
 
 all: test
 
@@ -60,6 +60,10 @@ test: install slurm-cluster
 
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# the wheels a lent GPU machine (no PyPI) needs to run benchmarks/gpu_suite.py, into .whl/
+gpu-wheels: $(STAMP)
+	bash tools/gpu_wheels.sh
 
 clean:
 	rm -rf runs data .pytest_cache

@@ -78,15 +78,16 @@ def sample_photos() -> list[Image.Image]:
     return [Image.fromarray(a).convert("RGB") for a in arrays]
 
 
-def make_images(root: Path, count: int, seed: int, long_side: int, classes: int = 8) -> None:
+def make_images(root: Path, count: int, seed: int, long_side: int, classes: int = 8, first: int = 0) -> None:
     """`count` distinct JPEGs in root/<class>/: random crops of the sample photos, rescaled to ImageNet's
-    sizes (long side long_side * [0.8, 1], short side 60-80% of 500 scaled alike, 1 in 4 portrait)."""
+    sizes (long side long_side * [0.8, 1], short side 60-80% of 500 scaled alike, 1 in 4 portrait). They are
+    numbered from `first`, so that processes with other seeds can make the parts of one set."""
     rng = np.random.default_rng(seed)
     photos = sample_photos()
     scale = long_side / 500
     for c in range(classes):
         (root / f"n{c:08d}").mkdir(parents=True, exist_ok=True)
-    for i in range(count):
+    for i in range(first, first + count):
         photo = photos[int(rng.integers(len(photos)))]
         w = int(rng.integers(400, 501) * scale)
         h = min(w, int(rng.integers(300, 401) * scale))

@@ -7,7 +7,7 @@ median time of each and the reference's time over swav_scale's (above 1: swav_sc
 largest difference between the codes (they solve the same problem).
 
     .venv/bin/python benchmarks/bench_sinkhorn.py [--cases 256x3000 4096x3000 256+3840x3000 --repeats 20
-        --device cuda]
+        --device cuda --json FILE]
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from references import lightly_sinkhorn, original_sinkhorn
 from rich.console import Console
 from rich.table import Table
-from timing import interleaved_medians
+from timing import interleaved_medians, write_json
 
 from swav_scale.swav import sinkhorn
 
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=CASES, help="B[+queue]xK, e.g. 256+3840x3000")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, help="also write the figures here (benchmarks/gpu_suite.py reads them)")
     a = parser.parse_args()
     device = torch.device(a.device)
     console = Console(width=150)
@@ -51,6 +53,7 @@ def main() -> None:
                 "lightly / swav_scale", "max |codes diff|"):
         table.add_column(col, justify="left" if col == "rows x K" else "right")
     g = torch.Generator().manual_seed(0)
+    ms_by_case: dict[str, dict[str, float]] = {}
     for case in a.cases:
         batch, queue, k = parse_case(case)
         z = F.normalize(torch.randn(batch + queue, 128, generator=g), dim=1)
@@ -67,9 +70,12 @@ def main() -> None:
         ours, original, lightly = ms["ours"], ms["original"] - ms["copy"], ms["lightly"] - ms["copy"]
         diff = (sinkhorn(scores) - original_sinkhorn(scores.clone())).abs().max().item()
         label = f"{batch}{f' + {queue} queue' if queue else ''} x {k}"
+        ms_by_case[case] = {"swav_scale": ours, "original": original, "lightly": lightly, "max_codes_diff": diff}
         table.add_row(label, f"{ours:.2f}", f"{original:.2f}", f"{lightly:.2f}", f"{original / ours:.2f}x",
                       f"{lightly / ours:.2f}x", f"{diff:.1e}")
     console.print(table)
+    write_json(a.json, {"benchmark": "bench_sinkhorn", "device": name, "torch": torch.__version__,
+                        "date": str(datetime.date.today()), "ms": ms_by_case})
 
 
 if __name__ == "__main__":

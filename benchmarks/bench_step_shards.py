@@ -20,13 +20,17 @@ step share the same cores, so there the ratio measures that competition as much 
     .venv/bin/python benchmarks/bench_step_shards.py                   # the demo's config and shards (make demo)
     .venv/bin/python benchmarks/bench_step_shards.py configs/rn50_in1k_100ep.yaml --photos 4096 \\
         optim.batch_size=128 data.num_workers=12 --device cuda         # ImageNet-sized JPEGs, one GPU
+    [--workdir DIR: keep (or reuse) the photos' shards in DIR/shards; --json FILE: also write the figures]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import multiprocessing
+import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -46,17 +50,29 @@ from swav_scale.distributed import DistEnv
 from swav_scale.engines import build_engine
 from swav_scale.engines.base import autocast_dtype
 from swav_scale.train import build_model, build_multicrop, preflight, swav_step
+from timing import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def photo_shards(work: Path, count: int, long_side: int) -> Path:
-    """`count` ImageNet-sized JPEGs cut from scikit-image's sample photos (bench_data.py), sharded."""
+    """`count` ImageNet-sized JPEGs cut from scikit-image's sample photos (bench_data.py), sharded in
+    work/shards; shards already there from an earlier run with the same count and size are reused."""
     from bench_data import make_images  # scikit-image: the bench extra
 
-    images, shards = work / "images", work / "shards"
-    make_images(images, count, seed=0, long_side=long_side)
-    make_shards(["--image-folder", str(images), "--out", str(shards), "--max-count", "256", "--workers", "1"])
+    images, shards, made = work / "images", work / "shards", work / "shards.made"
+    if made.exists() and made.read_text() == f"{count} {long_side}":
+        return shards
+    for old in (images, shards):  # a run stopped half-way, or other photos
+        shutil.rmtree(old, ignore_errors=True)
+    parts = min(16, os.cpu_count() or 1, max(1, count // 256))  # 12,288 photos take 80 s in one process
+    starts = [count * k // parts for k in range(parts + 1)]
+    with multiprocessing.get_context("spawn").Pool(parts) as pool:
+        pool.starmap(make_images, [(images, end - start, seed, long_side, 8, start)
+                                   for seed, (start, end) in enumerate(zip(starts, starts[1:]))])
+    make_shards(["--image-folder", str(images), "--out", str(shards), "--max-count", "256",
+                 "--workers", str(min(8, os.cpu_count() or 1))])
+    made.write_text(f"{count} {long_side}")
     return shards
 
 
@@ -90,7 +106,10 @@ def main() -> None:
     p.add_argument("--photos", type=int, default=0,
                    help="train on this many ImageNet-sized JPEGs made for the run instead of data.train_shards")
     p.add_argument("--long-side", type=int, default=500, help="the photos' longest side, px (default 500)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="make (or reuse) the --photos shards in DIR/shards, kept after the run (default: a temp dir)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", type=Path, help="also write the figures here (benchmarks/gpu_suite.py reads them)")
     a = p.parse_args()
     device = torch.device(a.device)
     with tempfile.TemporaryDirectory(prefix="bench_step_shards_") as tmp:
@@ -98,7 +117,8 @@ def main() -> None:
         config = a.args[0] if has_config else str(ROOT / "configs" / "quickstart.yaml")
         overrides = a.args[1:] if has_config else list(a.args)
         if a.photos:
-            overrides.append(f"data.train_shards={photo_shards(Path(tmp), a.photos, a.long_side)}")
+            work = a.workdir or Path(tmp)
+            overrides.append(f"data.train_shards={photo_shards(work, a.photos, a.long_side)}")
         cfg = load_config(config, overrides)
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -160,6 +180,13 @@ def main() -> None:
         ratio = rates["from shards"] / rates["on-device batch"]
         console.print(f"ratio (from shards / on-device): {ratio:.2f}x; issue 7's target on GPU: >= 0.90x",
                       highlight=False)
+        write_json(a.json, {
+            "benchmark": "bench_step_shards", "device": name, "torch": torch.__version__,
+            "date": str(datetime.date.today()), "arch": cfg.model.arch, "crops": crops, "batch": batch,
+            "workers": cfg.data.num_workers, "source": source, "images_per_s": rates, "ratio": ratio,
+            "waiting": {k: sum(w for _, w in v) / sum(s for s, _ in v) for k, v in results.items()},
+            "epoch_starts": epoch_starts,
+        })
         if epoch_starts:
             console.print(f"note: {epoch_starts} new epoch(s) started in the timed steps from shards, each starting "
                           "the loader's workers anew; use more images for a steady-state figure", highlight=False)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+from swav_scale.utils import atomic_write_text
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,
@@ -26,3 +30,10 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, devi
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def write_json(path: Path | None, record: dict[str, object]) -> None:
+    """A benchmark's figures as JSON at `path` (when given), for benchmarks/gpu_suite.py to check them against
+    issue 7's targets without parsing the printed tables."""
+    if path is not None:
+        atomic_write_text(path, json.dumps(record, indent=1) + "\n")

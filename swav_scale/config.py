@@ -124,6 +124,10 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | bf16 | fp32
     sync_batchnorm: bool = True  # on GPU only: gloo has no SyncBatchNorm
     channels_last: bool = True  # NHWC convolutions: 1.2-1.3x faster on CPU (oneDNN), the fast path on GPU
+    # GPU: cuDNN times its convolution algorithms for each shape on first use and keeps the fastest, as the
+    # original sets cudnn.benchmark. The crop sizes never change, so that costs only the first steps. false:
+    # the same algorithms run to run (with deterministic inputs, the same results).
+    cudnn_benchmark: bool = True
     checkpoint_every: int = 500  # steps; a checkpoint is also written at the end of every epoch
     keep_checkpoints: int = 3  # the newest N complete ones; never fewer than 1
     checkpoint_checksums: bool = True  # sha256 of every file, checked on resume (each rank hashes a share)

@@ -23,7 +23,7 @@ from swav_scale.data.labelled import LabelledStream, Unit, open_labelled
 from swav_scale.data.multicrop import EvalTransform, normalize
 from swav_scale.distributed import all_gather_object, grouped
 from swav_scale.engines.base import autocast_dtype
-from swav_scale.precise_bn import calibration_batches, precise_batchnorm
+from swav_scale.precise_bn import calibration_batches, precise_batchnorms
 from swav_scale.utils import progress_bar
 
 
@@ -179,11 +179,11 @@ def split_features(
     transform = EvalTransform(e.resize, e.crop)
     mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
     dtype = autocast_dtype(cfg.train.precision, torch.device(device))  # the precision the network trained in
-    if e.precise_bn_images:  # the same images and batches on any number of ranks (precise_bn.py)
-        encoders = {name: precise_batchnorm(enc, calibration_batches(bank_set.units, transform, mean, std,
-                                                                     e.precise_bn_images, e.batch_size, device),
-                                            dtype) if isinstance(enc, nn.Module) else enc
-                    for name, enc in encoders.items()}
+    networks = {name: enc for name, enc in encoders.items() if isinstance(enc, nn.Module)}
+    if e.precise_bn_images and networks:  # the same images and batches on any number of ranks (precise_bn.py)
+        batches = calibration_batches(bank_set.units, transform, mean, std, e.precise_bn_images, e.batch_size,
+                                      device)
+        encoders = {**encoders, **precise_batchnorms(networks, batches, dtype)}
     bank, bank_y = extract_features(encoders, bank_set.part(rank, world), transform, mean, std, e.batch_size,
                                     num_workers, device, "bank (train split)", dtype, show_progress)
     queries, query_y = extract_features(encoders, query_set.part(rank, world), transform, mean, std, e.batch_size,

@@ -42,33 +42,55 @@ def precise_batchnorm(model: nn.Module, batches: Iterable[Tensor], dtype: torch.
     statistics; a short last batch counts for what it holds). Under torch.distributed every rank passes its own
     batches and all get the mean over every rank's (collective). `model` itself is untouched; a model without
     BatchNorm is returned as it is. `dtype` runs the forward passes under autocast, as the features will be."""
-    if not batchnorm_layers(model):
-        return model
-    model = copy.deepcopy(model)
-    layers = batchnorm_layers(model)
-    momenta = [m.momentum for m in layers]
-    sums = [(torch.zeros_like(m.running_mean), torch.zeros_like(m.running_var)) for m in layers]
-    for m in layers:
-        m.momentum = 1.0  # after each forward pass the running statistics are that batch's
-    model.train()
-    seen = 0
-    for x in batches:
+    return precise_batchnorms({"model": model}, batches, dtype)["model"]
+
+
+class _Estimate:
+    """A copy of one model and the image-weighted sums of its BatchNorm layers' batch statistics."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = copy.deepcopy(model).train()
+        self.layers = batchnorm_layers(self.model)
+        self.momenta = [m.momentum for m in self.layers]
+        self.sums = [(torch.zeros_like(m.running_mean), torch.zeros_like(m.running_var)) for m in self.layers]
+        for m in self.layers:
+            m.momentum = 1.0  # after each forward pass the running statistics are that batch's
+
+    def add(self, x: Tensor, dtype: torch.dtype | None) -> None:
         with torch.autocast(x.device.type, dtype=dtype) if dtype else nullcontext():
-            model(x)
-        seen += len(x)
-        for m, (mean, var) in zip(layers, sums):
+            self.model(x)
+        for m, (mean, var) in zip(self.layers, self.sums):
             mean.add_(m.running_mean, alpha=len(x))
             var.add_(m.running_var, alpha=len(x))
-    device = layers[0].running_mean.device
+
+    def finish(self, total: float) -> nn.Module:
+        """The copy, in eval mode, with the means over every rank's `total` images (collective)."""
+        for m, momentum, (mean, var) in zip(self.layers, self.momenta, self.sums):
+            m.running_mean.copy_(all_reduce_sum_(mean) / total)
+            m.running_var.copy_(all_reduce_sum_(var) / total)
+            m.momentum = momentum
+        return self.model.eval()
+
+
+@torch.no_grad()
+def precise_batchnorms(models: dict[str, nn.Module], batches: Iterable[Tensor],
+                       dtype: torch.dtype | None = None) -> dict[str, nn.Module]:
+    """`precise_batchnorm` of several models from one pass over `batches`: each batch is read and decoded
+    once, whatever the number of models (the SwAV trunk and the random-init baseline, say)."""
+    estimates = {name: _Estimate(m) for name, m in models.items() if batchnorm_layers(m)}
+    if not estimates:
+        return dict(models)
+    seen = 0
+    for x in batches:
+        seen += len(x)
+        for estimate in estimates.values():
+            estimate.add(x, dtype)
+    device = next(iter(estimates.values())).sums[0][0].device
     total = all_reduce_sum_(torch.tensor(float(seen), device=device)).item()
     if total == 0:
         raise ValueError("precise_batchnorm: no image to estimate BatchNorm statistics from on any rank; give "
                          "an evaluation split that has images")
-    for m, momentum, (mean, var) in zip(layers, momenta, sums):
-        m.running_mean.copy_(all_reduce_sum_(mean) / total)
-        m.running_var.copy_(all_reduce_sum_(var) / total)
-        m.momentum = momentum
-    return model.eval()
+    return {name: estimates[name].finish(total) if name in estimates else m for name, m in models.items()}
 
 
 def calibration_batches(units: list[Unit], transform: Callable[[Tensor], Tensor], mean: tuple[float, ...],

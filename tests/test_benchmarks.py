@@ -6,6 +6,7 @@ code they measure changes. One was found broken by a change of `Engine.step`'s s
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,21 @@ def test_benchmark_runs(name: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", SLOW_CASES)
 def test_slow_benchmark_runs(name: str, tmp_path: Path) -> None:
     run_benchmark(name, *SLOW_CASES[name], tmp_path)
+
+
+@pytest.mark.slow
+def test_gpu_suite_runs_every_step_and_checks_each_target(tmp_path: Path) -> None:
+    """The suite a lent GPU runs in one call (benchmarks/gpu_suite.py), on a tiny network on the CPU: every
+    step finishes, every target gets a measured figure, and the pretrain step's run resumed to its end."""
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--quick", "--out", str(out),
+                             "--work", str(tmp_path / "work"), "--budget", "900"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [name for name, s in results["steps"].items() if s["rc"] != 0] == []
+    assert {"swav_step", "swav_step_256", "step_shards", "sinkhorn"} <= set(results["figures"])
+    assert all(t["met"] is not None for t in results["targets"]), results["targets"]
+    assert results["targets"][-1]["met"] is True  # pretrain: 20 steps, resumed to 30, kNN
+    assert (out / "suite.log").read_text().count("=====") == len(results["steps"])
+    assert "| target | measured | met |" in (out / "summary.md").read_text()

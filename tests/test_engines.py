@@ -173,6 +173,17 @@ def batchnorm_groups(rank: int, world: int, group_size: int) -> tuple[list[int] 
     return (None if group is None else dist.get_process_group_ranks(group)), total.item()
 
 
+@pytest.mark.parametrize("benchmark", [True, False])
+def test_building_an_engine_sets_cudnn_benchmark_from_the_config(benchmark: bool) -> None:
+    torch.backends.cudnn.benchmark = not benchmark
+    try:
+        cfg = load_config(None, small_config("ddp", "sgd", **{"train.cudnn_benchmark": str(benchmark).lower()}))
+        build_engine(cfg, build_model(cfg), DistEnv(0, 1, 0, 1, torch.device("cpu")))
+        assert torch.backends.cudnn.benchmark is benchmark
+    finally:
+        torch.backends.cudnn.benchmark = False  # torch's default, for the tests after this one
+
+
 def test_syncbatchnorm_groups_are_blocks_of_consecutive_ranks() -> None:
     """train.sync_batchnorm_group=2 on 4 ranks: ranks 0-1 and 2-3 average their BatchNorm statistics apart (as
     the original's syncbn_process_group_size keeps them inside a node); 0 or the world size means all."""

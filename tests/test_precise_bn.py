@@ -3,6 +3,7 @@ trained network untouched."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from helpers import run_ranks
 from swav_scale.data.labelled import open_labelled
 from swav_scale.data.multicrop import EvalTransform
 from swav_scale.models.resnet import build_trunk
-from swav_scale.precise_bn import batchnorm_layers, calibration_batches, precise_batchnorm
+from swav_scale.precise_bn import batchnorm_layers, calibration_batches, precise_batchnorm, precise_batchnorms
 
 MEAN, STD = (0.286,) * 3, (0.353,) * 3
 
@@ -52,6 +53,25 @@ def test_statistics_are_the_image_weighted_means_of_the_batch_statistics() -> No
 def test_a_network_without_batchnorm_is_returned_as_it_is() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
     assert precise_batchnorm(model, iter(batches([2]))) is model
+
+
+def test_several_networks_take_their_statistics_from_one_pass_over_the_batches() -> None:
+    torch.manual_seed(0)
+    trained, untrained = build_trunk("resnet18", 0.125, small_stem=True), build_trunk("resnet18", 0.125, True)
+    pixels = nn.Flatten()  # no BatchNorm: returned as it is
+    parts = batches([4, 4, 2], seed=2)
+    read = []
+
+    def once() -> Iterator[torch.Tensor]:
+        for x in parts:
+            read.append(len(x))
+            yield x
+
+    out = precise_batchnorms({"swav": trained, "random": untrained, "pixels": pixels}, once())
+    assert read == [4, 4, 2] and list(out) == ["swav", "random", "pixels"] and out["pixels"] is pixels
+    for name, model in (("swav", trained), ("random", untrained)):
+        alone = precise_batchnorm(model, iter(parts))
+        assert all(torch.equal(a, b) for a, b in zip(statistics(out[name]), statistics(alone)))
 
 
 def on_ranks(rank: int, world: int) -> list[torch.Tensor]:

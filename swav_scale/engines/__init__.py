@@ -49,6 +49,8 @@ def build_engine(cfg: Config, model: nn.Module, env: DistEnv) -> Engine:
     built over the parameters the engine leaves the optimizer (sharded ones, for FSDP)."""
     t = cfg.train
     make_optimizer = functools.partial(build_optimizer, cfg=cfg.optim)
+    # process-wide, and set here because every path that trains (the loop, the benchmarks) builds its engine
+    torch.backends.cudnn.benchmark = t.cudnn_benchmark
     if t.sync_batchnorm and env.world_size > 1 and env.device.type == "cuda":
         # Batch statistics over the global batch (or a group of ranks), as in SwAV; gloo (CPU) has no
         # SyncBatchNorm.

@@ -1,0 +1,285 @@
+"""Issue 7's GPU measurements and the GPU path's end-to-end check, in one call.
+
+A GPU is lent to this project by chance and for minutes (15 of device time a session, the machine's start
+included), so what it should run is prepared here, run in one command, and its figures come back in files.
+The GPU machine has PyTorch, timm and rich but cannot reach PyPI: `bash tools/gpu_wheels.sh` fetches the rest
+(pure-Python wheels, 1 MB) into .whl/, which the device call carries:
+
+    run(carry=[".whl"], timeout_s=590, command="python3 -m pip install -q --no-index --no-deps --no-compile
+        --target /tmp/site .whl/*.whl && PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+        python3 benchmarks/gpu_suite.py --out $OUT --budget 540")
+
+That fits a session's 15 minutes with the machine's start (1-2 minutes). A step that fails does not stop the
+others; a call that fails at once (a missing package) leaves time to call again while the machine is warm
+(`--only STEP` runs chosen steps). `--list` prints the commands without running them.
+
+Steps, the most needed first, each with its own time limit, none started with less of --budget left than it
+needs:
+
+1. env: the GPU, driver, torch, CUDA and cuDNN versions, CPU cores.
+2. swav_step: bench_swav_step, ResNet-50 2x224 + 6x96 px, K 3000: swav_scale's step (bf16, channels-last)
+   against its fp32 step, the original's and lightly's, same GPU, side by side.
+   Targets: >= 1,000 images/s; >= 1.5x lightly's step.
+3. step_shards: bench_step_shards on 12,288 ImageNet-sized JPEGs in shards: training from the shard loader
+   against the same step on a batch on the device. Target: >= 0.9x. step_shards_color: the same with the
+   colour operations on the GPU (`crops.color_on_device=true`), for when the CPU workers cannot keep up.
+4. sinkhorn: bench_sinkhorn up to 4096 x 3000, and 256 rows + a 3840-row queue.
+5. pretrain: `swav-scale pretrain` on those shards for 20 steps with checkpoints, the same command again to
+   resume and reach step 30, then `swav-scale knn` with PreciseBN: NCCL with one rank, pinned memory and
+   non-blocking copies, DCP checkpoints of CUDA tensors and the CUDA RNG state, evaluation on the GPU.
+6. swav_step_256: swav_scale's step alone at batch 256, eager and compiled (`train.compile`).
+
+Writes to --out: suite.log (everything each step printed), results.json (each benchmark's figures and each
+step's exit status and time) and summary.md (the targets, measured, met or not: for docs/benchmarks.md).
+--quick runs every step on a tiny network and a few small images, on the CPU if there is no GPU: that is
+how tests/test_benchmarks.py keeps the suite working between the rare sessions that have a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+PY = sys.executable
+
+ENV_SNIPPET = """
+import os, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cuDNN", torch.backends.cudnn.version(), "| CPU cores", os.cpu_count())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("GPU", p.name, "|", round(p.total_memory / 2**30, 1), "GiB |", p.multi_processor_count, "SMs")
+else:
+    print("no GPU: CPU only")
+"""
+
+
+@dataclass
+class Step:
+    name: str
+    commands: list[list[str]]  # run one after another; the step fails at the first that fails
+    limit_s: int  # the whole step is stopped after this
+    need_s: int  # not started with less of the budget left
+    figures: list[str] = field(default_factory=list)  # the JSON files it writes, in the work directory
+
+
+@dataclass
+class Sizes:
+    """What the suite measures at: ImageNet's on a GPU, a tiny version of each with --quick."""
+
+    model: list[str]  # bench_swav_step's network options
+    crops: list[str]
+    batch: int
+    steps: int
+    photos: int
+    long_side: int
+    workers: int  # DataLoader workers, for training and kNN features
+    train: list[str]  # config overrides for bench_step_shards and pretrain
+    shard_steps: list[str]  # bench_step_shards' block options
+    sinkhorn: list[str]
+    repeats: int
+
+    @classmethod
+    def full(cls) -> Sizes:
+        # 12,288 photos: 96 steps an epoch, so that a new epoch (the loader's workers started anew) seldom falls
+        # in the ~100 steps bench_step_shards takes from shards
+        workers = max(1, min(14, (os.cpu_count() or 2) - 2))
+        return cls([], ["--sizes", "224", "96", "--counts", "2", "6"], 128, 8, 12288, 500, workers,
+                   ["optim.batch_size=128", f"data.num_workers={workers}"], [],
+                   ["256x3000", "1024x3000", "4096x3000", "256+3840x3000"], 50)
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        tiny = ["model.arch=resnet18", "model.width=0.125", "model.small_stem=true", "model.hidden_dim=16",
+                "model.num_prototypes=10", "crops.sizes=[32,16]", "crops.counts=[2,2]", "optim.batch_size=16",
+                "data.num_workers=1", "eval.resize=36", "eval.crop=32"]
+        return cls(["--arch", "resnet18", "--width", "0.125", "--small-stem", "--hidden", "16", "--prototypes", "10"],
+                   ["--sizes", "32", "16", "--counts", "2", "2"], 8, 1, 256, 64, 1, tiny,
+                   ["--steps", "2", "--rounds", "1"], ["16x10", "8+8x10"], 1)
+
+
+def plan(s: Sizes, work: Path, device: str) -> list[Step]:
+    swav_step = [PY, str(BENCH / "bench_swav_step.py"), *s.model, *s.crops, "--device", device,
+                 "--steps", str(s.steps)]
+    shards, run = work / "shards", work / "run"
+    config = str(ROOT / "configs" / "rn50_in1k_100ep.yaml")
+    pretrain = [PY, "-m", "swav_scale.cli", "pretrain", config, f"data.train_shards={shards}", *s.train,
+                f"train.run_dir={run}", "train.checkpoint_every=10", "swav.freeze_prototypes_iters=5",
+                "train.log_every=5",
+                # a smoke run's rates: half the original's for a batch of 256 (its 4.8 is for 4096), warmed up
+                "optim.base_lr=0.3", "optim.final_lr=0.0003", "optim.warmup_epochs=0.5", "optim.start_warmup_lr=0.03"]
+
+    def step_shards(*overrides: str) -> list[str]:  # overrides first: argparse reads no positional after options
+        return [PY, str(BENCH / "bench_step_shards.py"), config, *s.train, *overrides, *s.shard_steps, "--photos",
+                str(s.photos), "--long-side", str(s.long_side), "--workdir", str(work), "--device", device]
+
+    return [
+        Step("env", [[PY, "-c", ENV_SNIPPET]], 120, 10),
+        Step("swav_step", [[*swav_step, "--batch", str(s.batch), "--json", str(work / "swav_step.json")]],
+             240, 60, ["swav_step.json"]),
+        Step("step_shards", [[*step_shards(), "--json", str(work / "step_shards.json")]], 240, 90,
+             ["step_shards.json"]),
+        Step("step_shards_color", [[*step_shards("crops.color_on_device=true"),
+                                    "--json", str(work / "step_shards_color.json")]], 180, 60,
+             ["step_shards_color.json"]),
+        Step("sinkhorn", [[PY, str(BENCH / "bench_sinkhorn.py"), "--cases", *s.sinkhorn, "--repeats",
+                           str(s.repeats), "--device", device, "--json", str(work / "sinkhorn.json")]],
+             90, 20, ["sinkhorn.json"]),
+        Step("pretrain", [
+            [*pretrain, "train.max_steps=20"],
+            [*pretrain, "train.max_steps=30"],  # the same run again: resumes from step 20
+            [PY, "-m", "swav_scale.cli", "knn", str(run), f"eval.test_shards={shards}",
+             "eval.precise_bn_images=512", "--workers", str(s.workers)],
+        ], 240, 60),
+        Step("swav_step_256", [[*swav_step, "--batch", str(2 * s.batch), "--only-swav-scale", "--compile",
+                                "--json", str(work / "swav_step_256.json")]], 300, 60, ["swav_step_256.json"]),
+    ]
+
+
+def run_command(argv: list[str], log: TextIO, seconds: float) -> int:
+    """Run `argv`, its output going to this process's output and to `log`; stop its whole process group
+    (DataLoader workers, local ranks) after `seconds`. Returns its exit status, 124 when it was stopped."""
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def copy_output() -> None:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+
+    reader = threading.Thread(target=copy_output, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=max(1.0, seconds))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rc = 124
+    reader.join(timeout=10)
+    if rc == 124:
+        log.write(f"\n[gpu_suite] stopped after {seconds:.0f} s\n")
+    return rc
+
+
+def targets(figures: dict[str, dict], statuses: dict[str, dict]) -> list[tuple[str, str, bool | None]]:
+    """(target, measured, met) for issue 7's GPU targets and the end-to-end check; met is None when the step
+    that measures it did not finish."""
+    rows: list[tuple[str, str, bool | None]] = []
+    step = figures.get("swav_step")
+    if step:
+        ips = step["images_per_s"]
+        ours, lightly = ips[step["default"]], ips["lightly (fp32, NCHW)"]
+        rows.append((f"swav_scale step >= 1,000 images/s ({step['arch']}, {step['crops']} px)",
+                     f"{ours:.0f} images/s at batch {step['batch']}", ours >= 1000))
+        rows.append(("swav_scale step >= 1.5x lightly's", f"{ours / lightly:.2f}x ({lightly:.0f} images/s)",
+                     ours / lightly >= 1.5))
+    else:
+        rows += [("swav_scale step >= 1,000 images/s", "not measured", None),
+                 ("swav_scale step >= 1.5x lightly's", "not measured", None)]
+    big = figures.get("swav_step_256")
+    if big:
+        best = max(big["images_per_s"].items(), key=lambda kv: kv[1])
+        rows.append((f"(the same at batch {big['batch']}: the faster variant)", f"{best[1]:.0f} images/s, {best[0]}",
+                     best[1] >= 1000))
+    for name, where in (("step_shards", "colour on the CPU"), ("step_shards_color", "colour on the GPU")):
+        shards = figures.get(name)
+        rows.append((f"from shards >= 0.9x the on-device step ({where})",
+                     f"{shards['ratio']:.2f}x ({shards['images_per_s']['from shards']:.0f} images/s, "
+                     f"{shards['waiting']['from shards']:.0%} waiting)" if shards else "not measured",
+                     shards["ratio"] >= 0.9 if shards else None))
+    pretrain = statuses.get("pretrain", {})
+    status = pretrain.get("status_json") or {}
+    resumed = status.get("checkpoint_step") == status.get("total_steps") and status.get("starts") == 2
+    rows.append(("pretrain 20 steps, resume to 30, kNN on the GPU",
+                 f"exit {pretrain.get('rc', 'not run')}, checkpoint step {status.get('checkpoint_step')}, "
+                 f"{status.get('starts')} starts",
+                 None if pretrain.get("rc") is None else pretrain["rc"] == 0 and resumed))
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="where suite.log, results.json and summary.md go")
+    p.add_argument("--budget", type=float, default=540, help="seconds for all steps (default 540)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/gpu_suite"), help="photos, shards and the run")
+    p.add_argument("--quick", action="store_true", help="every step on a tiny network: checks the suite itself")
+    p.add_argument("--only", nargs="+", help="run only these steps (env always runs)")
+    p.add_argument("--list", action="store_true", help="print each step's commands and stop")
+    a = p.parse_args()
+    import torch  # after the arguments, so that --help answers at once
+
+    from swav_scale.status import run_status
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    steps = plan(Sizes.quick() if a.quick else Sizes.full(), a.work, device)
+    unknown = set(a.only or ()) - {s.name for s in steps}
+    if unknown:
+        p.error(f"--only: no step named {', '.join(sorted(unknown))}; the steps: {', '.join(s.name for s in steps)}")
+    if a.only:
+        steps = [s for s in steps if s.name == "env" or s.name in a.only]
+    if a.list:
+        for step in steps:
+            for argv in step.commands:
+                print(f"{step.name} (limit {step.limit_s} s): {' '.join(argv[1:] if argv[0] == PY else argv)}")
+        return 0
+    a.out.mkdir(parents=True, exist_ok=True)
+    a.work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(a.work / "run", ignore_errors=True)  # an earlier suite's run would be resumed, not started
+    end = time.monotonic() + a.budget
+    statuses: dict[str, dict] = {}
+    figures: dict[str, dict] = {}
+    with open(a.out / "suite.log", "w") as log:
+        for step in steps:
+            left = end - time.monotonic()
+            if left < step.need_s:
+                statuses[step.name] = {"rc": None, "skipped": f"{left:.0f} s of the budget left"}
+                log.write(f"\n===== {step.name}: skipped, {left:.0f} s left\n")
+                continue
+            log.write(f"\n===== {step.name}\n")
+            log.flush()
+            start, rc = time.monotonic(), 0
+            for argv in step.commands:
+                remaining = min(step.limit_s - (time.monotonic() - start), end - time.monotonic())
+                log.write(f"$ {' '.join(argv[1:] if argv[0] == PY else argv)}\n")
+                log.flush()
+                rc = run_command(argv, log, remaining)
+                if rc != 0:
+                    break
+            log.flush()
+            statuses[step.name] = {"rc": rc, "seconds": round(time.monotonic() - start, 1)}
+            for name in step.figures:
+                if rc == 0 and (a.work / name).exists():
+                    figures[name.removesuffix(".json")] = json.loads((a.work / name).read_text())
+            if step.name == "pretrain" and (a.work / "run").exists():  # `swav-scale status --json`'s figures
+                statuses["pretrain"]["status_json"] = run_status(a.work / "run")
+    rows = targets(figures, statuses)
+    results = {"device": device, "quick": a.quick, "steps": statuses, "figures": figures,
+               "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in rows]}
+    (a.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "no GPU (CPU)"
+    lines = [f"gpu_suite{' --quick (a tiny network: checks the suite, measures nothing)' if a.quick else ''}: "
+             f"{gpu}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", "",
+             "| target | measured | met |", "| --- | --- | --- |"]
+    lines += [f"| {t} | {m} | {'yes' if ok else 'no' if ok is False else 'not measured'} |" for t, m, ok in rows]
+    lines += ["", "| step | exit | seconds |", "| --- | ---: | ---: |"]
+    lines += [f"| {n} | {s.get('rc')} | {s.get('seconds', s.get('skipped'))} |" for n, s in statuses.items()]
+    summary = "\n".join(lines) + "\n"
+    (a.out / "summary.md").write_text(summary)
+    print("\n" + summary)
+    return 1 if any(s["rc"] not in (0, None) for s in statuses.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
