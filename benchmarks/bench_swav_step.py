@@ -14,11 +14,14 @@ optimizer (SGD, momentum 0.9) for every variant:
 * with --compile, swav_scale's default again with each trunk unit compiled (`train.compile`; the compilation
   happens in the warm-up steps and is not timed).
 
+`--only-swav-scale` times swav_scale's own steps alone, which may then use SwAV's own optimizer (`--optim
+lars`) instead of the SGD all variants share.
+
 Prints images per second (the median step time after two warm-up steps; the variants take turns, one
 step each) and swav_scale's throughput over each reference's. Issue 7's CPU target: swav_scale >= 1.0x lightly.
 
     .venv/bin/python benchmarks/bench_swav_step.py [--arch resnet50 --batch 16 --sizes 224 96 --counts 2 6
-        --steps 3 --device cuda --compile --json FILE]
+        --steps 3 --device cuda --compile --only-swav-scale --optim lars --json FILE]
     .venv/bin/python benchmarks/bench_swav_step.py --arch resnet18 --width 0.5 --small-stem --sizes 28 28 \\
         --counts 2 2 --batch 128 --prototypes 100 --hidden 512   # the demo's network and crops
 """
@@ -58,15 +61,19 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also time swav_scale's default step compiled")
     parser.add_argument("--only-swav-scale", action="store_true", help="leave out the fp32 and reference steps")
+    parser.add_argument("--optim", default="sgd", choices=("sgd", "lars", "adamw"),
+                        help="swav_scale's optimizer (default sgd, the references'; lars: SwAV's own recipe)")
     parser.add_argument("--json", type=Path, help="also write the figures here (benchmarks/gpu_suite.py reads them)")
     a = parser.parse_args()
+    if a.optim != "sgd" and not a.only_swav_scale:
+        parser.error(f"--optim {a.optim} needs --only-swav-scale: the reference steps are compared with SGD")
     device = torch.device(a.device)
 
     def config(precision: str, channels_last: bool, compiled: bool = False):  # noqa: ANN202
         overrides = {
             "data.train_shards": "unused", "model.arch": a.arch, "model.small_stem": a.small_stem,
             "model.hidden_dim": a.hidden, "model.num_prototypes": a.prototypes, "crops.sizes": a.sizes,
-            "crops.counts": a.counts, "optim.name": "sgd", "optim.batch_size": a.batch,
+            "crops.counts": a.counts, "optim.name": a.optim, "optim.batch_size": a.batch,
             "swav.freeze_prototypes_iters": 0, "train.precision": precision, "train.channels_last": channels_last,
             "train.compile": compiled,
             **({"model.width": a.width} if a.width else {}),
@@ -112,7 +119,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     crop_text = " + ".join(f"{n}x{s}" for s, n in zip(a.sizes, a.counts))
     console.print(f"[bold]SwAV step[/]  {a.arch}{f' width {a.width}' if a.width else ''}, crops {crop_text} px, "
-                  f"batch {a.batch}, K {a.prototypes}, SGD; {name}, {torch.get_num_threads()} threads, "
+                  f"batch {a.batch}, K {a.prototypes}, {a.optim.upper()}; {name}, {torch.get_num_threads()} threads, "
                   f"torch {torch.__version__}, {datetime.date.today()}")
     images_per_s = {label: a.batch / t for label, t in interleaved_medians(variants, a.steps, device).items()}
     table = Table()
@@ -125,6 +132,7 @@ def main() -> None:
     write_json(a.json, {
         "benchmark": "bench_swav_step", "device": name, "torch": torch.__version__, "date": str(datetime.date.today()),
         "arch": a.arch, "width": a.width, "crops": crop_text, "batch": a.batch, "prototypes": a.prototypes,
+        "optim": a.optim,
         "default": default_label, "images_per_s": images_per_s,
     })
 

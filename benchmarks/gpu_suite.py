@@ -27,7 +27,8 @@ needs:
 5. pretrain: `swav-scale pretrain` on those shards for 20 steps with checkpoints, the same command again to
    resume and reach step 30, then `swav-scale knn` with PreciseBN: NCCL with one rank, pinned memory and
    non-blocking copies, DCP checkpoints of CUDA tensors and the CUDA RNG state, evaluation on the GPU.
-6. swav_step_256: swav_scale's step alone at batch 256, eager and compiled (`train.compile`).
+6. swav_step_256: swav_scale's training step as SwAV trains (LARS) at batch 256, eager and compiled
+   (`train.compile`).
 
 Writes to --out: suite.log (everything each step printed), results.json (each benchmark's figures and each
 step's exit status and time) and summary.md (the targets, measured, met or not: for docs/benchmarks.md).
@@ -49,6 +50,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
+
+import torch
+
+from swav_scale.status import run_status
+from swav_scale.utils import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -144,7 +150,8 @@ def plan(s: Sizes, work: Path, device: str) -> list[Step]:
              "eval.precise_bn_images=512", "--workers", str(s.workers)],
         ], 240, 60),
         Step("swav_step_256", [[*swav_step, "--batch", str(2 * s.batch), "--only-swav-scale", "--compile",
-                                "--json", str(work / "swav_step_256.json")]], 300, 60, ["swav_step_256.json"]),
+                                "--optim", "lars", "--json", str(work / "swav_step_256.json")]], 300, 60,
+             ["swav_step_256.json"]),
     ]
 
 
@@ -191,14 +198,20 @@ def targets(figures: dict[str, dict], statuses: dict[str, dict]) -> list[tuple[s
     big = figures.get("swav_step_256")
     if big:
         best = max(big["images_per_s"].items(), key=lambda kv: kv[1])
-        rows.append((f"(the same at batch {big['batch']}: the faster variant)", f"{best[1]:.0f} images/s, {best[0]}",
-                     best[1] >= 1000))
+        rows.append((f"(the same with {big['optim'].upper()} at batch {big['batch']}: the faster variant)",
+                     f"{best[1]:.0f} images/s, {best[0]}", best[1] >= 1000))
     for name, where in (("step_shards", "colour on the CPU"), ("step_shards_color", "colour on the GPU")):
         shards = figures.get(name)
         rows.append((f"from shards >= 0.9x the on-device step ({where})",
                      f"{shards['ratio']:.2f}x ({shards['images_per_s']['from shards']:.0f} images/s, "
                      f"{shards['waiting']['from shards']:.0%} waiting)" if shards else "not measured",
                      shards["ratio"] >= 0.9 if shards else None))
+    sink = figures.get("sinkhorn")
+    if sink:
+        case, ms = list(sink["ms"].items())[-1]  # the queue case, the largest
+        rows.append((f"Sinkhorn {case}: faster than the original's and lightly's",
+                     f"{ms['swav_scale']:.2f} ms; original {ms['original']:.2f}, lightly {ms['lightly']:.2f}",
+                     ms["swav_scale"] < min(ms["original"], ms["lightly"])))
     pretrain = statuses.get("pretrain", {})
     status = pretrain.get("status_json") or {}
     resumed = status.get("checkpoint_step") == status.get("total_steps") and status.get("starts") == 2
@@ -207,6 +220,41 @@ def targets(figures: dict[str, dict], statuses: dict[str, dict]) -> list[tuple[s
                  f"{status.get('starts')} starts",
                  None if pretrain.get("rc") is None else pretrain["rc"] == 0 and resumed))
     return rows
+
+
+def run_step(step: Step, log: TextIO, end: float) -> dict:
+    """Run `step`'s commands in turn, stopping at the first that fails or at its limit or the budget's `end`;
+    returns its status (exit code, seconds)."""
+    left = end - time.monotonic()
+    if left < step.need_s:
+        log.write(f"\n===== {step.name}: skipped, {left:.0f} s left\n")
+        return {"rc": None, "skipped": f"{left:.0f} s of the budget left"}
+    log.write(f"\n===== {step.name}\n")
+    start, rc = time.monotonic(), 0
+    for argv in step.commands:
+        log.write(f"$ {' '.join(argv[1:] if argv[0] == PY else argv)}\n")
+        log.flush()
+        rc = run_command(argv, log, min(step.limit_s - (time.monotonic() - start), end - time.monotonic()))
+        if rc != 0:
+            break
+    log.flush()
+    return {"rc": rc, "seconds": round(time.monotonic() - start, 1)}
+
+
+def write_report(out: Path, header: str, statuses: dict[str, dict], figures: dict[str, dict]) -> str:
+    """results.json and summary.md as they stand: rewritten after every step, so that a call stopped from
+    outside still brings back the figures of the steps that finished."""
+    rows = targets(figures, statuses)
+    results = {"header": header, "steps": statuses, "figures": figures,
+               "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in rows]}
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    lines = [header, "", "| target | measured | met |", "| --- | --- | --- |"]
+    lines += [f"| {t} | {m} | {'yes' if ok else 'no' if ok is False else 'not measured'} |" for t, m, ok in rows]
+    lines += ["", "| step | exit | seconds |", "| --- | ---: | ---: |"]
+    lines += [f"| {n} | {s.get('rc')} | {s.get('seconds', s.get('skipped'))} |" for n, s in statuses.items()]
+    summary = "\n".join(lines) + "\n"
+    atomic_write_text(out / "summary.md", summary)
+    return summary
 
 
 def main() -> int:
@@ -218,10 +266,6 @@ def main() -> int:
     p.add_argument("--only", nargs="+", help="run only these steps (env always runs)")
     p.add_argument("--list", action="store_true", help="print each step's commands and stop")
     a = p.parse_args()
-    import torch  # after the arguments, so that --help answers at once
-
-    from swav_scale.status import run_status
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     steps = plan(Sizes.quick() if a.quick else Sizes.full(), a.work, device)
     unknown = set(a.only or ()) - {s.name for s in steps}
@@ -237,46 +281,23 @@ def main() -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(a.work / "run", ignore_errors=True)  # an earlier suite's run would be resumed, not started
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "no GPU (CPU)"
+    header = (f"gpu_suite{' --quick (a tiny network: checks the suite, measures nothing)' if a.quick else ''}: "
+              f"{gpu}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     end = time.monotonic() + a.budget
     statuses: dict[str, dict] = {}
     figures: dict[str, dict] = {}
     with open(a.out / "suite.log", "w") as log:
         for step in steps:
-            left = end - time.monotonic()
-            if left < step.need_s:
-                statuses[step.name] = {"rc": None, "skipped": f"{left:.0f} s of the budget left"}
-                log.write(f"\n===== {step.name}: skipped, {left:.0f} s left\n")
-                continue
-            log.write(f"\n===== {step.name}\n")
-            log.flush()
-            start, rc = time.monotonic(), 0
-            for argv in step.commands:
-                remaining = min(step.limit_s - (time.monotonic() - start), end - time.monotonic())
-                log.write(f"$ {' '.join(argv[1:] if argv[0] == PY else argv)}\n")
-                log.flush()
-                rc = run_command(argv, log, remaining)
-                if rc != 0:
-                    break
-            log.flush()
-            statuses[step.name] = {"rc": rc, "seconds": round(time.monotonic() - start, 1)}
+            for name in step.figures:  # an earlier suite's figures are never taken for this one's
+                (a.work / name).unlink(missing_ok=True)
+            statuses[step.name] = run_step(step, log, end)
             for name in step.figures:
-                if rc == 0 and (a.work / name).exists():
+                if statuses[step.name]["rc"] == 0 and (a.work / name).exists():
                     figures[name.removesuffix(".json")] = json.loads((a.work / name).read_text())
-            if step.name == "pretrain" and (a.work / "run").exists():  # `swav-scale status --json`'s figures
-                statuses["pretrain"]["status_json"] = run_status(a.work / "run")
-    rows = targets(figures, statuses)
-    results = {"device": device, "quick": a.quick, "steps": statuses, "figures": figures,
-               "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in rows]}
-    (a.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "no GPU (CPU)"
-    lines = [f"gpu_suite{' --quick (a tiny network: checks the suite, measures nothing)' if a.quick else ''}: "
-             f"{gpu}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", "",
-             "| target | measured | met |", "| --- | --- | --- |"]
-    lines += [f"| {t} | {m} | {'yes' if ok else 'no' if ok is False else 'not measured'} |" for t, m, ok in rows]
-    lines += ["", "| step | exit | seconds |", "| --- | ---: | ---: |"]
-    lines += [f"| {n} | {s.get('rc')} | {s.get('seconds', s.get('skipped'))} |" for n, s in statuses.items()]
-    summary = "\n".join(lines) + "\n"
-    (a.out / "summary.md").write_text(summary)
+            if step.name == "pretrain" and (a.work / "run" / "config.yaml").exists():
+                statuses["pretrain"]["status_json"] = run_status(a.work / "run")  # `swav-scale status --json`
+            summary = write_report(a.out, header, statuses, figures)
     print("\n" + summary)
     return 1 if any(s["rc"] not in (0, None) for s in statuses.values()) else 0
 

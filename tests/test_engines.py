@@ -110,12 +110,14 @@ def trunk_gathers_per_step(rank: int, world: int, overrides: list[str]) -> tuple
     queue = FeatureQueue(2, 8, cfg.model.embed_dim)
     sizes = tuple(size for size, count in zip(cfg.crops.sizes, cfg.crops.counts) for _ in range(count))
     swav_step(engine, views_for(rank, 0, sizes=sizes), cfg.swav, 0, 0.1, queue)  # FSDP initialises itself lazily
-    gather, calls = dist.all_gather_single, []
-    dist.all_gather_single = lambda *args, **kwargs: calls.append(1) or gather(*args, **kwargs)
+    # FSDP2's all-gather: all_gather_single from torch 2.14 on, all_gather_into_tensor before
+    name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+    gather, calls = getattr(dist, name), []
+    setattr(dist, name, lambda *args, **kwargs: calls.append(1) or gather(*args, **kwargs))
     try:
         swav_step(engine, views_for(rank, 1, sizes=sizes), cfg.swav, 1, 0.1, queue)
     finally:
-        dist.all_gather_single = gather
+        setattr(dist, name, gather)
     return len(calls), len(shard_units(engine.model.trunk))
 
 
