@@ -24,7 +24,7 @@ from swav_scale.data.multicrop import EvalTransform, normalize
 from swav_scale.distributed import all_gather_object, grouped
 from swav_scale.engines.base import autocast_dtype
 from swav_scale.precise_bn import calibration_batches, precise_batchnorms
-from swav_scale.utils import progress_bar
+from swav_scale.utils import console, progress_bar
 
 
 @torch.no_grad()
@@ -181,6 +181,10 @@ def split_features(
     dtype = autocast_dtype(cfg.train.precision, torch.device(device))  # the precision the network trained in
     networks = {name: enc for name, enc in encoders.items() if isinstance(enc, nn.Module)}
     if e.precise_bn_images and networks:  # the same images and batches on any number of ranks (precise_bn.py)
+        if e.precise_bn_images > bank_set.total and rank == 0:  # the tables will name the configured number
+            console.print(f"[yellow]warning:[/] eval.precise_bn_images={e.precise_bn_images}, but the train split "
+                          f"holds {bank_set.total} images: BatchNorm statistics come from all {bank_set.total}",
+                          highlight=False)
         batches = calibration_batches(bank_set.units, transform, mean, std, e.precise_bn_images, e.batch_size,
                                       device)
         encoders = {**encoders, **precise_batchnorms(networks, batches, dtype)}

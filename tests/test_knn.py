@@ -12,7 +12,8 @@ from helpers import image_folder_of, run_ranks
 
 from swav_scale.data.labelled import open_labelled
 from swav_scale.data.multicrop import EvalTransform
-from swav_scale.knn import extract_features, knn_top1, raw_pixels
+from swav_scale.config import load_config
+from swav_scale.knn import extract_features, knn_top1, raw_pixels, split_features
 from swav_scale.models.resnet import build_trunk
 
 MEAN, STD = (0.286,) * 3, (0.353,) * 3
@@ -94,6 +95,18 @@ def test_encoders_share_one_decoding_pass(fmnist_test_shards: Path) -> None:
     assert torch.equal(both["pixels"], alone["pixels"])
     assert both["trunk"].shape == (manifest.total, trunk.out_dim)
     assert torch.allclose(both["trunk"].norm(dim=1), torch.ones(manifest.total), atol=1e-5)
+
+
+def test_asking_precisebn_for_more_images_than_the_split_holds_says_so(
+        fmnist_test_shards: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The tables name the configured number of calibration images: a split with fewer must say how many."""
+    cfg = load_config(None, [f"data.train_shards={fmnist_test_shards}", f"eval.test_shards={fmnist_test_shards}",
+                             "eval.resize=28", "eval.crop=28", "eval.precise_bn_images=1000", "train.precision=fp32"])
+    torch.manual_seed(0)
+    trunk = build_trunk("resnet18", 0.125, small_stem=True).eval()
+    (bank, _), _ = split_features(cfg, {"trunk": trunk, "pixels": raw_pixels}, num_workers=0, show_progress=False)
+    assert "eval.precise_bn_images=1000, but the train split holds 300 images" in capsys.readouterr().out
+    assert bank["trunk"].shape == (300, trunk.out_dim)
 
 
 def test_bf16_features_stay_close_to_fp32(fmnist_test_shards: Path) -> None:
