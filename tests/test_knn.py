@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from helpers import image_folder_of, run_ranks
 
+from swav_scale.config import load_config
 from swav_scale.data.labelled import open_labelled
 from swav_scale.data.multicrop import EvalTransform
-from swav_scale.config import load_config
 from swav_scale.knn import extract_features, knn_top1, raw_pixels, split_features
 from swav_scale.models.resnet import build_trunk
 
