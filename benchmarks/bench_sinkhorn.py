@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from references import lightly_sinkhorn, original_sinkhorn
 from rich.console import Console
 from rich.table import Table
-from timing import interleaved_medians, write_json
+from timing import device_name, interleaved_medians, write_json
 
 from swav_scale.swav import sinkhorn
 
@@ -45,7 +44,7 @@ def main() -> None:
     a = parser.parse_args()
     device = torch.device(a.device)
     console = Console(width=150)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    name = device_name(device)
     console.print(f"[bold]Sinkhorn[/]  ε 0.05, 3 iterations, float32; {name}, {torch.get_num_threads()} threads, "
                   f"torch {torch.__version__}, {datetime.date.today()}")
     table = Table()

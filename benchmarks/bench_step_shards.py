@@ -29,7 +29,6 @@ import argparse
 import datetime
 import multiprocessing
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -50,7 +49,7 @@ from swav_scale.distributed import DistEnv
 from swav_scale.engines import build_engine
 from swav_scale.engines.base import autocast_dtype
 from swav_scale.train import build_model, build_multicrop, preflight, swav_step
-from timing import write_json
+from timing import device_name, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,7 +158,7 @@ def main() -> None:
             epoch_starts += loader.epoch - epoch
 
         console = Console(width=140)
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        name = device_name(device)
         crops = " + ".join(f"{n}x{s}" for s, n in zip(cfg.crops.sizes, cfg.crops.counts))
         source = f"{a.photos} JPEGs (long side {a.long_side} px)" if a.photos else cfg.data.train_shards
         console.print(
@@ -172,9 +171,9 @@ def main() -> None:
         for col in ("data", "images/s", "waiting for the loader", "/ on-device"):
             table.add_column(col, justify="left" if col == "data" else "right")
         rates = {k: statistics.median(a.steps * batch / seconds for seconds, _ in v) for k, v in results.items()}
-        for label, blocks in results.items():
-            waiting = sum(w for _, w in blocks) / sum(s for s, _ in blocks)
-            table.add_row(label, f"{rates[label]:.1f}", f"{waiting:.0%}",
+        waiting = {k: sum(w for _, w in v) / sum(s for s, _ in v) for k, v in results.items()}
+        for label in results:
+            table.add_row(label, f"{rates[label]:.1f}", f"{waiting[label]:.0%}",
                           f"{rates[label] / rates['on-device batch']:.2f}x")
         console.print(table)
         ratio = rates["from shards"] / rates["on-device batch"]
@@ -184,7 +183,7 @@ def main() -> None:
             "benchmark": "bench_step_shards", "device": name, "torch": torch.__version__,
             "date": str(datetime.date.today()), "arch": cfg.model.arch, "crops": crops, "batch": batch,
             "workers": cfg.data.num_workers, "source": source, "images_per_s": rates, "ratio": ratio,
-            "waiting": {k: sum(w for _, w in v) / sum(s for s, _ in v) for k, v in results.items()},
+            "waiting": waiting,
             "epoch_starts": epoch_starts,
         })
         if epoch_starts:

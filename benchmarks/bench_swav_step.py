@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 from pathlib import Path
 from collections.abc import Callable
 
@@ -38,7 +37,7 @@ import torch
 from references import LightlyStep, OriginalStep
 from rich.console import Console
 from rich.table import Table
-from timing import interleaved_medians, write_json
+from timing import device_name, interleaved_medians, write_json
 
 from swav_scale.config import load_config
 from swav_scale.distributed import DistEnv
@@ -116,7 +115,7 @@ def main() -> None:
     if a.compile:
         variants[default_label.replace(")", ", compiled)")] = swav_scale_step("auto", True, compiled=True)
     console = Console(width=140)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    name = device_name(device)
     crop_text = " + ".join(f"{n}x{s}" for s, n in zip(a.sizes, a.counts))
     console.print(f"[bold]SwAV step[/]  {a.arch}{f' width {a.width}' if a.width else ''}, crops {crop_text} px, "
                   f"batch {a.batch}, K {a.prototypes}, {a.optim.upper()}; {name}, {torch.get_num_threads()} threads, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -11,6 +12,11 @@ from pathlib import Path
 import torch
 
 from swav_scale.utils import atomic_write_text
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's, for a benchmark's header line."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,

@@ -106,9 +106,9 @@ def calibration_batches(units: list[Unit], transform: Callable[[Tensor], Tensor]
     batch: list[Tensor] = []
     taken = 0
     for unit in units:
-        for image, _ in unit.images():
-            if (taken // batch_size) % world == rank:
-                batch.append(transform(image))
+        for load, _ in unit.lazy_images():
+            if (taken // batch_size) % world == rank:  # other ranks' images are passed over, not decoded
+                batch.append(transform(load()))
             taken += 1
             if len(batch) == batch_size or (taken == images and batch):
                 yield normalize(torch.stack(batch).to(device), mean, std)

@@ -7,6 +7,7 @@ disjoint part of the set; together the ranks cover each image exactly once.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,16 +35,26 @@ class Unit:
 
     def images(self) -> Iterator[tuple[Tensor, int]]:
         """(uint8 RGB image (C, H, W), class index) for every image of the unit, in stored order."""
+        for load, label in self.lazy_images():
+            yield load(), label
+
+    def lazy_images(self) -> Iterator[tuple[Callable[[], Tensor], int]]:
+        """`images`, each image as a function that decodes it: a reader that wants only some of them (one rank's
+        share of PreciseBN's batches) decodes only those."""
         if not self.files:
             for sample in shard_samples(self.name):
-                yield decode(sample), label_of(sample)
+                yield functools.partial(decode, sample), label_of(sample)
             return
         for path, label in self.files:
-            try:
-                data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-                yield decode_image(data, mode=ImageReadMode.RGB), label
-            except (OSError, RuntimeError) as e:
-                raise ShardError(f"{path} cannot be read as an image ({e}); remove or replace it") from None
+            yield functools.partial(_read_image, path), label
+
+
+def _read_image(path: str) -> Tensor:
+    try:
+        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except (OSError, RuntimeError) as e:
+        raise ShardError(f"{path} cannot be read as an image ({e}); remove or replace it") from None
 
 
 @dataclass(frozen=True)
