@@ -13,66 +13,53 @@ on one process:
 
 The two take turns in --rounds blocks of --steps steps. Before each block from shards, a few untimed steps
 bring the loader's prefetch queue to its steady state (full when the loader keeps ahead, empty when not), so
-a queue filled while the other variant ran is not counted. Prints images/s for each (median over rounds),
-the share of the step spent waiting for the loader, and the ratio. On a CPU the loader's workers and the
-step share the same cores, so there the ratio measures that competition as much as the pipeline.
+a queue filled while the other variant ran is not counted. A block never straddles an epoch: a new epoch
+starts the loader's workers anew, seconds in which a short benchmark would see mostly start-up, while a real
+epoch is thousands of steps long. When the rest of an epoch cannot hold the settling steps and a block, it is
+read through untimed and the block starts with the next epoch. Prints images/s for each (median over rounds),
+the share of the step spent waiting for the loader (the time `next()` on the loader takes, alone: the copy to
+the device and the normalisation, which may wait on the device, are outside it), and the ratio. On a CPU the
+loader's workers and the step share the same cores, so there the ratio measures that competition as much as
+the pipeline. With --forbid-host-syncs (CUDA only) each timed step, the batch's copy and normalisation
+included, runs under `torch.cuda.set_sync_debug_mode("error")`.
 
     .venv/bin/python benchmarks/bench_step_shards.py                   # the demo's config and shards (make demo)
     .venv/bin/python benchmarks/bench_step_shards.py configs/rn50_in1k_100ep.yaml --photos 4096 \\
         optim.batch_size=128 data.num_workers=12 --device cuda         # ImageNet-sized JPEGs, one GPU
-    [--workdir DIR: keep (or reuse) the photos' shards in DIR/shards; --json FILE: also write the figures]
+    [--workdir DIR: keep (or reuse) the photos' shards in DIR/shards; --json FILE: also write the figures;
+     --forbid-host-syncs]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import multiprocessing
-import os
-import shutil
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+from photo_shards import photo_shards
+from ranks import lone_rank
 from rich.console import Console
 from rich.table import Table
+from timing import device_name, host_sync_mode, sync_debug_mode, write_json
 
 from swav_scale.config import load_config
 from swav_scale.data.loader import Batch, MultiCropStream, ShardLoader
-from swav_scale.data.make_shards import main as make_shards
-from swav_scale.data.multicrop import device_views
+from swav_scale.data.multicrop import CopyStream, device_views
 from swav_scale.data.plan import Layout, Planner
-from swav_scale.distributed import DistEnv
+from swav_scale.distributed import shutdown
 from swav_scale.engines import build_engine
 from swav_scale.engines.base import autocast_dtype
 from swav_scale.train import build_model, build_multicrop, preflight, swav_step
-from timing import device_name, write_json
+
+B = TypeVar("B")
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def photo_shards(work: Path, count: int, long_side: int) -> Path:
-    """`count` ImageNet-sized JPEGs cut from scikit-image's sample photos (bench_data.py), sharded in
-    work/shards; shards already there from an earlier run with the same count and size are reused."""
-    from bench_data import make_images  # scikit-image: the bench extra
-
-    images, shards, made = work / "images", work / "shards", work / "shards.made"
-    if made.exists() and made.read_text() == f"{count} {long_side}":
-        return shards
-    for old in (images, shards):  # a run stopped half-way, or other photos
-        shutil.rmtree(old, ignore_errors=True)
-    parts = min(16, os.cpu_count() or 1, max(1, count // 256))  # 12,288 photos take 80 s in one process
-    starts = [count * k // parts for k in range(parts + 1)]
-    with multiprocessing.get_context("spawn").Pool(parts) as pool:
-        pool.starmap(make_images, [(images, end - start, seed, long_side, 8, start)
-                                   for seed, (start, end) in enumerate(zip(starts, starts[1:]))])
-    make_shards(["--image-folder", str(images), "--out", str(shards), "--max-count", "256",
-                 "--workers", str(min(8, os.cpu_count() or 1))])
-    made.write_text(f"{count} {long_side}")
-    return shards
 
 
 def endless(loader: ShardLoader) -> Iterator[Batch]:
@@ -80,17 +67,31 @@ def endless(loader: ShardLoader) -> Iterator[Batch]:
         yield from loader
 
 
-def timed_block(next_views: Callable[[], list[torch.Tensor]], step: Callable[[list[torch.Tensor]], object],
-                steps: int, device: torch.device) -> tuple[float, float]:
-    """(seconds for `steps` steps, seconds of it spent in `next_views`)."""
+def settling_steps(workers: int, prefetch_factor: int) -> int:
+    """Untimed steps before a block from shards: enough to drain the batches the loader's workers prefetched
+    while the other variant ran, plus one."""
+    return max(1, workers) * prefetch_factor + 1
+
+
+def steps_from_shards(workers: int, prefetch_factor: int, steps: int, rounds: int) -> int:
+    """The batches a run takes from the loader: the on-device batch, then per round the settling steps and a
+    block. An epoch of at least that many steps holds the whole run (gpu_suite sizes its photos by it)."""
+    return 1 + rounds * (settling_steps(workers, prefetch_factor) + steps)
+
+
+def timed_block(next_batch: Callable[[], B], step: Callable[[B], object], steps: int, device: torch.device,
+                sync_mode: str | None) -> tuple[float, float]:
+    """(seconds for `steps` steps, seconds of it spent in `next_batch` alone). Only `step` runs under
+    `sync_mode`: the loader is not swav_scale's step, and its pinning thread runs beside it."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     start, waiting = time.perf_counter(), 0.0
     for _ in range(steps):
         asked = time.perf_counter()
-        views = next_views()
+        batch = next_batch()
         waiting += time.perf_counter() - asked
-        step(views)
+        with sync_debug_mode(sync_mode):
+            step(batch)
     if device.type == "cuda":
         torch.cuda.synchronize()  # the step makes no host syncs: the device may still be working
     return time.perf_counter() - start, waiting
@@ -109,8 +110,12 @@ def main() -> None:
                    help="make (or reuse) the --photos shards in DIR/shards, kept after the run (default: a temp dir)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, help="also write the figures here (benchmarks/gpu_suite.py reads them)")
+    p.add_argument("--forbid-host-syncs", action="store_true",
+                   help="on CUDA, a host synchronisation in a timed step (copy and normalisation included) is an error")
     a = p.parse_args()
-    device = torch.device(a.device)
+    env = lone_rank(torch.device(a.device))  # on a GPU: cuda:N with its index (set_device refuses "cuda")
+    device = env.device
+    sync_mode, sync_check = host_sync_mode(device, a.forbid_host_syncs)
     with tempfile.TemporaryDirectory(prefix="bench_step_shards_") as tmp:
         has_config = bool(a.args) and "=" not in a.args[0]
         config = a.args[0] if has_config else str(ROOT / "configs" / "quickstart.yaml")
@@ -119,19 +124,24 @@ def main() -> None:
             work = a.workdir or Path(tmp)
             overrides.append(f"data.train_shards={photo_shards(work, a.photos, a.long_side)}")
         cfg = load_config(config, overrides)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         manifest, batch = preflight(cfg, 1)
         layout = Layout(1, max(1, cfg.data.num_workers), batch)
         planner = Planner(manifest, cfg.train.seed, cfg.data.open_shards, cfg.data.shuffle_buffer)
         loader = ShardLoader(MultiCropStream(planner, build_multicrop(cfg), 0, layout), cfg.data.num_workers,
                              cfg.data.prefetch_factor, pin_memory=device.type == "cuda")
+        settle = settling_steps(cfg.data.num_workers, cfg.data.prefetch_factor)
+        if loader.steps_per_epoch < settle + a.steps:
+            p.error(f"an epoch of these shards is {loader.steps_per_epoch} steps of {batch} images, and a block "
+                    f"from shards takes {settle + a.steps} ({settle} to settle {cfg.data.num_workers} workers' "
+                    f"prefetching, {a.steps} timed): use at least {(settle + a.steps) * batch} images, or fewer "
+                    "--steps")
         torch.manual_seed(cfg.train.seed)
-        engine = build_engine(cfg, build_model(cfg), DistEnv(0, 1, 0, 1, device))
+        engine = build_engine(cfg, build_model(cfg), env)
         mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
+        copy = CopyStream(device)
 
-        def views_of(b: Batch) -> list[torch.Tensor]:
-            views = device_views(b.views, device, mean, std, cfg.crops.color_on_device)
+        def views_of(b: Batch) -> list[torch.Tensor]:  # as the training loop moves and normalises a batch
+            views = device_views(b.views, copy, mean, std, cfg.crops.color_on_device)
             return [v.contiguous(memory_format=torch.channels_last) for v in views] if cfg.train.channels_last \
                 else views
 
@@ -139,23 +149,25 @@ def main() -> None:
             return swav_step(engine, views, cfg.swav, cfg.swav.freeze_prototypes_iters, cfg.optim.base_lr, None)
 
         batches = endless(loader)
-
-        def from_shards() -> list[torch.Tensor]:
-            return views_of(next(batches))
-
-        on_device = from_shards()
-        settle = max(1, cfg.data.num_workers) * cfg.data.prefetch_factor + 1
-        for views in (on_device, on_device):  # warm-up: kernel selection, optimizer state, autotuning
+        on_device = views_of(next(batches))
+        # warm-up, outside the host-sync check: kernel selection (cudnn.benchmark), optimizer state, autotuning
+        for views in (on_device, on_device):
             step(views)
         results: dict[str, list[tuple[float, float]]] = {"on-device batch": [], "from shards": []}
-        epoch_starts = 0  # each restarts the loader's workers: timed, as in training, but rare in long epochs
+        read_through = 0  # batches read untimed so that each block starts with an epoch
         for _ in range(a.rounds):
-            results["on-device batch"].append(timed_block(lambda: on_device, step, a.steps, device))
+            results["on-device batch"].append(timed_block(lambda: on_device, step, a.steps, device, sync_mode))
+            left = loader.steps_per_epoch - loader.batches_done
+            if left < settle + a.steps:
+                for _ in range(left):
+                    next(batches)
+                read_through += left
             for _ in range(settle):
-                step(from_shards())
+                step(views_of(next(batches)))
             epoch = loader.epoch
-            results["from shards"].append(timed_block(from_shards, step, a.steps, device))
-            epoch_starts += loader.epoch - epoch
+            results["from shards"].append(timed_block(lambda: next(batches), lambda b: step(views_of(b)), a.steps,
+                                                      device, sync_mode))
+            assert loader.epoch == epoch, "a timed block straddled an epoch"
 
         console = Console(width=140)
         name = device_name(device)
@@ -165,7 +177,8 @@ def main() -> None:
             f"[bold]SwAV step from shards[/]  {cfg.model.arch} width {cfg.model.width}, crops {crops} px, batch "
             f"{batch}, {autocast_dtype(cfg.train.precision, device) or 'fp32'}, {cfg.data.num_workers} workers; "
             f"shards {source} ({loader.steps_per_epoch} steps an epoch); {name}, {torch.get_num_threads()} "
-            f"threads, torch {torch.__version__}, {datetime.date.today()}; {a.rounds} x {a.steps} steps each",
+            f"threads, torch {torch.__version__}, {datetime.date.today()}; {a.rounds} x {a.steps} steps each; "
+            f"host-sync check: {sync_check}",
             highlight=False)
         table = Table()
         for col in ("data", "images/s", "waiting for the loader", "/ on-device"):
@@ -183,12 +196,14 @@ def main() -> None:
             "benchmark": "bench_step_shards", "device": name, "torch": torch.__version__,
             "date": str(datetime.date.today()), "arch": cfg.model.arch, "crops": crops, "batch": batch,
             "workers": cfg.data.num_workers, "source": source, "images_per_s": rates, "ratio": ratio,
-            "waiting": waiting,
-            "epoch_starts": epoch_starts,
+            "waiting": waiting, "read_through": read_through, "host_sync_check": sync_check,
         })
-        if epoch_starts:
-            console.print(f"note: {epoch_starts} new epoch(s) started in the timed steps from shards, each starting "
-                          "the loader's workers anew; use more images for a steady-state figure", highlight=False)
+        if read_through:
+            console.print(f"note: {read_through} batches were read untimed so that each block from shards started "
+                          f"with an epoch (an epoch is {loader.steps_per_epoch} steps; the run takes "
+                          f"{steps_from_shards(cfg.data.num_workers, cfg.data.prefetch_factor, a.steps, a.rounds)}"
+                          " from the loader)", highlight=False)
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 A GPU is lent to this project by chance and for minutes (15 of device time a session, the machine's start
 included), so what it should run is prepared here, run in one command, and its figures come back in files.
 The GPU machine has PyTorch, timm and rich but cannot reach PyPI: `bash tools/gpu_wheels.sh` fetches the rest
-(pure-Python wheels, 1 MB) into .whl/, which the device call carries:
+(pure-Python wheels, DeepSpeed built with its ops off, pydantic-core for CPython 3.12: 6 MB) into .whl/, which
+the device call carries:
 
     run(carry=[".whl"], timeout_s=590, command="python3 -m pip install -q --no-index --no-deps --no-compile
         --target /tmp/site .whl/*.whl && PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
@@ -14,21 +15,34 @@ others; a call that fails at once (a missing package) leaves time to call again 
 (`--only STEP` runs chosen steps). `--list` prints the commands without running them.
 
 Steps, the most needed first, each with its own time limit, none started with less of --budget left than it
-needs:
+needs; each makes what it needs (the photos' shards too), so that `--only STEP` runs on a fresh machine:
 
 1. env: the GPU, driver, torch, CUDA and cuDNN versions, CPU cores.
 2. swav_step: bench_swav_step, ResNet-50 2x224 + 6x96 px, K 3000: swav_scale's step (bf16, channels-last)
-   against its fp32 step, the original's and lightly's, same GPU, side by side.
-   Targets: >= 1,000 images/s; >= 1.5x lightly's step.
-3. step_shards: bench_step_shards on 12,288 ImageNet-sized JPEGs in shards: training from the shard loader
-   against the same step on a batch on the device. Target: >= 0.9x. step_shards_color: the same with the
-   colour operations on the GPU (`crops.color_on_device=true`), for when the CPU workers cannot keep up.
+   against its fp32 step, the original's and lightly's, same GPU, side by side; lightly's both in swav_scale's
+   precision and layout (bf16 autocast, channels-last: the like-for-like figure) and in fp32 NCHW.
+   Targets: >= 1,000 images/s; >= 1.5x lightly's step (like for like).
+3. step_shards: bench_step_shards on ImageNet-sized JPEGs in shards (12,800: an epoch holds all the steps the
+   benchmark takes from the loader with 14 workers, so no timed block meets an epoch's start): training from
+   the shard loader against the same step on a batch on the device. Target: >= 0.9x. step_shards_color: the
+   same with the colour operations on the GPU (`crops.color_on_device=true`), for when the CPU workers cannot
+   keep up.
 4. sinkhorn: bench_sinkhorn up to 4096 x 3000, and 256 rows + a 3840-row queue.
 5. pretrain: `swav-scale pretrain` on those shards for 20 steps with checkpoints, the same command again to
-   resume and reach step 30, then `swav-scale knn` with PreciseBN: NCCL with one rank, pinned memory and
-   non-blocking copies, DCP checkpoints of CUDA tensors and the CUDA RNG state, evaluation on the GPU.
-6. swav_step_256: swav_scale's training step as SwAV trains (LARS) at batch 256, eager and compiled
-   (`train.compile`).
+   resume and reach step 30, then `swav-scale knn` with PreciseBN: a one-rank NCCL group, pinned memory and
+   non-blocking copies, DCP checkpoints of CUDA tensors and the CUDA RNG state, evaluation on the GPU. The
+   backend is checked twice: a probe calls init_distributed as the run's rank does and names its group's
+   backend, and the run itself prints NCCL's version line (NCCL_DEBUG=VERSION) when it creates a communicator.
+6. engines: swav_scale's step under DDP, FSDP2, ZeRO-2 and ZeRO-3 (DeepSpeed), one rank each, batch 128
+   (bench_swav_step --engines). FSDP2 shards over its one-rank group, as a single-GPU run does.
+7. swav_step_256: swav_scale's training step as SwAV trains (LARS) at batch 256, eager and compiled
+   (`train.compile`); the compiled one only where triton and a C compiler are there ("skipped: ..." if not).
+
+swav_scale's own steps in 2, 3, 6 and 7 run under `torch.cuda.set_sync_debug_mode("error")` after their
+warm-up steps (--forbid-host-syncs): a host synchronisation inside a training step fails that variant with its
+traceback (the step's exit status is 1; the other variants' figures are kept). The references' steps are not
+checked (they read the loss back by design), nor DeepSpeed's own optimizer step, which runs under "warn" (its
+synchronising lines are named in suite.log). On the CPU the check is skipped.
 
 Writes to --out: suite.log (everything each step printed), results.json (each benchmark's figures and each
 step's exit status and time) and summary.md (the targets, measured, met or not: for docs/benchmarks.md).
@@ -41,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,6 +67,7 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
+from bench_step_shards import steps_from_shards
 
 from swav_scale.status import run_status
 from swav_scale.utils import atomic_write_text
@@ -71,6 +87,16 @@ else:
     print("no GPU: CPU only")
 """
 
+# the process group a lone rank of `swav-scale pretrain` joins: the same call, in the same environment
+BACKEND_PROBE = """
+import torch.distributed as dist
+from swav_scale.distributed import in_group, init_distributed
+env = init_distributed()
+print("process group:", dist.get_backend() if in_group() else "none", "on", env.device, flush=True)
+if in_group():
+    dist.destroy_process_group()
+"""
+
 
 @dataclass
 class Step:
@@ -79,6 +105,7 @@ class Step:
     limit_s: int  # the whole step is stopped after this
     need_s: int  # not started with less of the budget left
     figures: list[str] = field(default_factory=list)  # the JSON files it writes, in the work directory
+    env: dict[str, str] = field(default_factory=dict)  # added to its commands' environment
 
 
 @dataclass
@@ -99,11 +126,14 @@ class Sizes:
 
     @classmethod
     def full(cls) -> Sizes:
-        # 12,288 photos: 96 steps an epoch, so that a new epoch (the loader's workers started anew) seldom falls
-        # in the ~100 steps bench_step_shards takes from shards
         workers = max(1, min(14, (os.cpu_count() or 2) - 2))
-        return cls([], ["--sizes", "224", "96", "--counts", "2", "6"], 128, 8, 12288, 500, workers,
-                   ["optim.batch_size=128", f"data.num_workers={workers}"], [],
+        # an epoch that holds every batch bench_step_shards takes (it would otherwise read the rest of an epoch
+        # untimed, so that no block meets a new epoch's start), in whole shards of 256
+        steps, rounds, batch = 20, 2, 128
+        photos = -(-steps_from_shards(workers, 2, steps, rounds) * batch // 256) * 256  # data.prefetch_factor 2
+        return cls([], ["--sizes", "224", "96", "--counts", "2", "6"], batch, 8, max(12288, photos), 500, workers,
+                   [f"optim.batch_size={batch}", f"data.num_workers={workers}"],
+                   ["--steps", str(steps), "--rounds", str(rounds)],
                    ["256x3000", "1024x3000", "4096x3000", "256+3840x3000"], 50)
 
     @classmethod
@@ -118,7 +148,7 @@ class Sizes:
 
 def plan(s: Sizes, work: Path, device: str) -> list[Step]:
     swav_step = [PY, str(BENCH / "bench_swav_step.py"), *s.model, *s.crops, "--device", device,
-                 "--steps", str(s.steps)]
+                 "--steps", str(s.steps), "--forbid-host-syncs"]
     shards, run = work / "shards", work / "run"
     config = str(ROOT / "configs" / "rn50_in1k_100ep.yaml")
     pretrain = [PY, "-m", "swav_scale.cli", "pretrain", config, f"data.train_shards={shards}", *s.train,
@@ -129,7 +159,8 @@ def plan(s: Sizes, work: Path, device: str) -> list[Step]:
 
     def step_shards(*overrides: str) -> list[str]:  # overrides first: argparse reads no positional after options
         return [PY, str(BENCH / "bench_step_shards.py"), config, *s.train, *overrides, *s.shard_steps, "--photos",
-                str(s.photos), "--long-side", str(s.long_side), "--workdir", str(work), "--device", device]
+                str(s.photos), "--long-side", str(s.long_side), "--workdir", str(work), "--device", device,
+                "--forbid-host-syncs"]
 
     return [
         Step("env", [[PY, "-c", ENV_SNIPPET]], 120, 10),
@@ -144,27 +175,36 @@ def plan(s: Sizes, work: Path, device: str) -> list[Step]:
                            str(s.repeats), "--device", device, "--json", str(work / "sinkhorn.json")]],
              90, 20, ["sinkhorn.json"]),
         Step("pretrain", [
+            [PY, str(BENCH / "photo_shards.py"), "--work", str(work), "--photos", str(s.photos),
+             "--long-side", str(s.long_side)],  # made by step_shards already, unless --only pretrain
+            [PY, "-c", BACKEND_PROBE],
             [*pretrain, "train.max_steps=20"],
             [*pretrain, "train.max_steps=30"],  # the same run again: resumes from step 20
             [PY, "-m", "swav_scale.cli", "knn", str(run), f"eval.test_shards={shards}",
              "eval.precise_bn_images=512", "--workers", str(s.workers)],
-        ], 240, 60),
+        ], 240, 60, env={"NCCL_DEBUG": "VERSION"}),
+        Step("engines", [[*swav_step, "--batch", str(s.batch), "--only-swav-scale", "--engines", "ddp", "fsdp",
+                          "zero2", "zero3", "--json", str(work / "engines.json")]], 180, 60, ["engines.json"]),
         Step("swav_step_256", [[*swav_step, "--batch", str(2 * s.batch), "--only-swav-scale", "--compile",
                                 "--optim", "lars", "--json", str(work / "swav_step_256.json")]], 300, 60,
              ["swav_step_256.json"]),
     ]
 
 
-def run_command(argv: list[str], log: TextIO, seconds: float) -> int:
-    """Run `argv`, its output going to this process's output and to `log`; stop its whole process group
-    (DataLoader workers, local ranks) after `seconds`. Returns its exit status, 124 when it was stopped."""
+def run_command(argv: list[str], log: TextIO, seconds: float, env: dict[str, str] | None = None,
+                lines: list[str] | None = None) -> int:
+    """Run `argv` with `env` added to the environment, its output going to this process's output, to `log` and
+    to `lines`; stop its whole process group (DataLoader workers, local ranks) after `seconds`. Returns its
+    exit status, 124 when it was stopped."""
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
     def copy_output() -> None:
         for line in proc.stdout:
             sys.stdout.write(line)
             log.write(line)
+            if lines is not None:
+                lines.append(line)
 
     reader = threading.Thread(target=copy_output, daemon=True)
     reader.start()
@@ -180,31 +220,72 @@ def run_command(argv: list[str], log: TextIO, seconds: float) -> int:
     return rc
 
 
-def targets(figures: dict[str, dict], statuses: dict[str, dict]) -> list[tuple[str, str, bool | None]]:
+def step_rows(step: dict | None, what: str) -> list[tuple[str, str, bool | None]]:
+    """Issue 7's two targets for swav_scale's step against lightly's: like for like (lightly in the same
+    precision and layout), with lightly's fp32 NCHW figure beside it."""
+    targets = (f"swav_scale step >= 1,000 images/s ({what})", "swav_scale step >= 1.5x lightly's (like for like)")
+    if not step:
+        return [(t, "not measured", None) for t in targets]
+    ips, failed = step["images_per_s"], step.get("failed", {})
+    ours, lightly, lightly_fp32 = (ips.get(step.get(k, "")) for k in ("default", "lightly", "lightly_fp32"))
+    if ours is None:
+        measured = f"failed: {failed.get(step['default'], 'not measured')}"
+        return [(t, measured, False) for t in targets]
+    rows = [(targets[0], f"{ours:.0f} images/s at batch {step['batch']}", ours >= 1000)]
+    if lightly is None:
+        rows.append((targets[1], f"failed: {failed.get(step.get('lightly', ''), 'not measured')}", None))
+    else:
+        beside = f"; {ours / lightly_fp32:.2f}x lightly's fp32 NCHW ({lightly_fp32:.0f})" if lightly_fp32 else ""
+        rows.append((targets[1], f"{ours / lightly:.2f}x ({step['lightly']}: {lightly:.0f} images/s){beside}",
+                     ours / lightly >= 1.5))
+    return rows
+
+
+def engine_row(engines: dict | None) -> tuple[str, str, bool | None]:
+    """Each engine's step on one rank: measured, failed (with its error) or not run."""
+    target = "swav_scale's step under DDP, FSDP2, ZeRO-2 and ZeRO-3 (one rank each)"
+    if not engines:
+        return target, "not measured", None
+    ips, failed = engines["images_per_s"], engines.get("failed", {})
+    parts = [f"{e} {ips[label]:.0f}" if label in ips else f"{e} failed ({failed.get(label, 'not measured')})"
+             for e, label in engines["engines"].items()]
+    skipped = engines.get("deepspeed_skipped_updates") or {}
+    notes = "".join(f"; {e}: {n} updates skipped (non-finite gradients)" for e, n in skipped.items())
+    return (target, f"{', '.join(parts)} images/s at batch {engines['batch']}{notes}",
+            all(label in ips for label in engines["engines"].values()))
+
+
+def backend_row(pretrain: dict, device: str) -> tuple[str, str, bool | None]:
+    """The process group the pretrain step's rank joined: NCCL on a GPU (init_distributed makes a one-rank
+    group there), none for a lone CPU process."""
+    expected = "nccl" if device == "cuda" else "none"
+    target = f"pretrain's process group: {'NCCL, one rank' if expected == 'nccl' else 'none (a lone CPU process)'}"
+    backend, nccl = pretrain.get("backend"), pretrain.get("nccl_version")
+    if backend is None:
+        return target, "not measured", None
+    seen = f"NCCL {nccl} in the run's output" if nccl else "no NCCL version line in the run's output"
+    return target, f"probe: {backend}; {seen}", backend == expected and bool(nccl) == (expected == "nccl")
+
+
+def targets(figures: dict[str, dict], statuses: dict[str, dict], device: str) -> list[tuple[str, str, bool | None]]:
     """(target, measured, met) for issue 7's GPU targets and the end-to-end check; met is None when the step
     that measures it did not finish."""
-    rows: list[tuple[str, str, bool | None]] = []
     step = figures.get("swav_step")
-    if step:
-        ips = step["images_per_s"]
-        ours, lightly = ips[step["default"]], ips["lightly (fp32, NCHW)"]
-        rows.append((f"swav_scale step >= 1,000 images/s ({step['arch']}, {step['crops']} px)",
-                     f"{ours:.0f} images/s at batch {step['batch']}", ours >= 1000))
-        rows.append(("swav_scale step >= 1.5x lightly's", f"{ours / lightly:.2f}x ({lightly:.0f} images/s)",
-                     ours / lightly >= 1.5))
-    else:
-        rows += [("swav_scale step >= 1,000 images/s", "not measured", None),
-                 ("swav_scale step >= 1.5x lightly's", "not measured", None)]
+    rows = step_rows(step, f"{step['arch']}, {step['crops']} px" if step else "ResNet-50")
     big = figures.get("swav_step_256")
     if big:
-        best = max(big["images_per_s"].items(), key=lambda kv: kv[1])
+        measured = big["images_per_s"]
+        compiled = f"; compiled: skipped: {big['compile_skipped']}" if big.get("compile_skipped") else ""
+        failed = "".join(f"; {label} failed: {e}" for label, e in big.get("failed", {}).items())
+        best = max(measured.items(), key=lambda kv: kv[1]) if measured else None
         rows.append((f"(the same with {big['optim'].upper()} at batch {big['batch']}: the faster variant)",
-                     f"{best[1]:.0f} images/s, {best[0]}", best[1] >= 1000))
+                     (f"{best[1]:.0f} images/s, {best[0]}" if best else "none measured") + compiled + failed,
+                     best is not None and best[1] >= 1000))
     for name, where in (("step_shards", "colour on the CPU"), ("step_shards_color", "colour on the GPU")):
         shards = figures.get(name)
         rows.append((f"from shards >= 0.9x the on-device step ({where})",
                      f"{shards['ratio']:.2f}x ({shards['images_per_s']['from shards']:.0f} images/s, "
-                     f"{shards['waiting']['from shards']:.0%} waiting)" if shards else "not measured",
+                     f"{shards['waiting']['from shards']:.0%} waiting for the loader)" if shards else "not measured",
                      shards["ratio"] >= 0.9 if shards else None))
     sink = figures.get("sinkhorn")
     if sink:
@@ -212,7 +293,9 @@ def targets(figures: dict[str, dict], statuses: dict[str, dict]) -> list[tuple[s
         rows.append((f"Sinkhorn {case}: faster than the original's and lightly's",
                      f"{ms['swav_scale']:.2f} ms; original {ms['original']:.2f}, lightly {ms['lightly']:.2f}",
                      ms["swav_scale"] < min(ms["original"], ms["lightly"])))
+    rows.append(engine_row(figures.get("engines")))
     pretrain = statuses.get("pretrain", {})
+    rows.append(backend_row(pretrain, device))
     status = pretrain.get("status_json") or {}
     resumed = status.get("checkpoint_step") == status.get("total_steps") and status.get("starts") == 2
     rows.append(("pretrain 20 steps, resume to 30, kNN on the GPU",
@@ -222,9 +305,15 @@ def targets(figures: dict[str, dict], statuses: dict[str, dict]) -> list[tuple[s
     return rows
 
 
-def run_step(step: Step, log: TextIO, end: float) -> dict:
+def host_sync_notes(figures: dict[str, dict]) -> list[str]:
+    """How each benchmark's host-sync check ran (on, or skipped on the CPU), for the summary."""
+    return [f"- host-sync check in {name}: {f['host_sync_check']}" for name, f in figures.items()
+            if "host_sync_check" in f]
+
+
+def run_step(step: Step, log: TextIO, end: float, lines: list[str] | None = None) -> dict:
     """Run `step`'s commands in turn, stopping at the first that fails or at its limit or the budget's `end`;
-    returns its status (exit code, seconds)."""
+    returns its status (exit code, seconds). Their output also goes to `lines`."""
     left = end - time.monotonic()
     if left < step.need_s:
         log.write(f"\n===== {step.name}: skipped, {left:.0f} s left\n")
@@ -234,17 +323,18 @@ def run_step(step: Step, log: TextIO, end: float) -> dict:
     for argv in step.commands:
         log.write(f"$ {' '.join(argv[1:] if argv[0] == PY else argv)}\n")
         log.flush()
-        rc = run_command(argv, log, min(step.limit_s - (time.monotonic() - start), end - time.monotonic()))
+        rc = run_command(argv, log, min(step.limit_s - (time.monotonic() - start), end - time.monotonic()), step.env,
+                         lines)
         if rc != 0:
             break
     log.flush()
     return {"rc": rc, "seconds": round(time.monotonic() - start, 1)}
 
 
-def write_report(out: Path, header: str, statuses: dict[str, dict], figures: dict[str, dict]) -> str:
+def write_report(out: Path, header: str, statuses: dict[str, dict], figures: dict[str, dict], device: str) -> str:
     """results.json and summary.md as they stand: rewritten after every step, so that a call stopped from
     outside still brings back the figures of the steps that finished."""
-    rows = targets(figures, statuses)
+    rows = targets(figures, statuses, device)
     results = {"header": header, "steps": statuses, "figures": figures,
                "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in rows]}
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
@@ -252,9 +342,23 @@ def write_report(out: Path, header: str, statuses: dict[str, dict], figures: dic
     lines += [f"| {t} | {m} | {'yes' if ok else 'no' if ok is False else 'not measured'} |" for t, m, ok in rows]
     lines += ["", "| step | exit | seconds |", "| --- | ---: | ---: |"]
     lines += [f"| {n} | {s.get('rc')} | {s.get('seconds', s.get('skipped'))} |" for n, s in statuses.items()]
+    if notes := host_sync_notes(figures):
+        lines += ["", *notes]
     summary = "\n".join(lines) + "\n"
     atomic_write_text(out / "summary.md", summary)
     return summary
+
+
+def backend_seen(output: list[str]) -> dict[str, str]:
+    """The pretrain step's process group, from its output: the probe's line ("process group: nccl on cuda:0")
+    and the version line NCCL prints when the run creates a communicator (NCCL_DEBUG=VERSION)."""
+    seen: dict[str, str] = {}
+    for line in output:
+        if probe := re.match(r"process group: (\S+) on (\S+)", line):
+            seen["backend"] = probe[1]
+        elif "backend" in seen and (nccl := re.search(r"NCCL version (\S+)", line)):  # the run's, not the probe's
+            seen.setdefault("nccl_version", nccl[1])
+    return seen
 
 
 def main() -> int:
@@ -291,13 +395,18 @@ def main() -> int:
         for step in steps:
             for name in step.figures:  # an earlier suite's figures are never taken for this one's
                 (a.work / name).unlink(missing_ok=True)
-            statuses[step.name] = run_step(step, log, end)
+            output: list[str] = []
+            statuses[step.name] = run_step(step, log, end, output)
             for name in step.figures:
-                if statuses[step.name]["rc"] == 0 and (a.work / name).exists():
+                # written by this step (the old file was removed above): a step whose variant failed keeps the
+                # others' figures, and its exit status says it failed
+                if (a.work / name).exists():
                     figures[name.removesuffix(".json")] = json.loads((a.work / name).read_text())
-            if step.name == "pretrain" and (a.work / "run" / "config.yaml").exists():
-                statuses["pretrain"]["status_json"] = run_status(a.work / "run")  # `swav-scale status --json`
-            summary = write_report(a.out, header, statuses, figures)
+            if step.name == "pretrain":
+                statuses["pretrain"].update(backend_seen(output))
+                if (a.work / "run" / "config.yaml").exists():
+                    statuses["pretrain"]["status_json"] = run_status(a.work / "run")  # `swav-scale status --json`
+            summary = write_report(a.out, header, statuses, figures, device)
     print("\n" + summary)
     return 1 if any(s["rc"] not in (0, None) for s in statuses.values()) else 0
 

@@ -1,6 +1,7 @@
 """Real gloo ranks for the multi-process benchmarks: `run_ranks(fn, world, *args)` runs fn(rank, world, *args)
 in `world` fresh processes (so that no measurement sees another's memory or state) and returns each rank's
-JSON-serialisable result."""
+JSON-serialisable result. `lone_rank` is the one-process benchmarks' rank: the group a lone training
+process has."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from rich.console import Console
 from rich.markup import escape
+
+from swav_scale.distributed import DistEnv, ensure_process_group, init_distributed
 
 
 def _entry(rank: int, world: int, port: int, out: str, fn: Callable[..., Any], args: tuple) -> None:
@@ -64,6 +67,25 @@ ENGINES = {
     "zero2": {"train.engine": "deepspeed", "train.zero_stage": "2"},
     "zero3": {"train.engine": "deepspeed", "train.zero_stage": "3"},
 }
+
+
+def lone_rank(device: torch.device, group: bool = False) -> DistEnv:
+    """This process as rank 0 of 1, as `swav-scale pretrain` runs it on `device`: on a GPU in a one-rank NCCL
+    group (init_distributed), so DDP and Sinkhorn run the collectives a single-GPU run does. On the CPU a group
+    (gloo) only with `group`, for DeepSpeed, which needs one even alone: made up front, since one made half-way
+    would change the steps built before it (DDP wraps, Sinkhorn's sums run collectives when there is a group).
+    The variables a launcher exports are set for rank 0 of 1 where missing: DeepSpeed asserts LOCAL_RANK."""
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
+        os.environ.setdefault(name, value)
+    if device.type == "cuda":
+        env = init_distributed()
+        if device.index is not None and device != env.device:
+            raise ValueError(f"--device {device}: a lone rank trains on {env.device} (CUDA_VISIBLE_DEVICES picks it)")
+    else:
+        env = DistEnv(0, 1, 0, 1, device)
+    if group:
+        ensure_process_group(env)
+    return env
 
 
 def engine_overrides(engine: str) -> list[str]:

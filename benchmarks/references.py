@@ -7,12 +7,16 @@ is used, on the same model, crops and batch:
 * lightly (PyPI `lightly`, `lightly.loss.SwaVLoss`, `SwaVProjectionHead`, `SwaVPrototypes`): one backbone
   pass per crop, as in lightly's SwAV example, its own Sinkhorn inside the loss.
 
-Both train in float32 with a contiguous (NCHW) layout, as their code does on a CPU. Nothing here is used by
-swav_scale itself.
+Both train in float32 with a contiguous (NCHW) layout, as their code does on a CPU. lightly's step also runs
+under autocast (`LightlyStep(dtype=torch.bfloat16)`, forward and loss inside, backward outside, as Lightning's
+"bf16-mixed" precision wraps a training step), for the like-for-like comparison with swav_scale's bf16
+channels-last step; the caller puts its trunk and crops in channels-last. Nothing here is used by swav_scale
+itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import torch
@@ -78,10 +82,11 @@ class OriginalStep:
 class LightlyStep:
     """One training step as lightly's SwAV example takes it: the prototypes normalised, each crop through
     backbone, projection head (`SwaVProjectionHead`), L2 norm and `SwaVPrototypes` on its own, `SwaVLoss`
-    over the high- and low-resolution outputs, SGD step."""
+    over the high- and low-resolution outputs, SGD step; under autocast to `dtype` when given."""
 
     def __init__(self, trunk: nn.Module, in_dim: int, hidden_dim: int, embed_dim: int, num_prototypes: int,
-                 optimizer_factory, global_crops: int = 2) -> None:  # noqa: ANN001 (a callable of parameters)
+                 optimizer_factory, global_crops: int = 2,  # noqa: ANN001 (a callable of parameters)
+                 dtype: torch.dtype | None = None) -> None:
         from lightly.loss import SwaVLoss
         from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
 
@@ -90,6 +95,7 @@ class LightlyStep:
         self.prototypes = SwaVPrototypes(embed_dim, num_prototypes)
         self.criterion = SwaVLoss()
         self.global_crops = global_crops
+        self.dtype = dtype
         params = [*trunk.parameters(), *self.head.parameters(), *self.prototypes.parameters()]
         self.optimizer = optimizer_factory(params)
 
@@ -99,8 +105,10 @@ class LightlyStep:
 
     def __call__(self, crops: list[Tensor]) -> float:
         self.prototypes.normalize()
-        outputs = [self.forward(c) for c in crops]
-        loss = self.criterion(outputs[: self.global_crops], outputs[self.global_crops :])
+        autocast = torch.autocast(crops[0].device.type, self.dtype) if self.dtype else contextlib.nullcontext()
+        with autocast:
+            outputs = [self.forward(c) for c in crops]
+            loss = self.criterion(outputs[: self.global_crops], outputs[self.global_crops :])
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()

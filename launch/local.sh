@@ -5,8 +5,10 @@
 set -euo pipefail
 config=${1:?usage: launch/local.sh CONFIG [key=value ...]}
 shift
-if command -v nvidia-smi >/dev/null 2>&1; then
-  nproc=${NPROC:-$(nvidia-smi -L | wc -l)}
+# the GPUs this process may use (CUDA_VISIBLE_DEVICES and MIG respected), as torch counts them
+gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+if [ "$gpus" -gt 0 ]; then
+  nproc=${NPROC:-$gpus}
 else
   nproc=${NPROC:-2}
 fi

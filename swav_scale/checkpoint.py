@@ -81,7 +81,13 @@ class TrainProgress:
 
 
 class RNGState:
-    """This rank's random streams (torch CPU and CUDA, Python, NumPy)."""
+    """This rank's random streams: torch's CPU generator, its own GPU's (`device`), Python's and NumPy's.
+
+    Only the rank's own GPU: a task may see one GPU on one start and eight on the next (SLURM's GPU binding),
+    and the other GPUs' generators belong to other ranks."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device if device is not None and device.type == "cuda" else None
 
     def state_dict(self) -> dict[str, Any]:
         state = {
@@ -89,16 +95,16 @@ class RNGState:
             "python": random.getstate(),
             "numpy": np.random.get_state(),
         }
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device is not None:
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch"])
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if self.device is not None and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def load_resharded(self, states: list[dict[str, Any]], rank: int, world_size: int) -> None:
         """Old rank r's streams for new rank r; a new rank beyond the old count reuses an old rank's streams,
@@ -281,11 +287,11 @@ class Checkpointer:
             if isinstance(obj, OwnFiles):
                 obj.load_files(path / name, old_world)
         if old_world == self.env.world_size:
-            per_rank = torch.load(path / rank_file(self.env.rank), weights_only=False)
+            per_rank = torch.load(path / rank_file(self.env.rank), map_location="cpu", weights_only=False)
             for key, obj in rank_states.items():
                 obj.load_state_dict(per_rank[key])
             return meta
-        old = [torch.load(path / rank_file(r), weights_only=False) for r in range(old_world)]
+        old = [torch.load(path / rank_file(r), map_location="cpu", weights_only=False) for r in range(old_world)]
         for key, obj in rank_states.items():
             if not isinstance(obj, Reshardable):
                 raise RuntimeError(f"rank {self.env.rank}: checkpoint {path} was written by {old_world} ranks, this "

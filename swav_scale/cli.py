@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import timedelta
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -86,7 +87,7 @@ def _run_evaluation(args: argparse.Namespace, work: Callable[[Any, Any, dict[str
     cfg = load_config(run_dir / "config.yaml", args.overrides)  # a typo fails here, before any rank starts
     if _started_local_ranks(args, run_dir):
         return
-    env = init_distributed()
+    env = init_distributed(timedelta(seconds=cfg.train.process_group_timeout_s))
     try:
         encoders, checkpoint = _encoders(args, cfg, run_dir, env.device)
         work(cfg, env, encoders, checkpoint)

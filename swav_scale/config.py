@@ -121,7 +121,7 @@ class TrainConfig:
     # Ranks per SyncBatchNorm group on GPU (0: all ranks). The original's syncbn_process_group_size: 8 keeps
     # BatchNorm's per-layer collectives inside a node of 8 GPUs (docs/scaling.md).
     sync_batchnorm_group: int = 0
-    precision: str = "auto"  # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 where the GPU or CPU computes it natively, else fp32) | bf16 | fp32
     sync_batchnorm: bool = True  # on GPU only: gloo has no SyncBatchNorm
     channels_last: bool = True  # NHWC convolutions: 1.2-1.3x faster on CPU (oneDNN), the fast path on GPU
     # GPU: cuDNN times its convolution algorithms for each shape on first use and keeps the fastest, as the
@@ -133,6 +133,11 @@ class TrainConfig:
     checkpoint_checksums: bool = True  # sha256 of every file, checked on resume (each rank hashes a share)
     log_every: int = 10
     tensorboard: bool = True
+    # How long a collective may wait for the slowest rank before the job fails (s). Longer than the longest
+    # phase one rank works through while the others wait at a barrier: DeepSpeed's universal conversion on a
+    # change of world size, checksums of a large checkpoint, pruning old ones on slow storage. NCCL's own
+    # default (10 min) is shorter than a universal conversion of a wide ResNet can take.
+    process_group_timeout_s: int = 3600
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); for tests and smoke runs
 
 
@@ -309,6 +314,9 @@ def validate(cfg: Config) -> None:
             "(DeepSpeed issue #490) and training would silently take wrong steps. Use optim.name=adamw or "
             "optim.name=sgd with DeepSpeed, or train.engine=fsdp, whose LARS equals the DDP one"
         )
+    if cfg.train.process_group_timeout_s <= 0:
+        raise ConfigError(f"train.process_group_timeout_s={cfg.train.process_group_timeout_s}: give the seconds a "
+                          "collective may wait for the slowest rank (3600, say)")
     if cfg.train.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"train.precision={cfg.train.precision!r}: choose auto, bf16 or fp32")
     if cfg.optim.batch_size <= 0:

@@ -31,6 +31,10 @@ def run_demo(config: str, overrides: list[str], nproc: int, data_dir: Path) -> d
 
     cfg = load_config(config, [f"data.train_shards={data_dir / 'train'}", f"eval.test_shards={data_dir / 'test'}",
                                *overrides])
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():  # one rank per GPU (NCCL)
+        console.print(f"{nproc} ranks asked for, {torch.cuda.device_count()} GPU(s) here: the demo runs "
+                      f"{torch.cuda.device_count()} (the global batch is the same)", highlight=False)
+        nproc = torch.cuda.device_count()
     console.rule(f"SwAV pretraining: {nproc} ranks, run directory {cfg.train.run_dir}")
     t = time.time()
     launch_local(cfg, nproc)

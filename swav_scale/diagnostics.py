@@ -22,9 +22,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+
+from swav_scale.distributed import ProcessGroup, all_reduce
 
 
 def _entropy(p: Tensor) -> float:
@@ -34,7 +35,7 @@ def _entropy(p: Tensor) -> float:
 
 @torch.no_grad()
 def code_statistics(scores: list[Tensor], codes: dict[int, Tensor], temperature: float,
-                    group: dist.ProcessGroup | None = None) -> dict[str, float]:
+                    group: ProcessGroup | None = None) -> dict[str, float]:
     """The statistics above for the assigned crops of this step, over every rank in `group`."""
     q = torch.cat([codes[i].float() for i in sorted(codes)])
     p = torch.cat([F.softmax(scores[i].float() / temperature, dim=1) for i in sorted(codes)])
@@ -42,8 +43,7 @@ def code_statistics(scores: list[Tensor], codes: dict[int, Tensor], temperature:
     used = torch.bincount(q.argmax(dim=1), minlength=k).float()
     sums = torch.stack([q.max(dim=1).values.sum(), p.max(dim=1).values.sum(), q.new_tensor(len(q))])
     packed = torch.cat([used, q.sum(0), p.sum(0), sums])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(packed, group=group)
+    all_reduce(packed, group=group)
     used, q_sum, p_sum = packed[:k], packed[k:2 * k], packed[2 * k:3 * k]
     q_max_sum, p_max_sum, n = packed[3 * k:].tolist()
     ln_k = math.log(k)

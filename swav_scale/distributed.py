@@ -1,13 +1,39 @@
-"""Process-group setup from the environment that torchrun, submitit and our local launcher all export."""
+"""Process groups and the one collective API of the package.
+
+Setup: `init_distributed` joins the group described by the environment that torchrun, submitit and our local
+launcher all export. On CUDA a process always joins a group, a one-rank NCCL group when alone, so that
+NCCL's rules (tensors on the rank's own GPU) hold in single-GPU runs too and a mistake shows on the first GPU
+a user tries, not on the first cluster.
+
+Collectives: every collective of swav_scale goes through the functions below (tests/test_distributed.py scans
+the package for direct torch.distributed calls). They
+
+* run only where there is a process group (`in_group`, the one "is anyone else there?" check): a lone
+  process gets its own value back;
+* check that a tensor is on the device the group communicates on (`comm_device`: the rank's GPU under NCCL,
+  the CPU under gloo) and raise naming the caller, rather than let NCCL fail later with a message about
+  neither, or gloo copy silently;
+* place plain numbers on that device themselves (`all_reduce_numbers`), so a caller never builds a
+  communication tensor on the wrong device.
+
+The engines' own libraries (DDP, FSDP2, DeepSpeed, SyncBatchNorm) communicate inside those libraries.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
+
+ProcessGroup = dist.ProcessGroup
+ReduceOp = dist.ReduceOp
 
 
 @dataclass(frozen=True)
@@ -23,86 +49,217 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed() -> DistEnv:
+class DeviceError(RuntimeError):
+    """A rank's device cannot be chosen: more local ranks than GPUs this process sees."""
+
+
+def rank_device(local_rank: int, local_world_size: int, visible: int, where: str = "") -> torch.device:
+    """The GPU of local rank `local_rank` among `visible` GPUs.
+
+    Where each task sees exactly one GPU (SLURM with --gpus-per-task=1 or --gpu-bind: CUDA_VISIBLE_DEVICES
+    names that task's GPU alone) it is cuda:0 whatever the local rank. Otherwise local rank r takes GPU r, and
+    a local rank without a GPU of its own is an error that says what to change: NCCL refuses two ranks on one
+    GPU, so sharing one would fail later, and less clearly."""
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= visible:
+        seen = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise DeviceError(
+            f"{where}local rank {local_rank} of {local_world_size} has no GPU of its own: this process sees "
+            f"{visible} GPU(s) (CUDA_VISIBLE_DEVICES={seen!r}). Start at most {visible} ranks per node "
+            "(--nproc, --nproc-per-node, slurm.gpus_per_node), or give each task its own GPU (--gpus-per-task=1)")
+    return torch.device("cuda", local_rank)
+
+
+def check_local_ranks(nproc: int) -> None:
+    """Before starting `nproc` ranks on this machine: each needs a GPU of its own, where there are GPUs."""
+    if torch.cuda.is_available():
+        visible = torch.cuda.device_count()
+        if nproc > visible:
+            raise DeviceError(
+                f"{nproc} local ranks asked for on {os.uname().nodename}, which has {visible} visible GPU(s) "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): NCCL needs one GPU per "
+                f"rank. Use --nproc {visible} (the global batch is split over the ranks the same way)")
+
+
+def threads_per_rank(local_world_size: int, environ: dict[str, str] | None = None,
+                     cores: int | None = None) -> int:
+    """Intra-op threads for one rank: the cores this process may run on (its CPU affinity, which SLURM and
+    containers restrict), shared with the other local ranks, unless SLURM gave each task its own CPUs
+    (cpus_per_task), in which case the affinity is already this rank's share."""
+    environ = os.environ if environ is None else environ
+    cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    if "SLURM_CPUS_PER_TASK" in environ and "SLURM_JOB_ID" in environ:
+        return max(1, min(cores, int(environ["SLURM_CPUS_PER_TASK"])))
+    return max(1, cores // local_world_size)
+
+
+def init_distributed(timeout: timedelta | None = None) -> DistEnv:
     """Join the process group described by RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
 
-    NCCL on GPU, gloo on CPU. A lone process (no WORLD_SIZE, or 1) runs without a process group, so that
-    single-process tools and tests need no rendezvous.
-    """
+    NCCL on GPU, gloo on CPU. On the CPU a lone process (no WORLD_SIZE, or 1) runs without a process group,
+    so that single-process tools and tests need no rendezvous; on a GPU it joins a one-rank group of its own
+    (module docstring). `timeout` bounds how long a collective may wait for the slowest rank: it must exceed
+    the longest phase that one rank works through alone while the others wait (train.process_group_timeout_s).
+    Each rank gets its share of the host's cores for intra-op threads, GPU or not (data workers, colour, kNN
+    votes and checkpoint staging run there too)."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    torch.set_num_threads(threads_per_rank(local_world_size))
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        device = rank_device(local_rank, local_world_size, torch.cuda.device_count(),
+                             f"{os.uname().nodename}, rank {rank}: ")
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        # Ranks on one host share its cores; oversubscribed intra-op threads slow every rank down.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
-    if world_size > 1 and not dist.is_initialized():
-        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-        if missing:
-            raise RuntimeError(f"rank {rank}: WORLD_SIZE={world_size} but {', '.join(missing)} not set")
-        dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo",
-            rank=rank,
-            world_size=world_size,
-            device_id=device if device.type == "cuda" else None,
-        )
+    if not dist.is_initialized() and (world_size > 1 or device.type == "cuda"):
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        options: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
+        if world_size == 1:
+            options["store"] = dist.HashStore()
+        else:
+            missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+            if missing:
+                raise RuntimeError(f"rank {rank}: WORLD_SIZE={world_size} but {', '.join(missing)} not set")
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                device_id=device if device.type == "cuda" else None, **options)
     return DistEnv(rank, world_size, local_rank, local_world_size, device)
 
 
 def ensure_process_group(env: DistEnv) -> None:
-    """A one-rank process group for a lone process, for libraries that need one even alone (DeepSpeed)."""
-    if env.world_size == 1 and not dist.is_initialized():
+    """A one-rank process group for a lone CPU process, for libraries that need one even alone (DeepSpeed)."""
+    if not in_group():
         backend = "nccl" if env.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def in_group() -> bool:
+    """Whether this process belongs to a process group, so that collectives run (with one rank too)."""
+    return dist.is_available() and dist.is_initialized()
 
 
-def grouped() -> bool:
-    """Whether this process is one of several in a process group (collectives have someone to talk to)."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def rank(group: ProcessGroup | None = None) -> int:
+    return dist.get_rank(group) if in_group() else 0
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank (a lone process gets its own back)."""
-    if not grouped():
+def world_size(group: ProcessGroup | None = None) -> int:
+    return dist.get_world_size(group) if in_group() else 1
+
+
+def comm_device(group: ProcessGroup | None = None) -> torch.device:
+    """The device the collectives of `group` take their tensors on: this rank's GPU under NCCL, else the CPU."""
+    if in_group() and "nccl" in str(dist.get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _caller() -> str:
+    """`module.function:line` of the code that called into this API (for error messages)."""
+    frame = sys._getframe(1)
+    while frame.f_globals.get("__name__") == __name__:
+        frame = frame.f_back  # type: ignore[assignment]
+    return f"{frame.f_globals.get('__name__', '?')}.{frame.f_code.co_name}:{frame.f_lineno}"
+
+
+def check_device(tensor: Tensor, expected: torch.device, what: str = "tensor") -> None:
+    """Raise if `tensor` is not on `expected`, naming the caller of the collective and what to do."""
+    if tensor.device.type != expected.type or (expected.index is not None and tensor.device.index != expected.index):
+        raise RuntimeError(
+            f"{_caller()}: {what} for a collective is on {tensor.device}, but this process group communicates "
+            f"on {expected}: create it there (device=...) or move it (.to(...)) before the collective")
+
+
+def _checked(tensor: Tensor, group: ProcessGroup | None, what: str = "tensor") -> Tensor:
+    check_device(tensor, comm_device(group), what)
+    return tensor
+
+
+def all_reduce(tensor: Tensor, op: Any = ReduceOp.SUM, group: ProcessGroup | None = None) -> Tensor:
+    """`tensor` reduced over the ranks of `group`, in place, and returned (a lone process keeps its own)."""
+    if in_group():
+        dist.all_reduce(_checked(tensor, group), op=op, group=group)
+    return tensor
+
+
+def all_reduce_async(tensor: Tensor, op: Any = ReduceOp.SUM, group: ProcessGroup | None = None) -> Any:
+    """Post the in-place reduction of `tensor` and return at once: the work handle, whose `wait()` makes the
+    result valid (None for a lone process, whose tensor is already the result)."""
+    if not in_group():
+        return None
+    return dist.all_reduce(_checked(tensor, group), op=op, group=group, async_op=True)
+
+
+def all_reduce_mean(value: Tensor, group: ProcessGroup | None = None) -> Tensor:
+    """The mean of `value` over the ranks of `group`, as a new tensor."""
+    if not in_group():
+        return value
+    return all_reduce(value.clone(), group=group) / dist.get_world_size(group)
+
+
+def all_reduce_numbers(values: Sequence[float], op: Any = ReduceOp.SUM,
+                       group: ProcessGroup | None = None) -> list[float]:
+    """Plain numbers reduced over the ranks (counters, flags), sent from the group's own device. Reads the
+    result back to the host: for log steps, not for every step of a GPU run."""
+    if not in_group():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=comm_device(group))
+    dist.all_reduce(t, op=op, group=group)
+    return t.tolist()
+
+
+def all_gather(tensor: Tensor, group: ProcessGroup | None = None) -> list[Tensor]:
+    """Every rank's `tensor` (the same shape and dtype on all), in rank order."""
+    if not in_group():
+        return [tensor]
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, _checked(tensor.contiguous(), group), group=group)
+    return parts
+
+
+def broadcast(tensor: Tensor, src: int = 0, group: ProcessGroup | None = None) -> Tensor:
+    """Rank `src`'s `tensor` on every rank, in place."""
+    if in_group():
+        dist.broadcast(_checked(tensor, group), src=src, group=group)
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s picklable `obj` on every rank (a lone process gets its own back)."""
+    if not in_group():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=src, device=comm_device())
     return box[0]
 
 
 def all_gather_object(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order."""
-    if not grouped():
+    """Every rank's picklable `obj`, in rank order."""
+    if not in_group():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj)  # pickles onto the current CUDA device under NCCL (set at init)
     return out
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value
+def barrier(group: ProcessGroup | None = None) -> None:
+    if in_group():
+        if "nccl" in str(dist.get_backend(group)):
+            dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier(group=group)
 
 
-def all_reduce_sum_(value: torch.Tensor) -> torch.Tensor:
-    """`value` summed over the ranks, in place (a lone process keeps its own)."""
-    if grouped():
-        dist.all_reduce(value)
-    return value
+def new_group(backend: str | None = None) -> ProcessGroup | None:
+    """A group of all ranks with its own backend (gloo beside NCCL, for CPU tensors); collective to create."""
+    if not in_group():
+        return None
+    if backend is None or backend == dist.get_backend():
+        return dist.group.WORLD
+    return dist.new_group(backend=backend)
 
 
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if in_group():
         dist.destroy_process_group()

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -21,7 +20,7 @@ from swav_scale.checkpoint import load_model_weights
 from swav_scale.config import Config, ConfigError, EvalConfig
 from swav_scale.data.labelled import LabelledStream, Unit, open_labelled
 from swav_scale.data.multicrop import EvalTransform, normalize
-from swav_scale.distributed import all_gather_object, grouped
+from swav_scale.distributed import all_gather, all_gather_object, broadcast, in_group, rank, world_size
 from swav_scale.engines.base import autocast_dtype
 from swav_scale.precise_bn import calibration_batches, precise_batchnorms
 from swav_scale.utils import console, progress_bar
@@ -42,29 +41,30 @@ def extract_features(
     show_progress: bool = True,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """({encoder name: L2-normalised features (N, D)}, labels (N,)) for every image of `units` (a rank's part
-    of a LabelledImages set, or all of it).
+    of a LabelledImages set, or all of it), on `device`: the kNN scores them there.
 
     Every encoder sees the same decoded batch, so the images are read and decoded once however many encoders
     (the trained network and its baselines) are compared. `dtype` runs the encoders under autocast (bf16 for a
     network trained in bf16: the features it was trained to produce, at up to twice the speed)."""
     device = torch.device(device)
     workers = min(num_workers, len(units))
-    loader = DataLoader(LabelledStream(units, transform, batch_size), batch_size=None, num_workers=workers)
+    loader = DataLoader(LabelledStream(units, transform, batch_size), batch_size=None, num_workers=workers,
+                        pin_memory=device.type == "cuda")  # pinned: the copies below do not hold the host up
     feats: dict[str, list[Tensor]] = {name: [] for name in encoders}
     labels = []
     bar = progress_bar(description, sum(u.count for u in units)) if show_progress else nullcontext(lambda n: None)
     with bar as advance:
         for x, y in loader:
-            x = normalize(x.to(device), mean, std)
+            x = normalize(x.to(device, non_blocking=True), mean, std)
             for name, encode in encoders.items():
                 with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
                     out = encode(x)
-                feats[name].append(F.normalize(out.float(), dim=1).cpu())
+                feats[name].append(F.normalize(out.float(), dim=1))
             labels.append(y)
             advance(len(y))
-    empty = torch.zeros(0)
+    empty = torch.zeros(0, device=device)
     return ({name: torch.cat(f) if f else empty for name, f in feats.items()},
-            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+            torch.cat(labels).to(device) if labels else torch.zeros(0, dtype=torch.long, device=device))
 
 
 def protocol(e: EvalConfig) -> str:
@@ -80,21 +80,12 @@ def raw_pixels(x: Tensor) -> Tensor:
     return x.flatten(1)
 
 
-def _all_gather(x: Tensor) -> list[Tensor]:
-    """Every rank's `x` (same shape on all), on the CPU; sent through the GPU under NCCL, which has no CPU path."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    x = x.to(device)
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x)
-    return [p.cpu() for p in parts]
-
-
 def _gather_rows(x: Tensor) -> Tensor:
     """Every rank's rows of `x` (any number per rank), concatenated in rank order."""
     sizes = all_gather_object(len(x))
-    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype)
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
     padded[: len(x)] = x
-    return torch.cat([p[:n] for p, n in zip(_all_gather(padded), sizes)])
+    return torch.cat([p[:n] for p, n in zip(all_gather(padded), sizes)])
 
 
 def _same_width_everywhere(features: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -115,34 +106,36 @@ def knn_top1(
     Under torch.distributed each rank passes its own part of the bank and of the queries, and all get the
     same figure. The bank never moves: every rank scores all queries against its part and keeps its k best,
     then the ranks' candidates are merged (an ImageNet bank, 1.28M x 2048 in fp32, is 10 GB: gathering it on
-    every rank is what limits DINO's kNN). Only the queries and k candidates per query and rank travel."""
-    several = grouped()
+    every rank is what limits DINO's kNN). Only the queries and k candidates per query and rank travel. All of
+    it runs where the features are (the GPU in a GPU run), `chunk` queries at a time, so that the similarity
+    matrix of a chunk against the rank's bank bounds the memory; the count is read back once, at the end."""
+    several = in_group()
     if several:
         queries, query_labels = _gather_rows(queries), _gather_rows(query_labels)
     top = max(int(bank_labels.max()) if len(bank_labels) else -1, int(query_labels.max()))
     num_classes = max(all_gather_object(top)) + 1
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=queries.device)
     for start in range(0, len(queries), chunk):
         q = queries[start : start + chunk]
         sim, labels = _local_top_k(q, bank, bank_labels, k)
         if several:  # the k best of every rank's part of the bank -> the k best overall
-            sim, best = torch.cat(_all_gather(sim), dim=1).topk(k, dim=1)
-            labels = torch.cat(_all_gather(labels), dim=1).gather(1, best)
-        votes = torch.zeros(len(q), num_classes).scatter_add_(1, labels, (sim / temperature).exp())
-        correct += (votes.argmax(dim=1) == query_labels[start : start + chunk]).sum().item()
-    return 100.0 * correct / len(queries)
+            sim, best = torch.cat(all_gather(sim), dim=1).topk(k, dim=1)
+            labels = torch.cat(all_gather(labels), dim=1).gather(1, best)
+        votes = torch.zeros(len(q), num_classes, device=q.device).scatter_add_(1, labels, (sim / temperature).exp())
+        correct += (votes.argmax(dim=1) == query_labels[start : start + chunk]).sum()
+    return 100.0 * correct.item() / len(queries)
 
 
 def _local_top_k(queries: Tensor, bank: Tensor, bank_labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k most similar bank rows per query: (similarities, labels), each (Q, k). A bank of fewer than k
     rows is padded with similarity -inf (weight exp(-inf) = 0), so every rank contributes k candidates."""
-    sim = queries @ bank.t() if len(bank) else torch.zeros(len(queries), 0)
+    sim = queries @ bank.t() if len(bank) else queries.new_zeros(len(queries), 0)
     n = min(k, sim.shape[1])
     sim, idx = sim.topk(n, dim=1)
     labels = bank_labels[idx]
     if n < k:
-        sim = torch.cat([sim, torch.full((len(queries), k - n), float("-inf"))], dim=1)
-        labels = torch.cat([labels, torch.zeros(len(queries), k - n, dtype=labels.dtype)], dim=1)
+        sim = torch.cat([sim, sim.new_full((len(queries), k - n), float("-inf"))], dim=1)
+        labels = torch.cat([labels, labels.new_zeros(len(queries), k - n)], dim=1)
     return sim, labels
 
 
@@ -175,24 +168,25 @@ def split_features(
     bank_set = (open_labelled(e.train_shards) if e.train_shards
                 else open_labelled(cfg.data.train_shards, cfg.data.train_manifest))
     query_set = open_labelled(e.test_shards)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    this_rank, world = rank(), world_size()
     transform = EvalTransform(e.resize, e.crop)
     mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
     dtype = autocast_dtype(cfg.train.precision, torch.device(device))  # the precision the network trained in
     networks = {name: enc for name, enc in encoders.items() if isinstance(enc, nn.Module)}
     if e.precise_bn_images and networks:  # the same images and batches on any number of ranks (precise_bn.py)
-        if e.precise_bn_images > bank_set.total and rank == 0:  # the tables will name the configured number
+        if e.precise_bn_images > bank_set.total and this_rank == 0:  # the tables will name the configured number
             console.print(f"[yellow]warning:[/] eval.precise_bn_images={e.precise_bn_images}, but the train split "
                           f"holds {bank_set.total} images: BatchNorm statistics come from all {bank_set.total}",
                           highlight=False)
         batches = calibration_batches(bank_set.units, transform, mean, std, e.precise_bn_images, e.batch_size,
                                       device)
         encoders = {**encoders, **precise_batchnorms(networks, batches, dtype)}
-    bank, bank_y = extract_features(encoders, bank_set.part(rank, world), transform, mean, std, e.batch_size,
-                                    num_workers, device, "bank (train split)", dtype, show_progress)
-    queries, query_y = extract_features(encoders, query_set.part(rank, world), transform, mean, std, e.batch_size,
-                                        num_workers, device, "queries (test split)", dtype, show_progress)
-    if world > 1:
+    bank, bank_y = extract_features(encoders, bank_set.part(this_rank, world), transform, mean, std,
+                                    e.batch_size, num_workers, device, "bank (train split)", dtype, show_progress)
+    queries, query_y = extract_features(encoders, query_set.part(this_rank, world), transform, mean, std,
+                                        e.batch_size, num_workers, device, "queries (test split)", dtype,
+                                        show_progress)
+    if in_group():
         bank, queries = _same_width_everywhere(bank), _same_width_everywhere(queries)
     return (bank, bank_y), (queries, query_y)
 
@@ -223,9 +217,8 @@ def knn_during_training(cfg: Config, model: nn.Module, parameters: dict[str, Ten
     from swav_scale.train import build_model
 
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    if grouped():
-        for b in buffers.values():
-            dist.broadcast(b, src=0)
+    for b in buffers.values():
+        broadcast(b, src=0)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         copy = build_model(cfg)
         copy.load_state_dict({**parameters, **buffers}, strict=True)

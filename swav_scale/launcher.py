@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +54,15 @@ class TrainJob:
 
             # CUDA_VISIBLE_DEVICES stays as SLURM set it: init_distributed picks the GPU by LOCAL_RANK
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        env = init_distributed()
+        env = init_distributed(timedelta(seconds=cfg.train.process_group_timeout_s))
         stops = StopSignals()
         started_from = newest_checkpoint(cfg.train.run_dir)
         try:
-            return train(cfg, env, stops).steps
+            steps = train(cfg, env, stops).steps
+            stops.settle()
+            return steps
         except StopRequested as stop:
+            stops.settle()
             console.print(f"rank {env.rank}: {escape(str(stop))}", highlight=False)
             if stop.requeue:
                 self._requeue(stops, env.is_main)
@@ -161,7 +165,11 @@ def launch_local(cfg: Config, nproc: int) -> None:
 def run_local_ranks(command: list[str], nproc: int, logs: Path) -> None:
     """Run `command` as ranks 0..nproc-1 of one torch.distributed job on this machine (the environment torchrun
     would give them) and wait for all; rank 0 keeps the terminal, rank N writes logs/rank-N.log. Signals are
-    forwarded; if a rank fails, the others are stopped and the failure is raised."""
+    forwarded; if a rank fails, the others are stopped and the failure is raised. On a GPU machine each rank
+    needs a GPU of its own: more ranks than GPUs is refused here, before any starts."""
+    from swav_scale.distributed import check_local_ranks
+
+    check_local_ranks(nproc)
     logs.mkdir(parents=True, exist_ok=True)
     base_env = {
         **os.environ,

@@ -19,12 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from swav_scale.config import Config, EvalConfig
-from swav_scale.distributed import all_gather_object, all_reduce_sum_, grouped
+from swav_scale.distributed import all_gather_object, all_reduce, rank
 from swav_scale.knn import split_features
 
 
@@ -37,7 +36,7 @@ class ProbeResult:
 
 def standardise(train: Tensor, test: Tensor, total: int) -> tuple[Tensor, Tensor]:
     """Both splits less the training features' mean, over their standard deviation (over all ranks' rows)."""
-    moments = all_reduce_sum_(torch.stack([train.double().sum(0), train.double().pow(2).sum(0)]))
+    moments = all_reduce(torch.stack([train.double().sum(0), train.double().pow(2).sum(0)]))
     mean = moments[0] / total
     std = (moments[1] / total - mean.pow(2)).clamp_min(1e-12).sqrt()
     return ((train - mean) / std).float(), ((test - mean) / std).float()
@@ -50,8 +49,7 @@ def train_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y:
     device = train_x.device
     train_y, test_y = train_y.to(device), test_y.to(device)
     sizes = all_gather_object(len(train_x))
-    rank = dist.get_rank() if grouped() else 0
-    offset, total = sum(sizes[:rank]), sum(sizes)
+    offset, total = sum(sizes[:rank()]), sum(sizes)
     top_label = max([int(y.max()) for y in (train_y, test_y) if len(y)], default=-1)
     num_classes = max(all_gather_object(top_label)) + 1
     train_x, test_x = standardise(train_x, test_x, total)
@@ -79,16 +77,16 @@ def train_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y:
             optimizer.zero_grad(set_to_none=False)  # a rank holding none of the batch still sums zeros
             loss.backward()
             for p in head.parameters():
-                all_reduce_sum_(p.grad)
+                all_reduce(p.grad)
             optimizer.step()
             epoch_loss += loss.detach() * len(chosen)
             step += 1
     with torch.no_grad():
         top5 = head(test_x).topk(min(5, num_classes), dim=1).indices
         hits = top5 == test_y[:, None]
-        counts = all_reduce_sum_(torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
+        counts = all_reduce(torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
                                               torch.tensor(len(test_y), device=device)]).double())
-        train_loss = all_reduce_sum_(epoch_loss.double()) / total
+        train_loss = all_reduce(epoch_loss.double()) / total
     correct1, correct5, n = counts.tolist()
     return ProbeResult(100.0 * correct1 / n, 100.0 * correct5 / n, float(train_loss))
 

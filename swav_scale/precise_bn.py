@@ -18,12 +18,11 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from swav_scale.data.labelled import Unit
 from swav_scale.data.multicrop import normalize
-from swav_scale.distributed import all_reduce_sum_, grouped
+from swav_scale.distributed import all_reduce, all_reduce_numbers, rank, world_size
 
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -66,8 +65,8 @@ class _Estimate:
     def finish(self, total: float) -> nn.Module:
         """The copy, in eval mode, with the means over every rank's `total` images (collective)."""
         for m, momentum, (mean, var) in zip(self.layers, self.momenta, self.sums):
-            m.running_mean.copy_(all_reduce_sum_(mean) / total)
-            m.running_var.copy_(all_reduce_sum_(var) / total)
+            m.running_mean.copy_(all_reduce(mean) / total)
+            m.running_var.copy_(all_reduce(var) / total)
             m.momentum = momentum
         return self.model.eval()
 
@@ -85,8 +84,7 @@ def precise_batchnorms(models: dict[str, nn.Module], batches: Iterable[Tensor],
         seen += len(x)
         for estimate in estimates.values():
             estimate.add(x, dtype)
-    device = next(iter(estimates.values())).sums[0][0].device
-    total = all_reduce_sum_(torch.tensor(float(seen), device=device)).item()
+    total = all_reduce_numbers([seen])[0]
     if total == 0:
         raise ValueError("precise_batchnorm: no image to estimate BatchNorm statistics from on any rank; give "
                          "an evaluation split that has images")
@@ -102,12 +100,12 @@ def calibration_batches(units: list[Unit], transform: Callable[[Tensor], Tensor]
     the same batches, so they are the same to float rounding however many ranks evaluate (bf16 convolutions
     may carry that rounding to a few queries of a kNN; in fp32 its figures are equal). Read in this process,
     since the order must not depend on DataLoader workers (10,000 small images take seconds)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if grouped() else (0, 1)
+    this_rank, world = rank(), world_size()
     batch: list[Tensor] = []
     taken = 0
     for unit in units:
         for load, _ in unit.lazy_images():
-            if (taken // batch_size) % world == rank:  # other ranks' images are passed over, not decoded
+            if (taken // batch_size) % world == this_rank:  # other ranks' images are passed over, not decoded
                 batch.append(transform(load()))
             taken += 1
             if len(batch) == batch_size or (taken == images and batch):

@@ -4,8 +4,14 @@ SLURM warns a job before it is preempted or hits its time limit (submitit asks f
 `scontrol requeue` or `scancel` send SIGTERM before SIGKILL. The signal reaches each rank at its own moment,
 mid-step, and submitit's own handler runs on global rank 0 only, inside the signal handler, where a
 collective save is impossible. So the handlers here only record the signal; after every step the loop asks
-`agreed()`, one all-reduce that tells every rank whether any rank was signalled, so that all of them save the
-same step together and stop. Requeueing is the launcher's business (launcher.TrainJob), after the save.
+`agreed()`, which tells every rank whether any rank was signalled, so that all of them save the same step
+together and stop. Requeueing is the launcher's business (launcher.TrainJob), after the save.
+
+The agreement is an all-reduce of two flags on a gloo group of its own (CPU tensors: it never waits for the
+GPU stream), posted asynchronously after step s and read after step s + 1, by when it has long completed: no
+rank waits on the network for it at any step, whatever the number of ranks. Every rank posts at every step
+and reads the same reduction, so all of them agree at the same step; a stop is acted on one step after the
+step during which the last signal arrived (docs/scaling.md: the latency to the save).
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from types import FrameType
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
+
+from swav_scale.distributed import ReduceOp, all_reduce_async, in_group, new_group
 
 REQUEUE_SIGNALS = (signal.SIGUSR2,)  # "save, then requeue me": SLURM's warning before preemption or time-out
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # "save, then stop": scancel, scontrol requeue, Ctrl-C
@@ -41,6 +48,7 @@ class StopSignals:
         self.stop = False
         self.previous: dict[int, Any] = {}
         self._group: Any = None
+        self._posted: tuple[Any, torch.Tensor] | None = None  # the reduction in flight: (work, flags)
         for sig in REQUEUE_SIGNALS + STOP_SIGNALS:
             self.previous[sig] = signal.signal(sig, self._record)
 
@@ -53,14 +61,28 @@ class StopSignals:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def agreed(self) -> tuple[bool, bool]:
-        """(requeue, stop) as seen by any rank; collective, call it at the same step on every rank. On CPU
-        tensors over gloo, so with NCCL it does not wait for the GPU stream."""
+        """(requeue, stop) as seen by any rank up to the previous call; collective, call it once per step on
+        every rank. Posts this step's flags and returns the reduction posted at the previous call, which
+        every rank reads alike (a lone process reads its own flags at once)."""
         flags = torch.tensor([int(self.requeue), int(self.stop)])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            if self._group is None:
-                self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
-        return bool(flags[0]), bool(flags[1])
+        if not in_group():
+            return bool(flags[0]), bool(flags[1])
+        if self._group is None:
+            self._group = new_group(backend="gloo")
+        previous, self._posted = self._posted, (all_reduce_async(flags, ReduceOp.MAX, self._group), flags)
+        if previous is None:
+            return False, False
+        work, seen = previous
+        work.wait()
+        return bool(seen[0]), bool(seen[1])
+
+    def settle(self) -> None:
+        """Wait for the reduction still in flight, so that no rank tears its groups down under it (call on
+        every rank once the loop has ended normally or on an agreed stop, not after a failure, when a dead
+        rank would never answer)."""
+        if self._posted is not None:
+            self._posted[0].wait()
+            self._posted = None
 
     def previous_handler(self, sig: int) -> Callable[[int, FrameType | None], Any] | None:
         handler = self.previous.get(sig)

@@ -17,9 +17,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+
+from swav_scale.distributed import ProcessGroup, all_reduce, world_size
 
 # Scores are cosines (z and the rows of C are unit vectors), so exp(C.z / epsilon) lies in
 # [exp(-1/epsilon), exp(1/epsilon)]: within float32 (normal numbers from exp(-87) to exp(88)) while
@@ -29,28 +30,20 @@ from torch import Tensor
 _SMALLEST_FLOAT32_EPSILON = 2.0 / 80.0
 
 
-def _world(group: dist.ProcessGroup | None) -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-def _all_reduce(t: Tensor, group: dist.ProcessGroup | None, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
-    if _world(group):
-        dist.all_reduce(t, op=op, group=group)
-    return t
-
-
 @torch.no_grad()
 def sinkhorn(
     scores: Tensor,
     epsilon: float = 0.05,
     iterations: int = 3,
-    group: dist.ProcessGroup | None = None,
+    group: ProcessGroup | None = None,
 ) -> Tensor:
     """Codes Q for this rank's rows of the global batch.
 
     `scores` is this rank's (B_local, K) block of C.z, cosines in [-1, 1]. The equipartition constraint (every
     prototype gets B/K of the mass) is imposed on the global batch of all ranks in `group`: only K-vector row
-    sums and the batch size cross the network, never the scores themselves. Returns (B_local, K) codes whose
+    sums cross the network, never the scores themselves. Every rank holds the same number of rows (the data
+    plan gives each rank equal batches, the queue equal shares), so the global batch is B_local times the
+    ranks, as in the original: no collective and no host copy for it. Returns (B_local, K) codes whose
     rows sum to 1. Computed in float32 (float64 for epsilon < 0.025) whatever the autocast dtype.
 
     The original's steps, fused where it divides twice: its first division by the total mass is left out,
@@ -60,10 +53,10 @@ def sinkhorn(
     dtype = torch.float32 if epsilon >= _SMALLEST_FLOAT32_EPSILON else torch.float64
     Q = scores.detach().to(dtype).div(epsilon).exp_().t()  # K x B_local
     K = Q.shape[0]
-    B = _all_reduce(Q.new_tensor(Q.shape[1]), group)  # the global batch
+    B = Q.shape[1] * world_size(group)  # the global batch
     for it in range(iterations):
         # rows: every prototype receives 1/K of the total mass, summed over all ranks
-        Q /= _all_reduce(Q.sum(dim=1, keepdim=True), group) * K
+        Q /= all_reduce(Q.sum(dim=1, keepdim=True), group=group) * K
         # columns: every sample carries 1/B of the mass (columns are local, so no communication); in the
         # last iteration 1 instead, so that each sample's codes are a distribution over the prototypes
         Q /= Q.sum(dim=0, keepdim=True) * (B if it + 1 < iterations else 1)
@@ -76,7 +69,7 @@ def assign_codes(
     epsilon: float = 0.05,
     iterations: int = 3,
     queue_scores: list[Tensor] | None = None,
-    group: dist.ProcessGroup | None = None,
+    group: ProcessGroup | None = None,
 ) -> dict[int, Tensor]:
     """Sinkhorn codes for each assigned (global) crop.
 

@@ -20,11 +20,11 @@ from swav_scale.config import Config, ConfigError, SwAVConfig, check_queue, chec
 from swav_scale.data.labelled import open_labelled
 from swav_scale.data.loader import MultiCropStream, ShardLoader
 from swav_scale.data.plan import Layout, Planner, steps_per_epoch
-from swav_scale.data.multicrop import CropSpec, MultiCrop, device_views
+from swav_scale.data.multicrop import CopyStream, CropSpec, MultiCrop, device_views
 from swav_scale.data.shards import Manifest, ShardError
 from swav_scale.data.sources import open_shards
 from swav_scale.diagnostics import HealthCheck, code_statistics
-from swav_scale.distributed import DistEnv, all_reduce_mean
+from swav_scale.distributed import DistEnv, all_reduce_mean, all_reduce_numbers
 from swav_scale.engines import Engine, build_engine
 from swav_scale.knn import knn_during_training
 from swav_scale.models import build_swav_model
@@ -114,10 +114,7 @@ def check_bad_samples(loader: ShardLoader, cfg: Config, env: DistEnv) -> int:
 
     Bad samples are replaced in their batch (steps stay equal on every rank); a few are normal on real
     storage, many mean a damaged shard set that would quietly train on duplicates."""
-    counts = torch.tensor([float(loader.bad_samples), float(loader.batches_done * loader.layout.batch_per_rank)])
-    if env.world_size > 1:
-        torch.distributed.all_reduce(counts)
-    bad, seen = counts.tolist()
+    bad, seen = all_reduce_numbers([loader.bad_samples, loader.batches_done * loader.layout.batch_per_rank])
     if bad and bad > cfg.data.max_bad_fraction * seen:
         raise ShardError(
             f"epoch {loader.epoch}: {int(bad)} of {int(seen)} samples so far could not be read "
@@ -187,7 +184,7 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None) -> TrainR
     # ---- resume from the newest complete checkpoint, if any
     progress = TrainProgress()
     global_states = {"engine": engine, "progress": progress}
-    rank_states = {"rng": RNGState(), "data": loader, **({"queue": queue} if queue else {})}
+    rank_states = {"rng": RNGState(env.device), "data": loader, **({"queue": queue} if queue else {})}
     checkpointer = Checkpointer(run_dir / "checkpoints", env, cfg.train.keep_checkpoints,
                                 cfg.train.checkpoint_checksums)
     checkpointer.clean_partial()
@@ -202,6 +199,7 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None) -> TrainR
 
     saved = latest
     mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
+    copy = CopyStream(env.device)
     loss_value: float | None = None
     images_per_step = cfg.optim.batch_size
     tick, tick_step = time.time(), progress.step
@@ -217,7 +215,7 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None) -> TrainR
                 if ledger:
                     ledger.write(step, epoch, batch.keys)
                 lr = float(schedule.lr[step])
-                views = device_views(batch.views, env.device, mean, std, cfg.crops.color_on_device)
+                views = device_views(batch.views, copy, mean, std, cfg.crops.color_on_device)
                 if cfg.train.channels_last:  # sharded engines keep weights contiguous; convs follow the input
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                 end_of_epoch = loader.at_epoch_end  # this batch is the epoch's last

@@ -24,7 +24,7 @@ CASES = {
     "bench_step": (["--widths", "0.125", "--batch", "4", "--steps", "1"], "bf16 channels-last"),
     "bench_multicrop": (["--samples", "16", "--batch", "8"], "ratio (swav_scale / textbook)"),
     "bench_checkpoint": (["--arch", "resnet18", "--repeats", "1"], "sha256 costs"),
-    "bench_step_shards": (["--photos", "16", "--long-side", "64", "--steps", "2", "--rounds", "1", "model.arch=resnet18",
+    "bench_step_shards": (["--photos", "32", "--long-side", "64", "--steps", "2", "--rounds", "1", "model.arch=resnet18",
                            "model.width=0.125", "model.hidden_dim=16", "model.num_prototypes=10", "crops.sizes=[32,16]",
                            "optim.batch_size=4", "data.num_workers=1"], "ratio (from shards / on-device)"),
 }
@@ -71,8 +71,115 @@ def test_gpu_suite_runs_every_step_and_checks_each_target(tmp_path: Path) -> Non
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     results = json.loads((out / "results.json").read_text())
     assert [name for name, s in results["steps"].items() if s["rc"] != 0] == []
-    assert {"swav_step", "swav_step_256", "step_shards", "sinkhorn"} <= set(results["figures"])
+    assert {"swav_step", "swav_step_256", "step_shards", "sinkhorn", "engines"} <= set(results["figures"])
     assert all(t["met"] is not None for t in results["targets"]), results["targets"]
     assert results["targets"][-1]["met"] is True  # pretrain: 20 steps, resumed to 30, kNN
+    figures = results["figures"]
+    # like for like: lightly timed in swav_scale's precision and layout, its fp32 NCHW figure beside it
+    step = figures["swav_step"]
+    assert {step["default"], step["lightly"], step["lightly_fp32"]} <= set(step["images_per_s"])
+    assert step["lightly"].removeprefix("lightly") == step["default"].removeprefix("swav_scale")
+    # every engine stepped on one rank, DeepSpeed's two in a one-rank gloo group
+    engines = figures["engines"]
+    assert set(engines["engines"]) == {"ddp", "fsdp", "zero2", "zero3"}
+    assert set(engines["engines"].values()) <= set(engines["images_per_s"]), engines["failed"]
+    # the host-sync check is CUDA's: skipped on the CPU, without failing anything
+    assert {f["host_sync_check"] for f in figures.values() if "host_sync_check" in f} == {"skipped: CUDA only"}
+    assert results["steps"]["pretrain"]["backend"] == "none"  # a lone CPU process joins no group
     assert (out / "suite.log").read_text().count("=====") == len(results["steps"])
     assert "| target | measured | met |" in (out / "summary.md").read_text()
+
+
+def test_suite_reads_the_backend_of_the_run_not_of_its_probe() -> None:
+    """The probe's own NCCL group prints a version line too: only the run's, after the probe's answer, counts."""
+    from gpu_suite import backend_row, backend_seen
+
+    output = ["NCCL version 2.27.7+cuda13.0\n", "process group: nccl on cuda:0\n", "training...\n",
+              "host:1:1 [0] NCCL INFO NCCL version 2.27.7+cuda13.0\n"]
+    assert backend_seen(output) == {"backend": "nccl", "nccl_version": "2.27.7+cuda13.0"}
+    assert backend_seen(output[:2]) == {"backend": "nccl"}
+    assert backend_row(backend_seen(output), "cuda")[2] is True
+    assert backend_row(backend_seen(output[:2]), "cuda")[2] is False  # the run printed no NCCL line
+    assert backend_row({"backend": "none"}, "cuda")[2] is False
+    assert backend_row({"backend": "none"}, "cpu")[2] is True
+
+
+def test_suite_reports_a_failed_step_variant_as_not_met() -> None:
+    from gpu_suite import engine_row, step_rows
+
+    step = {"default": "swav_scale (bfloat16, channels-last)", "lightly": "lightly (bfloat16, channels-last)",
+            "lightly_fp32": "lightly (fp32, NCHW)", "batch": 128,
+            "images_per_s": {"lightly (bfloat16, channels-last)": 700.0, "lightly (fp32, NCHW)": 400.0},
+            "failed": {"swav_scale (bfloat16, channels-last)": "RuntimeError: called a synchronizing CUDA operation"}}
+    rows = step_rows(step, "resnet50")
+    assert [met for _, _, met in rows] == [False, False]
+    assert all("synchronizing" in measured for _, measured, _ in rows)
+    step["images_per_s"][step["default"]] = 1400.0
+    (_, _, met_fast), (_, like, met_like) = step_rows(step, "resnet50")
+    assert met_fast and met_like and "2.00x" in like and "3.50x lightly's fp32 NCHW" in like
+    engines = {"batch": 8, "engines": {"ddp": "a", "zero3": "b"}, "images_per_s": {"a": 10.0},
+               "failed": {"b": "ImportError: deepspeed"}}
+    target, measured, met = engine_row(engines)
+    assert met is False and "zero3 failed (ImportError: deepspeed)" in measured
+
+
+def test_interleaved_medians_keeps_timing_the_others_after_one_fails() -> None:
+    import torch
+    from timing import interleaved_medians
+
+    calls = {"ok": 0, "bad": 0}
+
+    def ok() -> None:
+        calls["ok"] += 1
+
+    def bad() -> None:
+        calls["bad"] += 1
+        if calls["bad"] == 2:
+            raise RuntimeError("second call")
+
+    failures: dict[str, str] = {}
+    seconds = interleaved_medians({"ok": ok, "bad": bad}, 3, torch.device("cpu"), 2, failures)
+    assert set(seconds) == {"ok"} and failures == {"bad": "RuntimeError: second call"}
+    assert calls == {"ok": 5, "bad": 2}
+    calls["bad"] = 1
+    with pytest.raises(RuntimeError, match="second call"):  # without a failures dict the error propagates
+        interleaved_medians({"bad": bad}, 1, torch.device("cpu"), 0)
+
+
+def test_step_shards_epoch_holds_the_suite_run() -> None:
+    """The suite's photo count gives an epoch that holds every batch bench_step_shards takes, so no timed
+    block has to wait for a new epoch's workers."""
+    from bench_step_shards import steps_from_shards
+    from gpu_suite import Sizes
+
+    s = Sizes.full()
+    steps, rounds = int(s.shard_steps[1]), int(s.shard_steps[3])
+    assert s.photos // s.batch >= steps_from_shards(s.workers, 2, steps, rounds)
+    assert steps_from_shards(14, 2, 20, 2) * 128 <= 12800  # the 14 workers of a 16-core GPU machine
+
+
+def test_host_sync_check_spares_the_warm_up_and_is_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.cuda's sync debug mode (CUDA only, so recorded here instead of set) is on for the calls after the
+    warm-up alone, and back to what it was after each call, a failing one too."""
+    import torch
+    from timing import checked_after, host_sync_mode
+
+    mode = {"now": 0}
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: mode["now"])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: mode.update(now=m))
+    seen: list[object] = []
+
+    def step() -> None:
+        seen.append(mode["now"])
+        if len(seen) == 4:
+            raise RuntimeError("called a synchronizing CUDA operation")
+
+    checked = checked_after(step, 2, "error")
+    for _ in range(3):
+        checked()
+    with pytest.raises(RuntimeError):
+        checked()
+    assert seen == [0, 0, "error", "error"] and mode["now"] == 0
+    assert host_sync_mode(torch.device("cuda"), True)[0] == "error"
+    assert host_sync_mode(torch.device("cpu"), True) == (None, "skipped: CUDA only")
+    assert host_sync_mode(torch.device("cuda"), False) == (None, "off")

@@ -75,6 +75,7 @@ REFUSED = [
     (["train.sync_batchnorm_group=-1"], "train.sync_batchnorm_group=-1: give the ranks per group"),
     (["optim.name=lamb"], "optim.name='lamb'"),
     (["eval.precise_bn_images=-1"], "eval.precise_bn_images=-1: give the number of training images"),
+    (["train.process_group_timeout_s=0"], "train.process_group_timeout_s=0: give the seconds a collective may wait"),
 ]
 
 

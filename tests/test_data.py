@@ -372,18 +372,39 @@ def test_a_shard_missing_from_storage_is_named(tmp_path: Path, fmnist_train_shar
 def test_colour_on_the_device_gives_the_views_of_the_workers(fmnist_train_shards: Path) -> None:
     """crops.color_on_device: workers only crop and flip, the training process jitters in batch; the views
     match the ones made entirely in the workers (to a level on a rare pixel)."""
-    from swav_scale.data.multicrop import device_views
+    from swav_scale.data.multicrop import CopyStream, device_views
 
     def first_batch(defer: bool) -> list[torch.Tensor]:
         mc = MultiCrop(SPECS, jitter=(0.4, 0.4, 0.0, 0.0), blur_prob=0.5, defer_color=defer)
         stream = MultiCropStream(planner(fmnist_train_shards), mc, 0, Layout(1, 1, 16))
         batch = next(iter(ShardLoader(stream, 0, 2, False)))
-        return device_views(batch.views, torch.device("cpu"), (0.5,) * 3, (0.25,) * 3, defer)
+        return device_views(batch.views, CopyStream(torch.device("cpu")), (0.5,) * 3, (0.25,) * 3, defer)
 
     in_workers, on_device = first_batch(False), first_batch(True)
     assert [v.shape for v in on_device] == [v.shape for v in in_workers]
     for a, b in zip(in_workers, on_device):
         assert (a - b).abs().max() <= 1 / 255 / 0.25 + 1e-6
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_moving_a_batch_to_the_device_waits_for_nothing_there(fmnist_train_shards: Path, defer: bool) -> None:
+    """The copy, the colour operations on the device (blur radius and the rows of each operation from the
+    CPU copy of the parameters) and the normalisation (constants made once per device) read nothing back
+    from the device and copy nothing to it blocking (tests/device_trace.py), from the second batch on."""
+    from device_trace import DeviceTrace
+
+    from swav_scale.data.multicrop import CopyStream, device_views
+
+    mc = MultiCrop(SPECS, jitter=(0.4, 0.4, 0.4, 0.1), blur_prob=1.0, grayscale_prob=0.5, defer_color=defer)
+    stream = MultiCropStream(planner(fmnist_train_shards), mc, 0, Layout(1, 1, 16))
+    batches = iter(ShardLoader(stream, 0, 2, False))
+    copy = CopyStream(torch.device("cpu"))
+    device_views(next(batches).views, copy, (0.5,) * 3, (0.25,) * 3, defer)  # the constants are made once
+    batch = next(batches)
+    with DeviceTrace(host=batch.views) as trace:
+        views = device_views(batch.views, copy, (0.5,) * 3, (0.25,) * 3, defer)
+    assert trace.seen == {"reads": [], "copies": [], "mixes": []}
+    assert len(views) == sum(s.count for s in SPECS)
 
 
 def test_a_data_position_from_before_exact_resume_still_loads(fmnist_train_shards: Path,

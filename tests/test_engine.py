@@ -27,11 +27,14 @@ def test_no_cpuinfo_means_no_native_bf16(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_auto_precision(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monkeypatch: pytest.MonkeyPatch,
+                                                                            native: bool) -> None:
+    """CPUs without AVX512-BF16/AMX and GPUs before Ampere (V100, T4: bf16 emulated) train in fp32."""
     monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(engine, "gpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")
     assert autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
-    assert autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert autocast_dtype("auto", torch.device("cuda", 0)) == (torch.bfloat16 if native else None)
     assert autocast_dtype("bf16", cpu) == torch.bfloat16
     assert autocast_dtype("fp32", cpu) is None
     assert autocast_dtype("fp32", torch.device("cuda")) is None

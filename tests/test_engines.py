@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from device_trace import DeviceTrace, optimizer_step_counters
 from helpers import run_ranks
 
 from torch.distributed.device_mesh import init_device_mesh
-from torch.overrides import TorchFunctionMode
 
 from swav_scale.checkpoint import Checkpointer, TrainProgress
 from swav_scale.config import load_config
@@ -152,14 +152,14 @@ def test_compiled_units_train_like_eager_ddp(engine: str, extra: dict[str, str])
     bucketed all-reduce, FSDP2's gathers and reduce-scatters, ZeRO-2's partitioned gradients) works around it;
     the parameters after the steps are eager DDP's, up to the compiled kernels' rounding (with SGD: AdamW
     divides near-zero gradients by their own size, which turns rounding into steps of size lr). That rounding
-    depends on the CPU inductor generates code for (under 1.0e-4 on one Zen 4; 1.01e-4 in the parameters and
-    1.05e-4 relative in a gradient norm on another): 2e-4 is still 4 orders of magnitude below how far the steps
-    move the parameters (4.2 at most)."""
+    depends on the CPU inductor generates code for (under 1.0e-4 on one Zen 4, 1.05e-4 on another, 2.81e-4 on a
+    Xeon with AMX): 4e-4 is still 4 orders of magnitude below how far the steps move the parameters (4.2 at
+    most)."""
     ddp = ddp_reference("sgd")
     compiled = run_ranks(train_ranks, 2, small_config(engine, "sgd", **{"train.compile": "true", **extra}))
     for rank in range(2):
-        assert_same(ddp[0].snapshots[-1], compiled[rank].snapshots[-1], atol=2e-4)
-        assert compiled[rank].grad_norms == pytest.approx(ddp[0].grad_norms, rel=2e-4)
+        assert_same(ddp[0].snapshots[-1], compiled[rank].snapshots[-1], atol=4e-4)
+        assert compiled[rank].grad_norms == pytest.approx(ddp[0].grad_norms, rel=4e-4)
 
 
 def batchnorm_groups(rank: int, world: int, group_size: int) -> tuple[list[int] | None, float]:
@@ -221,34 +221,9 @@ def test_deepspeed_zero_trains_like_ddp(stage: int, optim: str) -> None:
     assert_prototypes_frozen_then_trained(zero[0].snapshots)
 
 
-# Tensor methods that make the host wait for the device (on a GPU): reading a value, or an output whose size
-# depends on the data
-HOST_SYNCS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "nonzero",
-              "unique", "unique_consecutive", "masked_select"}
-
-
-class HostSyncs(TorchFunctionMode):
-    """Records every call, in Python, of a tensor function that reads a result back to the host, except on
-    the optimizers' step counters: torch keeps those on the host (unless capturable or fused), so reading one
-    waits for nothing."""
-
-    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        super().__init__()
-        self.optimizers, self.seen = optimizers, []
-
-    def on_host(self, t: object) -> bool:
-        counters = (s.get("step") for o in self.optimizers for s in o.state.values())
-        return any(t is c for c in counters)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        if getattr(func, "__name__", "") in HOST_SYNCS and not (args and self.on_host(args[0])):
-            self.seen.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
-def host_syncs_per_step(rank: int, world: int, overrides: list[str]) -> list[list[str]]:
-    """The host syncs of each SwAV step, queue full: a frozen step, a trained one, then one measuring the
-    gradient norm (a log step)."""
+def device_trace_per_step(rank: int, world: int, overrides: list[str]) -> list[dict[str, list[str]]]:
+    """What each SwAV step, queue full, would read back from a GPU, copy to it blocking, or mix from the host
+    (tests/device_trace.py): a frozen step, a trained one, then one measuring the gradient norm (a log step)."""
     cfg = load_config(None, overrides)
     torch.manual_seed(cfg.train.seed)
     engine = build_engine(cfg, build_model(cfg), DistEnv(rank, world, rank, world, torch.device("cpu")))
@@ -256,20 +231,27 @@ def host_syncs_per_step(rank: int, world: int, overrides: list[str]) -> list[lis
     queue = FeatureQueue(2, 4, cfg.model.embed_dim)
     seen = []
     for step, measure in ((0, False), (FREEZE, False), (FREEZE + 1, True)):
-        with HostSyncs(optimizers) as syncs:
-            swav_step(engine, views_for(rank, step), cfg.swav, step, cfg.optim.base_lr, queue, measure)
-        seen.append(syncs.seen)
+        views = views_for(rank, step)
+        with DeviceTrace(host=optimizer_step_counters(optimizers)) as trace:
+            swav_step(engine, views, cfg.swav, step, cfg.optim.base_lr, queue, measure)
+        seen.append(trace.seen)
     return seen
 
 
-@pytest.mark.parametrize(("engine", "optim"), [("ddp", "lars"), ("ddp", "adamw"), ("fsdp", "lars")])
-def test_a_step_reads_nothing_back_from_the_device_unless_it_logs(engine: str, optim: str) -> None:
-    """No .item(), bool() or data-dependent shape in a step (the loop reads the loss at log steps only): on a
-    GPU each would stall the host until the device catches up. Sinkhorn, the queue, the loss, prototype
-    freezing and the optimizer step are all covered; the gradient norm is read at a log step only."""
-    for frozen, trained, logged in run_ranks(host_syncs_per_step, 2, small_config(engine, optim)):
-        assert frozen == [] and trained == []
-        assert logged == ["item"]
+NOTHING = {"reads": [], "copies": [], "mixes": []}
+
+
+@pytest.mark.parametrize(("engine", "optim", "extra"), [
+    ("ddp", "lars", {}), ("ddp", "adamw", {}), ("fsdp", "lars", {}),
+    ("deepspeed", "adamw", {"train.zero_stage": "2"}), ("deepspeed", "adamw", {"train.zero_stage": "3"})])
+def test_a_step_waits_for_nothing_on_the_device_unless_it_logs(engine: str, optim: str, extra: dict) -> None:
+    """No value read back, no blocking copy to the device and no host tensor meeting device ones in a step,
+    on every engine (the loop reads the loss at log steps only): on a GPU each read would stall the host
+    until the device caught up. Sinkhorn, the queue, the loss, prototype freezing and the optimizer step are
+    all covered; the gradient norm is read once, at a log step."""
+    for frozen, trained, logged in run_ranks(device_trace_per_step, 2, small_config(engine, optim, **extra)):
+        assert frozen == NOTHING and trained == NOTHING, (frozen, trained)
+        assert logged["copies"] == logged["mixes"] == [] and logged["reads"] == ["item"], logged
 
 
 def zero3_after_steps(rank: int, world: int, overrides: list[str]) -> tuple[list[bool], int]:
@@ -406,3 +388,30 @@ def test_fsdp_bf16_policy_gathers_trunk_in_bf16_and_keeps_batchnorm_fp32() -> No
     assert result["seen"] == {"conv": torch.bfloat16, "bn": torch.float32}
     assert result["stored"] == {torch.float32}  # the sharded master parameters stay fp32
     assert all(math.isfinite(x) for x in result["losses"]), result["losses"]
+
+
+def test_zero_overlaps_its_gradient_reduction_with_backward_on_gpus_only() -> None:
+    """ZeRO-2/3 on a GPU reduce buckets on their own stream during backward; on the CPU (gloo) and at stage 1
+    DeepSpeed's default stays."""
+    from swav_scale.engines.zero import deepspeed_config
+
+    def overlap(stage: int, on_gpu: bool) -> bool | None:
+        return deepspeed_config(stage, 8, 2, 1000, on_gpu=on_gpu)["zero_optimization"].get("overlap_comm")
+
+    assert [overlap(stage, True) for stage in (1, 2, 3)] == [None, True, True]
+    assert [overlap(stage, False) for stage in (1, 2, 3)] == [None, None, None]
+
+
+def test_zero_computes_the_trunk_in_bf16_inside_a_forward_that_turns_autocast_off() -> None:
+    """DeepSpeed wraps its module's forward in `torch.autocast(enabled=False)` on a GPU (an outer autocast
+    and no `torch_autocast` config): the embedder enters the engine's autocast itself, so the trunk still
+    computes in bf16. The head stays fp32 (swav_model.embed)."""
+    from swav_scale.engines.zero import Embedder
+
+    model = build_model(load_config(None, small_config("ddp", "sgd")))
+    dtypes = []
+    model.trunk.layer1.register_forward_hook(lambda module, args, out: dtypes.extend(o.dtype for o in out))
+    embedder = Embedder(model.trunk, model.head, "cpu", torch.bfloat16)
+    with torch.autocast("cpu", enabled=False):
+        z = embedder(views_for(0, 0))
+    assert dtypes and set(dtypes) == {torch.bfloat16} and z.dtype == torch.float32

@@ -63,9 +63,10 @@ def test_knn_during_pretraining_evaluations_on_ranks_and_the_report(fmnist_train
         assert proc.returncode == 0, proc.stdout + proc.stderr
         probes.append(json.loads((run_dir / "linear.jsonl").read_text().splitlines()[-1]))
     # The probe itself is the same on any number of ranks (test_linear.py); here the features differ in their
-    # last bits (the convolutions see other batches), which SGD may carry to a sample or two of the 300. (In
-    # fp32, as above: bf16 would carry the re-estimated statistics' rounding further.)
-    assert abs(probes[0]["linear_top1"] - probes[1]["linear_top1"]) <= 1.0 and probes[1]["world_size"] == 2
+    # last bits (the convolutions see other batches), which SGD may carry to a few of the 300 samples: a sample
+    # or two on Zen 4 CPUs, four on a Xeon with AMX (oneDNN picks other kernels). (In fp32, as above: bf16 would
+    # carry the re-estimated statistics' rounding further.)
+    assert abs(probes[0]["linear_top1"] - probes[1]["linear_top1"]) <= 2.0 and probes[1]["world_size"] == 2
     assert probes[0]["step"] == knn[-1]["step"]
     assert set(probes[0]["baselines"]) == {"random init", "raw pixels"}
     assert 10 < probes[0]["linear_top1"] <= probes[0]["linear_top5"] <= 100

@@ -22,16 +22,30 @@ def _agree(rank: int, world: int, signalled_rank: int, sig: int) -> list[tuple[b
         seen = [stops.agreed()]
         if rank == signalled_rank:
             os.kill(os.getpid(), sig)
-        seen.append(stops.agreed())
+        seen += [stops.agreed() for _ in range(3)]
+        stops.settle()
         return seen
     finally:
         stops.restore()
 
 
 @pytest.mark.parametrize("sig, expected", [(signal.SIGUSR2, (True, False)), (signal.SIGTERM, (False, True))])
-def test_a_signal_on_one_rank_is_seen_by_every_rank_at_the_same_step(sig: int, expected: tuple) -> None:
+def test_a_signal_on_one_rank_is_seen_by_every_rank_at_the_same_step_one_step_later(sig: int,
+                                                                                     expected: tuple) -> None:
+    """The agreement is read one call after it is posted (it never holds a step up): rank 2 is signalled
+    after step 1, every rank posts it after step 2 and all read it after step 3, and from then on."""
     results = run_ranks(_agree, 3, 2, sig)
-    assert results == [[(False, False), expected]] * 3
+    assert results == [[(False, False), (False, False), expected, expected]] * 3
+
+
+def test_a_lone_process_sees_its_own_signal_at_once() -> None:
+    stops = StopSignals()
+    try:
+        assert stops.agreed() == (False, False)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stops.agreed() == (True, False)
+    finally:
+        stops.restore()
 
 
 def test_handlers_are_put_back() -> None:

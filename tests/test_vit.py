@@ -57,7 +57,7 @@ def test_drop_path_rate_rises_to_the_given_value() -> None:
         default, custom = build_trunk("vit_small"), build_trunk("vit_base", drop_path_rate=0.2)
     assert default.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)  # DINO's default
     assert custom.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
-    assert isinstance(custom.blocks[0].drop_path1, torch.nn.Identity)  # linear from 0 at the first block
+    assert custom.blocks[0].drop_path1.drop_prob == 0.0  # linear from 0 at the first block
 
 
 def test_swav_model_with_vit_trunk_takes_multicrop() -> None:

@@ -195,7 +195,8 @@ def _gaussian_taps(sigma: Tensor | float, kernel_size: int) -> Tensor | int:
     return min(kernel_size // 2, math.ceil(4 * sigma))
 
 
-def _blur(x: Tensor, kernel_size: int, sigma: Tensor | float, conv: bool | None = None) -> Tensor:
+def _blur(x: Tensor, kernel_size: int, sigma: Tensor | float, conv: bool | None = None,
+          radius: int | None = None) -> Tensor:
     """torchvision's `gaussian_blur` with `sigma` px (reflect padding, rounded), as two 1-D passes over the
     taps that carry weight: equal to it but for one level on a few pixels in a thousand. A batch (N, C, H, W)
     takes one sigma per image (N,), each image its own taps.
@@ -203,9 +204,12 @@ def _blur(x: Tensor, kernel_size: int, sigma: Tensor | float, conv: bool | None 
     For one image on the CPU (`conv` False) the passes are shifted multiply-adds, 5-15x faster than
     torchvision's 2-D convolution on a 224 px crop and faster than oneDNN's depthwise one (slowest for the few
     taps of a small sigma); for a batch or off the CPU (`conv` True) each pass is one grouped convolution: one
-    read and one write of the batch instead of one per tap, and 1.4x faster than shifted adds on a CPU batch."""
+    read and one write of the batch instead of one per tap, and 1.4x faster than shifted adds on a CPU batch.
+    `radius`, the largest number of taps, is the caller's when its sigmas are on a GPU: computed here it
+    would be read back from the device."""
     taps = _gaussian_taps(sigma, kernel_size)
-    radius = int(taps.max()) if isinstance(taps, Tensor) else taps
+    if radius is None:
+        radius = int(taps.max()) if isinstance(taps, Tensor) else taps
     if radius == 0:
         return x
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
@@ -452,7 +456,10 @@ def _color_batch(x: Tensor, p: Tensor) -> Tensor:
             update(torch.nonzero(jitter & (order == op)).squeeze(1), fn, p[:, _P_FACTORS + op])
     update(torch.nonzero(p[:, _P_GRAY] > 0).squeeze(1), _grayscale)
     k = _blur_kernel(x.shape[-1])
-    update(torch.nonzero(p[:, _P_SIGMA] > 0).squeeze(1), lambda y, sigma: _blur(y, k, sigma), p[:, _P_SIGMA])
+    blurred = torch.nonzero(p[:, _P_SIGMA] > 0).squeeze(1)
+    if len(blurred):  # the radius from the CPU copy of the sigmas, so that nothing waits on the device
+        radius = int(_gaussian_taps(p[blurred, _P_SIGMA], k).max())
+        update(blurred, lambda y, sigma: _blur(y, k, sigma, radius=radius), p[:, _P_SIGMA])
     return x
 
 
@@ -471,21 +478,60 @@ class EvalTransform:
         return image
 
 
+_normalization: dict[tuple[torch.device, tuple[float, ...], tuple[float, ...]], tuple[Tensor, Tensor]] = {}
+
+
+def _normalization_constants(device: torch.device, mean: tuple[float, ...],
+                             std: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    """`mean` and `std` as (1, C, 1, 1) tensors on `device`, made once per device: made anew for each batch,
+    each would be a blocking copy from the host to a GPU."""
+    key = (device, tuple(mean), tuple(std))
+    if key not in _normalization:
+        _normalization[key] = tuple(  # type: ignore[assignment]
+            torch.tensor(v).view(1, -1, 1, 1).to(device) for v in (mean, std))
+    return _normalization[key]
+
+
 def normalize(batch: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """uint8 images (N, C, H, W) -> float32 in [0, 1], minus the mean, over the std: once per batch."""
-    m = torch.tensor(mean, device=batch.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=batch.device).view(1, -1, 1, 1)
+    m, s = _normalization_constants(batch.device, mean, std)
     return (batch.float() / 255.0 - m) / s
 
 
-def device_views(views: list[Tensor], device: torch.device, mean: tuple[float, ...], std: tuple[float, ...],
+class CopyStream:
+    """Host-to-GPU copies of a batch on a CUDA stream of their own.
+
+    The loop reads nothing back from the GPU during a step, so the host enqueues step k and moves on to the
+    next batch while the GPU still computes step k: copied on the compute stream, batch k + 1 would wait behind
+    step k's kernels; on this stream it moves while they run, and the compute stream waits for the copy only
+    where its first use comes. The copies' memory is marked as used by the compute stream, so the caching
+    allocator does not hand it out again while that stream may still read it. Sources must be pinned (the
+    loader pins batches for a GPU) for the copies to be asynchronous. On the CPU a copy is a plain `.to`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __call__(self, tensors: list[Tensor]) -> list[Tensor]:
+        if self.stream is None:
+            return [t.to(self.device, non_blocking=True) for t in tensors]
+        with torch.cuda.stream(self.stream):
+            copies = [t.to(self.device, non_blocking=True) for t in tensors]
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self.stream)
+        for t in copies:
+            t.record_stream(compute)
+        return copies
+
+
+def device_views(views: list[Tensor], copy: CopyStream, mean: tuple[float, ...], std: tuple[float, ...],
                  color_on_device: bool) -> list[Tensor]:
-    """A batch's uint8 views -> normalised float views on `device`, with the colour operations applied there
-    first when the MultiCrop deferred them (`defer_color`, config crops.color_on_device)."""
+    """A batch's uint8 views -> normalised float views on `copy.device`, with the colour operations applied
+    there first when the MultiCrop deferred them (`defer_color`, config crops.color_on_device)."""
     params = None
     if color_on_device:
         views, params = split_color_params(views)
-    views = [v.to(device, non_blocking=True) for v in views]
+    views = copy(views)
     if params is not None:
         views = apply_color(views, params)
     return [normalize(v, mean, std) for v in views]

@@ -9,14 +9,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from swav_scale.config import Config
+from swav_scale.config import Config, ConfigError, TrainConfig
 from swav_scale.distributed import DistEnv
 from swav_scale.engines.base import Engine, autocast_dtype, cpu_has_native_bf16
 from swav_scale.engines.ddp import DDPEngine
 from swav_scale.engines.fsdp import FSDPEngine, shard_units
 from swav_scale.optim import build_optimizer
 
-__all__ = ["Engine", "autocast_dtype", "batchnorm_group", "build_engine", "compile_units", "cpu_has_native_bf16"]
+__all__ = ["Engine", "autocast_dtype", "batchnorm_group", "build_engine", "compile_units", "cpu_has_native_bf16",
+           "use_sync_batchnorm"]
 
 
 def batchnorm_group(world_size: int, group_size: int) -> dist.ProcessGroup | None:
@@ -30,18 +31,53 @@ def batchnorm_group(world_size: int, group_size: int) -> dist.ProcessGroup | Non
     return group
 
 
-def compile_units(trunk: nn.Module) -> None:
+# Graphs each compiled unit may keep (compile_units): torch's default recompile limit for one function.
+GRAPHS_PER_UNIT = 8
+
+
+def compile_units(trunk: nn.Module, backend: str = "inductor") -> None:
     """torch.compile each unit of the trunk (a ResNet stage, a ViT block) in place.
 
     The unit's `forward` is compiled, not its call: the hooks an engine sets on the unit (FSDP2's gathers
     and reduce-scatters) stay outside the graphs, a graph never waits on a collective, and parameter names and
     checkpoints stay the same compiled or not (no `_orig_mod.` prefix). torchtitan compiles per block for the
-    same reasons. A ResNet stage takes every crop resolution in one call, so it compiles to one graph.
+    same reasons. A ResNet stage takes every crop resolution in one call, so it compiles to one graph; the
+    ViT blocks are alike to the last attribute dynamo guards on (models/vit.py: TensorDropPath), so one graph
+    serves all twelve.
     Shapes are static (a rank's batch is the same every step): inductor 2.14 failed to compile the backward
     of a unit made dynamic by FSDP's first-step recompile ("Cannot convert expression to float").
+
+    Dynamo's recompile limit counts graphs per function, and the graphs of every unit are graphs of the one
+    `forward` the units share (four different ResNet stages; evaluation's shapes beside training's). It is set
+    here, for this trunk, rather than left to whatever an import set (timm.optim sets a million): a unit that
+    keeps recompiling past its share then falls back to eager with dynamo's warning, instead of compiling on.
+    `backend`: torch.compile's; tests count graphs with "aot_eager", which traces forward and backward as
+    inductor does, without generating code.
     """
-    for unit in shard_units(trunk):
-        unit.forward = torch.compile(unit.forward, dynamic=False)
+    from torch._dynamo import config  # imported by torch.compile anyway; not at import time of the package
+
+    units = shard_units(trunk)
+    # recompile_limit is the name from torch 2.7 on; cache_size_limit, the older one, is an alias of it
+    setattr(config, "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit",
+            GRAPHS_PER_UNIT * len(units))
+    for unit in units:
+        unit.forward = torch.compile(unit.forward, backend=backend, dynamic=False)
+
+
+def use_sync_batchnorm(t: TrainConfig, world_size: int, device_type: str) -> bool:
+    """Whether `build_engine` converts BatchNorm to SyncBatchNorm: asked for (train.sync_batchnorm), on GPUs
+    (gloo has no SyncBatchNorm), with ranks to synchronise with. Not under train.compile: dynamo cannot trace
+    SyncBatchNorm's collectives (pytorch/pytorch#161302), so the pair is refused here, naming the keys, rather
+    than trained with a graph break at every BatchNorm."""
+    if not (t.sync_batchnorm and world_size > 1 and device_type == "cuda"):
+        return False
+    if t.compile:
+        raise ConfigError(
+            f"train.compile=true with train.sync_batchnorm=true on {world_size} GPUs: torch.compile cannot trace "
+            "SyncBatchNorm, which would break every compiled stage at each BatchNorm. Set train.compile=false to "
+            "keep BatchNorm statistics over the global batch (as SwAV does), or train.sync_batchnorm=false to "
+            "compile, each GPU then normalising with its own batch's statistics")
+    return True
 
 
 def build_engine(cfg: Config, model: nn.Module, env: DistEnv) -> Engine:
@@ -51,7 +87,7 @@ def build_engine(cfg: Config, model: nn.Module, env: DistEnv) -> Engine:
     make_optimizer = functools.partial(build_optimizer, cfg=cfg.optim)
     # process-wide, and set here because every path that trains (the loop, the benchmarks) builds its engine
     torch.backends.cudnn.benchmark = t.cudnn_benchmark
-    if t.sync_batchnorm and env.world_size > 1 and env.device.type == "cuda":
+    if use_sync_batchnorm(t, env.world_size, env.device.type):
         # Batch statistics over the global batch (or a group of ranks), as in SwAV; gloo (CPU) has no
         # SyncBatchNorm.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model, batchnorm_group(env.world_size,

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
-from swav_scale.distributed import DistEnv
+from swav_scale.distributed import DistEnv, in_group
 from swav_scale.engines.base import (Autocast, autocast_dtype, broadcast_buffers, drop_grads, local_sum_of_squares,
                                      set_lr)
 from swav_scale.swav import normalize_prototypes_
@@ -43,7 +43,7 @@ class TorchEngine(Autocast):
     def grad_norm(self) -> float:
         """DDP's gradients are already averaged and whole on every rank: no communication."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return local_sum_of_squares(grads).sqrt().item()
+        return local_sum_of_squares(grads, self.device).sqrt().item()
 
     def state_dict(self) -> dict[str, Any]:
         broadcast_buffers(self.model)  # buffers are replicated under both: save rank 0's
@@ -58,7 +58,7 @@ class DDPEngine(TorchEngine):
     def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, env: DistEnv, precision: str) -> None:
         self.model = model.to(env.device)
         self.device = env.device
-        if env.world_size > 1:
+        if in_group():  # on a GPU always, one rank too: the path a single-GPU run takes is the cluster's
             self.module = DistributedDataParallel(
                 self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None
             )

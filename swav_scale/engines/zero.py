@@ -21,21 +21,22 @@ number of ranks, the DeepSpeed files are converted to DeepSpeed's universal chec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
-import torch.distributed as dist
 from deepspeed.checkpoint import ds_to_universal
 from deepspeed.utils import safe_get_full_fp32_param
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from swav_scale.distributed import DistEnv, barrier, ensure_process_group
+from swav_scale.distributed import DistEnv, all_reduce, barrier, ensure_process_group, in_group, world_size
 from swav_scale.engines.base import (Autocast, autocast_dtype, broadcast_buffers, drop_grads, local_sum_of_squares,
                                      set_lr)
 from swav_scale.engines.ddp import OptimizerFactory, load_dcp_state
@@ -47,14 +48,20 @@ TAG = "zero"  # DeepSpeed's checkpoint tag: one per step-N directory, so the nam
 
 class Embedder(nn.Module):
     """Trunk + projection head: crops -> normalised embeddings. The part of the SwAV model DeepSpeed owns;
-    parameter names match SwAVModel's (trunk.*, head.*)."""
+    parameter names match SwAVModel's (trunk.*, head.*).
 
-    def __init__(self, trunk: nn.Module, head: nn.Module) -> None:
+    It enters the engine's autocast itself: DeepSpeed runs the forward inside `torch.autocast(enabled=False)`
+    when it finds CUDA autocast on outside but no `torch_autocast` section in its config, which would train
+    the trunk in fp32 on a GPU however train.precision reads."""
+
+    def __init__(self, trunk: nn.Module, head: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
         super().__init__()
         self.trunk, self.head = trunk, head
+        self.device_type, self.dtype = device_type, dtype
 
     def forward(self, crops: list[Tensor]) -> Tensor:
-        return embed(self.trunk, self.head, crops)
+        with torch.autocast(self.device_type, dtype=self.dtype) if self.dtype else contextlib.nullcontext():
+            return embed(self.trunk, self.head, crops)
 
 
 class SwAVForward(nn.Module):
@@ -69,13 +76,17 @@ class SwAVForward(nn.Module):
 
 
 def deepspeed_config(stage: int, batch_per_rank: int, world_size: int, bucket_elements: int,
-                     load_universal: bool = False) -> dict:
+                     load_universal: bool = False, on_gpu: bool = False) -> dict:
+    """DeepSpeed's config for this engine. On a GPU, ZeRO-2 and -3 reduce each gradient bucket on a stream of
+    its own while backward goes on (`overlap_comm`, for buckets' worth of extra memory); on the CPU gloo runs
+    the collectives on the host threads backward needs, and DeepSpeed's default (stage 3 only) stays."""
     buckets = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
+    overlap = {"overlap_comm": True} if on_gpu and stage >= 2 else {}
     return {
         "train_micro_batch_size_per_gpu": batch_per_rank,
         "gradient_accumulation_steps": 1,
         "train_batch_size": batch_per_rank * world_size,
-        "zero_optimization": {"stage": stage, **dict.fromkeys(buckets, bucket_elements)},
+        "zero_optimization": {"stage": stage, **dict.fromkeys(buckets, bucket_elements), **overlap},
         "gradient_clipping": 0.0,  # DeepSpeed clips to norm 1 unless told otherwise; the other engines do not clip
         "zero_allow_untested_optimizer": True,  # our torch AdamW / SGD, which ZeRO partitions
         "steps_per_print": 2**62,  # the loop logs; DeepSpeed's own step prints would interleave with it
@@ -88,6 +99,7 @@ class DeepSpeedEngine(Autocast):
                  stage: int, batch_per_rank: int, bucket_elements: int) -> None:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         ensure_process_group(env)
+        os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed asserts it, a lone process too
         self.device, self.env, self.stage, self.batch_per_rank = env.device, env, stage, batch_per_rank
         self.bucket_elements = bucket_elements
         self.dtype = autocast_dtype(precision, env.device)
@@ -100,12 +112,16 @@ class DeepSpeedEngine(Autocast):
         self._initialize(load_universal=False)
 
     def _initialize(self, load_universal: bool) -> None:
-        embedder = Embedder(self.model.trunk, self.model.head)
+        embedder = Embedder(self.model.trunk, self.model.head, self.device.type, self.dtype)
+        # DeepSpeed sets the current GPU to LOCAL_RANK unless told the device: where each task sees one GPU
+        # (init_distributed takes cuda:0 there), LOCAL_RANK would name a GPU the task does not have
+        device = argparse.Namespace(device_rank=self.device.index) if self.device.type == "cuda" else None
         self.ds, *_ = deepspeed.initialize(
+            args=device,
             model=embedder,
             optimizer=self.make_optimizer(embedder.parameters()),
             config=deepspeed_config(self.stage, self.batch_per_rank, self.env.world_size, self.bucket_elements,
-                                    load_universal),
+                                    load_universal, on_gpu=self.device.type == "cuda"),
             dist_init_required=False,
         )
         if self.stage == 3:
@@ -135,18 +151,21 @@ class DeepSpeedEngine(Autocast):
 
     def step(self, measure_grad_norm: bool = False) -> float | None:
         grad = self.prototypes.weight.grad
-        if grad is not None and self.env.world_size > 1:
-            dist.all_reduce(grad)
-            grad.div_(self.env.world_size)  # a mean over ranks, as DDP and ZeRO average the other gradients
-        prototypes_sq = local_sum_of_squares([grad] if grad is not None else []).item() if measure_grad_norm else 0.0
+        if grad is not None and in_group():
+            all_reduce(grad).div_(world_size())  # a mean over ranks, as DDP and ZeRO average the other gradients
+        prototypes_sq = local_sum_of_squares([grad] if grad is not None else [], self.device) if measure_grad_norm \
+            else None
         self.prototype_optimizer.step()
         self.prototype_optimizer.zero_grad(set_to_none=True)
         self.ds.step()
-        if not measure_grad_norm:
+        if prototypes_sq is None:
             return None
         # ZeRO computes the global norm of its partitions in every step (zero_optimization.compute_grad_norm,
-        # on by default); the replicated prototypes' gradient is added to it here
-        return math.sqrt(float(self.ds.get_global_grad_norm()) ** 2 + prototypes_sq)
+        # on by default); the replicated prototypes' gradient is added to it on the device, and the sum read once
+        zero_norm = self.ds.get_global_grad_norm()
+        if isinstance(zero_norm, Tensor):
+            return (zero_norm.to(prototypes_sq).square() + prototypes_sq).sqrt().item()
+        return math.sqrt(float(zero_norm) ** 2 + prototypes_sq.item())
 
     def full_parameters(self) -> dict[str, Tensor]:
         """Every parameter whole, in float32, on every rank (gathered from the ZeRO partitions)."""

@@ -9,9 +9,9 @@ ResNet stages, and the state_dict keys are timm's own (a checkpoint's trunk load
 from __future__ import annotations
 
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import DropPath, resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
-from torch import Tensor
+from torch import Tensor, nn
 
 # name -> (embed_dim, depth, num_heads): timm's vit_small_patch16_224 / vit_base_patch16_224 (DeiT/DINO sizes)
 _VITS: dict[str, tuple[int, int, int]] = {
@@ -30,6 +30,44 @@ class MultiResolutionBlock(Block):
     def forward(self, x: Tensor | list[Tensor], **kwargs: object) -> Tensor | list[Tensor]:  # type: ignore[override]
         block = super().forward
         return block(x, **kwargs) if isinstance(x, Tensor) else [block(tokens, **kwargs) for tokens in x]
+
+
+class TensorDropPath(nn.Module):
+    """timm's DropPath (stochastic depth: in training, each sample's residual branch is dropped with probability
+    `drop_prob`, and kept ones are scaled by 1 / (1 - drop_prob); in eval, nothing), with the probability held
+    in a tensor.
+
+    Why: torch.compile guards on a Python float, so blocks differing only in their drop probability (it rises
+    block by block) would each compile a graph of their own; as a buffer it is an input of one graph that
+    serves every block. The buffer is not persistent, so checkpoints keep timm's keys. The draws are
+    `rand < keep` where timm calls bernoulli_(keep): the same distribution and the same scaled values, not the
+    same random numbers.
+    """
+
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob  # to read; forward uses the buffer only
+        self.register_buffer("keep_prob", torch.tensor(1.0 - drop_prob), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        keep = self.keep_prob
+        kept = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < keep
+        # 1 / keep in x's dtype, as timm's division of a mask in x's dtype rounds it; 0 where nothing is kept
+        scale = torch.where(keep > 0, keep.reciprocal(), torch.zeros_like(keep)).to(x.dtype)
+        return x * (kept.to(x.dtype) * scale)
+
+
+def uniform_drop_paths(blocks: nn.Sequential) -> None:
+    """Give every block a TensorDropPath with its own probability (0 for timm's first, an Identity), so that all
+    blocks have the same structure and one compiled graph serves them all (engines.compile_units). Without
+    stochastic depth every block has Identities already."""
+    if not any(isinstance(m, DropPath) for m in blocks.modules()):
+        return
+    for block in blocks:
+        for name in ("drop_path1", "drop_path2"):
+            setattr(block, name, TensorDropPath(getattr(getattr(block, name), "drop_prob", 0.0)))
 
 
 class ViTTrunk(VisionTransformer):
@@ -53,6 +91,7 @@ class ViTTrunk(VisionTransformer):
             drop_path_rate=drop_path_rate,
             block_fn=MultiResolutionBlock,
         )
+        uniform_drop_paths(self.blocks)
         self.out_dim = embed_dim
 
     def tokens(self, x: Tensor) -> Tensor:

@@ -1,0 +1,171 @@
+"""The collective API (swav_scale/distributed.py): every collective of the package goes through it, it checks
+devices, and it chooses each rank's GPU; on real gloo ranks, with CUDA stood in for where a test needs it."""
+
+from __future__ import annotations
+
+import ast
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import run_ranks
+
+import swav_scale
+from swav_scale import distributed
+from swav_scale.distributed import DeviceError, check_local_ranks, rank_device
+
+COLLECTIVES = {
+    "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor", "broadcast",
+    "broadcast_object_list", "all_gather_object", "gather", "gather_object", "scatter", "scatter_object_list",
+    "reduce", "all_to_all", "all_to_all_single", "barrier", "monitored_barrier", "send", "recv", "isend", "irecv",
+    "batch_isend_irecv",
+}
+PACKAGE = Path(swav_scale.__file__).parent
+
+
+def direct_collectives(source: str) -> list[str]:
+    """`dist.X(...)` / `torch.distributed.X(...)` calls and `from torch.distributed import X` of a collective X."""
+    tree = ast.parse(source)
+    aliases = {"torch.distributed"} | {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                                       for a in node.names if a.name == "torch.distributed"}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in COLLECTIVES and ast.unparse(node.value) in aliases:
+            found.append(f"{ast.unparse(node)} (line {node.lineno})")
+        if isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
+            found += [f"from torch.distributed import {a.name} (line {node.lineno})" for a in node.names
+                      if a.name in COLLECTIVES]
+    return found
+
+
+def test_the_scan_finds_direct_collectives() -> None:
+    source = ("import torch\nimport torch.distributed as dist\nfrom torch.distributed import barrier\n"
+              "dist.all_reduce(t)\ntorch.distributed.broadcast(t, 0)\ndist.get_rank()\n")
+    assert sorted(direct_collectives(source)) == ["dist.all_reduce (line 4)",
+                                                  "from torch.distributed import barrier (line 3)",
+                                                  "torch.distributed.broadcast (line 5)"]
+
+
+def test_no_module_calls_a_collective_outside_the_api() -> None:
+    """One collective API: a collective anywhere else could take a tensor on the wrong device unseen."""
+    offenders = {str(p.relative_to(PACKAGE)): found for p in sorted(PACKAGE.rglob("*.py"))
+                 if p.name != "distributed.py" and (found := direct_collectives(p.read_text()))}
+    assert offenders == {}
+
+
+def test_the_device_check_names_the_caller_and_what_to_do() -> None:
+    with pytest.raises(RuntimeError, match=r"test_distributed\.test_the_device_check_names_the_caller_and_what_to_do"
+                                           r":\d+: counters for a collective is on cpu, but this process group "
+                                           r"communicates on cuda:0: create it there"):
+        distributed.check_device(torch.zeros(2), torch.device("cuda", 0), "counters")
+    distributed.check_device(torch.zeros(2), torch.device("cpu"))  # the right device: silent
+
+
+def _collective_on_the_wrong_device(rank: int, world: int) -> str:
+    distributed.comm_device = lambda group=None: torch.device("meta")  # type: ignore[assignment]  # "the GPU"
+    try:
+        distributed.all_reduce(torch.ones(2))
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_a_tensor_on_another_device_than_the_groups_is_refused_before_the_collective() -> None:
+    """On real gloo ranks whose group is made to communicate on another device (as NCCL does on a GPU), a
+    CPU tensor is refused by the API, naming the caller, before it reaches the backend."""
+    for message in run_ranks(_collective_on_the_wrong_device, 2):
+        assert message.startswith("test_distributed._collective_on_the_wrong_device:") and "on meta" in message
+
+
+def _every_collective(rank: int, world: int) -> dict[str, Any]:
+    summed = distributed.all_reduce(torch.tensor([rank + 1.0]))
+    posted = torch.tensor([float(rank)])
+    work = distributed.all_reduce_async(posted, distributed.ReduceOp.MAX)
+    work.wait()
+    distributed.barrier()
+    return {
+        "sum": summed.tolist(), "max": posted.tolist(),
+        "mean": distributed.all_reduce_mean(torch.tensor([rank * 2.0])).tolist(),
+        "numbers": distributed.all_reduce_numbers([1, rank]),
+        "gather": [t.tolist() for t in distributed.all_gather(torch.tensor([rank, -rank]))],
+        "broadcast": distributed.broadcast(torch.tensor([rank + 5])).tolist(),
+        "object": distributed.broadcast_object({"from": rank}),
+        "objects": distributed.all_gather_object(rank * 10),
+        "rank": distributed.rank(), "world": distributed.world_size(), "device": str(distributed.comm_device()),
+    }
+
+
+def test_every_collective_of_the_api_on_real_ranks() -> None:
+    results = run_ranks(_every_collective, 3)
+    for rank, r in enumerate(results):
+        assert r == {"sum": [6.0], "max": [2.0], "mean": [2.0], "numbers": [3.0, 3.0],
+                     "gather": [[0, 0], [1, -1], [2, -2]], "broadcast": [5], "object": {"from": 0},
+                     "objects": [0, 10, 20], "rank": rank, "world": 3, "device": "cpu"}
+
+
+def test_a_lone_process_without_a_group_keeps_its_own_values() -> None:
+    assert not distributed.in_group()
+    t = torch.tensor([3.0])
+    assert distributed.all_reduce(t) is t and distributed.all_reduce_async(t) is None
+    assert distributed.all_reduce_numbers([2, 5]) == [2.0, 5.0]
+    assert [x.tolist() for x in distributed.all_gather(t)] == [[3.0]]
+    assert distributed.broadcast_object("x") == "x" and distributed.all_gather_object(1) == [1]
+    assert (distributed.rank(), distributed.world_size()) == (0, 1)
+
+
+def test_each_local_rank_takes_its_own_gpu() -> None:
+    assert rank_device(3, 8, 8) == torch.device("cuda", 3)
+
+
+def test_a_task_that_sees_one_gpu_takes_it_whatever_its_local_rank() -> None:
+    """SLURM with --gpus-per-task=1 or --gpu-bind: each task's CUDA_VISIBLE_DEVICES names its GPU alone."""
+    assert rank_device(5, 8, 1) == torch.device("cuda", 0)
+
+
+def test_a_local_rank_beyond_the_visible_gpus_is_refused_with_what_to_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(DeviceError, match=r"node7, rank 3: local rank 3 of 4 has no GPU of its own: this process "
+                                          r"sees 2 GPU\(s\) \(CUDA_VISIBLE_DEVICES='0,1'\)\. Start at most 2"):
+        rank_device(3, 4, 2, "node7, rank 3: ")
+
+
+def test_more_local_ranks_than_gpus_are_refused_before_any_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's 2 ranks on a 1-GPU machine: said before starting ranks, not as an invalid device ordinal."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DeviceError, match=r"2 local ranks asked for on .*, which has 1 visible GPU\(s\).*--nproc 1"):
+        check_local_ranks(2)
+    check_local_ranks(1)
+
+
+def test_a_lone_gpu_process_joins_a_one_rank_nccl_group_on_its_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA even a single process has a process group (NCCL's rules hold on one GPU too), on the GPU it
+    was given, with the configured timeout. CUDA and NCCL are stood in for: this checks the call."""
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append({"set_device": device}))
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(kw))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    env = distributed.init_distributed(timedelta(seconds=1234))
+    assert env.device == torch.device("cuda", 0)
+    assert calls[0] == {"set_device": torch.device("cuda", 0)}
+    init = calls[1]
+    assert (init["backend"], init["rank"], init["world_size"], init["device_id"], init["timeout"]) == (
+        "nccl", 0, 1, torch.device("cuda", 0), timedelta(seconds=1234))
+    assert isinstance(init["store"], dist.HashStore)
+
+
+def test_local_ranks_share_the_cores_they_may_run_on() -> None:
+    assert distributed.threads_per_rank(4, environ={}, cores=16) == 4
+    assert distributed.threads_per_rank(3, environ={}, cores=2) == 1
+
+
+def test_a_slurm_task_with_cpus_of_its_own_uses_them_all() -> None:
+    """cpus_per_task=10 on a 128-core node: each task's affinity is its own 10 CPUs, not 128 / 8."""
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "10"}
+    assert distributed.threads_per_rank(8, environ=slurm, cores=10) == 10
