@@ -245,10 +245,8 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 def barrier(group: ProcessGroup | None = None) -> None:
     if in_group():
-        if "nccl" in str(dist.get_backend(group)):
-            dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier(group=group)
+        device = comm_device(group)
+        dist.barrier(group=group, **({"device_ids": [device.index]} if device.type == "cuda" else {}))
 
 
 def new_group(backend: str | None = None) -> ProcessGroup | None:

@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "nonzero",
-         "unique", "unique_consecutive", "masked_select", "__len__"}
+         "unique", "unique_consecutive", "masked_select"}
 FACTORIES = {"tensor", "as_tensor", "zeros", "ones", "full", "empty", "arange", "rand", "randn", "randint",
              "randperm", "linspace", "eye", "zeros_like", "ones_like", "full_like", "empty_like"}
 DEVICE_COPIES = {"tensor", "as_tensor"}  # a factory that copies host data, when given a device
@@ -77,7 +77,7 @@ class DeviceTrace(TorchFunctionMode):
             target, to_host = None, True
         else:
             to_host = False
-        if name in READS and device_in and name != "__len__":
+        if name in READS and device_in:
             self.reads.append(name)
         if name in DEVICE_COPIES and target is not None:
             self.copies.append(f"{name}(device=...)")

@@ -28,6 +28,7 @@ blur and hue within one level of torchvision's output on a few pixels in a thous
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
@@ -478,23 +479,18 @@ class EvalTransform:
         return image
 
 
-_normalization: dict[tuple[torch.device, tuple[float, ...], tuple[float, ...]], tuple[Tensor, Tensor]] = {}
-
-
+@functools.cache
 def _normalization_constants(device: torch.device, mean: tuple[float, ...],
                              std: tuple[float, ...]) -> tuple[Tensor, Tensor]:
     """`mean` and `std` as (1, C, 1, 1) tensors on `device`, made once per device: made anew for each batch,
     each would be a blocking copy from the host to a GPU."""
-    key = (device, tuple(mean), tuple(std))
-    if key not in _normalization:
-        _normalization[key] = tuple(  # type: ignore[assignment]
-            torch.tensor(v).view(1, -1, 1, 1).to(device) for v in (mean, std))
-    return _normalization[key]
+    m, s = (torch.tensor(v).view(1, -1, 1, 1).to(device) for v in (mean, std))
+    return m, s
 
 
 def normalize(batch: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """uint8 images (N, C, H, W) -> float32 in [0, 1], minus the mean, over the std: once per batch."""
-    m, s = _normalization_constants(batch.device, mean, std)
+    m, s = _normalization_constants(batch.device, tuple(mean), tuple(std))
     return (batch.float() / 255.0 - m) / s
 
 
