@@ -1,13 +1,14 @@
 """Training-step cost of the SwAV model by precision and memory format, side by side in one run.
 
 Forward + backward of the demo's model (ResNet-18 small stem, 2 global + 2 local 28 px crops, batch 128 per
-rank) on one core, in four variants: fp32 NCHW (the textbook default), fp32 channels-last, bf16 autocast NCHW,
-bf16 autocast channels-last (swav_scale's default where the CPU has native bf16); with --compile, the two
-channels-last variants again with each trunk stage compiled (train.compile, engines.compile_units; the
-compilation itself is left out of the timing). Prints ms per step and each variant's speed relative to fp32
-NCHW.
+rank) on one core, in fp32 and bf16 autocast: NCHW (the textbook default); channels-last as swav_scale runs it
+(channels-last inputs, contiguous weights: train.build_model); and channels-last weights too (the layout
+FSDP2 and ZeRO cannot shard, which DDP would hold otherwise). bf16 channels-last is swav_scale's default where
+the CPU has native bf16. With --compile, swav_scale's channels-last variants again with each trunk stage
+compiled (train.compile, engines.compile_units; the compilation itself is left out of the timing). Prints ms
+per step and each variant's speed relative to NCHW in the first precision asked for (fp32 by default).
 
-    .venv/bin/python benchmarks/bench_step.py [--widths 0.25 0.5 --batch 128 --steps 4 --compile]
+    .venv/bin/python benchmarks/bench_step.py [--widths 0.25 0.5 --batch 128 --steps 4 --compile --precisions fp32]
 """
 
 from __future__ import annotations
@@ -49,24 +50,27 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--compile", action="store_true", help="also time the channels-last variants compiled")
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                   help="fp32 alone on a CPU without native bf16, where emulated bf16 takes 10-30x as long")
     args = p.parse_args()
     torch.set_num_threads(1)
     crops = [torch.randn(args.batch, 3, 28, 28) for _ in range(4)]
+    nhwc_crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
     print(f"SwAV step, ResNet-18 small stem, 4x28 px crops, batch {args.batch}, 1 core; "
           f"native bf16: {cpu_has_native_bf16()}")
     for width in args.widths:
-        nchw, nhwc = demo_model(width), demo_model(width).to(memory_format=torch.channels_last)
-        results = {
-            "fp32 NCHW": step_ms(nchw, crops, False, args.steps),
-            "fp32 channels-last": step_ms(nhwc, crops, False, args.steps),
-            "bf16 NCHW": step_ms(nchw, crops, True, args.steps),
-            "bf16 channels-last": step_ms(nhwc, crops, True, args.steps),
-        }
-        for precision, bf16 in (("fp32", False), ("bf16", True)) if args.compile else ():
-            compiled = demo_model(width).to(memory_format=torch.channels_last)
+        model, nhwc_weights = demo_model(width), demo_model(width).to(memory_format=torch.channels_last)
+        results = {}
+        precisions = [(name, name == "bf16") for name in args.precisions]
+        for precision, bf16 in precisions:
+            results[f"{precision} NCHW"] = step_ms(model, crops, bf16, args.steps)
+            results[f"{precision} channels-last"] = step_ms(model, nhwc_crops, bf16, args.steps)
+            results[f"{precision} channels-last weights too"] = step_ms(nhwc_weights, nhwc_crops, bf16, args.steps)
+        for precision, bf16 in precisions if args.compile else ():
+            compiled = demo_model(width)
             compile_units(compiled.trunk)  # one model per precision: autocast changes the graphs
-            results[f"{precision} channels-last, compiled"] = step_ms(compiled, crops, bf16, args.steps)
-        base = results["fp32 NCHW"]
+            results[f"{precision} channels-last, compiled"] = step_ms(compiled, nhwc_crops, bf16, args.steps)
+        base = results[f"{args.precisions[0]} NCHW"]
         print(f"  width {width}")
         for name, ms in results.items():
             print(f"    {name:30s} {ms:7.0f} ms/step  {base / ms:4.2f}x")

@@ -141,9 +141,7 @@ def main() -> None:
         copy = CopyStream(device)
 
         def views_of(b: Batch) -> list[torch.Tensor]:  # as the training loop moves and normalises a batch
-            views = device_views(b.views, copy, mean, std, cfg.crops.color_on_device)
-            return [v.contiguous(memory_format=torch.channels_last) for v in views] if cfg.train.channels_last \
-                else views
+            return device_views(b.views, copy, mean, std, cfg.crops.color_on_device, cfg.train.channels_last)
 
         def step(views: list[torch.Tensor]) -> object:  # past the prototypes' frozen steps, at the base lr
             return swav_step(engine, views, cfg.swav, cfg.swav.freeze_prototypes_iters, cfg.optim.base_lr, None)

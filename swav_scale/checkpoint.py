@@ -19,6 +19,7 @@ checkpoint damaged after the fact (a truncated copy, a disk error) is found on r
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -112,6 +113,18 @@ class RNGState:
         self.load_state_dict(states[rank % len(states)])
 
 
+def seed_generators(seed: int, rank: int) -> None:
+    """Seed the global generators RNGState saves, at the start of every launch (a resume then restores them).
+
+    torch's (CPU and every GPU) from `seed` alone: every rank builds the same initial weights. Python's and
+    NumPy's from (seed, rank): their states are checkpointed, so two launches of the same run must start them
+    alike (unseeded, they start from OS entropy), and libraries that draw from them draw per rank."""
+    torch.manual_seed(seed)
+    derived = int.from_bytes(hashlib.blake2b(f"global/{seed}/{rank}".encode(), digest_size=8).digest(), "little")
+    random.seed(derived)
+    np.random.seed(derived % 2**32)
+
+
 def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     """The SwAV model's weights from a `step-N/` checkpoint, in one process, whichever engine and number of
     ranks wrote it: DCP holds the whole model (DDP, FSDP) or the prototypes (DeepSpeed, whose trunk and head
@@ -198,17 +211,28 @@ class Checkpointer:
         self.keep = max(1, keep)  # the newest complete checkpoint is never pruned
         self.checksums = checksums
 
-    def complete_checkpoints(self) -> list[Path]:
-        """Complete checkpoint directories (`step-N/` with meta.json), oldest first."""
+    def _step_dirs(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir()]
-        return sorted((p for p in found if (p / META).is_file()), key=lambda p: p.name)
+        return sorted((p for p in self.root.iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir()),
+                      key=lambda p: p.name)
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Complete checkpoint directories (`step-N/` with meta.json), oldest first."""
+        return [p for p in self._step_dirs() if (p / META).is_file()]
+
+    def without_meta(self) -> list[Path]:
+        """`step-N/` directories without meta.json. A save renames its directory to `step-N/` only after writing
+        meta.json, so such a one was damaged afterwards (a partial copy or restore, a file deleted by hand)."""
+        return [p for p in self._step_dirs() if not (p / META).exists()]
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint whose files all have their recorded sizes (one process, read-only:
         for evaluation and status). The `latest` pointer is for people and tools; the directories are the truth
         (a run killed between the rename and the pointer update has a newer complete directory)."""
+        for path in self.without_meta():
+            console.print(f"[yellow]warning:[/] skipping {escape(str(path))}: it has no {META}, so it is not a "
+                          "complete checkpoint (the next resume moves it aside)", highlight=False)
         for path in reversed(self.complete_checkpoints()):
             damage = find_damage(path, checksums=False)
             if not damage:
@@ -220,7 +244,12 @@ class Checkpointer:
     def resume_point(self) -> Path | None:
         """The newest complete, undamaged checkpoint (collective). Each rank verifies a share of the files (sizes
         and, with checksums, sha256); a damaged checkpoint is moved to `step-N.damaged/`, with a warning, and the
-        previous one is tried. Nothing is deleted: the damaged files stay there for inspection."""
+        previous one is tried. Nothing is deleted: the damaged files stay there for inspection. A `step-N/`
+        without meta.json is moved aside the same way, before anything else (a later save of step N would
+        otherwise replace it without a word)."""
+        if self.env.is_main:
+            for path in self.without_meta():
+                self._move_aside(path, f"it has no {META}, so it is not a complete checkpoint and is not resumed")
         names = broadcast_object([p.name for p in self.complete_checkpoints()] if self.env.is_main else None)
         share = (self.env.rank, self.env.world_size)
         for name in reversed(names):
@@ -229,14 +258,19 @@ class Checkpointer:
             if not damage:
                 return path
             if self.env.is_main:
-                aside = path.with_name(path.name + DAMAGED)
-                console.print(f"[yellow]warning:[/] checkpoint {escape(str(path))} is damaged ({escape('; '.join(damage[:3]))}"
-                              f"{'; ...' if len(damage) > 3 else ''}); moved to {escape(str(aside))}, trying the previous one",
-                              highlight=False)
-                shutil.rmtree(aside, ignore_errors=True)
-                path.rename(aside)
+                self._move_aside(path, f"it is damaged ({'; '.join(damage[:3])}{'; ...' if len(damage) > 3 else ''}), "
+                                       "trying the previous one")
             barrier()
         return None
+
+    @staticmethod
+    def _move_aside(path: Path, why: str) -> None:
+        """`step-N/` -> `step-N.damaged/` (replacing an older one), with a warning naming both and why."""
+        aside = path.with_name(path.name + DAMAGED)
+        console.print(f"[yellow]warning:[/] checkpoint {escape(str(path))}: {escape(why)}; moved to "
+                      f"{escape(str(aside))}", highlight=False)
+        shutil.rmtree(aside, ignore_errors=True)
+        path.rename(aside)
 
     def save(self, step: int, global_states: dict[str, Stateful], rank_states: dict[str, Stateful]) -> Path:
         final = self.root / step_dir_name(step)

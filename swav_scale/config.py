@@ -34,6 +34,9 @@ class ModelConfig:
     embed_dim: int = 128
     num_prototypes: int = 3000
     drop_path_rate: float | None = None  # ViTs only: stochastic depth (None = 0.1, DINO's default)
+    # ResNets only: the last BatchNorm of each residual branch starts at zero, so every block starts as the
+    # identity (Goyal et al. 2017). false is the original's (resnet50.py's default, never changed by main_swav.py)
+    zero_init_residual: bool = False
 
 
 @dataclass
@@ -98,6 +101,9 @@ class OptimConfig:
     momentum: float = 0.9  # SGD/LARS momentum; AdamW's beta1
     beta2: float = 0.999  # AdamW only
     trust_coeff: float = 0.001  # LARS
+    # false: weight decay and LARS adaptation for every parameter, as the original (LARC over all of
+    # model.parameters()); true: not for biases and norm parameters, as BYOL, DINO and most later work do
+    exclude_bias_and_norm: bool = False
 
 
 @dataclass
@@ -118,11 +124,12 @@ class TrainConfig:
     # Compiling costs a minute or more at start-up and again on each resume. Not with ZeRO-3 (its hooks on
     # every layer would be traced into the graphs).
     compile: bool = False
-    # Ranks per SyncBatchNorm group on GPU (0: all ranks). The original's syncbn_process_group_size: 8 keeps
+    # Ranks per SyncBatchNorm group (0: all ranks). The original's syncbn_process_group_size: 8 keeps
     # BatchNorm's per-layer collectives inside a node of 8 GPUs (docs/scaling.md).
     sync_batchnorm_group: int = 0
     precision: str = "auto"  # auto (bf16 where the GPU or CPU computes it natively, else fp32) | bf16 | fp32
-    sync_batchnorm: bool = True  # on GPU only: gloo has no SyncBatchNorm
+    # BatchNorm statistics over the global batch on 2+ ranks, GPU or CPU, as SwAV (engines/sync_batchnorm.py)
+    sync_batchnorm: bool = True
     channels_last: bool = True  # NHWC convolutions: 1.2-1.3x faster on CPU (oneDNN), the fast path on GPU
     # GPU: cuDNN times its convolution algorithms for each shape on first use and keeps the fastest, as the
     # original sets cudnn.benchmark. The crop sizes never change, so that costs only the first steps. false:

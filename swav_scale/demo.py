@@ -19,7 +19,7 @@ from swav_scale.config import load_config
 from swav_scale.data.make_shards import ensure_shards
 from swav_scale.knn import evaluate, load_trunk, raw_pixels
 from swav_scale.launcher import launch_local
-from swav_scale.utils import atomic_write_text, console
+from swav_scale.utils import atomic_write_text, console, rule
 
 
 def run_demo(config: str, overrides: list[str], nproc: int, data_dir: Path) -> dict[str, float]:
@@ -35,12 +35,12 @@ def run_demo(config: str, overrides: list[str], nproc: int, data_dir: Path) -> d
         console.print(f"{nproc} ranks asked for, {torch.cuda.device_count()} GPU(s) here: the demo runs "
                       f"{torch.cuda.device_count()} (the global batch is the same)", highlight=False)
         nproc = torch.cuda.device_count()
-    console.rule(f"SwAV pretraining: {nproc} ranks, run directory {cfg.train.run_dir}")
+    rule(f"SwAV pretraining: {nproc} ranks, run directory {cfg.train.run_dir}")
     t = time.time()
     launch_local(cfg, nproc)
     timings["pretrain_s"] = time.time() - t
 
-    console.rule("kNN evaluation on the 10,000 test images (bank: the 60,000 training images)")
+    rule("kNN evaluation on the 10,000 test images (bank: the 60,000 training images)")
     t = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run_dir = Path(cfg.train.run_dir)

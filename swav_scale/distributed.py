@@ -16,7 +16,7 @@ the package for direct torch.distributed calls). They
 * place plain numbers on that device themselves (`all_reduce_numbers`), so a caller never builds a
   communication tensor on the wrong device.
 
-The engines' own libraries (DDP, FSDP2, DeepSpeed, SyncBatchNorm) communicate inside those libraries.
+The engines' own libraries (DDP, FSDP2, DeepSpeed) communicate inside those libraries.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from swav_scale.checkpoint import Checkpointer, RNGState, TrainProgress
+from swav_scale.checkpoint import Checkpointer, RNGState, TrainProgress, seed_generators
 from swav_scale.config import Config, ConfigError, SwAVConfig, check_queue, check_world
 from swav_scale.data.labelled import open_labelled
 from swav_scale.data.loader import MultiCropStream, ShardLoader
@@ -66,15 +66,17 @@ def build_multicrop(cfg: Config) -> MultiCrop:
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
-    """The SwAV model of the config, in its memory format: training and evaluation build it here alike."""
+    """The SwAV model of the config: training and evaluation build it here alike.
+
+    Its weights stay contiguous under every engine, channels_last or not: FSDP2 and ZeRO shard contiguous
+    storage only, and DDP holding channels-last weights would round differently from them from the first
+    step. Convolutions still run channels-last: they follow their input, which the loop makes channels-last
+    (`train.channels_last`)."""
     m = cfg.model
-    model = build_swav_model(
+    return build_swav_model(
         m.arch, m.width, m.small_stem, m.hidden_dim, m.embed_dim, m.num_prototypes, maxpool=m.maxpool,
-        drop_path_rate=m.drop_path_rate,
+        drop_path_rate=m.drop_path_rate, zero_init_residual=m.zero_init_residual,
     )
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # and the loop gives channels-last inputs
-    return model
 
 
 def planned_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -173,7 +175,7 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None) -> TrainR
     last_step = planned_steps(cfg, loader.steps_per_epoch)
 
     # ---- model, optimizer, engine (same initial weights on every rank)
-    torch.manual_seed(cfg.train.seed)
+    seed_generators(cfg.train.seed, env.rank)
     model = build_model(cfg)
     engine = build_engine(cfg, model, env)
     queue = None
@@ -215,9 +217,7 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None) -> TrainR
                 if ledger:
                     ledger.write(step, epoch, batch.keys)
                 lr = float(schedule.lr[step])
-                views = device_views(batch.views, copy, mean, std, cfg.crops.color_on_device)
-                if cfg.train.channels_last:  # sharded engines keep weights contiguous; convs follow the input
-                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                views = device_views(batch.views, copy, mean, std, cfg.crops.color_on_device, cfg.train.channels_last)
                 end_of_epoch = loader.at_epoch_end  # this batch is the epoch's last
                 log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == last_step or end_of_epoch
                 result = swav_step(engine, views, cfg.swav, step, lr, queue if use_queue_epoch else None,

@@ -7,13 +7,33 @@ import hashlib
 import os
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.rule import Rule
 
-console = Console(stderr=False)
+# Wider than any message or table: rich wraps at 80 columns (or $COLUMNS) when it does not write to a terminal
+LOG_WIDTH = 10_000
+
+
+def make_console() -> Console:
+    """rich's console for swav_scale's messages. On a terminal it fits the window; written to a file or pipe
+    (SLURM logs, `| tee`) every message stays on one line and a table keeps its natural width, so that grep
+    finds a whole message and a table's rows stay rows. Width-filling renderables (a Rule) are given a width of
+    their own there (`rule`)."""
+    terminal = Console()
+    return terminal if terminal.is_terminal else Console(width=LOG_WIDTH, soft_wrap=True)
+
+
+console = make_console()
+
+
+def rule(title: str) -> None:
+    """A titled horizontal line across the terminal, or 100 columns wide in a log."""
+    console.print(Rule(title), width=min(console.width, 100))
 
 
 def sha256_file(path: str | Path) -> str:
@@ -26,16 +46,40 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (/proc/self/status); elsewhere
+    set and put back under a lock (the umask is process-wide, so only this module's own readers are kept out
+    of the moment it is changed)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`.
 
-    A reader sees the old file or the new one, never a half-written one, even if the writer is killed.
+    A reader sees the old file or the new one, never a half-written one, even if the writer is killed. The
+    file gets the mode `open()` would give it (0666 less the umask): mkstemp creates 0600, which on a shared
+    cluster would keep manifests, checkpoint metadata and run configs from the users who can read the shards
+    and weights beside them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -112,3 +112,69 @@ def assert_same_weights(run_dir: Path, reference: Path) -> None:
     assert got["step"] == want["step"]
     for key in want:
         assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(want[key])), key
+
+
+# The ViT recipe at its smallest: vit_small (its depth and width are fixed) on 32/16 px crops, 2 and 1 patches
+# a side, with its default drop path (0.1) on, so that every step draws masks from the global generator.
+TINY_VIT = ["model.arch=vit_small", "model.width=null", "model.small_stem=false", "model.zero_init_residual=false",
+            "crops.sizes=[32,16]"]
+
+
+def train_in_process(shards: Path, run_dir: Path, *extra: str) -> None:
+    """The TINY config trained by `swav_scale.train.train` in this process, one rank on the CPU, no process
+    group: a run or resume in seconds rather than a launch. Like a fresh process, the run starts with its global
+    generators seeded from OS entropy, so a state the run does not seed itself differs between two runs; the
+    caller's are left as they were."""
+    import random
+    import warnings
+
+    import numpy as np
+
+    from swav_scale.checkpoint import RNGState
+    from swav_scale.config import load_config
+    from swav_scale.distributed import DistEnv
+    from swav_scale.train import train
+
+    cfg = load_config(REPO / "configs" / "quickstart.yaml",
+                      [*TINY, f"data.train_shards={shards}", f"train.run_dir={run_dir}", *extra])
+    outer = RNGState().state_dict()
+    random.seed(), np.random.seed(), torch.seed()
+    try:
+        with warnings.catch_warnings():  # DCP warns on every save and load without a process group
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            train(cfg, DistEnv(0, 1, 0, 1, torch.device("cpu")))
+    finally:
+        RNGState().load_state_dict(outer)
+
+
+def checkpoint_contents(checkpoint: Path, scratch: Path) -> dict[str, object]:
+    """Everything a checkpoint holds: its DCP state (weights, optimizer state, progress), read whole, and each
+    rank's file (RNG states, data position, queue)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    whole = scratch / f"{checkpoint.parent.parent.name}-{checkpoint.name}.pt"
+    dcp_to_torch_save(checkpoint, whole)
+    contents: dict[str, object] = {"dcp": torch.load(whole, weights_only=False)}
+    for f in sorted(checkpoint.glob("rank-*.pt")):
+        contents[f.name] = torch.load(f, weights_only=False)
+    return contents
+
+
+def differences(a: object, b: object, where: str = "") -> list[str]:
+    """Where two nested states (dicts, lists, tuples, tensors, arrays, numbers) differ, to the last bit."""
+    import numpy as np
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{where}: keys {sorted(a)} vs {sorted(b)}"]
+        return [d for k in a for d in differences(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{where}: {len(a)} vs {len(b)} items"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{where}[{i}]")]
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        same = a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        return [] if same else [where]
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return [] if a.dtype == b.dtype and np.array_equal(a, b) else [where]
+    return [] if type(a) is type(b) and a == b else [f"{where}: {a!r} vs {b!r}"]

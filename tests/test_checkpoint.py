@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from helpers import run_ranks
+from runs import TINY_VIT, checkpoint_contents, differences, train_in_process
 
-from swav_scale.checkpoint import DAMAGED, META, Checkpointer, RNGState, TrainProgress, find_damage
+from swav_scale.checkpoint import DAMAGED, META, Checkpointer, RNGState, TrainProgress, find_damage, rank_file
 from swav_scale.distributed import DistEnv
 from swav_scale.engines.ddp import DDPEngine
 from swav_scale.models import build_swav_model
@@ -164,6 +166,29 @@ def test_damaged_checkpoints_are_found_on_real_ranks_and_moved_aside(tmp_path: P
     assert Checkpointer(tmp_path, env).complete_checkpoints() == [tmp_path / "step-00000001"]
 
 
+def test_a_step_directory_without_meta_is_named_once_and_moved_aside(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`step-N/` without meta.json (a partial copy, a file deleted by hand) is not resumed from: read-only
+    look-ups (status, eval) name it; the resume moves it to `step-N.damaged/`, saying so once, so that a later
+    save of step N does not replace it silently and the files stay for inspection."""
+    env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
+    ckpt = Checkpointer(tmp_path, env)
+    g, r = states(make_engine(), FeatureQueue(2, 8, 16))
+    for step in (1, 2):
+        ckpt.save(step, g, r)
+    (tmp_path / "step-00000002" / META).unlink()
+    capsys.readouterr()
+    assert ckpt.latest() == tmp_path / "step-00000001"
+    assert "skipping" in capsys.readouterr().out and (tmp_path / "step-00000002").is_dir()
+    assert ckpt.resume_point() == tmp_path / "step-00000001"
+    said = capsys.readouterr().out
+    assert said.count("step-00000002") == 2 and f"has no {META}" in said and f"step-00000002{DAMAGED}" in said
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000001", f"step-00000002{DAMAGED}"]
+    assert ckpt.resume_point() == tmp_path / "step-00000001" and "step-00000002" not in capsys.readouterr().out
+    ckpt.save(2, g, r)  # saved again: the moved files are still there beside the new checkpoint
+    assert (tmp_path / f"step-00000002{DAMAGED}" / rank_file(0)).is_file()
+
+
 def test_resharded_queue_keeps_every_filled_row() -> None:
     old = []
     for rank in range(2):
@@ -192,3 +217,60 @@ def test_rng_state_holds_this_ranks_gpu_generator_only(monkeypatch: pytest.Monke
     RNGState(gpu).load_state_dict(state)
     assert calls == [("get", gpu), ("set", gpu)] and torch.equal(state["cuda"], torch.ones(3))
     assert "cuda" not in RNGState(torch.device("cpu")).state_dict()
+
+
+@pytest.mark.parametrize("model", [pytest.param((), id="resnet"),
+                                   pytest.param(tuple(TINY_VIT), id="vit-drop-path", marks=pytest.mark.slow)])
+def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(model: tuple[str, ...], fmnist_train_shards: Path,
+                                                                tmp_path: Path) -> None:
+    """4 steps straight, against 2 steps, a stop and a resume to 4 in a fresh launch: weights, optimizer state,
+    data position and every saved RNG state are equal to the last bit. Nothing between the restore and the first
+    step may draw from the global generators (as a DataLoader starting its iterator would, for its workers' base
+    seed), or the resumed run's draws (a ViT's drop-path masks) are one ahead of the uninterrupted run's; and
+    every generator the checkpoint saves is seeded by the run, not by the process."""
+    common = (*model, "optim.batch_size=16", "swav.queue_length=32")
+    train_in_process(fmnist_train_shards, tmp_path / "full", *common, "train.max_steps=4")
+    for stop in (2, 4):
+        train_in_process(fmnist_train_shards, tmp_path / "resumed", *common, f"train.max_steps={stop}")
+    launches = json.loads((tmp_path / "resumed" / "meta.json").read_text())["launches"]
+    assert [x["resumed_from"] and Path(x["resumed_from"]).name for x in launches] == [None, "step-00000002"]
+    step = "checkpoints/step-00000004"
+    full = checkpoint_contents(tmp_path / "full" / step, tmp_path)
+    resumed = checkpoint_contents(tmp_path / "resumed" / step, tmp_path)
+    assert {"python", "numpy", "torch"} <= set(full["rank-00000.pt"]["rng"])
+    assert full["dcp"]["engine"]["optim"]["state"], "the optimizer state is compared too"
+    assert differences(full, resumed) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_files_written_atomically_follow_the_umask(umask: int, tmp_path: Path) -> None:
+    """The manifest, a checkpoint's meta.json, per-rank files and pointer, a run's config.yaml and meta.json get
+    0666 less the umask, as the shards and DCP files beside them do, not mkstemp's 0600 (which another user of
+    a cluster cannot read)."""
+    import os
+    import stat
+
+    from swav_scale.config import load_config
+    from swav_scale.data.shards import MANIFEST, Sample, write_shards
+    from swav_scale.runlog import write_run_info
+
+    def mode(p: Path) -> int:
+        return stat.S_IMODE(p.stat().st_mode)
+
+    previous = os.umask(umask)
+    try:
+        shards = tmp_path / "shards"
+        write_shards([Sample(f"s{i}", "png", b"not an image", i % 2) for i in range(4)], shards, ["a", "b"], 4)
+        run_dir = tmp_path / "run"
+        write_run_info(run_dir, load_config(REPO / "configs" / "quickstart.yaml"), 1, None)
+        write_run_info(run_dir, load_config(REPO / "configs" / "quickstart.yaml"), 1, "again")  # meta.json rewritten
+        g, r = states(make_engine(), FeatureQueue(2, 8, 16))
+        step = Checkpointer(run_dir / "checkpoints", DistEnv(0, 1, 0, 1, torch.device("cpu"))).save(1, g, r)
+    finally:
+        os.umask(previous)
+    written = [shards / MANIFEST, run_dir / "config.yaml", run_dir / "meta.json", step / META, step / "rank-00000.pt",
+               run_dir / "checkpoints" / "latest"]
+    assert {str(p): oct(mode(p)) for p in written} == {str(p): oct(0o666 & ~umask) for p in written}
+    everything = [p for p in [*shards.rglob("*"), *run_dir.rglob("*")] if p.is_file()]
+    assert {oct(mode(p)) for p in everything} == {oct(0o666 & ~umask)}
+    assert not list(tmp_path.rglob("*.tmp"))

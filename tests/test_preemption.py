@@ -111,8 +111,9 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_used(fmni
     shard = sorted(newest.glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     proc = pretrain(fmnist_train_shards, run_dir)
-    out = "".join(proc.stdout.split())  # rich wraps long paths anywhere
-    assert f"checkpoint{newest}isdamaged({shard.name}has" in out and "tryingthepreviousone" in out, proc.stdout
+    said = [line for line in proc.stdout.splitlines() if f"checkpoint {newest}: it is damaged" in line]
+    assert len(said) == 1, proc.stdout  # one line, however long its paths (a log is not wrapped)
+    assert f"({shard.name} has" in said[0] and f"trying the previous one; moved to {newest}.damaged" in said[0]
     assert (run_dir / "checkpoints" / "step-00000020.damaged").is_dir()
     launches = json.loads((run_dir / "meta.json").read_text())["launches"]
     assert launches[-1]["resumed_from"].endswith("step-00000019")

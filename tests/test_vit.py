@@ -72,7 +72,8 @@ def test_swav_model_with_vit_trunk_takes_multicrop() -> None:
 
 @pytest.mark.parametrize("option,pattern", [({"width": 2.0}, "model.width=2.0"),
                                             ({"small_stem": True}, "model.small_stem=True"),
-                                            ({"maxpool": False}, "model.maxpool=False")])
+                                            ({"maxpool": False}, "model.maxpool=False"),
+                                            ({"zero_init_residual": True}, "model.zero_init_residual=True")])
 def test_resnet_options_are_refused_for_a_vit(option: dict, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern + ".*model.arch=vit_base"):
         build_trunk("vit_base", **option)

@@ -6,6 +6,11 @@ Resuming at batch k of a segment: each logical worker skips the samples it had a
 not decoded), and physical worker p plays logical worker (p + k) % W because DataLoader always restarts its
 round robin at worker 0. The batches are then the same as in an uninterrupted run.
 
+Each DataLoader gets a generator of its own, seeded by (seed, epoch, segment, rank): starting its iterator
+draws the workers' base seed, and drawn from the global generator that draw would put a resumed run's stream
+one step ahead of an uninterrupted one (other drop-path masks in a ViT). The global generators are the
+model's alone.
+
 A sample that cannot be used (truncated shard, corrupt image, no image at all) is replaced in its batch by
 another sample of that batch with fresh crops, so batch sizes and step counts never change; the batch
 reports what it replaced, and the training loop counts it against data.max_bad_fraction.
@@ -13,6 +18,7 @@ reports what it replaced, and the training loop counts it against data.max_bad_f
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import signal
 import sys
@@ -106,6 +112,13 @@ def leave_signals_to_the_trainer(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def loader_generator(seed: int, epoch: int, segment: int, rank: int) -> torch.Generator:
+    """The generator a DataLoader draws its workers' base seed from: the same in a resumed run as in an
+    uninterrupted one, different per rank, and never the global generator (module docstring)."""
+    digest = hashlib.blake2b(f"loader/{seed}/{epoch}/{segment}/{rank}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
 class ShardLoader:
     """A rank's loader over epochs. Its position (epoch; per segment the layout and steps done) is the same on
     every rank and reshards to any world size: see plan.py."""
@@ -145,7 +158,8 @@ class ShardLoader:
         loader = DataLoader(s, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             pin_memory=self.pin_memory, persistent_workers=False,
-                            worker_init_fn=leave_signals_to_the_trainer)
+                            worker_init_fn=leave_signals_to_the_trainer,
+                            generator=loader_generator(s.planner.seed, s.epoch, s.segment, s.rank))
         for batch in loader:
             segment.steps += 1
             for reason in batch.bad[: max(0, REPORTED_BAD - self.bad_samples)]:

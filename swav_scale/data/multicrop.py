@@ -521,13 +521,15 @@ class CopyStream:
 
 
 def device_views(views: list[Tensor], copy: CopyStream, mean: tuple[float, ...], std: tuple[float, ...],
-                 color_on_device: bool) -> list[Tensor]:
+                 color_on_device: bool, channels_last: bool = False) -> list[Tensor]:
     """A batch's uint8 views -> normalised float views on `copy.device`, with the colour operations applied
-    there first when the MultiCrop deferred them (`defer_color`, config crops.color_on_device)."""
+    there first when the MultiCrop deferred them (`defer_color`, config crops.color_on_device); channels-last
+    (NHWC) with `channels_last`, which the convolutions then follow (train.channels_last)."""
     params = None
     if color_on_device:
         views, params = split_color_params(views)
     views = copy(views)
     if params is not None:
         views = apply_color(views, params)
-    return [normalize(v, mean, std) for v in views]
+    views = [normalize(v, mean, std) for v in views]
+    return [v.contiguous(memory_format=torch.channels_last) for v in views] if channels_last else views

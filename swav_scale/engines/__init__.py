@@ -14,6 +14,7 @@ from swav_scale.distributed import DistEnv
 from swav_scale.engines.base import Engine, autocast_dtype, cpu_has_native_bf16
 from swav_scale.engines.ddp import DDPEngine
 from swav_scale.engines.fsdp import FSDPEngine, shard_units
+from swav_scale.engines.sync_batchnorm import convert_sync_batchnorm
 from swav_scale.optim import build_optimizer
 
 __all__ = ["Engine", "autocast_dtype", "batchnorm_group", "build_engine", "compile_units", "cpu_has_native_bf16",
@@ -64,19 +65,20 @@ def compile_units(trunk: nn.Module, backend: str = "inductor") -> None:
         unit.forward = torch.compile(unit.forward, backend=backend, dynamic=False)
 
 
-def use_sync_batchnorm(t: TrainConfig, world_size: int, device_type: str) -> bool:
-    """Whether `build_engine` converts BatchNorm to SyncBatchNorm: asked for (train.sync_batchnorm), on GPUs
-    (gloo has no SyncBatchNorm), with ranks to synchronise with. Not under train.compile: dynamo cannot trace
-    SyncBatchNorm's collectives (pytorch/pytorch#161302), so the pair is refused here, naming the keys, rather
-    than trained with a graph break at every BatchNorm."""
-    if not (t.sync_batchnorm and world_size > 1 and device_type == "cuda"):
+def use_sync_batchnorm(t: TrainConfig, world_size: int) -> bool:
+    """Whether `build_engine` converts BatchNorm to SyncBatchNorm (engines/sync_batchnorm.py): asked for
+    (train.sync_batchnorm), with ranks to synchronise with, on any device: the CPU suite trains through the
+    same code as GPUs. Not under train.compile: a collective inside every BatchNorm would break each compiled
+    stage into pieces (dynamo cannot trace SyncBatchNorm's collectives, pytorch/pytorch#161302), so the pair
+    is refused here, naming the keys, rather than trained with a graph break at every BatchNorm."""
+    if not (t.sync_batchnorm and world_size > 1):
         return False
     if t.compile:
         raise ConfigError(
-            f"train.compile=true with train.sync_batchnorm=true on {world_size} GPUs: torch.compile cannot trace "
+            f"train.compile=true with train.sync_batchnorm=true on {world_size} ranks: torch.compile cannot trace "
             "SyncBatchNorm, which would break every compiled stage at each BatchNorm. Set train.compile=false to "
             "keep BatchNorm statistics over the global batch (as SwAV does), or train.sync_batchnorm=false to "
-            "compile, each GPU then normalising with its own batch's statistics")
+            "compile, each rank then normalising with its own batch's statistics")
     return True
 
 
@@ -87,11 +89,9 @@ def build_engine(cfg: Config, model: nn.Module, env: DistEnv) -> Engine:
     make_optimizer = functools.partial(build_optimizer, cfg=cfg.optim)
     # process-wide, and set here because every path that trains (the loop, the benchmarks) builds its engine
     torch.backends.cudnn.benchmark = t.cudnn_benchmark
-    if use_sync_batchnorm(t, env.world_size, env.device.type):
-        # Batch statistics over the global batch (or a group of ranks), as in SwAV; gloo (CPU) has no
-        # SyncBatchNorm.
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model, batchnorm_group(env.world_size,
-                                                                              t.sync_batchnorm_group))
+    if use_sync_batchnorm(t, env.world_size):
+        # batch statistics over the global batch (or a group of ranks), as in SwAV
+        model = convert_sync_batchnorm(model, batchnorm_group(env.world_size, t.sync_batchnorm_group))
     if t.compile:
         compile_units(model.trunk)
     if t.engine == "ddp":

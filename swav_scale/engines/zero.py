@@ -79,14 +79,20 @@ def deepspeed_config(stage: int, batch_per_rank: int, world_size: int, bucket_el
                      load_universal: bool = False, on_gpu: bool = False) -> dict:
     """DeepSpeed's config for this engine. On a GPU, ZeRO-2 and -3 reduce each gradient bucket on a stream of
     its own while backward goes on (`overlap_comm`, for buckets' worth of extra memory); on the CPU gloo runs
-    the collectives on the host threads backward needs, and DeepSpeed's default (stage 3 only) stays."""
+    the collectives on the host threads backward needs, and DeepSpeed's default (stage 3 only) stays.
+
+    ZeRO-1 and -2 skip their own gradient norm (`compute_grad_norm`): in its fp32 mode DeepSpeed then tests
+    the norm for inf/NaN on the host in every step, waiting for the GPU; nothing is clipped here and no loss
+    is scaled, so the norm serves only the log, and `DeepSpeedEngine.step` computes it at log steps alone.
+    ZeRO-3 has no such switch (docs/gpu.md)."""
     buckets = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
     overlap = {"overlap_comm": True} if on_gpu and stage >= 2 else {}
+    norm = {"compute_grad_norm": False} if stage in (1, 2) else {}
     return {
         "train_micro_batch_size_per_gpu": batch_per_rank,
         "gradient_accumulation_steps": 1,
         "train_batch_size": batch_per_rank * world_size,
-        "zero_optimization": {"stage": stage, **dict.fromkeys(buckets, bucket_elements), **overlap},
+        "zero_optimization": {"stage": stage, **dict.fromkeys(buckets, bucket_elements), **overlap, **norm},
         "gradient_clipping": 0.0,  # DeepSpeed clips to norm 1 unless told otherwise; the other engines do not clip
         "zero_allow_untested_optimizer": True,  # our torch AdamW / SGD, which ZeRO partitions
         "steps_per_print": 2**62,  # the loop logs; DeepSpeed's own step prints would interleave with it
@@ -157,12 +163,15 @@ class DeepSpeedEngine(Autocast):
             else None
         self.prototype_optimizer.step()
         self.prototype_optimizer.zero_grad(set_to_none=True)
+        # ZeRO-1/2 compute the norm of their gradient partitions only when asked (deepspeed_config), before the
+        # step consumes them: the norm DeepSpeed's own step would have taken; ZeRO-3 takes it in every step
+        zero_norm = self.ds.optimizer.scaled_global_norm() if measure_grad_norm and self.stage in (1, 2) else None
         self.ds.step()
         if prototypes_sq is None:
             return None
-        # ZeRO computes the global norm of its partitions in every step (zero_optimization.compute_grad_norm,
-        # on by default); the replicated prototypes' gradient is added to it on the device, and the sum read once
-        zero_norm = self.ds.get_global_grad_norm()
+        # the replicated prototypes' gradient is added on the device, and the sum read once
+        if zero_norm is None:
+            zero_norm = self.ds.get_global_grad_norm()
         if isinstance(zero_norm, Tensor):
             return (zero_norm.to(prototypes_sq).square() + prototypes_sq).sqrt().item()
         return math.sqrt(float(zero_norm) ** 2 + prototypes_sq.item())

@@ -58,7 +58,7 @@ class ResNetTrunk(nn.Module):
         width: float = 1,
         small_stem: bool = False,
         maxpool: bool = True,
-        zero_init_residual: bool = True,
+        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         base = int(round(64 * width))
@@ -86,7 +86,7 @@ class ResNetTrunk(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         if zero_init_residual:
-            # Each residual branch starts as the identity, as in SwAV and "Bag of Tricks" (He et al. 2019).
+            # each residual branch starts as the identity (Goyal et al. 2017); SwAV's default is not to
             for m in self.modules():
                 if isinstance(m, Bottleneck):
                     nn.init.zeros_(m.bn3.weight)
@@ -117,10 +117,12 @@ class ResNetTrunk(nn.Module):
 
 
 def build_trunk(
-    arch: str, width: float | None = None, small_stem: bool = False, maxpool: bool = True
+    arch: str, width: float | None = None, small_stem: bool = False, maxpool: bool = True,
+    zero_init_residual: bool = False,
 ) -> ResNetTrunk:
     """A trunk by name. `width` overrides the name's multiplier (resnet18 at width 0.5, say)."""
     if arch not in _ARCHS:
         raise ValueError(f"model.arch={arch!r} is not known; choose one of {', '.join(ARCHS)}")
     block, layers, default_width = _ARCHS[arch]
-    return ResNetTrunk(block, layers, default_width if width is None else width, small_stem, maxpool)
+    return ResNetTrunk(block, layers, default_width if width is None else width, small_stem, maxpool,
+                       zero_init_residual)

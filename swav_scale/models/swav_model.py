@@ -21,6 +21,7 @@ def build_trunk(
     small_stem: bool = False,
     maxpool: bool = True,
     drop_path_rate: float | None = None,
+    zero_init_residual: bool = False,
 ) -> nn.Module:
     """A ResNet or ViT trunk by name: images (N, 3, H, W) -> features (N, trunk.out_dim).
 
@@ -29,7 +30,8 @@ def build_trunk(
     """
     if arch in VIT_ARCHS:
         for key, value, default in (
-            ("width", width, None), ("small_stem", small_stem, False), ("maxpool", maxpool, True)
+            ("width", width, None), ("small_stem", small_stem, False), ("maxpool", maxpool, True),
+            ("zero_init_residual", zero_init_residual, False),
         ):
             if value != default:
                 raise ValueError(
@@ -41,7 +43,7 @@ def build_trunk(
         raise ValueError(f"model.arch={arch!r} is not known; choose one of {', '.join(ARCHS)}")
     if drop_path_rate is not None:
         raise ValueError(f"drop_path_rate applies to ViTs only, not to model.arch={arch}")
-    return build_resnet(arch, width, small_stem, maxpool)
+    return build_resnet(arch, width, small_stem, maxpool, zero_init_residual)
 
 
 class ProjectionHead(nn.Module):
@@ -108,6 +110,7 @@ def build_swav_model(
     num_prototypes: int,
     maxpool: bool = True,
     drop_path_rate: float | None = None,
+    zero_init_residual: bool = False,
 ) -> SwAVModel:
-    trunk = build_trunk(arch, width, small_stem, maxpool, drop_path_rate)
+    trunk = build_trunk(arch, width, small_stem, maxpool, drop_path_rate, zero_init_residual)
     return SwAVModel(trunk, hidden_dim, embed_dim, num_prototypes)
