@@ -81,9 +81,9 @@ def deepspeed_config(stage: int, batch_per_rank: int, world_size: int, bucket_el
     its own while backward goes on (`overlap_comm`, for buckets' worth of extra memory); on the CPU gloo runs
     the collectives on the host threads backward needs, and DeepSpeed's default (stage 3 only) stays.
 
-    ZeRO-1 and -2 skip their own gradient norm (`compute_grad_norm`): in its fp32 mode DeepSpeed then tests
-    the norm for inf/NaN on the host in every step, waiting for the GPU; nothing is clipped here and no loss
-    is scaled, so the norm serves only the log, and `DeepSpeedEngine.step` computes it at log steps alone.
+    ZeRO-1 and -2 skip their own gradient norm (`compute_grad_norm`): where DeepSpeed computes it, its fp32
+    mode tests it for inf/NaN on the host in every step, waiting for the GPU. Nothing is clipped here and no
+    loss is scaled, so the norm serves only the log, and `DeepSpeedEngine.step` computes it at log steps alone.
     ZeRO-3 has no such switch (docs/gpu.md)."""
     buckets = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
     overlap = {"overlap_comm": True} if on_gpu and stage >= 2 else {}
