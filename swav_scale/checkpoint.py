@@ -19,7 +19,6 @@ checkpoint damaged after the fact (a truncated copy, a disk error) is found on r
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import random
@@ -36,7 +35,7 @@ import torch.distributed.checkpoint as dcp
 from rich.markup import escape
 
 from swav_scale.distributed import DistEnv, all_gather_object, barrier, broadcast_object
-from swav_scale.utils import atomic_write_bytes, atomic_write_text, console, fsync_dir, sha256_file
+from swav_scale.utils import atomic_write_bytes, atomic_write_text, console, fsync_dir, sha256_file, stable_seed
 
 META = "meta.json"
 LATEST = "latest"
@@ -120,7 +119,7 @@ def seed_generators(seed: int, rank: int) -> None:
     NumPy's from (seed, rank): their states are checkpointed, so two launches of the same run must start them
     alike (unseeded, they start from OS entropy), and libraries that draw from them draw per rank."""
     torch.manual_seed(seed)
-    derived = int.from_bytes(hashlib.blake2b(f"global/{seed}/{rank}".encode(), digest_size=8).digest(), "little")
+    derived = stable_seed("global", seed, rank)
     random.seed(derived)
     np.random.seed(derived % 2**32)
 

@@ -36,6 +36,13 @@ def rule(title: str) -> None:
     console.print(Rule(title), width=min(console.width, 100))
 
 
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from `parts` joined by "/": the same in every process and Python run (unlike hash()), so
+    that a resumed or resharded run derives the same seeds as an uninterrupted one."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks (shards and checkpoints are far larger than memory is willing
     to hold)."""

@@ -18,7 +18,6 @@ reports what it replaced, and the training loop counts it against data.max_bad_f
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import signal
 import sys
@@ -34,6 +33,7 @@ from swav_scale.data.multicrop import MultiCrop, sample_seed
 from swav_scale.data.plan import Layout, Planner, Segment, Span, consumer_rng, interleave, worker_batches
 from swav_scale.data.reader import BadSample, decode_reduced, label_of, read_span
 from swav_scale.data.shards import ShardError
+from swav_scale.utils import stable_seed
 
 
 REPORTED_BAD = 10  # unreadable samples named per rank and epoch; the rest are only counted
@@ -115,8 +115,7 @@ def leave_signals_to_the_trainer(worker_id: int) -> None:
 def loader_generator(seed: int, epoch: int, segment: int, rank: int) -> torch.Generator:
     """The generator a DataLoader draws its workers' base seed from: the same in a resumed run as in an
     uninterrupted one, different per rank, and never the global generator (module docstring)."""
-    digest = hashlib.blake2b(f"loader/{seed}/{epoch}/{segment}/{rank}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    return torch.Generator().manual_seed(stable_seed("loader", seed, epoch, segment, rank))
 
 
 class ShardLoader:

@@ -29,7 +29,6 @@ blur and hue within one level of torchvision's output on a few pixels in a thous
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import random
 from collections.abc import Callable
@@ -41,14 +40,15 @@ import torch.nn.functional as tnf
 from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
+from swav_scale.utils import stable_seed
+
 RATIO = (3 / 4, 4 / 3)  # aspect ratios of the crop boxes (RandomResizedCrop's default, SwAV's)
 REDUCTIONS = (8, 4, 2)  # the scales libjpeg decodes at in the DCT domain, besides 1
 
 
 def sample_seed(seed: int, epoch: int, key: str, repeat: int = 0) -> int:
     """A 63-bit seed from the sample's identity; stable across processes and Python runs (unlike hash())."""
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}/{repeat}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return stable_seed(seed, epoch, key, repeat)
 
 
 @dataclass(frozen=True)
