@@ -10,8 +10,10 @@ STAMP := $(VENV)/.installed
 DEBIAN_PACKAGES := dataset-fashion-mnist curl g++ python3-dev
 PYTEST_ARGS ?=
 
-# the one-node SLURM cluster of the SLURM tests (tests/test_slurm.py; tools/slurm_cluster.sh)
+# the SLURM cluster of the SLURM tests (tests/test_slurm.py, tests/test_multinode.py; tools/slurm_cluster.sh):
+# node1..node3 in network namespaces on this machine, slurmctld on the host
 SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+SLURM_NODES ?= 3
 
 .PHONY: all install system-packages slurm-cluster slurm-stop demo test test-fast gpu-wheels clean
 
@@ -45,9 +47,10 @@ system-packages:
 
 # As root: install SLURM and start (or keep) the local test cluster. Elsewhere the SLURM tests skip and say why.
 slurm-cluster:
-	@$(call apt_install,$(SLURM_PACKAGES),tests/test_slurm.py will skip) && \
-	if [ "$$(id -u)" = 0 ] && dpkg -s slurmctld >/dev/null 2>&1; then bash tools/slurm_cluster.sh start; \
-	else echo "note: no local SLURM cluster started (it needs root); tests/test_slurm.py skips unless one answers"; fi
+	@$(call apt_install,$(SLURM_PACKAGES),the SLURM tests will skip) && \
+	if [ "$$(id -u)" = 0 ] && dpkg -s slurmctld >/dev/null 2>&1; then \
+		bash tools/slurm_cluster.sh start --nodes $(SLURM_NODES); \
+	else echo "note: no local SLURM cluster started (it needs root); the SLURM tests skip unless one answers"; fi
 
 slurm-stop:
 	bash tools/slurm_cluster.sh stop

@@ -145,6 +145,10 @@ class TrainConfig:
     # change of world size, checksums of a large checkpoint, pruning old ones on slow storage. NCCL's own
     # default (10 min) is shorter than a universal conversion of a wide ResNet can take.
     process_group_timeout_s: int = 3600
+    # The network interface(s) the ranks talk over, comma-separated (sets GLOO_SOCKET_IFNAME and
+    # NCCL_SOCKET_IFNAME). Empty: gloo takes the address the hostname resolves to, NCCL its own choice. Set it
+    # where the hostname resolves to the wrong network (a management LAN, loopback) or to pick InfiniBand's IPoIB.
+    socket_ifname: str = ""
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); for tests and smoke runs
 
 
@@ -191,6 +195,9 @@ class SlurmConfig:
     signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: one step plus a checkpoint must fit
     max_requeues: int = 100  # after this many restarts (preemptions and time-outs) the job stops requeueing
     job_name: str = "swav"
+    # rank 0's rendezvous port; 0 = derived from the job id (20000 + id % 40000), so that two jobs sharing a
+    # node never pick the same one, and a requeued job keeps its port
+    master_port: int = 0
     log_dir: str = ""  # submitit's logs; default run_dir/slurm
     additional: dict[str, Any] = field(default_factory=dict)  # more #SBATCH keys, e.g. {exclusive: true}
     setup: list[str] = field(default_factory=list)  # shell lines before the tasks start (module load ...)
@@ -324,6 +331,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.process_group_timeout_s <= 0:
         raise ConfigError(f"train.process_group_timeout_s={cfg.train.process_group_timeout_s}: give the seconds a "
                           "collective may wait for the slowest rank (3600, say)")
+    if cfg.slurm.master_port and not 1024 <= cfg.slurm.master_port <= 65535:
+        raise ConfigError(f"slurm.master_port={cfg.slurm.master_port}: give a port from 1024 to 65535, or 0 to "
+                          "derive it from the job id")
     if cfg.train.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"train.precision={cfg.train.precision!r}: choose auto, bf16 or fp32")
     if cfg.optim.batch_size <= 0:

@@ -22,8 +22,9 @@ The engines' own libraries (DDP, FSDP2, DeepSpeed) communicate inside those libr
 from __future__ import annotations
 
 import os
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -43,6 +44,7 @@ class DistEnv:
     local_rank: int
     local_world_size: int
     device: torch.device
+    node_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -94,7 +96,32 @@ def threads_per_rank(local_world_size: int, environ: dict[str, str] | None = Non
     return max(1, cores // local_world_size)
 
 
-def init_distributed(timeout: timedelta | None = None) -> DistEnv:
+def use_socket_interface(names: str, host: str | None = None) -> None:
+    """Make gloo and NCCL talk over the network interface(s) `names` (comma-separated, e.g. "ib0" or
+    "eth0,eth1"); empty leaves their own choice (gloo: the address the hostname resolves to). An interface this
+    host lacks is an error naming the host and the interfaces it has, here rather than as a rendezvous that
+    times out."""
+    if not names:
+        return
+    present = [name for _, name in socket.if_nameindex()]
+    missing = [n for n in names.split(",") if n not in present]
+    if missing:
+        raise RuntimeError(f"{host or socket.gethostname()}: no network interface {', '.join(missing)} "
+                           f"(train.socket_ifname={names!r}); this host has {', '.join(present)}")
+    os.environ["GLOO_SOCKET_IFNAME"] = names
+    os.environ["NCCL_SOCKET_IFNAME"] = names
+
+
+def node_rank_from(environ: Mapping[str, str], rank: int, local_world_size: int) -> int:
+    """The index of this rank's node: SLURM's SLURM_NODEID, torchrun's GROUP_RANK, else the launch layout
+    (ranks numbered node by node)."""
+    for key in ("SLURM_NODEID", "GROUP_RANK"):
+        if environ.get(key, "").isdigit():
+            return int(environ[key])
+    return rank // max(1, local_world_size)
+
+
+def init_distributed(timeout: timedelta | None = None, socket_ifname: str = "") -> DistEnv:
     """Join the process group described by RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
 
     NCCL on GPU, gloo on CPU. On the CPU a lone process (no WORLD_SIZE, or 1) runs without a process group,
@@ -102,12 +129,13 @@ def init_distributed(timeout: timedelta | None = None) -> DistEnv:
     (module docstring). `timeout` bounds how long a collective may wait for the slowest rank: it must exceed
     the longest phase that one rank works through alone while the others wait (train.process_group_timeout_s).
     Each rank gets its share of the host's cores for intra-op threads, GPU or not (data workers, colour, kNN
-    votes and checkpoint staging run there too)."""
+    votes and checkpoint staging run there too). `socket_ifname`: see `use_socket_interface`."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     torch.set_num_threads(threads_per_rank(local_world_size))
+    use_socket_interface(socket_ifname)
     if torch.cuda.is_available():
         device = rank_device(local_rank, local_world_size, torch.cuda.device_count(),
                              f"{os.uname().nodename}, rank {rank}: ")
@@ -125,7 +153,15 @@ def init_distributed(timeout: timedelta | None = None) -> DistEnv:
                 raise RuntimeError(f"rank {rank}: WORLD_SIZE={world_size} but {', '.join(missing)} not set")
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 device_id=device if device.type == "cuda" else None, **options)
-    return DistEnv(rank, world_size, local_rank, local_world_size, device)
+    return DistEnv(rank, world_size, local_rank, local_world_size, device,
+                   node_rank_from(os.environ, rank, local_world_size))
+
+
+def rank_record(env: DistEnv) -> dict[str, Any]:
+    """Where this rank runs, for the run's records (meta.json, `swav-scale status`) and its log."""
+    return {"rank": env.rank, "host": socket.gethostname(), "node_rank": env.node_rank,
+            "local_rank": env.local_rank, "local_world_size": env.local_world_size,
+            "threads": torch.get_num_threads(), "device": str(env.device)}
 
 
 def ensure_process_group(env: DistEnv) -> None:

@@ -15,6 +15,7 @@ own handler, which calls `TrainJob.checkpoint` and `scontrol requeue`, once the 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -52,9 +53,16 @@ class TrainJob:
         if os.environ.get("SUBMITIT_EXECUTOR") and "RANK" not in os.environ:
             import submitit
 
-            # CUDA_VISIBLE_DEVICES stays as SLURM set it: init_distributed picks the GPU by LOCAL_RANK
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        env = init_distributed(timedelta(seconds=cfg.train.process_group_timeout_s))
+            job_env = submitit.helpers.TorchDistributedEnvironment()  # MASTER_ADDR: the job's first node
+            if "SLURM_JOB_ID" in os.environ:  # not under submitit's local executor
+                job_env.master_port = rendezvous_port(cfg.slurm.master_port, os.environ["SLURM_JOB_ID"])
+            # What the submitting shell passed on (a torchrun's MASTER_PORT, say) is not this job's: overwrite.
+            # CUDA_VISIBLE_DEVICES stays as SLURM set it: init_distributed picks the GPU by LOCAL_RANK.
+            job_env.export(set_cuda_visible_devices=False, overwrite=True)
+        env = init_distributed(timedelta(seconds=cfg.train.process_group_timeout_s), cfg.train.socket_ifname)
+        console.print(f"rank {env.rank} of {env.world_size} on {socket.gethostname()} (node {env.node_rank}, local "
+                      f"rank {env.local_rank} of {env.local_world_size}); rendezvous "
+                      f"{os.environ.get('MASTER_ADDR', '-')}:{os.environ.get('MASTER_PORT', '-')}", highlight=False)
         stops = StopSignals()
         started_from = newest_checkpoint(cfg.train.run_dir)
         try:
@@ -63,7 +71,8 @@ class TrainJob:
             return steps
         except StopRequested as stop:
             stops.settle()
-            console.print(f"rank {env.rank}: {escape(str(stop))}", highlight=False)
+            got = f" ({', '.join(dict.fromkeys(stops.received))} received here)" if stops.received else ""
+            console.print(f"rank {env.rank} on {socket.gethostname()}: {escape(str(stop))}{got}", highlight=False)
             if stop.requeue:
                 self._requeue(stops, env.is_main)
             raise SystemExit(EXIT_STOPPED) from None
@@ -111,6 +120,13 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(TrainJob(self.config_yaml))
 
 
+def rendezvous_port(configured: int, job_id: str) -> int:
+    """Rank 0's port for the job `job_id` (SLURM_JOB_ID): `configured`, or with 0 one derived from the id, the
+    same on every node and at every restart of the job, and different for jobs whose ids differ by less than
+    40000, which two jobs sharing a node at one time do."""
+    return configured or 20000 + int(job_id) % 40000
+
+
 def _requeues_spent(cfg: Config) -> str | None:
     """Why the job may not requeue again (it restarted slurm.max_requeues times), or None."""
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
@@ -127,13 +143,16 @@ def _requeue_after_failure(cfg: Config, error: Exception, started_from: Path | N
     from swav_scale.checkpoint import newest_checkpoint
     from swav_scale.data.shards import ShardError
 
+    from swav_scale.runlog import launch_ranks
+
     job = os.environ.get("SLURM_JOB_ID")
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or not job:
         return
     if isinstance(error, (ConfigError, ShardError, FloatingPointError)):
         return
     newest = newest_checkpoint(cfg.train.run_dir)
-    why = f"rank {rank}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    ranks = launch_ranks(Path(cfg.train.run_dir), job, int(os.environ.get("SLURM_RESTART_COUNT", 0)))
+    why = failure_summary(error, ranks, rank)
     progress = newest is not None and newest != started_from
     reason = _requeues_spent(cfg) or (None if progress else "no checkpoint completed since this start")
     if reason:
@@ -142,6 +161,40 @@ def _requeue_after_failure(cfg: Config, error: Exception, started_from: Path | N
     console.print(f"[yellow]{escape(why)}[/]; requeueing job {job} to resume from {escape(str(newest))}",
                   highlight=False)
     subprocess.run(["scontrol", "requeue", job], timeout=60, check=False)
+
+
+def failure_summary(error: BaseException, ranks: list[dict[str, Any]], rank: int) -> str:
+    """`rank R on HOST: ...` for a rank whose collective failed, naming the peers it lost where that can be
+    told: the ranks on the host whose address the error names (gloo's "Read error [ADDR]:PORT: Connection reset
+    by peer": that node's processes died), or after a time-out (a node that froze or left the network) the
+    ranks on the other hosts, one of which stopped answering. `ranks`: distributed.rank_record of every rank of
+    this start (empty when it failed before they were gathered)."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\] ", "", text).split(". This is typically")[0]
+    me = next((r for r in ranks if r["rank"] == rank), None)
+    head = f"rank {rank}" + (f" on {me['host']}" if me else "")
+    others = [r for r in ranks if r["rank"] != rank]
+    named = set(re.findall(r"\[([0-9A-Fa-f.:]+)\]:\d+", text))
+    lost = [r for r in others if named and _address(r["host"]) in named]
+    if not lost and "timed out" in text.lower():
+        lost, verb = others, "waited in vain for one of"
+    else:
+        verb = "lost"
+    if lost:
+        hosts: dict[str, list[int]] = {}
+        for r in lost:
+            hosts.setdefault(r["host"], []).append(r["rank"])
+        listed = [f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))} on {h}" for h, rs in hosts.items()]
+        more = f" and {len(listed) - 8} more hosts" if len(listed) > 8 else ""
+        head += f" {verb} {'; '.join(listed[:8])}{more}"
+    return f"{head}: {type(error).__name__}: {text}"
+
+
+def _address(host: str) -> str | None:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return None
 
 
 def _free_port() -> int:

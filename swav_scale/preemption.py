@@ -46,6 +46,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.requeue = False
         self.stop = False
+        self.received: list[str] = []  # the signals this rank got itself (the others learn of them by agreement)
         self.previous: dict[int, Any] = {}
         self._group: Any = None
         self._posted: tuple[Any, torch.Tensor] | None = None  # the reduction in flight: (work, flags)
@@ -53,6 +54,7 @@ class StopSignals:
             self.previous[sig] = signal.signal(sig, self._record)
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signal.Signals(signum).name)
         if signum in REQUEUE_SIGNALS:
             self.requeue = True
         else:

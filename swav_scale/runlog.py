@@ -18,8 +18,9 @@ from swav_scale.config import Config, to_yaml
 from swav_scale.utils import atomic_write_text, console, git_sha
 
 
-def write_run_info(run_dir: Path, cfg: Config, world_size: int, resumed_from: str | None) -> None:
-    """config.yaml (resolved) and meta.json (git SHA, versions, and one entry per launch of this run)."""
+def write_run_info(run_dir: Path, cfg: Config, ranks: list[dict[str, Any]], resumed_from: str | None) -> None:
+    """config.yaml (resolved) and meta.json (git SHA, versions, and one entry per launch of this run, with
+    where each of its `ranks` ran: distributed.rank_record)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     meta_path = run_dir / "meta.json"
@@ -29,7 +30,10 @@ def write_run_info(run_dir: Path, cfg: Config, world_size: int, resumed_from: st
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "git_sha": git_sha(),
             "host": socket.gethostname(),
-            "world_size": world_size,
+            "world_size": len(ranks),
+            "nodes": list(dict.fromkeys(r["host"] for r in ranks)),
+            "master": f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}" if "MASTER_ADDR" in os.environ else None,
+            "ranks": ranks,
             "resumed_from": resumed_from,
             "command": " ".join(sys.argv),
             "python": platform.python_version(),
@@ -41,6 +45,19 @@ def write_run_info(run_dir: Path, cfg: Config, world_size: int, resumed_from: st
     )
     meta["git_sha"] = meta["launches"][-1]["git_sha"]
     atomic_write_text(meta_path, json.dumps(meta, indent=1))
+
+
+def launch_ranks(run_dir: Path, slurm_job_id: str, restart: int) -> list[dict[str, Any]]:
+    """The ranks recorded in meta.json for this start of SLURM job `slurm_job_id` (its `restart`-th), or []
+    when this start has not recorded them (it failed before) or the file cannot be read."""
+    try:
+        launches = json.loads((run_dir / "meta.json").read_text())["launches"]
+    except (OSError, ValueError, KeyError):
+        return []
+    for launch in reversed(launches):
+        if launch.get("slurm_job_id") == slurm_job_id and launch.get("slurm_restart_count") == restart:
+            return launch.get("ranks", [])
+    return []
 
 
 class MetricsLog:

@@ -80,7 +80,20 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "starts": len(launches),
         "requeues": sum(1 for x in launches if x.get("slurm_restart_count")),
         "job_ids": job_ids,
+        "launches": [_launch_summary(x) for x in launches],
     }
+
+
+def _launch_summary(launch: dict[str, Any]) -> dict[str, Any]:
+    """One start of the run: when, which job, where its ranks ran (hosts in rank order) and what it resumed."""
+    ranks = launch.get("ranks", [])
+    per_host: dict[str, int] = {}
+    for r in ranks:
+        per_host[r["host"]] = per_host.get(r["host"], 0) + 1
+    return {"time": launch["time"], "slurm_job_id": launch.get("slurm_job_id"),
+            "slurm_restart_count": launch.get("slurm_restart_count", 0), "world_size": launch["world_size"],
+            "nodes": launch.get("nodes", [launch["host"]]), "ranks_per_node": list(per_host.values()),
+            "master": launch.get("master"), "resumed_from": launch.get("resumed_from")}
 
 
 def print_status(status: dict[str, Any]) -> None:
@@ -107,4 +120,19 @@ def print_status(status: dict[str, Any]) -> None:
         table.add_row("damaged, moved aside", ", ".join(status["damaged_checkpoints"]))
     table.add_row("starts", f"{status['starts']} ({status['requeues']} after a SLURM requeue)")
     table.add_row("SLURM job ids", ", ".join(status["job_ids"]) or "- (not run under SLURM)")
+    shown = status["launches"][-LAUNCHES_SHOWN:]
+    for i, launch in enumerate(shown, len(status["launches"]) - len(shown) + 1):
+        table.add_row(f"start {i}", _describe_launch(launch))
     console.print(table)
+
+
+LAUNCHES_SHOWN = 10  # the newest starts in the table; --json has all
+
+
+def _describe_launch(launch: dict[str, Any]) -> str:
+    job, restart = launch["slurm_job_id"], launch["slurm_restart_count"]
+    hosts = zip(launch["nodes"], launch["ranks_per_node"] or [launch["world_size"]])
+    where = ", ".join(f"{host} ({n} ranks)" if n > 1 else host for host, n in hosts)
+    resumed = Path(launch["resumed_from"]).name if launch["resumed_from"] else "the start"
+    under = f", job {job} (restart {restart})" if job else ""
+    return f"{launch['time']}{under}: {launch['world_size']} rank(s) on {where}; from {resumed}"

@@ -24,7 +24,7 @@ from swav_scale.data.multicrop import CopyStream, CropSpec, MultiCrop, device_vi
 from swav_scale.data.shards import Manifest, ShardError
 from swav_scale.data.sources import open_shards
 from swav_scale.diagnostics import HealthCheck, code_statistics
-from swav_scale.distributed import DistEnv, all_reduce_mean, all_reduce_numbers
+from swav_scale.distributed import DistEnv, all_gather_object, all_reduce_mean, all_reduce_numbers, rank_record
 from swav_scale.engines import Engine, build_engine
 from swav_scale.knn import knn_during_training
 from swav_scale.models import build_swav_model
@@ -193,8 +193,9 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None) -> TrainR
     latest = checkpointer.resume_point()
     if latest is not None:
         checkpointer.load(latest, global_states, rank_states)
+    ranks = all_gather_object({**rank_record(env), "data_workers": loader.num_workers})
     if env.is_main:
-        write_run_info(run_dir, cfg, env.world_size, str(latest) if latest else None)
+        write_run_info(run_dir, cfg, ranks, str(latest) if latest else None)
     metrics = MetricsLog(run_dir, cfg.train.tensorboard) if env.is_main else None
     health = HealthCheck(cfg.model.num_prototypes, max(cfg.swav.freeze_prototypes_iters, schedule.warmup_steps))
     ledger = Ledger(run_dir, env.rank) if cfg.data.ledger else None

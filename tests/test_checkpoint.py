@@ -252,6 +252,7 @@ def test_files_written_atomically_follow_the_umask(umask: int, tmp_path: Path) -
 
     from swav_scale.config import load_config
     from swav_scale.data.shards import MANIFEST, Sample, write_shards
+    from swav_scale.distributed import rank_record
     from swav_scale.runlog import write_run_info
 
     def mode(p: Path) -> int:
@@ -262,8 +263,9 @@ def test_files_written_atomically_follow_the_umask(umask: int, tmp_path: Path) -
         shards = tmp_path / "shards"
         write_shards([Sample(f"s{i}", "png", b"not an image", i % 2) for i in range(4)], shards, ["a", "b"], 4)
         run_dir = tmp_path / "run"
-        write_run_info(run_dir, load_config(REPO / "configs" / "quickstart.yaml"), 1, None)
-        write_run_info(run_dir, load_config(REPO / "configs" / "quickstart.yaml"), 1, "again")  # meta.json rewritten
+        ranks = [rank_record(DistEnv(0, 1, 0, 1, torch.device("cpu")))]
+        write_run_info(run_dir, load_config(REPO / "configs" / "quickstart.yaml"), ranks, None)
+        write_run_info(run_dir, load_config(REPO / "configs" / "quickstart.yaml"), ranks, "again")  # rewritten
         g, r = states(make_engine(), FeatureQueue(2, 8, 16))
         step = Checkpointer(run_dir / "checkpoints", DistEnv(0, 1, 0, 1, torch.device("cpu"))).save(1, g, r)
     finally:

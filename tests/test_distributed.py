@@ -4,6 +4,7 @@ devices, and it chooses each rank's GPU; on real gloo ranks, with CUDA stood in 
 from __future__ import annotations
 
 import ast
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,22 @@ def test_a_slurm_task_with_cpus_of_its_own_uses_them_all() -> None:
     """cpus_per_task=10 on a 128-core node: each task's affinity is its own 10 CPUs, not 128 / 8."""
     slurm = {"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "10"}
     assert distributed.threads_per_rank(8, environ=slurm, cores=10) == 10
+
+
+def test_the_node_rank_comes_from_slurm_or_torchrun_else_from_the_layout() -> None:
+    assert distributed.node_rank_from({"SLURM_NODEID": "3", "GROUP_RANK": "1"}, rank=5, local_world_size=2) == 3
+    assert distributed.node_rank_from({"GROUP_RANK": "1"}, rank=5, local_world_size=2) == 1
+    assert distributed.node_rank_from({}, rank=5, local_world_size=2) == 2
+
+
+def test_the_socket_interface_is_set_for_gloo_and_nccl_or_refused_naming_the_host(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.delenv("NCCL_SOCKET_IFNAME", raising=False)
+    distributed.use_socket_interface("")
+    assert "GLOO_SOCKET_IFNAME" not in os.environ  # empty: the libraries choose
+    distributed.use_socket_interface("lo")
+    assert os.environ["GLOO_SOCKET_IFNAME"] == os.environ["NCCL_SOCKET_IFNAME"] == "lo"
+    with pytest.raises(RuntimeError, match=r"gpu-7: no network interface ib9 \(train.socket_ifname='lo,ib9'\); "
+                                           r"this host has .*\blo\b"):
+        distributed.use_socket_interface("lo,ib9", host="gpu-7")

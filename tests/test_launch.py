@@ -11,7 +11,7 @@ import submitit
 from helpers import run_ranks
 
 from swav_scale.config import ConfigError, load_config, to_yaml
-from swav_scale.launcher import TrainJob
+from swav_scale.launcher import TrainJob, failure_summary, rendezvous_port
 from swav_scale.preemption import StopSignals
 from swav_scale.slurm import executor_parameters
 
@@ -78,3 +78,45 @@ def test_executor_parameters_from_the_config() -> None:
     assert "slurm_account" not in params  # empty: the cluster's default
     with pytest.raises(ConfigError, match="slurm.tasks_per_node"):
         executor_parameters(load_config("configs/quickstart.yaml", ["slurm.gpus_per_node=0"]))
+
+
+def test_the_rendezvous_port_is_the_job_ids_and_differs_between_neighbouring_jobs() -> None:
+    """Two jobs sharing a node must not both bind rank 0's port; a requeued job keeps its own."""
+    ports = [rendezvous_port(0, str(job)) for job in range(123_400, 123_400 + 1000)]
+    assert len(set(ports)) == 1000 and all(20000 <= p < 60000 for p in ports)
+    assert rendezvous_port(0, "123456") == rendezvous_port(0, "123456") == 20000 + 123456 % 40000
+    assert rendezvous_port(29500, "123456") == 29500
+    with pytest.raises(ConfigError, match="slurm.master_port=80"):
+        load_config("configs/quickstart.yaml", ["slurm.master_port=80"])
+
+
+RANKS = [{"rank": 0, "host": "localhost"}, {"rank": 1, "host": "gpu-b"}, {"rank": 2, "host": "gpu-b"},
+         {"rank": 3, "host": "gpu-c"}]
+
+
+def test_a_failure_names_the_ranks_and_host_whose_connection_broke() -> None:
+    """gloo names the peer's address when its connection is reset: the ranks on that host are the lost ones
+    (here localhost, whose address the test can resolve), and gloo's source location and advice are cut."""
+    error = RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+                         "[127.0.0.1]:42161: Connection reset by peer. This is typically caused by a remote worker")
+    assert failure_summary(error, RANKS, 3) == ("rank 3 on gpu-c lost rank 0 on localhost: RuntimeError: Read "
+                                               "error [127.0.0.1]:42161: Connection reset by peer")
+
+
+def test_a_time_out_names_the_hosts_one_of_which_stopped_answering() -> None:
+    error = RuntimeError("[/x/unbound_buffer.cc:78] Timed out waiting 20000ms for recv operation to complete")
+    assert failure_summary(error, RANKS, 0) == (
+        "rank 0 on localhost waited in vain for one of ranks 1, 2 on gpu-b; rank 3 on gpu-c: RuntimeError: "
+        "Timed out waiting 20000ms for recv operation to complete")
+    # before the ranks were gathered (a failed rendezvous) there is nobody to name
+    assert failure_summary(ValueError("no"), [], 5) == "rank 5: ValueError: no"
+
+
+def test_each_rank_knows_which_signals_it_received_itself() -> None:
+    stops = StopSignals()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stops.received == ["SIGUSR2", "SIGUSR2"] and stops.requeue and not stops.stop
+    finally:
+        stops.restore()

@@ -10,80 +10,26 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO
-from runs import TINY, assert_same_weights, logged_steps, pretrain, rank_processes, swav_scale, wait_for_step
+from runs import TINY, assert_same_weights, logged_steps, pretrain, swav_scale, wait_for_step
+from slurm_jobs import CPU_JOB, in_queue, job_ids, job_processes, resumed_step, slurm_missing, starts, submit, wait
 
 pytestmark = pytest.mark.slow
 
-SLURM_JOB = ["slurm.gpus_per_node=0", "slurm.tasks_per_node=2", "slurm.cpus_per_task=1", "slurm.time_min=60",
-             "slurm.job_name=swav-scale-test"]
-
-
-def _slurm_missing() -> str | None:
-    if shutil.which("sbatch") is None:
-        return "no SLURM client here (sbatch); as root, `make slurm-cluster` installs and starts a one-node cluster"
-    proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
-    states = proc.stdout.split()
-    if proc.returncode or not any(s.rstrip("*") in ("idle", "mix", "alloc", "comp") for s in states):
-        return f"SLURM does not answer or has no usable node ({proc.stderr.strip() or states}); start it with " \
-               "`tools/slurm_cluster.sh start` (as root)"
-    return None
+SLURM_JOB = ["slurm.tasks_per_node=2"]  # one node of two ranks
 
 
 @pytest.fixture(scope="module")
 def slurm() -> None:
-    reason = _slurm_missing()
+    reason = slurm_missing()
     if reason:
         pytest.skip(reason)
-
-
-def _job_ids(run_dir: Path) -> list[str]:
-    path = run_dir / "jobs.jsonl"
-    return [json.loads(line)["job_id"] for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def _starts(run_dir: Path) -> list[dict]:
-    path = run_dir / "meta.json"
-    return json.loads(path.read_text())["launches"] if path.is_file() else []
-
-
-def _wait(predicate, what: str, timeout: float = 600) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
-def _in_queue(job_id: str) -> bool:
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
-    return bool(out.strip())
-
-
-def _task_pid(job_id: str, rank: int) -> int:
-    """The training process of task `rank` of the job."""
-    tasks = rank_processes(lambda cmd, env: env.get("SLURM_JOB_ID") == job_id
-                           and "submitit.core._submit" in " ".join(cmd), "SLURM_PROCID")
-    assert rank in tasks, f"no process for task {rank} of job {job_id}"
-    return tasks[rank]
-
-
-def _submit(run_dir: Path, shards: Path, *extra: str) -> str:
-    proc = swav_scale("submit", str(REPO / "configs" / "quickstart.yaml"), *TINY, *SLURM_JOB, *extra,
-                      f"data.train_shards={shards}", f"train.run_dir={run_dir}", "--cluster", "slurm")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return _job_ids(run_dir)[-1]
-
-
-def _resumed_step(run_dir: Path, start: int) -> int:
-    return int(_starts(run_dir)[start]["resumed_from"].rsplit("-", 1)[1])
 
 
 def test_job_survives_preemptions_a_killed_rank_and_a_cancel_bitwise(slurm: None, fmnist_train_shards: Path,
@@ -94,41 +40,41 @@ def test_job_survives_preemptions_a_killed_rank_and_a_cancel_bitwise(slurm: None
     reference = tmp_path / "uninterrupted"
     pretrain(fmnist_train_shards, reference, epochs)
     run_dir = tmp_path / "slurm-run"
-    job = _submit(run_dir, fmnist_train_shards, epochs)
+    job = submit(run_dir, fmnist_train_shards, *SLURM_JOB, epochs)
 
     # 1. SLURM's warning before a preemption or the time limit: every rank saves, the job requeues itself
     wait_for_step(run_dir, 8, timeout=300)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    _wait(lambda: len(_starts(run_dir)) == 2, "the job to restart after SIGUSR2")
+    wait(lambda: len(starts(run_dir)) == 2, "the job to restart after SIGUSR2")
     logged = {1: len(logged_steps(run_dir))}  # start -> metrics lines before it (a start logs after meta.json)
-    first = _resumed_step(run_dir, 1)
-    assert first >= 8 and _starts(run_dir)[1]["slurm_restart_count"] == 1
+    first = resumed_step(run_dir, 1)
+    assert first >= 8 and starts(run_dir)[1]["slurm_restart_count"] == 1
 
     # 2. an admin requeue (SIGTERM, then SIGKILL after SLURM's KillWait): saved on SIGTERM, back again
     wait_for_step(run_dir, first + 8, timeout=300, since=logged[1])
     subprocess.run(["scontrol", "requeue", job], check=True)
-    _wait(lambda: len(_starts(run_dir)) == 3, "the job to restart after scontrol requeue")
+    wait(lambda: len(starts(run_dir)) == 3, "the job to restart after scontrol requeue")
     logged[2] = len(logged_steps(run_dir))
-    second = _resumed_step(run_dir, 2)
-    assert second >= first + 8 and _starts(run_dir)[2]["slurm_restart_count"] == 2
+    second = resumed_step(run_dir, 2)
+    assert second >= first + 8 and starts(run_dir)[2]["slurm_restart_count"] == 2
 
     # 3. a rank dies (SIGKILL, as the OOM killer does): its peer fails in the next collective and, since a
     # checkpoint was completed since this start (every 6 steps), requeues the job
     wait_for_step(run_dir, second + 8, timeout=300, since=logged[2])
-    os.kill(_task_pid(job, 1), signal.SIGKILL)
-    _wait(lambda: len(_starts(run_dir)) == 4, "the job to restart after a rank was killed")
+    os.kill(job_processes(job)[1], signal.SIGKILL)
+    wait(lambda: len(starts(run_dir)) == 4, "the job to restart after a rank was killed")
     logged[3] = len(logged_steps(run_dir))
-    third = _resumed_step(run_dir, 3)
-    assert third > second and _starts(run_dir)[3]["slurm_restart_count"] == 3
+    third = resumed_step(run_dir, 3)
+    assert third > second and starts(run_dir)[3]["slurm_restart_count"] == 3
 
     # 4. the user cancels (SIGTERM, no requeue): saved; the same submit command continues as a new job
     wait_for_step(run_dir, third + 4, timeout=300, since=logged[3])
     subprocess.run(["scancel", job], check=True)
-    _wait(lambda: not _in_queue(job), "the cancelled job to leave the queue")
+    wait(lambda: not in_queue(job), "the cancelled job to leave the queue")
     assert max(logged_steps(run_dir)) < 57, "the job was meant to be cancelled before its end"
-    again = _submit(run_dir, fmnist_train_shards, epochs)
-    _wait(lambda: not _in_queue(again), "the resubmitted job to finish")
-    assert _resumed_step(run_dir, 4) >= third + 4
+    again = submit(run_dir, fmnist_train_shards, *SLURM_JOB, epochs)
+    wait(lambda: not in_queue(again), "the resubmitted job to finish")
+    assert resumed_step(run_dir, 4) >= third + 4
 
     assert_same_weights(run_dir, reference)
     status = json.loads(swav_scale("status", str(run_dir), "--json").stdout)
@@ -140,12 +86,12 @@ def test_slurm_keys_reach_the_job(slurm: None, fmnist_train_shards: Path, tmp_pa
     """The job SLURM holds has the config's size, time limit, partition, name, requeue flag, extra #SBATCH keys
     and setup lines (submitted held, read back with scontrol, cancelled)."""
     run_dir = tmp_path / "options"
-    proc = swav_scale("submit", str(REPO / "configs" / "quickstart.yaml"), *TINY, *SLURM_JOB,
+    proc = swav_scale("submit", str(REPO / "configs" / "quickstart.yaml"), *TINY, *CPU_JOB, *SLURM_JOB,
                       f"data.train_shards={fmnist_train_shards}", f"train.run_dir={run_dir}", "slurm.time_min=7",
                       "slurm.partition=debug", "slurm.job_name=options-check",
                       "slurm.additional={hold: true, comment: swav-options}", "slurm.setup=['echo setup-line-ran']")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    job = _job_ids(run_dir)[-1]
+    job = job_ids(run_dir)[-1]
     try:
         shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout
         fields = dict(kv.split("=", 1) for kv in shown.split() if "=" in kv)
