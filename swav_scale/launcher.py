@@ -142,7 +142,6 @@ def _requeue_after_failure(cfg: Config, error: Exception, started_from: Path | N
     the numbers (ConfigError, ShardError, a NaN loss) are never requeued."""
     from swav_scale.checkpoint import newest_checkpoint
     from swav_scale.data.shards import ShardError
-
     from swav_scale.runlog import launch_ranks
 
     job = os.environ.get("SLURM_JOB_ID")

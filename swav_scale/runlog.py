@@ -32,7 +32,8 @@ def write_run_info(run_dir: Path, cfg: Config, ranks: list[dict[str, Any]], resu
             "host": socket.gethostname(),
             "world_size": len(ranks),
             "nodes": list(dict.fromkeys(r["host"] for r in ranks)),
-            "master": f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}" if "MASTER_ADDR" in os.environ else None,
+            "master": f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT')}"
+                      if "MASTER_ADDR" in os.environ else None,
             "ranks": ranks,
             "resumed_from": resumed_from,
             "command": " ".join(sys.argv),
