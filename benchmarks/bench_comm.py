@@ -32,11 +32,12 @@ from rich.console import Console
 from rich.table import Table
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from swav_scale.build import build_model
 from swav_scale.config import load_config
 from swav_scale.distributed import DistEnv
 from swav_scale.engines import build_engine
 from swav_scale.queue import FeatureQueue
-from swav_scale.train import build_model, swav_step
+from swav_scale.train import swav_step
 
 MIB = 2**20
 # collective -> the argument whose size is its payload: the whole tensor reduced or gathered. The names of

@@ -9,7 +9,7 @@ sigma U(0.1, 2); normalisation) from the same few hundred ImageNet-sized JPEGs:
   RandomGrayscale, PILRandomGaussianBlur, ToTensor, Normalize), batched by a DataLoader (default collate).
   As in SwAV's code the blur applies to every crop, global and local (PIL's GaussianBlur, radius = sigma).
 * swav_scale: ShardLoader over MultiCropStream reading the shards that swav_scale.data.make_shards wrote from
-  the same image folder, MultiCrop built as train.build_multicrop builds it, and each batch normalised on the
+  the same image folder, MultiCrop built as build.build_multicrop builds it, and each batch normalised on the
   CPU (in training that happens on the GPU, so this counts work the CPU does not do there).
 * swav_scale with colour on the device: the same stream with MultiCrop(defer_color=True), so the CPU decodes,
   crops and flips; jitter, grayscale and blur are left to `apply_color` on the batch where it trains (not
@@ -154,7 +154,7 @@ def reference_batches(root: Path, specs: list[CropSpec], batch: int) -> Iterator
 
 
 def build_multicrop(specs: list[CropSpec], **kwargs: bool) -> MultiCrop:
-    """As train.build_multicrop builds it from the crops section of configs/rn50_in1k_100ep.yaml."""
+    """As build.build_multicrop builds it from the crops section of configs/rn50_in1k_100ep.yaml."""
     return MultiCrop(specs, jitter=JITTER, jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.5, **kwargs)
 
 

@@ -50,10 +50,11 @@ from rich.table import Table
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from swav_scale.build import build_model
 from swav_scale.config import load_config
 from swav_scale.distributed import DistEnv
 from swav_scale.engines import build_engine
-from swav_scale.train import build_model, swav_step
+from swav_scale.train import swav_step
 
 MIB = 2**20
 TARGET = 0.55  # sharded per-rank state / DDP's, at 2 ranks

@@ -2,7 +2,7 @@
 
 Forward + backward of the demo's model (ResNet-18 small stem, 2 global + 2 local 28 px crops, batch 128 per
 rank) on one core, in fp32 and bf16 autocast: NCHW (the textbook default); channels-last as swav_scale runs it
-(channels-last inputs, contiguous weights: train.build_model); and channels-last weights too (the layout
+(channels-last inputs, contiguous weights: build.build_model); and channels-last weights too (the layout
 FSDP2 and ZeRO cannot shard, which DDP would hold otherwise). bf16 channels-last is swav_scale's default where
 the CPU has native bf16. With --compile, swav_scale's channels-last variants again with each trunk stage
 compiled (train.compile, engines.compile_units; the compilation itself is left out of the timing). Prints ms

@@ -48,14 +48,14 @@ from rich.console import Console
 from rich.table import Table
 from timing import device_name, host_sync_mode, sync_debug_mode, write_json
 
+from swav_scale.build import build_loader, build_model
 from swav_scale.config import load_config
-from swav_scale.data.loader import Batch, MultiCropStream, ShardLoader
+from swav_scale.data.loader import Batch, ShardLoader
 from swav_scale.data.multicrop import CopyStream, device_views
-from swav_scale.data.plan import Layout, Planner
 from swav_scale.distributed import shutdown
 from swav_scale.engines import build_engine
 from swav_scale.engines.base import autocast_dtype
-from swav_scale.train import build_model, build_multicrop, preflight, swav_step
+from swav_scale.train import swav_step
 
 B = TypeVar("B")
 
@@ -124,11 +124,8 @@ def main() -> None:
             work = a.workdir or Path(tmp)
             overrides.append(f"data.train_shards={photo_shards(work, a.photos, a.long_side)}")
         cfg = load_config(config, overrides)
-        manifest, batch = preflight(cfg, 1)
-        layout = Layout(1, max(1, cfg.data.num_workers), batch)
-        planner = Planner(manifest, cfg.train.seed, cfg.data.open_shards, cfg.data.shuffle_buffer)
-        loader = ShardLoader(MultiCropStream(planner, build_multicrop(cfg), 0, layout), cfg.data.num_workers,
-                             cfg.data.prefetch_factor, pin_memory=device.type == "cuda")
+        loader = build_loader(cfg, 0, 1, pin_memory=device.type == "cuda")
+        batch = loader.layout.batch_per_rank
         settle = settling_steps(cfg.data.num_workers, cfg.data.prefetch_factor)
         if loader.steps_per_epoch < settle + a.steps:
             p.error(f"an epoch of these shards is {loader.steps_per_epoch} steps of {batch} images, and a block "

@@ -58,11 +58,12 @@ from rich.console import Console
 from rich.table import Table
 from timing import checked_after, device_name, host_sync_mode, interleaved_medians, write_json
 
+from swav_scale.build import build_model
 from swav_scale.config import load_config
 from swav_scale.distributed import shutdown
 from swav_scale.engines import build_engine
 from swav_scale.engines.base import autocast_dtype
-from swav_scale.train import build_model, swav_step
+from swav_scale.train import swav_step
 
 WARMUP = 2  # untimed steps per variant (interleaved_medians' default)
 # one rate for every variant and optimizer (a step's cost does not depend on it): at SwAV's 4.8 (LARS's rate

@@ -202,13 +202,20 @@ def rank_file(rank: int) -> str:
 
 
 class Checkpointer:
-    """Saves and restores the states of a run under `root` (run_dir/checkpoints)."""
+    """Saves and restores the states of a run under `root` (run_dir/checkpoints), and says when to save."""
 
-    def __init__(self, root: str | Path, env: DistEnv, keep: int = 3, checksums: bool = True) -> None:
+    def __init__(self, root: str | Path, env: DistEnv, keep: int = 3, checksums: bool = True, every: int = 0) -> None:
         self.root = Path(root)
         self.env = env
         self.keep = max(1, keep)  # the newest complete checkpoint is never pruned
         self.checksums = checksums
+        self.every = every
+
+    def due(self, step: int, end_of_epoch: bool, final: bool, stop: bool) -> bool:
+        """Whether to save once `step` steps are done: every `every` steps (0: none in between), at the end of
+        each epoch (the next one is planned afresh, possibly for other ranks) and of the run, and when the
+        ranks agreed to stop."""
+        return (self.every > 0 and step % self.every == 0) or end_of_epoch or final or stop
 
     def _step_dirs(self) -> list[Path]:
         if not self.root.is_dir():

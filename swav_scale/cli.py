@@ -12,7 +12,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from swav_scale.config import ConfigError, EvalConfig, load_config
+from swav_scale.config import ConfigError, load_config
 from swav_scale.data.shards import ShardError
 from swav_scale.utils import console
 
@@ -97,7 +97,7 @@ def _run_evaluation(args: argparse.Namespace, work: Callable[[Any, Any, dict[str
 
 def _knn(args: argparse.Namespace) -> None:
     """Each rank extracts the features of its part of the bank and the queries; rank 0 prints the table."""
-    from swav_scale.knn import evaluate
+    from swav_scale.knn import evaluate, print_knn_table
 
     def work(cfg: Any, env: Any, encoders: dict[str, Any], checkpoint: Path | None) -> None:
         results = evaluate(cfg, encoders, env.device, args.workers)
@@ -152,18 +152,6 @@ def _export(args: argparse.Namespace) -> None:
     for path in export_backbone(args.run_dir, args.checkpoint, args.out, formats):
         console.print(f"wrote {escape(str(path))}", highlight=False)
     console.print(f"how to load it: {escape(str(Path(path).parent / 'export.json'))}", highlight=False)
-
-
-def print_knn_table(results: dict[str, float], e: EvalConfig, title: str = "kNN top-1") -> None:
-    """The figures, titled with the protocol of `e` (the config's eval section) that produced them."""
-    from swav_scale.knn import protocol
-
-    table = Table(title=f"{title} ({protocol(e)})")
-    table.add_column("features")
-    table.add_column("top-1 %", justify="right")
-    for name, acc in results.items():
-        table.add_row(name, f"{acc:.2f}")
-    console.print(table)
 
 
 def _make_shards(args: argparse.Namespace) -> None:

@@ -135,7 +135,7 @@ class TrainConfig:
     # original sets cudnn.benchmark. The crop sizes never change, so that costs only the first steps. false:
     # the same algorithms run to run (with deterministic inputs, the same results).
     cudnn_benchmark: bool = True
-    checkpoint_every: int = 500  # steps; a checkpoint is also written at the end of every epoch
+    checkpoint_every: int = 500  # steps (0: none in between); a checkpoint is also written at every epoch's end
     keep_checkpoints: int = 3  # the newest N complete ones; never fewer than 1
     checkpoint_checksums: bool = True  # sha256 of every file, checked on resume (each rank hashes a share)
     log_every: int = 10

@@ -43,7 +43,7 @@ def how_to_load(cfg: Config, filename: str) -> str:
 def export_backbone(run_dir: str | Path, checkpoint: str | Path | None = None, out: str | Path | None = None,
                     formats: tuple[str, ...] = FORMATS) -> list[Path]:
     """Write the trunk of `checkpoint` (default: the run's newest complete one); returns the files written."""
-    from swav_scale.train import build_model
+    from swav_scale.build import build_model
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")

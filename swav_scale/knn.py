@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from rich.table import Table
 from torch.utils.data import DataLoader
 
 from swav_scale.checkpoint import load_model_weights
@@ -141,7 +142,7 @@ def _local_top_k(queries: Tensor, bank: Tensor, bank_labels: Tensor, k: int) -> 
 
 def load_trunk(cfg: Config, checkpoint: Path | None) -> nn.Module:
     """The trunk of a checkpoint (only the model's part is read), or a fresh one."""
-    from swav_scale.train import build_model
+    from swav_scale.build import build_model
 
     torch.manual_seed(cfg.train.seed)  # a random-init baseline is the very network training started from
     model = build_model(cfg)
@@ -214,7 +215,7 @@ def knn_during_training(cfg: Config, model: nn.Module, parameters: dict[str, Ten
     buffers (BatchNorm statistics differ per rank; a checkpoint keeps rank 0's), so the forward passes need no
     collective whatever the engine shards: ranks read parts of different sizes. Neither the model nor the
     training RNG is touched, so the run continues exactly as without the evaluation."""
-    from swav_scale.train import build_model
+    from swav_scale.build import build_model
 
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     for b in buffers.values():
@@ -224,3 +225,13 @@ def knn_during_training(cfg: Config, model: nn.Module, parameters: dict[str, Ten
         copy.load_state_dict({**parameters, **buffers}, strict=True)
         trunk = copy.trunk.to(device).eval()
         return evaluate(cfg, {"trunk": trunk}, device, num_workers, show_progress=False)["trunk"]
+
+
+def print_knn_table(results: dict[str, float], e: EvalConfig, title: str = "kNN top-1") -> None:
+    """The figures, titled with the protocol of `e` (the config's eval section) that produced them."""
+    table = Table(title=f"{title} ({protocol(e)})")
+    table.add_column("features")
+    table.add_column("top-1 %", justify="right")
+    for name, acc in results.items():
+        table.add_row(name, f"{acc:.2f}")
+    console.print(table)

@@ -204,7 +204,7 @@ def _free_port() -> int:
 
 def launch_local(cfg: Config, nproc: int) -> None:
     """Run `nproc` ranks of `cfg` on this machine and wait for all of them; raise if any fails."""
-    from swav_scale.train import preflight
+    from swav_scale.build import preflight
 
     preflight(cfg, nproc)  # fail here, once, rather than in every rank
     logs = Path(cfg.train.run_dir) / "logs"

@@ -54,7 +54,7 @@ def submit(cfg: Config, cluster: str | None = None) -> Any:
     """Submit `cfg` (already validated) and record the job in run_dir/jobs.jsonl; returns the submitit job."""
     import submitit
 
-    from swav_scale.train import preflight
+    from swav_scale.build import preflight
 
     nodes, tasks = cfg.slurm.nodes, tasks_per_node(cfg)
     preflight(cfg, nodes * tasks)  # a typo or a missing shard fails here, not after a day in the queue

@@ -37,7 +37,7 @@ def total_steps(run_dir: Path) -> int | None:
     """The run's last step, from its config and shard manifest (None when the shards are out of reach)."""
     from swav_scale.data.plan import steps_per_epoch
     from swav_scale.data.sources import open_shards
-    from swav_scale.train import planned_steps
+    from swav_scale.build import planned_steps
 
     try:
         cfg = load_config(run_dir / "config.yaml")

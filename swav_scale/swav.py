@@ -14,7 +14,6 @@ Everything here is a plain function of tensors plus an optional process group; n
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -111,8 +110,3 @@ def normalize_prototypes_(weight: Tensor) -> None:
     Rows are independent, so a rank holding whole rows of a sharded C normalises its own rows."""
     with torch.no_grad():
         weight.copy_(F.normalize(weight, dim=1, p=2))
-
-
-def uniform_loss(num_prototypes: int) -> float:
-    """ln K: the loss of a model whose predictions are uniform; a sanity reference at initialisation."""
-    return math.log(num_prototypes)

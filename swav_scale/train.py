@@ -9,26 +9,23 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from swav_scale.checkpoint import Checkpointer, RNGState, TrainProgress, seed_generators
-from swav_scale.config import Config, ConfigError, SwAVConfig, check_queue, check_world
-from swav_scale.data.labelled import open_labelled
-from swav_scale.data.loader import MultiCropStream, ShardLoader
-from swav_scale.data.plan import Layout, Planner, steps_per_epoch
-from swav_scale.data.multicrop import CopyStream, CropSpec, MultiCrop, device_views
-from swav_scale.data.shards import Manifest, ShardError
-from swav_scale.data.sources import open_shards
+from swav_scale.build import Run, build_run
+from swav_scale.config import Config, SwAVConfig
+from swav_scale.data.loader import ShardLoader
+from swav_scale.data.multicrop import CopyStream, device_views
+from swav_scale.data.shards import ShardError
 from swav_scale.diagnostics import HealthCheck, code_statistics
 from swav_scale.distributed import DistEnv, all_gather_object, all_reduce_mean, all_reduce_numbers, rank_record
-from swav_scale.engines import Engine, build_engine
+from swav_scale.engines import Engine
 from swav_scale.knn import knn_during_training
-from swav_scale.models import build_swav_model
-from swav_scale.optim import Schedule
 from swav_scale.preemption import StopRequested, StopSignals
 from swav_scale.queue import FeatureQueue
 from swav_scale.runlog import Ledger, MetricsLog, TrainProgressBar, write_run_info
@@ -48,66 +45,6 @@ class TrainResult:
     steps: int
     final_loss: float | None
     checkpoint: Path | None
-
-
-def build_multicrop(cfg: Config) -> MultiCrop:
-    c = cfg.crops
-    specs = [CropSpec(s, n, lo, hi) for s, n, lo, hi in zip(c.sizes, c.counts, c.min_scale, c.max_scale)]
-    return MultiCrop(
-        specs,
-        jitter=tuple(c.color_jitter),  # type: ignore[arg-type]
-        jitter_prob=c.jitter_prob,
-        grayscale_prob=c.grayscale_prob,
-        blur_prob=c.blur_prob,
-        defer_color=c.color_on_device,
-        reduced_decode=c.reduced_decode,
-        ratio=(c.ratio[0], c.ratio[1]),
-    )
-
-
-def build_model(cfg: Config) -> torch.nn.Module:
-    """The SwAV model of the config: training and evaluation build it here alike.
-
-    Its weights stay contiguous under every engine, channels_last or not: FSDP2 and ZeRO shard contiguous
-    storage only, and DDP holding channels-last weights would round differently from them from the first
-    step. Convolutions still run channels-last: they follow their input, which the loop makes channels-last
-    (`train.channels_last`)."""
-    m = cfg.model
-    return build_swav_model(
-        m.arch, m.width, m.small_stem, m.hidden_dim, m.embed_dim, m.num_prototypes, maxpool=m.maxpool,
-        drop_path_rate=m.drop_path_rate, zero_init_residual=m.zero_init_residual,
-    )
-
-
-def planned_steps(cfg: Config, steps_per_epoch: int) -> int:
-    """The step the run ends at: all epochs, or train.max_steps if that comes first."""
-    total = cfg.optim.epochs * steps_per_epoch
-    return min(cfg.train.max_steps, total) if cfg.train.max_steps else total
-
-
-def preflight(cfg: Config, world_size: int) -> tuple[Manifest, int]:
-    """Checks that need no process group: the batch splits over the ranks, the shards exist and hold at least
-    one global batch, the queue holds whole global batches. The launcher runs them once before starting ranks,
-    so a mistake is reported once, and in this order, so the first message names the first thing to fix."""
-    batch_per_rank = check_world(cfg, world_size)
-    manifest = open_shards(cfg.data.train_shards, cfg.data.train_manifest)
-    steps_per_epoch(manifest, world_size * batch_per_rank)
-    check_queue(cfg)
-    check_periodic_knn(cfg)
-    return manifest, batch_per_rank
-
-
-def check_periodic_knn(cfg: Config) -> None:
-    """eval.every_epochs needs the test split, and finds out now rather than after the first epoch."""
-    if cfg.eval.every_epochs <= 0:
-        return
-    if not cfg.eval.test_shards:
-        raise ConfigError(f"eval.every_epochs={cfg.eval.every_epochs} runs kNN during pretraining, on "
-                          "eval.test_shards, which is not set: give the held-out split (shards or an ImageFolder), "
-                          "or set eval.every_epochs=0")
-    open_labelled(cfg.eval.test_shards)
-    if cfg.eval.train_shards:
-        open_labelled(cfg.eval.train_shards)
 
 
 def check_bad_samples(loader: ShardLoader, cfg: Config, env: DistEnv) -> int:
@@ -159,114 +96,132 @@ def swav_step(engine: Engine, views: list[torch.Tensor], swav: SwAVConfig, step:
     return StepResult(loss, [x.detach() for x in scores], codes, grad_norm)
 
 
-def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None) -> TrainResult:
-    """Train to the end of the schedule, resuming from the newest complete checkpoint. With `stops`, a
-    signal on any rank makes every rank save the current step and raise StopRequested."""
-    run_dir = Path(cfg.train.run_dir)
+Evaluate = Callable[[int, Engine], float | None]  # (epoch, engine) -> a figure, at the end of each epoch
 
-    # ---- data: every rank gets the same number of steps per epoch
-    manifest, batch_per_rank = preflight(cfg, env.world_size)
-    planner = Planner(manifest, cfg.train.seed, cfg.data.open_shards, cfg.data.shuffle_buffer)
-    layout = Layout(env.world_size, max(1, cfg.data.num_workers), batch_per_rank)
-    stream = MultiCropStream(planner, build_multicrop(cfg), env.rank, layout)
-    loader = ShardLoader(stream, cfg.data.num_workers, cfg.data.prefetch_factor,
-                         pin_memory=env.device.type == "cuda")
-    schedule = Schedule.build(cfg.optim, loader.steps_per_epoch)
-    last_step = planned_steps(cfg, loader.steps_per_epoch)
 
-    # ---- model, optimizer, engine (same initial weights on every rank)
-    seed_generators(cfg.train.seed, env.rank)
-    model = build_model(cfg)
-    engine = build_engine(cfg, model, env)
-    queue = None
-    if cfg.swav.queue_length:
-        queue = FeatureQueue(len(cfg.swav.crops_for_assign), cfg.swav.queue_length // env.world_size,
-                             cfg.model.embed_dim, env.device)
+def knn_every_epochs(cfg: Config, env: DistEnv) -> Evaluate:
+    """The periodic evaluation the config asks for: kNN top-1 after every eval.every_epochs-th epoch (None
+    for the other epochs, and always with eval.every_epochs=0)."""
 
-    # ---- resume from the newest complete checkpoint, if any
-    progress = TrainProgress()
-    global_states = {"engine": engine, "progress": progress}
-    rank_states = {"rng": RNGState(env.device), "data": loader, **({"queue": queue} if queue else {})}
-    checkpointer = Checkpointer(run_dir / "checkpoints", env, cfg.train.keep_checkpoints,
-                                cfg.train.checkpoint_checksums)
-    checkpointer.clean_partial()
-    latest = checkpointer.resume_point()
+    def evaluate(epoch: int, engine: Engine) -> float | None:
+        if cfg.eval.every_epochs <= 0 or (epoch + 1) % cfg.eval.every_epochs:
+            return None
+        return knn_during_training(cfg, engine.model, engine.full_parameters(), env.device, cfg.data.num_workers)
+
+    return evaluate
+
+
+class StepLog:
+    """What the run reports: every step the progress bar, every log step (train.log_every, the last step of an
+    epoch and of the run) the loss averaged over ranks, throughput, unreadable samples, the code and prediction
+    statistics and health warnings, to metrics.jsonl (rank 0). Every rank takes part in the log step's
+    collectives. Files and the bar close with `stack`."""
+
+    def __init__(self, cfg: Config, env: DistEnv, run: Run, stack: ExitStack) -> None:
+        run_dir = Path(cfg.train.run_dir)
+        self.cfg, self.env, self.run = cfg, env, run
+        self.metrics = stack.enter_context(closing(MetricsLog(run_dir, cfg.train.tensorboard))) if env.is_main else None
+        self.bar = stack.enter_context(TrainProgressBar(run.last_step, run.progress.step)) if env.is_main else None
+        self.ledger = stack.enter_context(closing(Ledger(run_dir, env.rank))) if cfg.data.ledger else None
+        self.health = HealthCheck(cfg.model.num_prototypes,
+                                  max(cfg.swav.freeze_prototypes_iters, run.schedule.warmup_steps))
+        self.loss: float | None = None
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Throughput counts from here (after an evaluation, which is not training time)."""
+        self.tick, self.tick_step = time.time(), self.run.progress.step
+
+    def due(self, done: int, end_of_epoch: bool) -> bool:
+        """Whether the step that makes `done` steps is a log step."""
+        return done % self.cfg.train.log_every == 0 or done == self.run.last_step or end_of_epoch
+
+    def batch(self, step: int, epoch: int, keys: list[str]) -> None:
+        if self.ledger:
+            self.ledger.write(step, epoch, keys)
+
+    def step(self, epoch: int, lr: float, result: StepResult, full: bool, last_good: Path | None) -> None:
+        """After a step: the bar; with `full` (a log step, on every rank) the figures too. A non-finite loss
+        raises here, before anything is saved."""
+        done = self.run.progress.step
+        if not full:
+            if self.bar:
+                self.bar.update(done, epoch, None, lr, None)
+            return
+        bad_samples = check_bad_samples(self.run.loader, self.cfg, self.env)
+        self.loss = loss = finite_loss(result.loss, done, last_good)
+        now = time.time()
+        ips = self.cfg.optim.batch_size * (done - self.tick_step) / max(now - self.tick, 1e-9)
+        self.tick, self.tick_step = now, done
+        stats = code_statistics(result.scores, result.codes, self.cfg.swav.temperature)
+        for warning in self.health.check(done, loss, stats) if self.env.is_main else []:
+            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        if self.metrics:
+            self.metrics.write(done, epoch=epoch, loss=loss, lr=lr, images_per_s=round(ips, 1),
+                               bad_samples=bad_samples, loss_over_ln_k=round(loss / self.health.ln_k, 4),
+                               grad_norm=result.grad_norm, **stats)
+        if self.bar:
+            self.bar.update(done, epoch, loss, lr, ips)
+
+    def evaluation(self, epoch: int, top1: float) -> None:
+        if self.metrics:
+            self.metrics.write(self.run.progress.step, epoch=epoch, knn_top1=top1)
+        if self.env.is_main:
+            console.print(f"epoch {epoch}: kNN top-1 {top1:.2f} on {self.cfg.eval.test_shards}", highlight=False)
+        self.restart_clock()
+
+
+def resume(cfg: Config, env: DistEnv, run: Run) -> Path | None:
+    """Load the newest complete checkpoint into `run`, if there is one (a save cut short is cleared first),
+    and record this start: its ranks' placement and what it resumed, in meta.json."""
+    run.checkpointer.clean_partial()
+    latest = run.checkpointer.resume_point()
     if latest is not None:
-        checkpointer.load(latest, global_states, rank_states)
-    ranks = all_gather_object({**rank_record(env), "data_workers": loader.num_workers})
+        run.checkpointer.load(latest, run.global_states, run.rank_states)
+    ranks = all_gather_object({**rank_record(env), "data_workers": run.loader.num_workers})
     if env.is_main:
-        write_run_info(run_dir, cfg, ranks, str(latest) if latest else None)
-    metrics = MetricsLog(run_dir, cfg.train.tensorboard) if env.is_main else None
-    health = HealthCheck(cfg.model.num_prototypes, max(cfg.swav.freeze_prototypes_iters, schedule.warmup_steps))
-    ledger = Ledger(run_dir, env.rank) if cfg.data.ledger else None
+        write_run_info(Path(cfg.train.run_dir), cfg, ranks, str(latest) if latest else None)
+    return latest
 
-    saved = latest
+
+def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None,
+          evaluate: Evaluate | None = None) -> TrainResult:
+    """Train to the end of the schedule, resuming from the newest complete checkpoint. With `stops`, a
+    signal on any rank makes every rank save the current step and raise StopRequested. `evaluate` runs at
+    the end of each epoch (default: kNN every eval.every_epochs)."""
+    run = build_run(cfg, env)
+    saved = resume(cfg, env, run)
+    evaluate = evaluate or knn_every_epochs(cfg, env)
+    progress, loader, engine = run.progress, run.loader, run.engine
     mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
     copy = CopyStream(env.device)
-    loss_value: float | None = None
-    images_per_step = cfg.optim.batch_size
-    tick, tick_step = time.time(), progress.step
-    bar = TrainProgressBar(last_step, progress.step) if env.is_main else None
-    try:
-        if bar:
-            bar.__enter__()
-        while progress.step < last_step:
+    with ExitStack() as stack:
+        log = StepLog(cfg, env, run, stack)
+        while progress.step < run.last_step:
             epoch = loader.epoch
-            use_queue_epoch = queue is not None and epoch >= cfg.swav.queue_start_epoch
+            queue = run.queue if run.queue is not None and epoch >= cfg.swav.queue_start_epoch else None
             for batch in loader:
                 step = progress.step
-                if ledger:
-                    ledger.write(step, epoch, batch.keys)
-                lr = float(schedule.lr[step])
+                log.batch(step, epoch, batch.keys)
+                lr = float(run.schedule.lr[step])
                 views = device_views(batch.views, copy, mean, std, cfg.crops.color_on_device, cfg.train.channels_last)
                 end_of_epoch = loader.at_epoch_end  # this batch is the epoch's last
-                log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == last_step or end_of_epoch
-                result = swav_step(engine, views, cfg.swav, step, lr, queue if use_queue_epoch else None,
-                                   measure_grad_norm=log_now)
+                log_now = log.due(step + 1, end_of_epoch)
+                result = swav_step(engine, views, cfg.swav, step, lr, queue, measure_grad_norm=log_now)
                 progress.step += 1
+                log.step(epoch, lr, result, log_now, saved)
 
-                if log_now:
-                    bad_samples = check_bad_samples(loader, cfg, env)
-                    loss_value = finite_loss(result.loss, progress.step, saved)
-                    now = time.time()
-                    ips = images_per_step * (progress.step - tick_step) / max(now - tick, 1e-9)
-                    tick, tick_step = now, progress.step
-                    stats = code_statistics(result.scores, result.codes, cfg.swav.temperature)
-                    for warning in health.check(progress.step, loss_value, stats) if env.is_main else []:
-                        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-                    if metrics:
-                        metrics.write(progress.step, epoch=epoch, loss=loss_value, lr=lr, images_per_s=round(ips, 1),
-                                      bad_samples=bad_samples, loss_over_ln_k=round(loss_value / health.ln_k, 4),
-                                      grad_norm=result.grad_norm, **stats)
-                    if bar:
-                        bar.update(progress.step, epoch, loss_value, lr, ips)
-                elif bar:
-                    bar.update(progress.step, epoch, None, lr, None)
-
-                if end_of_epoch and cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0:
-                    top1 = knn_during_training(cfg, engine.model, engine.full_parameters(), env.device,
-                                               cfg.data.num_workers)
-                    if metrics:
-                        metrics.write(progress.step, epoch=epoch, knn_top1=top1)
-                    if env.is_main:
-                        console.print(f"epoch {epoch}: kNN top-1 {top1:.2f} on {cfg.eval.test_shards}", highlight=False)
-                    tick = time.time()  # the evaluation is not training time
+                if end_of_epoch and (top1 := evaluate(epoch, engine)) is not None:
+                    log.evaluation(epoch, top1)
 
                 requeue, stop = stops.agreed() if stops else (False, False)
-                if (progress.step % cfg.train.checkpoint_every == 0 or end_of_epoch or progress.step == last_step
-                        or requeue or stop):
+                final = progress.step >= run.last_step
+                if run.checkpointer.due(progress.step, end_of_epoch, final, requeue or stop):
                     if not log_now:  # never save the weights of a step whose loss is not finite
                         finite_loss(result.loss, progress.step, saved)
-                    saved = checkpointer.save(progress.step, global_states, rank_states)
-                if progress.step >= last_step:
+                    saved = run.checkpointer.save(progress.step, run.global_states, run.rank_states)
+                if final:
                     break
                 if requeue or stop:
                     raise StopRequested(requeue, progress.step, saved)
-    finally:
-        if ledger:
-            ledger.close()
-        if bar:
-            bar.__exit__(None, None, None)
-        if metrics:
-            metrics.close()
-    return TrainResult(progress.step, loss_value, saved)
+    return TrainResult(progress.step, log.loss, saved)

@@ -9,7 +9,6 @@ import pytest
 from swav_scale.data import fashion_mnist
 from swav_scale.data.make_shards import main as make_shards
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _need_fashion_mnist() -> None:

@@ -6,13 +6,29 @@ import os
 import socket
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from swav_scale.data.shards import (
+    MANIFEST,
+    Manifest,
+    Sample,
+    ShardError,
+    ShardInfo,
+    ShardTarWriter,
+    read_manifest,
+    shard_files,
+    shard_name,
+    write_manifest,
+)
+
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout: configs/, tools/
 
 
 def free_port() -> int:
@@ -63,3 +79,42 @@ def image_folder_of(shards: Path, root: Path) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{sample['__key__']}.png").write_bytes(sample["png"])
     return root
+
+
+def write_shards(
+    samples: Iterable[Sample],
+    out_dir: str | Path,
+    classes: list[str],
+    prefix: str = "shard",
+    max_count: int = 10000,
+    max_size: float = 1e9,
+) -> Manifest:
+    """Write `samples` (in their final order) as tar shards plus manifest.json, in this process, through the
+    package's own tar writer and manifest: hand-made shard sets (broken images, odd sizes) for tests, where
+    tools/make_shards.py (swav_scale.data.shard_build) reads a source it knows. A shard ends before the sample
+    that would take it past `max_count` samples or `max_size` bytes."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # the old shards become invalid the moment we start overwriting
+    for old in shard_files(out_dir, prefix):
+        old.unlink()
+    shards: list[ShardInfo] = []
+    writer: ShardTarWriter | None = None
+    try:
+        for s in samples:
+            if writer is not None and (writer.samples >= max_count or writer.size_with(s) > max_size):
+                shards.append(writer.close())
+                writer = None
+            if writer is None:
+                writer = ShardTarWriter(out_dir / shard_name(prefix, len(shards)))
+            writer.write(s)
+        if writer is not None:
+            shards.append(writer.close())
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if not shards:
+        raise ShardError(f"no readable samples to write into {out_dir}")
+    write_manifest(out_dir, shards, classes, {})
+    return read_manifest(out_dir)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import REPO
+from helpers import REPO
 
 TINY = [
     "model.arch=resnet18", "model.width=0.125", "model.small_stem=true", "model.hidden_dim=32",
@@ -44,7 +44,7 @@ def pretrain(shards: Path, run_dir: Path, *extra: str) -> subprocess.CompletedPr
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from swav_scale.checkpoint import load_model_weights
     from swav_scale.config import load_config
-    from swav_scale.train import build_model
+    from swav_scale.build import build_model
 
     checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
     meta = json.loads((checkpoints[-1] / "meta.json").read_text())

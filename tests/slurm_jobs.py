@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO
 from runs import TINY, rank_processes, swav_scale
 
 # a CPU job: tasks_per_node ranks per node, one core each

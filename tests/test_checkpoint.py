@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
-from helpers import run_ranks
+from helpers import REPO, run_ranks
 from runs import TINY_VIT, checkpoint_contents, differences, train_in_process
 
 from swav_scale.checkpoint import DAMAGED, META, Checkpointer, RNGState, TrainProgress, find_damage, rank_file
@@ -251,7 +250,9 @@ def test_files_written_atomically_follow_the_umask(umask: int, tmp_path: Path) -
     import stat
 
     from swav_scale.config import load_config
-    from swav_scale.data.shards import MANIFEST, Sample, write_shards
+    from helpers import write_shards
+
+    from swav_scale.data.shards import MANIFEST, Sample
     from swav_scale.distributed import rank_record
     from swav_scale.runlog import write_run_info
 
@@ -261,7 +262,7 @@ def test_files_written_atomically_follow_the_umask(umask: int, tmp_path: Path) -
     previous = os.umask(umask)
     try:
         shards = tmp_path / "shards"
-        write_shards([Sample(f"s{i}", "png", b"not an image", i % 2) for i in range(4)], shards, ["a", "b"], 4)
+        write_shards([Sample(f"s{i}", "png", b"not an image", i % 2) for i in range(4)], shards, ["a", "b"])
         run_dir = tmp_path / "run"
         ranks = [rank_record(DistEnv(0, 1, 0, 1, torch.device("cpu")))]
         write_run_info(run_dir, load_config(REPO / "configs" / "quickstart.yaml"), ranks, None)

@@ -19,6 +19,7 @@ from timm.layers import DropPath
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from swav_scale.build import build_model
 from swav_scale.checkpoint import Checkpointer, TrainProgress
 from swav_scale.config import ConfigError, OptimConfig, load_config
 from swav_scale.distributed import DistEnv
@@ -29,7 +30,7 @@ from swav_scale.models import build_trunk
 from swav_scale.models.vit import TensorDropPath
 from swav_scale.optim import build_optimizer
 from swav_scale.queue import FeatureQueue
-from swav_scale.train import build_model, swav_step
+from swav_scale.train import swav_step
 
 CPU = torch.device("cpu")
 STEPS = 3

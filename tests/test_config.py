@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from swav_scale.config import ConfigError, check_queue, check_world, load_config, to_yaml, from_yaml_text
-from conftest import REPO
+from helpers import REPO
 
 
 @pytest.mark.parametrize("name", ["quickstart", "rn50_in1k_100ep", "rn50_in1k_800ep"])

@@ -313,14 +313,16 @@ def _png(seed: int) -> bytes:
 def damaged_shards(tmp_path: Path) -> Path:
     """4 shards of 30: a corrupt JPEG, a sample without image, a non-image member; one shard truncated in
     storage after the manifest was written (as a half-copied remote file would be)."""
-    from swav_scale.data.shards import Sample, write_shards
+    from helpers import write_shards
+
+    from swav_scale.data.shards import Sample
 
     samples = [Sample(f"s{i:04d}", "png", _png(i), i % 3) for i in range(120)]
     samples[5] = Sample("s0005", "jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF garbage, not a JPEG body", 0)
     samples[40] = Sample("s0040", "cls", b"1", 1)  # no image at all
     samples[70] = Sample("s0070", "txt", b"a caption, not an image", 1)
     out = tmp_path / "damaged"
-    write_shards(samples, out, ["a", "b", "c"], len(samples), max_count=30)
+    write_shards(samples, out, ["a", "b", "c"], max_count=30)
     return out
 
 
@@ -417,7 +419,7 @@ def test_a_data_position_from_before_exact_resume_still_loads(fmnist_train_shard
 
 def test_crop_aspect_ratio_is_configurable() -> None:
     from swav_scale.config import ConfigError, load_config
-    from swav_scale.train import build_multicrop
+    from swav_scale.build import build_multicrop
 
     rng = random.Random(1)
     assert all(h == w for h, w in (crop_box(rng, 28, 28, (0.15, 1.0), (1.0, 1.0))[2:] for _ in range(500)))

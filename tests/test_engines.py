@@ -17,15 +17,16 @@ from helpers import run_ranks
 
 from torch.distributed.device_mesh import init_device_mesh
 
+from swav_scale.build import build_model
 from swav_scale.checkpoint import Checkpointer, TrainProgress
 from swav_scale.config import load_config
 from swav_scale.distributed import DistEnv
 from swav_scale.engines import build_engine
 from swav_scale.engines.fsdp import local_rows, parallelize, shard_units
 from swav_scale.optim import build_optimizer
-from swav_scale.swav import assign_codes, normalize_prototypes_, swapped_prediction_loss
 from swav_scale.queue import FeatureQueue
-from swav_scale.train import build_model, swav_step
+from swav_scale.swav import assign_codes, normalize_prototypes_, swapped_prediction_loss
+from swav_scale.train import swav_step
 
 STEPS = 4
 FREEZE = 2  # the prototypes start moving at step 2: both regimes are compared

@@ -12,6 +12,7 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
+from swav_scale.build import build_model
 from swav_scale.checkpoint import Checkpointer, TrainProgress
 from swav_scale.config import load_config, to_yaml
 from swav_scale.distributed import DistEnv
@@ -19,7 +20,6 @@ from swav_scale.engines.ddp import DDPEngine
 from swav_scale.export import export_backbone
 from swav_scale.models import build_trunk
 from swav_scale.optim import build_optimizer
-from swav_scale.train import build_model
 
 
 def _run_with_checkpoint(tmp_path: Path, *overrides: str) -> tuple[Path, torch.nn.Module]:

@@ -49,11 +49,19 @@ def test_a_lone_process_sees_its_own_signal_at_once() -> None:
 
 
 def test_handlers_are_put_back() -> None:
-    before = signal.getsignal(signal.SIGUSR2)
-    stops = StopSignals()
-    assert signal.getsignal(signal.SIGUSR2) == stops._record
-    stops.restore()
-    assert signal.getsignal(signal.SIGUSR2) == before
+    """While installed, the signals are recorded (and the previous handler not called); afterwards the previous
+    handler is back and gets them."""
+    got: list[int] = []
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: got.append(signum))
+    try:
+        stops = StopSignals()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stops.requeue and got == []
+        stops.restore()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert got == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, before)
 
 
 def test_requeue_is_the_same_job_until_max_requeues(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from runs import (TINY, assert_same_weights, pretrain, pretrain_command, rank_pids, swav_scale, wait_for_step)
 from swav_scale.launcher import EXIT_STOPPED
 

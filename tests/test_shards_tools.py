@@ -15,14 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_shards
 from PIL import Image
 
 from swav_scale.data import shard_build
 from swav_scale.data.make_shards import build_parser
 from swav_scale.data.make_shards import main as make_shards
-from swav_scale.data.shards import MANIFEST, Sample, ShardError, read_manifest, sha256_file, tar_bytes, write_shards
+from swav_scale.data.shards import MANIFEST, Sample, ShardError, read_manifest, tar_bytes
 from swav_scale.data.verify import main as verify_shards
 from swav_scale.data.verify import verify_directory
+from swav_scale.utils import sha256_file
 from swav_scale.utils import console
 
 REPO = Path(__file__).resolve().parents[1]
@@ -361,7 +363,7 @@ def test_verify_decodes_every_image(tmp_path: Path, folder: Path) -> None:
     stored = [Sample(f"s{i:04d}", "png", png, i % 3) for i in range(12)]
     stored[3] = Sample("s0003", "png", png[:100], 1)  # a truncated image, written as is
     out = tmp_path / "corrupt"
-    write_shards(stored, out, CLASSES, 12, max_count=6)
+    write_shards(stored, out, CLASSES, max_count=6)
     report = verify_directory(out, workers=1)
     assert [s.ok for s in report.shards] == [False, True]
     assert re.search(r"sample s0003 \(png\) does not decode: \w+", report.shards[0].problems[0])
@@ -371,7 +373,7 @@ def test_verify_decodes_every_image(tmp_path: Path, folder: Path) -> None:
     stored = [Sample(f"s{i:04d}", "png", png, i % 3) for i in range(4)]
     stored[1] = Sample("s0001", "cls", b"", 1)  # no image at all
     stored[2] = Sample("s0002", "png", png, 7)  # a class index the manifest does not have
-    write_shards(stored, tmp_path / "odd", CLASSES, 4)
+    write_shards(stored, tmp_path / "odd", CLASSES)
     problems = verify_directory(tmp_path / "odd", decode=False).shards[0].problems
     assert problems == [
         "sample s0001 has no image; members: cls",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from runs import TINY, assert_same_weights, logged_steps, pretrain, swav_scale, wait_for_step
 from slurm_jobs import CPU_JOB, in_queue, job_ids, job_processes, resumed_step, slurm_missing, starts, submit, wait
 

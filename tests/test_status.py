@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO
 
 from swav_scale.config import load_config, to_yaml
 from swav_scale.status import print_status, run_status

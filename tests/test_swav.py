@@ -100,10 +100,12 @@ def test_sinkhorn_is_finite_for_small_epsilon(epsilon: float) -> None:
 
 
 def test_sinkhorn_computes_in_float32_under_low_precision() -> None:
-    scores = cosine_scores(32, 10)
-    q16 = sinkhorn(scores.to(torch.bfloat16))
-    assert q16.dtype == torch.float32
-    assert torch.isfinite(q16).all()
+    """bf16 scores (from autocast) give exactly the codes of the same values in float32: the iterations never
+    run in bf16, whose 8-bit mantissa would make exp(s / 0.05) and its sums coarse."""
+    scores = cosine_scores(32, 10).to(torch.bfloat16)
+    q16 = sinkhorn(scores)
+    assert q16.dtype == torch.float32 and torch.equal(q16, sinkhorn(scores.float()))
+    assert not torch.equal(q16, sinkhorn(scores.float()).bfloat16().float())  # bf16 results would differ
 
 
 def test_loss_at_initialisation_is_about_ln_k() -> None:
@@ -150,10 +152,15 @@ def test_loss_is_the_swapped_cross_entropy() -> None:
     assert torch.allclose(swapped_prediction_loss(scores, codes, 0.1), expected)
 
 
-def test_prototypes_are_normalised() -> None:
+def test_prototypes_are_normalised_in_place_row_by_row() -> None:
+    """Each prototype (row) is scaled to unit length, keeping its direction, in the parameter's own storage
+    (the optimizer and a sharded engine hold that storage)."""
     layer = torch.nn.Linear(8, 5, bias=False)
+    before, storage = layer.weight.detach().clone(), layer.weight.data_ptr()
     normalize_prototypes_(layer.weight)
+    assert layer.weight.data_ptr() == storage and layer.weight.grad is None
     assert torch.allclose(layer.weight.norm(dim=1), torch.ones(5))
+    assert torch.allclose(layer.weight * before.norm(dim=1, keepdim=True), before, atol=1e-6)
 
 
 def test_queue_is_fifo_and_only_used_when_full() -> None:

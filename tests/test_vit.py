@@ -10,11 +10,11 @@ import timm
 import torch
 import torch.distributed.checkpoint as dcp
 
+from swav_scale.build import build_model
 from swav_scale.config import check_queue, check_world, load_config
 from swav_scale.knn import load_trunk
 from swav_scale.models import ViTTrunk, build_swav_model, build_trunk
-from swav_scale.train import build_model
-from conftest import REPO
+from helpers import REPO
 
 
 def n_params(m: torch.nn.Module) -> float:

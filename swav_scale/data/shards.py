@@ -24,7 +24,6 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -32,7 +31,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from swav_scale.utils import atomic_write_text, fsync_dir, progress_bar, sha256_file  # noqa: F401 (re-exported)
+from swav_scale.utils import atomic_write_text, fsync_dir, sha256_file
 
 MANIFEST = "manifest.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff", ".gif")
@@ -254,65 +253,11 @@ def write_manifest(out_dir: Path, shards: list[ShardInfo], classes: list[str], e
     atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1))
 
 
-def write_shards(
-    samples: Iterable[Sample],
-    out_dir: str | Path,
-    classes: list[str],
-    total: int,
-    prefix: str = "shard",
-    max_count: int = 10000,
-    max_size: float = 1e9,
-    extra: Callable[[], dict] | None = None,
-    description: str = "writing shards",
-) -> Manifest:
-    """Write `samples` (already in their final, shuffled order) as tar shards plus manifest.json, in this
-    process, replacing the directory's shards of this prefix.
-
-    The simple, streaming way for samples already in memory; tools/make_shards.py plans shards up front
-    instead, to write them in parallel and resume (swav_scale.data.shard_build). A shard ends before the
-    sample that would take it past `max_count` samples or `max_size` bytes. `extra()` adds fields to the
-    manifest; it is called after the last sample, so it can report counts gathered while the samples were
-    produced."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # the old shards become invalid the moment we start overwriting
-    for old in shard_files(out_dir, prefix):
-        old.unlink()
-    shards: list[ShardInfo] = []
-    writer: ShardTarWriter | None = None
-    with progress_bar(description, total) as advance:
-        try:
-            for s in samples:
-                if writer is not None and (writer.samples >= max_count or writer.size_with(s) > max_size):
-                    shards.append(writer.close())
-                    writer = None
-                if writer is None:
-                    writer = ShardTarWriter(out_dir / shard_name(prefix, len(shards)))
-                writer.write(s)
-                advance(1)
-            if writer is not None:
-                shards.append(writer.close())
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            raise
-    if not shards:
-        raise ShardError(f"no readable samples to write into {out_dir}")
-    write_manifest(out_dir, shards, classes, extra() if extra else {})
-    return read_manifest(out_dir)
-
-
 def png_bytes(array: np.ndarray) -> bytes:
     """A uint8 image array as PNG; fixed, fast settings, so the bytes only depend on the pixels."""
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", optimize=False, compress_level=1)
     return buf.getvalue()
-
-
-def array_samples(images: np.ndarray, labels: np.ndarray, key_prefix: str, order: np.ndarray) -> Iterator[Sample]:
-    """uint8 image arrays -> PNG samples in `order`; keys keep the original index (stable augmentation seeds)."""
-    for i in order:
-        yield Sample(f"{key_prefix}{i:08d}", "png", png_bytes(images[i]), int(labels[i]))
 
 
 def list_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str]]:

@@ -23,8 +23,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from swav_scale.data.shard_build import available_cpus
-from swav_scale.data.shards import IMAGE_MEMBERS, MANIFEST, ShardError, ShardInfo, parse_manifest, sha256_file
-from swav_scale.utils import console, progress_bar
+from swav_scale.data.shards import IMAGE_MEMBERS, MANIFEST, ShardError, ShardInfo, parse_manifest
+from swav_scale.utils import console, progress_bar, sha256_file
 
 PROBLEMS_PER_SHARD = 5  # sample problems named per shard; the rest are counted
 

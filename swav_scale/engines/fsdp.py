@@ -58,7 +58,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, bf16_params: bool,
     `reshard_after_forward=False` keeps each trunk unit gathered from its forward to its backward, so a step
     gathers it once instead of twice. (A unit takes all crop resolutions in one call, and so is gathered once
     per pass: models/resnet.py: Stage, models/vit.py: MultiResolutionBlock.)"""
-    # FSDP2 shards contiguous parameters only (train.build_model keeps them so for every engine)
+    # FSDP2 shards contiguous parameters only (build.build_model keeps them so for every engine)
     model.to(memory_format=torch.contiguous_format)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params else None
     for unit in shard_units(model.trunk):

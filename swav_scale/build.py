@@ -1,0 +1,139 @@
+"""Where a run is assembled from its config: model, multi-crop, loader, engine, queue, checkpointer, schedule.
+
+Pretraining, kNN, the linear probe, export, the benchmarks and the tests all build through here, so a part
+built for an evaluation or a measurement is the part training uses. `preflight` holds the checks that need no
+process group; the launchers run it once before starting ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from swav_scale.checkpoint import Checkpointer, RNGState, TrainProgress, seed_generators
+from swav_scale.config import Config, ConfigError, check_queue, check_world
+from swav_scale.data.labelled import open_labelled
+from swav_scale.data.loader import MultiCropStream, ShardLoader
+from swav_scale.data.multicrop import CropSpec, MultiCrop
+from swav_scale.data.plan import Layout, Planner, steps_per_epoch
+from swav_scale.data.shards import Manifest
+from swav_scale.data.sources import open_shards
+from swav_scale.distributed import DistEnv
+from swav_scale.engines import Engine, build_engine
+from swav_scale.models import build_swav_model
+from swav_scale.optim import Schedule
+from swav_scale.queue import FeatureQueue
+
+
+def build_multicrop(cfg: Config) -> MultiCrop:
+    c = cfg.crops
+    specs = [CropSpec(s, n, lo, hi) for s, n, lo, hi in zip(c.sizes, c.counts, c.min_scale, c.max_scale)]
+    return MultiCrop(
+        specs,
+        jitter=tuple(c.color_jitter),  # type: ignore[arg-type]
+        jitter_prob=c.jitter_prob,
+        grayscale_prob=c.grayscale_prob,
+        blur_prob=c.blur_prob,
+        defer_color=c.color_on_device,
+        reduced_decode=c.reduced_decode,
+        ratio=(c.ratio[0], c.ratio[1]),
+    )
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    """The SwAV model of the config: training and evaluation build it here alike.
+
+    Its weights stay contiguous under every engine, channels_last or not: FSDP2 and ZeRO shard contiguous
+    storage only, and DDP holding channels-last weights would round differently from them from the first
+    step. Convolutions still run channels-last: they follow their input, which the loop makes channels-last
+    (`train.channels_last`)."""
+    m = cfg.model
+    return build_swav_model(
+        m.arch, m.width, m.small_stem, m.hidden_dim, m.embed_dim, m.num_prototypes, maxpool=m.maxpool,
+        drop_path_rate=m.drop_path_rate, zero_init_residual=m.zero_init_residual,
+    )
+
+
+def planned_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """The step the run ends at: all epochs, or train.max_steps if that comes first."""
+    total = cfg.optim.epochs * steps_per_epoch
+    return min(cfg.train.max_steps, total) if cfg.train.max_steps else total
+
+
+def preflight(cfg: Config, world_size: int) -> tuple[Manifest, int]:
+    """Checks that need no process group: the batch splits over the ranks, the shards exist and hold at least
+    one global batch, the queue holds whole global batches. The launcher runs them once before starting ranks,
+    so a mistake is reported once, and in this order, so the first message names the first thing to fix."""
+    batch_per_rank = check_world(cfg, world_size)
+    manifest = open_shards(cfg.data.train_shards, cfg.data.train_manifest)
+    steps_per_epoch(manifest, world_size * batch_per_rank)
+    check_queue(cfg)
+    check_periodic_knn(cfg)
+    return manifest, batch_per_rank
+
+
+def check_periodic_knn(cfg: Config) -> None:
+    """eval.every_epochs needs the test split, and finds out now rather than after the first epoch."""
+    if cfg.eval.every_epochs <= 0:
+        return
+    if not cfg.eval.test_shards:
+        raise ConfigError(f"eval.every_epochs={cfg.eval.every_epochs} runs kNN during pretraining, on "
+                          "eval.test_shards, which is not set: give the held-out split (shards or an ImageFolder), "
+                          "or set eval.every_epochs=0")
+    open_labelled(cfg.eval.test_shards)
+    if cfg.eval.train_shards:
+        open_labelled(cfg.eval.train_shards)
+
+
+def build_loader(cfg: Config, rank: int, world_size: int, pin_memory: bool = False) -> ShardLoader:
+    """Rank `rank`'s multi-crop batches of the training shards: every rank the same number of steps per epoch,
+    each epoch's samples once over all ranks and workers (data/plan.py)."""
+    manifest, batch_per_rank = preflight(cfg, world_size)
+    planner = Planner(manifest, cfg.train.seed, cfg.data.open_shards, cfg.data.shuffle_buffer)
+    layout = Layout(world_size, max(1, cfg.data.num_workers), batch_per_rank)
+    stream = MultiCropStream(planner, build_multicrop(cfg), rank, layout)
+    return ShardLoader(stream, cfg.data.num_workers, cfg.data.prefetch_factor, pin_memory=pin_memory)
+
+
+def build_queue(cfg: Config, env: DistEnv) -> FeatureQueue | None:
+    """This rank's share of the feature queue (swav.queue_length over all ranks), or None without one."""
+    if not cfg.swav.queue_length:
+        return None
+    return FeatureQueue(len(cfg.swav.crops_for_assign), cfg.swav.queue_length // env.world_size,
+                        cfg.model.embed_dim, env.device)
+
+
+@dataclass
+class Run:
+    """Every part of one pretraining run on this rank, and the states its checkpoints hold: `global_states`
+    saved collectively (DCP), `rank_states` one file per rank."""
+
+    loader: ShardLoader
+    schedule: Schedule
+    last_step: int
+    engine: Engine
+    queue: FeatureQueue | None
+    progress: TrainProgress
+    checkpointer: Checkpointer
+    global_states: dict[str, Any] = field(default_factory=dict)
+    rank_states: dict[str, Any] = field(default_factory=dict)
+
+
+def build_run(cfg: Config, env: DistEnv) -> Run:
+    """The parts of a run, freshly initialised (the same initial weights on every rank); the caller resumes
+    them from a checkpoint."""
+    loader = build_loader(cfg, env.rank, env.world_size, pin_memory=env.device.type == "cuda")
+    seed_generators(cfg.train.seed, env.rank)
+    engine = build_engine(cfg, build_model(cfg), env)
+    queue = build_queue(cfg, env)
+    progress = TrainProgress()
+    checkpointer = Checkpointer(Path(cfg.train.run_dir) / "checkpoints", env, cfg.train.keep_checkpoints,
+                                cfg.train.checkpoint_checksums, cfg.train.checkpoint_every)
+    return Run(loader=loader, schedule=Schedule.build(cfg.optim, loader.steps_per_epoch),
+               last_step=planned_steps(cfg, loader.steps_per_epoch), engine=engine, queue=queue,
+               progress=progress, checkpointer=checkpointer,
+               global_states={"engine": engine, "progress": progress},
+               rank_states={"rng": RNGState(env.device), "data": loader, **({"queue": queue} if queue else {})})

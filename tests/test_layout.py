@@ -1,0 +1,54 @@
+"""The package's arrows point one way: no module imports one that imports it back, directly or around a circle,
+whether at the top of a file or inside a function."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import swav_scale
+
+PACKAGE = Path(swav_scale.__file__).parent
+
+
+def _imports() -> dict[str, set[str]]:
+    """module -> the swav_scale modules it imports anywhere in its file."""
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("swav_scale"):
+                # `from swav_scale import distributed` imports the submodule
+                deps |= {f"{node.module}.{a.name}" for a in node.names} if node.module == "swav_scale" else {node.module}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("swav_scale")}
+        graph[name] = {d for d in deps if d != name}
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    circles, done = [], set()
+
+    def visit(node: str, path: list[str]) -> None:
+        for dep in sorted(graph.get(node, ())):
+            if dep in path:
+                circles.append(path[path.index(dep):] + [dep])
+            elif dep in graph and dep not in done:
+                visit(dep, path + [dep])
+        done.add(node)
+
+    for module in sorted(graph):
+        visit(module, [module])
+    return circles
+
+
+def test_the_scan_finds_a_circle() -> None:
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_no_module_imports_one_that_imports_it_back() -> None:
+    graph = _imports()
+    assert "swav_scale.train" in graph and "swav_scale.build" in graph["swav_scale.train"]
+    assert _circles(graph) == []
