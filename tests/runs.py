@@ -178,3 +178,24 @@ def differences(a: object, b: object, where: str = "") -> list[str]:
     if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
         return [] if a.dtype == b.dtype and np.array_equal(a, b) else [where]
     return [] if type(a) is type(b) and a == b else [f"{where}: {a!r} vs {b!r}"]
+
+
+def ledger_steps(run_dir: Path) -> dict[int, tuple[int, list[str]]]:
+    """step -> (epoch, the keys every rank read for it), from the run's ledger (data.ledger=true)."""
+    steps: dict[int, tuple[int, list[str]]] = {}
+    for f in sorted((run_dir / "ledger").glob("rank-*.jsonl")):
+        for line in f.read_text().splitlines():
+            entry = json.loads(line)
+            epoch, keys = steps.get(entry["step"], (entry["epoch"], []))
+            steps[entry["step"]] = (epoch, keys + entry["keys"])
+    return steps
+
+
+def assert_each_sample_once_per_epoch(run_dir: Path, steps: int, epochs: int, per_epoch: int) -> None:
+    """The ledger has steps 0..steps-1, and each epoch's keys are `per_epoch` distinct samples: none read twice,
+    none skipped, whatever the ranks did in between."""
+    ledger = ledger_steps(run_dir)
+    assert sorted(ledger) == list(range(steps))
+    for epoch in range(epochs):
+        keys = [k for e, ks in ledger.values() if e == epoch for k in ks]
+        assert len(keys) == len(set(keys)) == per_epoch, epoch

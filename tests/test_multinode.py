@@ -18,7 +18,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from runs import assert_same_weights, final_weights, logged_steps, swav_scale, wait_for_step
+from runs import (
+    assert_each_sample_once_per_epoch,
+    assert_same_weights,
+    final_weights,
+    ledger_steps,
+    logged_steps,
+    swav_scale,
+    wait_for_step,
+)
 from slurm_jobs import job_processes, resumed_step, slurm_missing, starts, submit, task_log, wait, wait_done
 
 pytestmark = pytest.mark.slow
@@ -80,13 +88,9 @@ def test_two_nodes_of_two_tasks_number_ranks_node_by_node(cluster: None, fmnist_
     assert [(r["rank"], r["host"], r["node_rank"], r["local_rank"], r["local_world_size"]) for r in ranks] == [
         (0, first, 0, 0, 2), (1, first, 0, 1, 2), (2, second, 1, 0, 2), (3, second, 1, 1, 2)]
     assert all(r["threads"] == 1 and r["data_workers"] == 2 for r in ranks), ranks
-    steps: dict[int, list[str]] = {}
-    for rank in range(4):
-        for line in (run_dir / "ledger" / f"rank-{rank:05d}.jsonl").read_text().splitlines():
-            entry = json.loads(line)
-            steps.setdefault(entry["step"], []).extend(entry["keys"])
-    assert sorted(steps) == [0, 1, 2]
-    assert all(len(keys) == len(set(keys)) == 32 for keys in steps.values())
+    steps = ledger_steps(run_dir)
+    assert sorted(steps) == [0, 1, 2] and len(list((run_dir / "ledger").glob("rank-*.jsonl"))) == 4
+    assert all(len(keys) == len(set(keys)) == 32 for _, keys in steps.values())
 
 
 def test_preemption_signal_reaches_every_node_and_the_run_resumes_bitwise(
@@ -170,16 +174,8 @@ def test_resumed_on_three_nodes_then_one_sees_every_sample_once(cluster: None, f
         wait_done(job, 300)
         assert final_weights(run_dir)["step"] == stop, task_log(run_dir, job, 0)[-2000:]
     assert [len(set(_hosts(run_dir, i))) for i in range(3)] == [2, 3, 1]
-    steps: dict[int, tuple[int, list[str]]] = {}  # step -> (epoch, keys of all ranks); a redone step counts last
-    for f in sorted((run_dir / "ledger").glob("rank-*.jsonl")):
-        for line in f.read_text().splitlines():
-            entry = json.loads(line)
-            epoch, keys = steps.get(entry["step"], (entry["epoch"], []))
-            steps[entry["step"]] = (epoch, keys + entry["keys"])
-    assert sorted(steps) == list(range(52))
-    for epoch in (0, 1):
-        keys = [k for e, ks in steps.values() if e == epoch for k in ks]
-        assert len(keys) == len(set(keys)) == 26 * 24, epoch
+    assert_each_sample_once_per_epoch(run_dir, 52, 2, 26 * 24)
+    assert all(len(keys) == 24 for _, keys in ledger_steps(run_dir).values())
 
 
 @pytest.fixture()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers import REPO
-from runs import TINY, final_weights, pretrain, swav_scale
+from runs import TINY, assert_each_sample_once_per_epoch, final_weights, ledger_steps, pretrain, swav_scale
 
 pytestmark = pytest.mark.slow
 
@@ -68,17 +68,8 @@ def test_resume_on_other_world_sizes_sees_every_sample_once(fmnist_train_shards:
                           f"train.max_steps={stop}", "--nproc", str(nproc))
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert final_weights(run_dir)["step"] == stop
-    steps: dict[int, tuple[int, list[str]]] = {}  # step -> (epoch, keys of all ranks)
-    for f in sorted((run_dir / "ledger").glob("rank-*.jsonl")):
-        for line in f.read_text().splitlines():
-            entry = json.loads(line)
-            epoch, keys = steps.get(entry["step"], (entry["epoch"], []))
-            steps[entry["step"]] = (epoch, keys + entry["keys"])
-    assert sorted(steps) == list(range(52))
-    for epoch in (0, 1):
-        keys = [k for e, ks in steps.values() if e == epoch for k in ks]
-        assert len(keys) == len(set(keys)) == 26 * 24, epoch
-    assert all(len(ks) == 24 for _, ks in steps.values())
+    assert_each_sample_once_per_epoch(run_dir, 52, 2, 26 * 24)
+    assert all(len(ks) == 24 for _, ks in ledger_steps(run_dir).values())
 
 
 def test_killed_run_loses_nothing(tiny_full_run: Path, fmnist_train_shards: Path, tmp_path: Path) -> None:
