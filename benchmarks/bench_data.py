@@ -8,7 +8,7 @@ sigma U(0.1, 2); normalisation) from the same few hundred ImageNet-sized JPEGs:
   torchvision.transforms Compose per crop (RandomResizedCrop, RandomHorizontalFlip, RandomApply(ColorJitter),
   RandomGrayscale, PILRandomGaussianBlur, ToTensor, Normalize), batched by a DataLoader (default collate).
   As in SwAV's code the blur applies to every crop, global and local (PIL's GaussianBlur, radius = sigma).
-* swav_scale: ShardLoader over MultiCropStream reading the shards that swav_scale.data.make_shards wrote from
+* swav_scale: ShardLoader over MultiCropStream reading the shards that swav_scale.shards.make_shards wrote from
   the same image folder, MultiCrop built as build.build_multicrop builds it, and each batch normalised on the
   CPU (in training that happens on the GPU, so this counts work the CPU does not do there).
 * swav_scale with colour on the device: the same stream with MultiCrop(defer_color=True), so the CPU decodes,
@@ -50,11 +50,11 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 from swav_scale.data.loader import MultiCropStream, ShardLoader
-from swav_scale.data.make_shards import main as make_shards
+from swav_scale.data.manifest import read_manifest
 from swav_scale.data.multicrop import CropSpec, MultiCrop, apply_color, normalize, sample_seed, split_color_params
 from swav_scale.data.plan import Layout, Planner
 from swav_scale.data.reader import decode, decode_reduced, shard_samples
-from swav_scale.data.shards import read_manifest
+from swav_scale.shards.make_shards import main as make_shards
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)  # swav_scale's default; SwAV's code has 0.228 for red (kept in the reference)

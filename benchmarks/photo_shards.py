@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from swav_scale.data.make_shards import main as make_shards
+from swav_scale.shards.make_shards import main as make_shards
 
 
 def photo_shards(work: Path, count: int, long_side: int) -> Path:

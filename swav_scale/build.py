@@ -17,9 +17,9 @@ from swav_scale.checkpoint import Checkpointer, RNGState, TrainProgress, seed_ge
 from swav_scale.config import Config, ConfigError, check_queue, check_world
 from swav_scale.data.labelled import open_labelled
 from swav_scale.data.loader import MultiCropStream, ShardLoader
+from swav_scale.data.manifest import Manifest
 from swav_scale.data.multicrop import CropSpec, MultiCrop
 from swav_scale.data.plan import Layout, Planner, steps_per_epoch
-from swav_scale.data.shards import Manifest
 from swav_scale.data.sources import open_shards
 from swav_scale.distributed import DistEnv
 from swav_scale.engines import Engine, build_engine

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from swav_scale.config import ConfigError, load_config
-from swav_scale.data.shards import ShardError
+from swav_scale.data.manifest import ShardError
 from swav_scale.utils import console
 
 
@@ -155,13 +155,13 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _make_shards(args: argparse.Namespace) -> None:
-    from swav_scale.data.make_shards import main
+    from swav_scale.shards.make_shards import main
 
     main(args.rest)
 
 
 def _verify_shards(args: argparse.Namespace) -> None:
-    from swav_scale.data.verify import main
+    from swav_scale.shards.verify import main
 
     code = main(args.rest)
     if code:

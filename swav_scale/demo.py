@@ -15,9 +15,9 @@ import torch
 
 from swav_scale.checkpoint import newest_checkpoint
 from swav_scale.config import load_config
-from swav_scale.data.make_shards import ensure_shards
 from swav_scale.knn import evaluate, load_trunk, print_knn_table, raw_pixels
 from swav_scale.launcher import launch_local
+from swav_scale.shards.make_shards import ensure_shards
 from swav_scale.utils import atomic_write_text, console, rule
 
 

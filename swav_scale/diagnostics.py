@@ -14,7 +14,7 @@ and the loop logs `loss_over_ln_k`, the loss against ln K. (The loss is a cross-
 it can exceed ln K while learning: confident predictions of the wrong prototype cost more than uniform ones. A
 loss at ln K means stuck only together with uniform predictions.)
 
-`HealthCheck` turns them into warnings with what to change (the same advice as the README).
+`HealthCheck` turns them into warnings with what to change (the advice docs/training.md gives under "Is it learning?").
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ def _requeue_after_failure(cfg: Config, error: Exception, started_from: Path | N
     would most likely fail the same way, so the job ends with the error. Mistakes in the config, the data or
     the numbers (ConfigError, ShardError, a NaN loss) are never requeued."""
     from swav_scale.checkpoint import newest_checkpoint
-    from swav_scale.data.shards import ShardError
+    from swav_scale.data.manifest import ShardError
     from swav_scale.runlog import launch_ranks
 
     job = os.environ.get("SLURM_JOB_ID")
@@ -299,7 +299,7 @@ def _wait_all(procs: list[tuple[int, subprocess.Popen, Path | None]]) -> None:
 
 def _worker_main(argv: list[str]) -> None:
     """One rank: `python -m swav_scale.launcher CONFIG [key=value ...]` (what torchrun and launch_local run)."""
-    from swav_scale.data.shards import ShardError
+    from swav_scale.data.manifest import ShardError
 
     if not argv:
         sys.exit("usage: python -m swav_scale.launcher CONFIG [key=value ...] (one rank; RANK, WORLD_SIZE, "

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from swav_scale.data import fashion_mnist
-from swav_scale.data.make_shards import main as make_shards
+from swav_scale.shards import fashion_mnist
+from swav_scale.shards.make_shards import main as make_shards
 
 
 

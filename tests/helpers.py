@@ -14,18 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from swav_scale.data.shards import (
-    MANIFEST,
-    Manifest,
-    Sample,
-    ShardError,
-    ShardInfo,
-    ShardTarWriter,
-    read_manifest,
-    shard_files,
-    shard_name,
-    write_manifest,
-)
+from swav_scale.data.manifest import MANIFEST, Manifest, read_manifest, ShardError, ShardInfo, write_manifest
+from swav_scale.shards.tar import Sample, shard_files, shard_name, ShardTarWriter
 
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: configs/, tools/
@@ -91,7 +81,7 @@ def write_shards(
 ) -> Manifest:
     """Write `samples` (in their final order) as tar shards plus manifest.json, in this process, through the
     package's own tar writer and manifest: hand-made shard sets (broken images, odd sizes) for tests, where
-    tools/make_shards.py (swav_scale.data.shard_build) reads a source it knows. A shard ends before the sample
+    tools/make_shards.py (swav_scale.shards.builder) reads a source it knows. A shard ends before the sample
     that would take it past `max_count` samples or `max_size` bytes."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

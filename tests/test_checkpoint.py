@@ -12,11 +12,11 @@ from helpers import REPO, run_ranks
 from runs import TINY_VIT, checkpoint_contents, differences, train_in_process
 
 from swav_scale.checkpoint import DAMAGED, META, Checkpointer, RNGState, TrainProgress, find_damage, rank_file
+from swav_scale.config import OptimConfig
 from swav_scale.distributed import DistEnv
 from swav_scale.engines.ddp import DDPEngine
 from swav_scale.models import build_swav_model
 from swav_scale.optim import build_optimizer
-from swav_scale.config import OptimConfig
 from swav_scale.queue import FeatureQueue
 
 
@@ -252,9 +252,10 @@ def test_files_written_atomically_follow_the_umask(umask: int, tmp_path: Path) -
     from swav_scale.config import load_config
     from helpers import write_shards
 
-    from swav_scale.data.shards import MANIFEST, Sample
+    from swav_scale.data.manifest import MANIFEST
     from swav_scale.distributed import rank_record
     from swav_scale.runlog import write_run_info
+    from swav_scale.shards.tar import Sample
 
     def mode(p: Path) -> int:
         return stat.S_IMODE(p.stat().st_mode)

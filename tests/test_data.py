@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from swav_scale.data.loader import MultiCropStream, ShardLoader
-from swav_scale.data.make_shards import main as make_shards
+from swav_scale.data.manifest import MANIFEST, read_manifest, ShardError
 from swav_scale.data.multicrop import CropSpec, MultiCrop, crop_box, sample_seed
 from swav_scale.data.plan import Layout, Planner, Segment, Span, cut, emitted, select_epoch, steps_per_epoch
-from swav_scale.data.shards import MANIFEST, ShardError, read_manifest
+from swav_scale.shards.make_shards import main as make_shards
 
 SPECS = [CropSpec(28, 2, 0.4, 1.0), CropSpec(12, 2, 0.15, 0.4)]
 
@@ -292,7 +292,7 @@ def test_crop_boxes_follow_the_scale_and_ratio_ranges() -> None:
 
 
 def test_labels_travel_with_their_images(fmnist_train_shards: Path) -> None:
-    from swav_scale.data import fashion_mnist
+    from swav_scale.shards import fashion_mnist
 
     images, labels = fashion_mnist.load_split(fashion_mnist.find_dir(), "train")
     batch = next(iter(loader(fmnist_train_shards, 0, 1, 32, 0)))
@@ -315,7 +315,7 @@ def damaged_shards(tmp_path: Path) -> Path:
     storage after the manifest was written (as a half-copied remote file would be)."""
     from helpers import write_shards
 
-    from swav_scale.data.shards import Sample
+    from swav_scale.shards.tar import Sample
 
     samples = [Sample(f"s{i:04d}", "png", _png(i), i % 3) for i in range(120)]
     samples[5] = Sample("s0005", "jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF garbage, not a JPEG body", 0)
@@ -418,8 +418,8 @@ def test_a_data_position_from_before_exact_resume_still_loads(fmnist_train_shard
 
 
 def test_crop_aspect_ratio_is_configurable() -> None:
-    from swav_scale.config import ConfigError, load_config
     from swav_scale.build import build_multicrop
+    from swav_scale.config import ConfigError, load_config
 
     rng = random.Random(1)
     assert all(h == w for h, w in (crop_box(rng, 28, 28, (0.15, 1.0), (1.0, 1.0))[2:] for _ in range(500)))

@@ -29,8 +29,8 @@ from swav_scale.data.multicrop import (
     sample_seed,
     split_color_params,
 )
+from swav_scale.data.manifest import read_manifest
 from swav_scale.data.reader import decode, decode_reduced, shard_samples
-from swav_scale.data.shards import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 SWAV = [CropSpec(224, 2, 0.14, 1.0), CropSpec(96, 6, 0.05, 0.14)]

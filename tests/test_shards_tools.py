@@ -18,14 +18,15 @@ import pytest
 from helpers import write_shards
 from PIL import Image
 
-from swav_scale.data import shard_build
-from swav_scale.data.make_shards import build_parser
-from swav_scale.data.make_shards import main as make_shards
-from swav_scale.data.shards import MANIFEST, Sample, ShardError, read_manifest, tar_bytes
-from swav_scale.data.verify import main as verify_shards
-from swav_scale.data.verify import verify_directory
-from swav_scale.utils import sha256_file
+from swav_scale.data.manifest import MANIFEST, read_manifest, ShardError
+from swav_scale.shards import builder
+from swav_scale.shards.make_shards import build_parser
+from swav_scale.shards.make_shards import main as make_shards
+from swav_scale.shards.tar import Sample, tar_bytes
+from swav_scale.shards.verify import main as verify_shards
+from swav_scale.shards.verify import verify_directory
 from swav_scale.utils import console
+from swav_scale.utils import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "eel"]
@@ -224,7 +225,7 @@ def test_rerun_keeps_intact_shards_and_rewrites_damaged_ones(
 
 
 def test_an_interrupted_run_finishes_where_it_stopped(tmp_path: Path, folder: Path, monkeypatch) -> None:
-    real_load = shard_build.load_item
+    real_load = builder.load_item
     loaded = []
 
     def interrupted(item, resize):  # noqa: ANN001, ANN202 - stands in for load_item
@@ -234,10 +235,10 @@ def test_an_interrupted_run_finishes_where_it_stopped(tmp_path: Path, folder: Pa
         return real_load(item, resize)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(shard_build, "load_item", interrupted)
+    monkeypatch.setattr(builder, "load_item", interrupted)
     with pytest.raises(KeyboardInterrupt):
         shards_of(folder, out, "--max-count", "5")
-    monkeypatch.setattr(shard_build, "load_item", real_load)
+    monkeypatch.setattr(builder, "load_item", real_load)
     assert not (out / MANIFEST).exists()
     assert sorted(t.name for t in out.glob("*.tar*")) == [f"shard-00000{i}.tar" for i in range(3)]
     before = stamp_old(out)

@@ -15,8 +15,8 @@ from helpers import free_port
 from test_data import multicrop
 
 from swav_scale.data.loader import MultiCropStream, ShardLoader
+from swav_scale.data.manifest import Manifest, ShardError
 from swav_scale.data.plan import Layout, Planner
-from swav_scale.data.shards import Manifest, ShardError
 from swav_scale.data.sources import open_shards
 
 PATTERN = "train-{000000..000006}.tar"

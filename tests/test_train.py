@@ -128,7 +128,7 @@ def test_damaged_shards_stop_every_rank_with_a_clear_message(tmp_path: Path) -> 
 
     from helpers import write_shards
 
-    from swav_scale.data.shards import Sample
+    from swav_scale.shards.tar import Sample
 
     def png(i: int) -> bytes:
         buf = io.BytesIO()

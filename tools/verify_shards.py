@@ -3,7 +3,7 @@
 
 import sys
 
-from swav_scale.data.verify import main
+from swav_scale.shards.verify import main
 
 if __name__ == "__main__":
     sys.exit(main())

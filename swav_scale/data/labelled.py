@@ -18,8 +18,8 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
+from swav_scale.data.manifest import IMAGE_EXTENSIONS, MANIFEST, ShardError
 from swav_scale.data.reader import decode, label_of, shard_samples
-from swav_scale.data.shards import MANIFEST, ShardError, list_image_folder
 from swav_scale.data.sources import is_remote, open_shards
 
 FOLDER_UNIT = 1000  # ImageFolder files per unit of work: enough to amortise a worker's start, small enough to spread
@@ -107,3 +107,23 @@ class LabelledStream(IterableDataset):
                     images, labels = [], []
         if images:
             yield torch.stack(images), torch.tensor(labels)
+
+
+def list_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """(relative path, class index) for every image file under root/<class>/, classes sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ShardError(f"image folder {root} does not exist")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise ShardError(f"image folder {root} has no class subdirectories (expected root/<class>/<image>)")
+    items = []
+    for idx, c in enumerate(classes):
+        for dirpath, _, files in os.walk(root / c):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    items.append((os.path.relpath(os.path.join(dirpath, f), root), idx))
+    items.sort()
+    if not items:
+        raise ShardError(f"image folder {root} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
+    return items, classes

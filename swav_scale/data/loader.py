@@ -29,10 +29,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from swav_scale.data.manifest import ShardError
 from swav_scale.data.multicrop import MultiCrop, sample_seed
 from swav_scale.data.plan import Layout, Planner, Segment, Span, consumer_rng, interleave, worker_batches
 from swav_scale.data.reader import BadSample, decode_reduced, label_of, read_span
-from swav_scale.data.shards import ShardError
 from swav_scale.utils import stable_seed
 
 

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from swav_scale.data.shards import Manifest, ShardError
+from swav_scale.data.manifest import Manifest, ShardError
 
 T = TypeVar("T")
 

@@ -20,8 +20,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image
 
+from swav_scale.data.manifest import IMAGE_MEMBERS, ShardError
 from swav_scale.data.plan import Span
-from swav_scale.data.shards import ShardError
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (not a dependency here). They remain the
 # fastest decoders available (measured: PNG 13 vs 50 us, JPEG 500x375 1.66 vs 1.94 ms for PIL), so the notice,
@@ -29,7 +29,6 @@ from swav_scale.data.shards import ShardError
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif")
 
 Sample = dict[str, Any]
 
@@ -74,7 +73,7 @@ def read_span(span: Span) -> Iterator[tuple[int, Sample | None, str | None]]:
 def decode(sample: Sample) -> Tensor:
     """The sample's image as a uint8 RGB tensor (C, H, W); BadSample names the sample and its shard."""
     where = f"{sample.get('__url__')}: sample {sample.get('__key__')}"
-    for ext in IMAGE_KEYS:
+    for ext in IMAGE_MEMBERS:
         if ext in sample:
             data = torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8)
             try:
@@ -82,7 +81,7 @@ def decode(sample: Sample) -> Tensor:
             except RuntimeError as e:
                 raise BadSample(f"{where} does not decode: {e}") from None
     raise BadSample(f"{where} has no image (fields: {sorted(k for k in sample if not k.startswith('__'))}); "
-                    "expected one of " + ", ".join(IMAGE_KEYS))
+                    "expected one of " + ", ".join(IMAGE_MEMBERS))
 
 
 def decode_reduced(sample: Sample, reduction: Callable[[int, int], int]) -> tuple[Tensor, tuple[int, int]]:
@@ -92,7 +91,7 @@ def decode_reduced(sample: Sample, reduction: Callable[[int, int], int]) -> tupl
     the time and a sixteenth of the memory. The reduced image is a (C, H, W) view of PIL's (H, W, C) pixels:
     channels last, the layout torch's uint8 antialiased resize reads fastest (2x). Everything else, f = 1
     included, is `decode(sample)`, byte for byte; so is a JPEG PIL cannot read (then `decode` reports it)."""
-    ext = next((e for e in IMAGE_KEYS if e in sample), None)
+    ext = next((e for e in IMAGE_MEMBERS if e in sample), None)
     if ext in ("jpg", "jpeg"):
         try:
             with Image.open(io.BytesIO(sample[ext])) as im:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from swav_scale.data.shards import (
+from swav_scale.data.manifest import (
     MANIFEST,
     Manifest,
     ShardError,

@@ -22,8 +22,8 @@ from PIL import Image
 from rich.markup import escape
 from rich.table import Table
 
-from swav_scale.data.shard_build import available_cpus
-from swav_scale.data.shards import IMAGE_MEMBERS, MANIFEST, ShardError, ShardInfo, parse_manifest
+from swav_scale.data.manifest import IMAGE_MEMBERS, MANIFEST, parse_manifest, ShardError, ShardInfo
+from swav_scale.shards.builder import available_cpus
 from swav_scale.utils import console, progress_bar, sha256_file
 
 PROBLEMS_PER_SHARD = 5  # sample problems named per shard; the rest are counted

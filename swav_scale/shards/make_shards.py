@@ -6,10 +6,10 @@ import argparse
 import time
 from pathlib import Path
 
-from swav_scale.data import fashion_mnist
-from swav_scale.data.inputs import Source, fashion_mnist_source, file_list_source, image_folder_source
-from swav_scale.data.shard_build import SKIPPED_IN_MANIFEST, Settings, available_cpus, build_shards
-from swav_scale.data.shards import Manifest, read_manifest
+from swav_scale.data.manifest import Manifest, read_manifest
+from swav_scale.shards import fashion_mnist
+from swav_scale.shards.builder import SKIPPED_IN_MANIFEST, Settings, available_cpus, build_shards
+from swav_scale.shards.inputs import Source, fashion_mnist_source, file_list_source, image_folder_source
 from swav_scale.utils import console
 
 DEFAULT_MAX_SIZE = 1e9

@@ -30,22 +30,10 @@ from typing import Any
 
 from rich.markup import escape
 
-from swav_scale.data.inputs import Item, Source, load_item
-from swav_scale.data.shards import (
-    MANIFEST,
-    Manifest,
-    ShardError,
-    ShardInfo,
-    ShardTarWriter,
-    member_bytes,
-    read_manifest,
-    sha256_file,
-    shard_files,
-    shard_name,
-    tar_bytes,
-    write_manifest,
-)
-from swav_scale.utils import atomic_write_text, console, progress_bar
+from swav_scale.data.manifest import MANIFEST, Manifest, read_manifest, ShardError, ShardInfo, write_manifest
+from swav_scale.shards.inputs import Item, Source, load_item
+from swav_scale.shards.tar import member_bytes, shard_files, shard_name, ShardTarWriter, tar_bytes
+from swav_scale.utils import atomic_write_text, console, progress_bar, sha256_file
 
 PROGRESS_DIR = ".progress"
 PLAN_VERSION = 1  # bump when the bytes written for the same plan change, so old shards are not kept

@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from swav_scale.data import fashion_mnist
-from swav_scale.data.shards import IMAGE_MEMBERS, Sample, ShardError, list_image_folder, png_bytes
+from swav_scale.data.labelled import list_image_folder
+from swav_scale.data.manifest import IMAGE_MEMBERS, ShardError
+from swav_scale.shards import fashion_mnist
+from swav_scale.shards.tar import png_bytes, Sample
 
 # The member extension of an image whose file name does not say what it is, from the format PIL detected.
 FORMAT_MEMBERS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "PPM": "ppm", "TIFF": "tif", "GIF": "gif"}
