@@ -51,7 +51,8 @@ from torch.utils.data import DataLoader
 
 from swav_scale.data.loader import MultiCropStream, ShardLoader
 from swav_scale.data.manifest import read_manifest
-from swav_scale.data.multicrop import CropSpec, MultiCrop, apply_color, normalize, sample_seed, split_color_params
+from swav_scale.data.device import apply_color, normalize
+from swav_scale.data.multicrop import CropSpec, MultiCrop, sample_seed
 from swav_scale.data.plan import Layout, Planner
 from swav_scale.data.reader import decode, decode_reduced, shard_samples
 from swav_scale.shards.make_shards import main as make_shards
@@ -163,8 +164,7 @@ def swav_scale_batches(shards: Path, multicrop: MultiCrop, batch: int) -> Iterat
     loader = ShardLoader(MultiCropStream(planner, multicrop, 0, Layout(1, 1, batch)), 0, 2, pin_memory=False)
     while True:
         for b in loader:
-            views = split_color_params(b.views)[0] if multicrop.defer_color else b.views
-            for v in views:
+            for v in b.views:
                 normalize(v, MEAN, STD)
             yield len(b.keys)
 
@@ -245,7 +245,8 @@ def profile(shards: Path, specs: list[CropSpec], batch: int, reference_root: Pat
     table.add_row("decode_reduced + MultiCrop", f"{total:.2f}", "the same crops from the reduced images")
     deferred = build_multicrop(specs, defer_color=True)
     crops = [deferred(images[i % n], seeds[i % n]) for i in range(batch)]
-    views, params = split_color_params([torch.stack(v) for v in zip(*crops)])
+    views = [torch.stack(v) for v in zip(*(c.views for c in crops))]
+    params = torch.stack([c.color for c in crops])
     ms = per_sample_ms(lambda i: apply_color(views, params), 2) / batch
     table.add_row("apply_color on a CPU batch", f"{ms:.2f}",
                   f"defer_color's jitter + grayscale + blur, batch {batch}: meant for the GPU")

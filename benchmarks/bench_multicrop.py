@@ -19,7 +19,8 @@ import time
 import torch
 from torchvision.transforms import v2
 
-from swav_scale.data.multicrop import CropSpec, MultiCrop, normalize, sample_seed
+from swav_scale.data.device import normalize
+from swav_scale.data.multicrop import CropSpec, MultiCrop, sample_seed
 
 
 class TextbookMultiCrop:
@@ -62,7 +63,7 @@ def main() -> None:
 
     def run_ours() -> None:
         for start in range(0, args.samples, args.batch):
-            crops = [ours(images[i % 64], sample_seed(0, 0, str(i))) for i in range(start, start + args.batch)]
+            crops = [ours(images[i % 64], sample_seed(0, 0, str(i))).views for i in range(start, start + args.batch)]
             for views in zip(*crops):
                 normalize(torch.stack(views), mean, std)
 

@@ -51,7 +51,7 @@ from timing import device_name, host_sync_mode, sync_debug_mode, write_json
 from swav_scale.build import build_loader, build_model
 from swav_scale.config import load_config
 from swav_scale.data.loader import Batch, ShardLoader
-from swav_scale.data.multicrop import CopyStream, device_views
+from swav_scale.data.device import CopyStream, device_views
 from swav_scale.distributed import shutdown
 from swav_scale.engines import build_engine
 from swav_scale.engines.base import autocast_dtype
@@ -138,7 +138,7 @@ def main() -> None:
         copy = CopyStream(device)
 
         def views_of(b: Batch) -> list[torch.Tensor]:  # as the training loop moves and normalises a batch
-            return device_views(b.views, copy, mean, std, cfg.crops.color_on_device, cfg.train.channels_last)
+            return device_views(b, copy, mean, std, cfg.train.channels_last)
 
         def step(views: list[torch.Tensor]) -> object:  # past the prototypes' frozen steps, at the base lr
             return swav_step(engine, views, cfg.swav, cfg.swav.freeze_prototypes_iters, cfg.optim.base_lr, None)

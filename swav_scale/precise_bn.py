@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from swav_scale.data.labelled import Unit
-from swav_scale.data.multicrop import normalize
+from swav_scale.data.device import normalize
 from swav_scale.distributed import all_reduce, all_reduce_numbers, rank, world_size
 
 

@@ -21,7 +21,7 @@ from swav_scale.build import Run, build_run
 from swav_scale.config import Config, SwAVConfig
 from swav_scale.data.loader import ShardLoader
 from swav_scale.data.manifest import ShardError
-from swav_scale.data.multicrop import CopyStream, device_views
+from swav_scale.data.device import CopyStream, device_views
 from swav_scale.diagnostics import HealthCheck, code_statistics
 from swav_scale.distributed import DistEnv, all_gather_object, all_reduce_mean, all_reduce_numbers, rank_record
 from swav_scale.engines import Engine
@@ -204,7 +204,7 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None,
                 step = progress.step
                 log.batch(step, epoch, batch.keys)
                 lr = float(run.schedule.lr[step])
-                views = device_views(batch.views, copy, mean, std, cfg.crops.color_on_device, cfg.train.channels_last)
+                views = device_views(batch, copy, mean, std, cfg.train.channels_last)
                 end_of_epoch = loader.at_epoch_end  # this batch is the epoch's last
                 log_now = log.due(step + 1, end_of_epoch)
                 result = swav_step(engine, views, cfg.swav, step, lr, queue, measure_grad_norm=log_now)

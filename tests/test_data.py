@@ -18,7 +18,7 @@ from PIL import Image
 
 from swav_scale.data.loader import MultiCropStream, ShardLoader
 from swav_scale.data.manifest import MANIFEST, read_manifest, ShardError
-from swav_scale.data.multicrop import CropSpec, MultiCrop, crop_box, sample_seed
+from swav_scale.data.multicrop import crop_box, CropSpec, MultiCrop, sample_seed
 from swav_scale.data.plan import Layout, Planner, Segment, Span, cut, emitted, select_epoch, steps_per_epoch
 from swav_scale.shards.make_shards import main as make_shards
 
@@ -269,10 +269,10 @@ def test_multicrop_is_seeded_per_sample() -> None:
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    a = mc(image, sample_seed(0, 0, "k"))
+    a = mc(image, sample_seed(0, 0, "k")).views
     assert torch.equal(torch.rand(1), before), "the caller's RNG stream must not move"
-    b = mc(image, sample_seed(0, 0, "k"))
-    c = mc(image, sample_seed(0, 1, "k"))
+    b = mc(image, sample_seed(0, 0, "k")).views
+    c = mc(image, sample_seed(0, 1, "k")).views
     assert [t.shape for t in a] == [(3, 28, 28)] * 2 + [(3, 12, 12)] * 2
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
@@ -374,13 +374,13 @@ def test_a_shard_missing_from_storage_is_named(tmp_path: Path, fmnist_train_shar
 def test_colour_on_the_device_gives_the_views_of_the_workers(fmnist_train_shards: Path) -> None:
     """crops.color_on_device: workers only crop and flip, the training process jitters in batch; the views
     match the ones made entirely in the workers (to a level on a rare pixel)."""
-    from swav_scale.data.multicrop import CopyStream, device_views
+    from swav_scale.data.device import CopyStream, device_views
 
     def first_batch(defer: bool) -> list[torch.Tensor]:
         mc = MultiCrop(SPECS, jitter=(0.4, 0.4, 0.0, 0.0), blur_prob=0.5, defer_color=defer)
         stream = MultiCropStream(planner(fmnist_train_shards), mc, 0, Layout(1, 1, 16))
         batch = next(iter(ShardLoader(stream, 0, 2, False)))
-        return device_views(batch.views, CopyStream(torch.device("cpu")), (0.5,) * 3, (0.25,) * 3, defer)
+        return device_views(batch, CopyStream(torch.device("cpu")), (0.5,) * 3, (0.25,) * 3)
 
     in_workers, on_device = first_batch(False), first_batch(True)
     assert [v.shape for v in on_device] == [v.shape for v in in_workers]
@@ -395,16 +395,16 @@ def test_moving_a_batch_to_the_device_waits_for_nothing_there(fmnist_train_shard
     from the device and copy nothing to it blocking (tests/device_trace.py), from the second batch on."""
     from device_trace import DeviceTrace
 
-    from swav_scale.data.multicrop import CopyStream, device_views
+    from swav_scale.data.device import CopyStream, device_views
 
     mc = MultiCrop(SPECS, jitter=(0.4, 0.4, 0.4, 0.1), blur_prob=1.0, grayscale_prob=0.5, defer_color=defer)
     stream = MultiCropStream(planner(fmnist_train_shards), mc, 0, Layout(1, 1, 16))
     batches = iter(ShardLoader(stream, 0, 2, False))
     copy = CopyStream(torch.device("cpu"))
-    device_views(next(batches).views, copy, (0.5,) * 3, (0.25,) * 3, defer)  # the constants are made once
+    device_views(next(batches), copy, (0.5,) * 3, (0.25,) * 3)  # the constants are made once
     batch = next(batches)
-    with DeviceTrace(host=batch.views) as trace:
-        views = device_views(batch.views, copy, (0.5,) * 3, (0.25,) * 3, defer)
+    with DeviceTrace(host=[*batch.views, *([] if batch.color is None else [batch.color])]) as trace:
+        views = device_views(batch, copy, (0.5,) * 3, (0.25,) * 3)
     assert trace.seen == {"reads": [], "copies": [], "mixes": []}
     assert len(views) == sum(s.count for s in SPECS)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from device_trace import DeviceTrace
 
-from swav_scale.data.multicrop import _blur
+from swav_scale.data.pixels import blur
 
 
 def test_it_sees_values_read_back_from_the_device() -> None:
@@ -52,8 +52,8 @@ def test_it_sees_a_blur_radius_read_from_device_sigmas() -> None:
     (as apply_color does), nothing is read."""
     x, sigma = torch.rand(4, 3, 16, 16) * 255, torch.rand(4) + 0.5
     with DeviceTrace() as trace:
-        _blur(x, 9, sigma)
+        blur(x, 9, sigma)
     assert trace.reads == ["__int__"]
     with DeviceTrace() as trace:
-        _blur(x, 9, sigma, radius=4)
+        blur(x, 9, sigma, radius=4)
     assert trace.reads == []

@@ -12,27 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from swav_scale.config import load_config
-from swav_scale.data.multicrop import (
-    CropSpec,
-    MultiCrop,
-    _blur,
-    _blur_kernel,
-    _scale_box,
-    adjust_hue,
-    apply_color,
-    crop_box,
-    gaussian_blur,
-    sample_seed,
-    split_color_params,
-)
+from swav_scale.data.device import apply_color
 from swav_scale.data.manifest import read_manifest
+from swav_scale.data.multicrop import CropSpec, MultiCrop, _scale_box, crop_box, sample_seed
+from swav_scale.data.pixels import adjust_hue, blur, blur_kernel_size, gaussian_blur
 from swav_scale.data.reader import decode, decode_reduced, shard_samples
-
-REPO = Path(__file__).resolve().parents[1]
 SWAV = [CropSpec(224, 2, 0.14, 1.0), CropSpec(96, 6, 0.05, 0.14)]
 
 
@@ -73,7 +62,7 @@ def torchvision_multicrop(mc: MultiCrop, image: torch.Tensor, seed: int) -> list
             crop = F.rgb_to_grayscale(crop, num_output_channels=crop.shape[0])
         if rng.random() < mc.blur_prob:
             sigma = rng.uniform(0.1, 2.0)
-            k = _blur_kernel(spec.size)
+            k = blur_kernel_size(spec.size)
             crop = F.gaussian_blur(crop, [k, k], [sigma, sigma])
         crops.append(crop)
     return crops
@@ -113,7 +102,7 @@ def test_quickstart_crops_are_bit_identical_to_torchvision(fmnist_train_shards: 
         image = decode(s)
         for epoch in (0, 1):
             seed = sample_seed(0, epoch, s["__key__"])
-            ours, theirs = mc(image, seed), torchvision_multicrop(mc, image, seed)
+            ours, theirs = mc(image, seed).views, torchvision_multicrop(mc, image, seed)
             assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
             reduced, full = decode_reduced(s, mc.decode_reduction)  # a 28 px PNG: never reduced
             assert torch.equal(reduced, image) and full == (28, 28)
@@ -123,17 +112,18 @@ def test_brightness_contrast_saturation_grayscale_are_exact_hue_and_blur_within_
     image = photo(150, 200)
     exact = MultiCrop([CropSpec(64, 4, 0.2, 1.0)], jitter=(0.8, 0.8, 0.8, 0.0), blur_prob=0.0)
     for seed in range(20):
-        assert all(torch.equal(a, b) for a, b in zip(exact(image, seed), torchvision_multicrop(exact, image, seed)))
+        ours = exact(image, seed).views
+        assert all(torch.equal(a, b) for a, b in zip(ours, torchvision_multicrop(exact, image, seed)))
     full = MultiCrop([CropSpec(64, 4, 0.2, 1.0)])
     for seed in range(20):
-        for a, b in zip(full(image, seed), torchvision_multicrop(full, image, seed)):
+        for a, b in zip(full(image, seed).views, torchvision_multicrop(full, image, seed)):
             assert_close(a, b, max_diff=3, max_fraction=5e-3)  # a level off before contrast can grow
 
 
 @pytest.mark.parametrize("size", [28, 96, 224])
 def test_separable_blur_matches_torchvision(size: int) -> None:
     image = photo(size, size, seed=size)
-    k = _blur_kernel(size)
+    k = blur_kernel_size(size)
     for sigma in (0.1, 0.3, 0.7, 1.0, 1.5, 2.0):
         assert_close(gaussian_blur(image, k, sigma), F.gaussian_blur(image, [k, k], [sigma, sigma]))
 
@@ -143,10 +133,10 @@ def test_batched_blur_gives_each_image_its_own_blur() -> None:
     multiply-adds with per-image weights; both give what the CPU path gives each image."""
     images = torch.stack([photo(96, 96, seed=i) for i in range(5)])
     sigmas = torch.tensor([0.1, 0.45, 1.0, 1.6, 2.0], dtype=torch.float64)
-    k = _blur_kernel(96)
+    k = blur_kernel_size(96)
     one_by_one = torch.stack([gaussian_blur(image, k, float(s)) for image, s in zip(images, sigmas)])
     for conv in (True, False):
-        assert_close(_blur(images.float(), k, sigmas, conv=conv).to(torch.uint8), one_by_one, max_fraction=1e-4)
+        assert_close(blur(images.float(), k, sigmas, conv=conv).to(torch.uint8), one_by_one, max_fraction=1e-4)
 
 
 def test_closed_form_hue_matches_torchvision() -> None:
@@ -169,10 +159,11 @@ def test_deferred_colour_gives_the_cpu_crops() -> None:
     images = [photo(100, 130, seed=i) for i in range(3)]
     cpu, deferred = MultiCrop(SWAV), MultiCrop(SWAV, defer_color=True)
     seeds = [sample_seed(0, 0, f"s{i}") for i in range(8)]
-    expected = [cpu(images[i % 3], seed) for i, seed in enumerate(seeds)]
+    expected = [cpu(images[i % 3], seed).views for i, seed in enumerate(seeds)]
     samples = [deferred(images[i % 3], seed) for i, seed in enumerate(seeds)]
-    assert all(len(s) == 8 + 1 for s in samples)  # the crops, then their colour parameters
-    views, params = split_color_params([torch.stack(v) for v in zip(*samples)])  # as the loader stacks them
+    assert all(len(s.views) == 8 and cpu(images[0], seeds[0]).color is None for s in samples)
+    views = [torch.stack(v) for v in zip(*(s.views for s in samples))]  # as the loader stacks them
+    params = torch.stack([s.color for s in samples])
     assert params.shape == (8, 8, 11) and params.dtype == torch.float64
     for view, want in zip(apply_color(views, params), zip(*expected)):
         assert view.dtype == torch.uint8
@@ -180,7 +171,7 @@ def test_deferred_colour_gives_the_cpu_crops() -> None:
     # the parameters come from the same stream: crops without colour operations are the CPU's, exactly
     untouched = 0
     for sample, want in zip(samples, expected):
-        for crop, p, w in zip(sample[:-1], sample[-1], want):
+        for crop, p, w in zip(sample.views, sample.color, want):
             if p[0] == 0 and p[9] == 0 and p[10] == 0:  # no jitter, no grayscale, no blur
                 assert torch.equal(crop, w)
                 untouched += 1
@@ -197,7 +188,7 @@ def test_reduced_decode_leaves_imagenet_sized_images_alone() -> None:
     sample = jpeg(photo(375, 500))
     image, full = decode_reduced(sample, mc.decode_reduction)
     assert full == (375, 500) and torch.equal(image, decode(sample))
-    assert all(torch.equal(a, b) for a, b in zip(mc(image, 5, full), mc(decode(sample), 5)))
+    assert all(torch.equal(a, b) for a, b in zip(mc(image, 5, full).views, mc(decode(sample), 5).views))
 
 
 def test_reduced_decode_of_a_large_photo_keeps_the_crops() -> None:
@@ -210,7 +201,7 @@ def test_reduced_decode_of_a_large_photo_keeps_the_crops() -> None:
     assert full == (height, width) and tuple(image.shape) == (3, 900, 1200)
     reference = decode(sample)
     for seed in range(4):
-        for a, b in zip(mc(image, seed, full), mc(reference, seed)):
+        for a, b in zip(mc(image, seed, full).views, mc(reference, seed).views):
             assert a.shape == b.shape
             diff = (a.float() - b.float()).abs()
             assert diff.mean() < 3.5, "same boxes, a different downscaling: small differences only"

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from swav_scale.data.manifest import ShardError
-from swav_scale.data.multicrop import MultiCrop, sample_seed
+from swav_scale.data.multicrop import Crops, MultiCrop, sample_seed
 from swav_scale.data.plan import Layout, Planner, Segment, Span, consumer_rng, interleave, worker_batches
 from swav_scale.data.reader import BadSample, decode_reduced, label_of, read_span
 from swav_scale.utils import stable_seed
@@ -44,6 +44,7 @@ class Batch(NamedTuple):
     labels: Tensor
     keys: list[str]  # the sample behind every row (a replaced row repeats its substitute's key)
     bad: list[str]  # why each replaced sample could not be used
+    color: Tensor | None = None  # (B, crops, COLOR_PARAMS): colour still to apply on the device (defer_color)
 
 
 class MultiCropStream(IterableDataset):
@@ -78,7 +79,7 @@ class MultiCropStream(IterableDataset):
             yield self.make_batch(list(itertools.islice(stream, batch)))
 
     def make_batch(self, chunk: list[tuple[int, Any, str | None]]) -> Batch:
-        good: list[tuple[str, int, list[Tensor]]] = []
+        good: list[tuple[str, int, Crops]] = []
         bad: list[str] = []
         for _, sample, reason in chunk:
             try:
@@ -96,10 +97,11 @@ class MultiCropStream(IterableDataset):
             seed = sample_seed(self.planner.seed, self.epoch, key, repeat=1 + j // len(good))
             sample = next(s for _, s, _ in chunk if s is not None and s["__key__"] == key)
             good.append((key, label, self._crops(sample, seed)))
-        views = [torch.stack(v) for v in zip(*(crops for _, _, crops in good))]
-        return Batch(views, torch.tensor([label for _, label, _ in good]), [key for key, _, _ in good], bad)
+        views = [torch.stack(v) for v in zip(*(crops.views for _, _, crops in good))]
+        color = torch.stack([crops.color for _, _, crops in good]) if self.transform.defer_color else None
+        return Batch(views, torch.tensor([label for _, label, _ in good]), [key for key, _, _ in good], bad, color)
 
-    def _crops(self, sample: Any, seed: int) -> list[Tensor]:
+    def _crops(self, sample: Any, seed: int) -> Crops:
         image, full_size = decode_reduced(sample, self.transform.decode_reduction)
         return self.transform(image, seed, full_size=full_size)
 
