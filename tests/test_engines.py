@@ -69,7 +69,7 @@ def train_ranks(rank: int, world: int, overrides: list[str]) -> Trace:
     for step in range(STEPS):
         lr = cfg.optim.base_lr * (step + 1) / STEPS  # a schedule: every engine must apply set_lr
         views = views_for(rank, step)
-        if cfg.train.channels_last:  # as the loop gives them (multicrop.device_views)
+        if cfg.train.channels_last:  # as the loop gives them (device.device_views)
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         result = swav_step(engine, views, cfg.swav, step, lr, queue, measure_grad_norm=True)
         norms.append(result.grad_norm)
