@@ -131,7 +131,7 @@ def count_step(rank: int, world: int, overrides: list[str], batch: int) -> dict[
                 return default_hooks.allreduce_hook(None, bucket)
             finally:
                 counter.depth -= 1
-        engine.module.register_comm_hook(None, counting_hook)
+        engine.wrapped.register_comm_hook(None, counting_hook)
     queue = FeatureQueue(len(cfg.swav.crops_for_assign), batch, cfg.model.embed_dim)  # full after step 0
     g = torch.Generator().manual_seed(rank)
     views = [torch.randn(batch, 3, s, s, generator=g) for s, n in zip(cfg.crops.sizes, cfg.crops.counts)

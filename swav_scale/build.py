@@ -19,8 +19,8 @@ from swav_scale.data.labelled import open_labelled
 from swav_scale.data.loader import MultiCropStream, ShardLoader
 from swav_scale.data.manifest import Manifest
 from swav_scale.data.multicrop import CropSpec, MultiCrop
-from swav_scale.data.plan import Layout, Planner, steps_per_epoch
-from swav_scale.data.sources import open_shards
+from swav_scale.data.plan import Layout, Planner, epoch_steps
+from swav_scale.data.sources import open_shard_set
 from swav_scale.distributed import DistEnv
 from swav_scale.engines import Engine, build_engine
 from swav_scale.models import build_swav_model
@@ -68,8 +68,8 @@ def preflight(cfg: Config, world_size: int) -> tuple[Manifest, int]:
     one global batch, the queue holds whole global batches. The launcher runs them once before starting ranks,
     so a mistake is reported once, and in this order, so the first message names the first thing to fix."""
     batch_per_rank = check_world(cfg, world_size)
-    manifest = open_shards(cfg.data.train_shards, cfg.data.train_manifest)
-    steps_per_epoch(manifest, world_size * batch_per_rank)
+    manifest = open_shard_set(cfg.data.train_shards, cfg.data.train_manifest)
+    epoch_steps(manifest, world_size * batch_per_rank)
     check_queue(cfg)
     check_periodic_knn(cfg)
     return manifest, batch_per_rank

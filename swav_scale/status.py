@@ -35,13 +35,13 @@ def read_json_lines(path: Path) -> list[dict[str, Any]]:
 
 def total_steps(run_dir: Path) -> int | None:
     """The run's last step, from its config and shard manifest (None when the shards are out of reach)."""
-    from swav_scale.data.plan import steps_per_epoch
-    from swav_scale.data.sources import open_shards
+    from swav_scale.data.plan import epoch_steps
+    from swav_scale.data.sources import open_shard_set
     from swav_scale.build import planned_steps
 
     try:
         cfg = load_config(run_dir / "config.yaml")
-        steps = steps_per_epoch(open_shards(cfg.data.train_shards, cfg.data.train_manifest), cfg.optim.batch_size)
+        steps = epoch_steps(open_shard_set(cfg.data.train_shards, cfg.data.train_manifest), cfg.optim.batch_size)
     except Exception:  # status must answer even when the data is not mounted here
         return None
     return planned_steps(cfg, steps)

@@ -81,7 +81,7 @@ def swav_step(engine: Engine, views: list[torch.Tensor], swav: SwAVConfig, step:
     engine.set_lr(lr)
     engine.normalize_prototypes()
     with engine.autocast():
-        z, scores = engine.module(views)
+        z, scores = engine.wrapped(views)
     queue_scores = [engine.prototype_scores(q) for q in queue.embeddings] if queue and queue.full else None
     codes = assign_codes(scores, swav.crops_for_assign, swav.epsilon, swav.sinkhorn_iterations, queue_scores)
     if queue is not None:

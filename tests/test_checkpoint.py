@@ -31,7 +31,7 @@ def train_steps(engine: DDPEngine, n: int, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     for _ in range(n):
         crops = [torch.randn(4, 3, 16, 16, generator=g) for _ in range(2)]
-        _, scores = engine.module(crops)
+        _, scores = engine.wrapped(crops)
         engine.backward(sum(s.pow(2).mean() for s in scores))
         engine.step()
 

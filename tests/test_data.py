@@ -19,7 +19,7 @@ from PIL import Image
 from swav_scale.data.loader import MultiCropStream, ShardLoader
 from swav_scale.data.manifest import MANIFEST, read_manifest, ShardError
 from swav_scale.data.multicrop import crop_box, CropSpec, MultiCrop, sample_seed
-from swav_scale.data.plan import Layout, Planner, Segment, Span, cut, emitted, select_epoch, steps_per_epoch
+from swav_scale.data.plan import Layout, Planner, Segment, Span, cut, emitted, epoch_steps, select_epoch
 from swav_scale.shards.make_shards import main as make_shards
 
 SPECS = [CropSpec(28, 2, 0.4, 1.0), CropSpec(12, 2, 0.15, 0.4)]
@@ -120,7 +120,7 @@ def test_bad_shard_directories_name_the_file(tmp_path: Path, fmnist_train_shards
 
 def test_batch_larger_than_the_data_is_refused(fmnist_train_shards: Path) -> None:
     with pytest.raises(ShardError, match=r"fewer than one global batch of 800"):
-        steps_per_epoch(read_manifest(fmnist_train_shards), 800)
+        epoch_steps(read_manifest(fmnist_train_shards), 800)
 
 
 # ---------------------------------------------------------------- planning
@@ -141,7 +141,7 @@ def test_spans_split_and_subtract() -> None:
 def test_plan_gives_every_consumer_exactly_its_quota(fmnist_train_shards: Path, world: int, workers: int) -> None:
     batch = 16
     p = planner(fmnist_train_shards)
-    steps = p.steps_per_epoch(world * batch)
+    steps = epoch_steps(p.manifest, world * batch)
     plan = p.consumer_spans(1, [Segment(Layout(world, workers, batch))])
     assert set(plan) == {(r, w) for r in range(world) for w in range(workers)}
     for (_, w), spans in plan.items():
@@ -249,7 +249,7 @@ def test_resharded_resume_sees_every_remaining_sample_once(fmnist_train_shards: 
         assert all(s == states[0] for s in states), "the data position is the same on every rank"
         state = states[0]
     p = planner(fmnist_train_shards)
-    assert len(ledger) == len(set(ledger)) == p.steps_per_epoch(48) * 48
+    assert len(ledger) == len(set(ledger)) == epoch_steps(p.manifest, 48) * 48
     world, workers, _ = layouts[-1]
     assert state["epoch"] == 1 and state["segments"] == [[world, max(1, workers), 48 // world, 0]]
 

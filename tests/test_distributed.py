@@ -180,8 +180,9 @@ def test_the_node_rank_comes_from_slurm_or_torchrun_else_from_the_layout() -> No
 
 def test_the_socket_interface_is_set_for_gloo_and_nccl_or_refused_naming_the_host(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
-    monkeypatch.delenv("NCCL_SOCKET_IFNAME", raising=False)
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):  # recorded, so that the test's values are undone:
+        monkeypatch.setenv(name, "")  # left in this process, they would reach every job a later test submits
+        monkeypatch.delenv(name)
     distributed.use_socket_interface("")
     assert "GLOO_SOCKET_IFNAME" not in os.environ  # empty: the libraries choose
     distributed.use_socket_interface("lo")

@@ -17,7 +17,7 @@ from test_data import multicrop
 from swav_scale.data.loader import MultiCropStream, ShardLoader
 from swav_scale.data.manifest import Manifest, ShardError
 from swav_scale.data.plan import Layout, Planner
-from swav_scale.data.sources import open_shards
+from swav_scale.data.sources import open_shard_set
 
 PATTERN = "train-{000000..000006}.tar"
 
@@ -50,37 +50,37 @@ def served(tmp_path_factory: pytest.TempPathFactory, fmnist_train_shards: Path) 
 
 
 def test_a_local_brace_pattern_reads_like_the_directory(fmnist_train_shards: Path) -> None:
-    local = open_shards(str(fmnist_train_shards))
-    pattern = open_shards(str(fmnist_train_shards / PATTERN))
+    local = open_shard_set(str(fmnist_train_shards))
+    pattern = open_shard_set(str(fmnist_train_shards / PATTERN))
     assert [s.name for s in pattern.shards] == [s.name for s in local.shards]
     assert keys(pattern) == keys(local)
-    subset = open_shards(str(fmnist_train_shards / "train-{000000..000002}.tar"))
+    subset = open_shard_set(str(fmnist_train_shards / "train-{000000..000002}.tar"))
     assert subset.total == 300
 
 
 def test_http_shards_stream_like_local_ones(served: tuple[str, Path], fmnist_train_shards: Path) -> None:
     url, _ = served
-    by_dir = open_shards(f"{url}/train")
-    by_pattern = open_shards(f"{url}/train/{PATTERN}")
+    by_dir = open_shard_set(f"{url}/train")
+    by_pattern = open_shard_set(f"{url}/train/{PATTERN}")
     assert by_dir.path(by_dir.shards[0]) == f"{url}/train/train-000000.tar"
-    assert keys(by_dir) == keys(by_pattern) == keys(open_shards(str(fmnist_train_shards)))
+    assert keys(by_dir) == keys(by_pattern) == keys(open_shard_set(str(fmnist_train_shards)))
 
 
 def test_pipe_commands_need_and_use_a_manifest(fmnist_train_shards: Path) -> None:
     spec = f"pipe:cat {fmnist_train_shards}/{PATTERN}"
     with pytest.raises(ShardError, match="name their manifest.json with data.train_manifest"):
-        open_shards(spec)
-    piped = open_shards(spec, str(fmnist_train_shards / "manifest.json"))
+        open_shard_set(spec)
+    piped = open_shard_set(spec, str(fmnist_train_shards / "manifest.json"))
     assert piped.path(piped.shards[0]) == f"pipe:cat {fmnist_train_shards}/train-000000.tar"
-    assert keys(piped) == keys(open_shards(str(fmnist_train_shards)))
+    assert keys(piped) == keys(open_shard_set(str(fmnist_train_shards)))
 
 
 def test_missing_remote_shards_and_manifests_are_named(served: tuple[str, Path], tmp_path: Path) -> None:
     url, _ = served
-    holed = open_shards(f"{url}/holed")
+    holed = open_shard_set(f"{url}/holed")
     with pytest.raises(ShardError, match=r"shard http://127.0.0.1:\d+/holed/train-000003.tar cannot be read"):
         keys(holed)
     with pytest.raises(ShardError, match=r"manifest http://.*/nothing/manifest.json cannot be read"):
-        open_shards(f"{url}/nothing")
+        open_shard_set(f"{url}/nothing")
     with pytest.raises(ShardError, match=r"train-000008.tar \(from .*\) names no shard listed in"):
-        open_shards(f"{url}/train/train-{{000008..000009}}.tar")
+        open_shard_set(f"{url}/train/train-{{000008..000009}}.tar")

@@ -20,7 +20,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from swav_scale.data.manifest import IMAGE_EXTENSIONS, MANIFEST, ShardError
 from swav_scale.data.reader import decode, label_of, shard_samples
-from swav_scale.data.sources import is_remote, open_shards
+from swav_scale.data.sources import is_remote, open_shard_set
 
 FOLDER_UNIT = 1000  # ImageFolder files per unit of work: enough to amortise a worker's start, small enough to spread
 
@@ -79,7 +79,7 @@ def open_labelled(spec: str, manifest: str = "") -> LabelledImages:
     root = Path(spec)
     shard_set = manifest or is_remote(spec) or "{" in spec or (root / MANIFEST).is_file()
     if shard_set or not (root.is_dir() and any(d.is_dir() for d in root.iterdir())):
-        shards = open_shards(spec, manifest)  # also the error for a directory that is neither
+        shards = open_shard_set(spec, manifest)  # also the error for a directory that is neither
         return LabelledImages([Unit(shards.path(s), s.samples) for s in shards.shards], list(shards.classes))
     items, classes = list_image_folder(root)
     files = [(os.path.join(root, path), label) for path, label in items]

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from swav_scale.data.manifest import ShardError
 from swav_scale.data.multicrop import Crops, MultiCrop, sample_seed
-from swav_scale.data.plan import Layout, Planner, Segment, Span, consumer_rng, interleave, worker_batches
+from swav_scale.data.plan import Layout, Planner, Segment, Span, consumer_rng, epoch_steps, interleave, worker_batches
 from swav_scale.data.reader import BadSample, decode_reduced, label_of, read_span
 from swav_scale.utils import stable_seed
 
@@ -135,7 +135,7 @@ class ShardLoader:
         self.pin_memory = pin_memory
         self.epoch = 0
         self.segments = [Segment(self.layout)]
-        self.steps_per_epoch = stream.planner.steps_per_epoch(self.layout.global_batch)
+        self.steps_per_epoch = epoch_steps(stream.planner.manifest, self.layout.global_batch)
         self.bad_samples = 0  # replaced samples this epoch, on this rank
 
     @property

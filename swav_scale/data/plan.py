@@ -109,7 +109,7 @@ def worker_batches(steps: int, workers: int, worker: int) -> int:
     return len(range(worker, steps, workers))
 
 
-def steps_per_epoch(manifest: Manifest, global_batch: int) -> int:
+def epoch_steps(manifest: Manifest, global_batch: int) -> int:
     steps = manifest.total // global_batch
     if steps == 0:
         raise ShardError(
@@ -200,15 +200,12 @@ class Planner:
     open_shards: int
     buffer: int
 
-    def steps_per_epoch(self, global_batch: int) -> int:
-        return steps_per_epoch(self.manifest, global_batch)
-
     def consumer_spans(self, epoch: int, segments: list[Segment]) -> dict[tuple[int, int], list[Span]]:
         """The spans of every consumer of the last of `segments` (the earlier ones are finished)."""
         global_batch = segments[0].layout.global_batch
         if any(s.layout.global_batch != global_batch for s in segments):
             raise ValueError("every segment of an epoch must have the same global batch")
-        steps = self.steps_per_epoch(global_batch)
+        steps = epoch_steps(self.manifest, global_batch)
         remaining = select_epoch(self.manifest, self.seed, epoch, steps * global_batch)
         done = 0
         for k, segment in enumerate(segments):

@@ -30,19 +30,19 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning)
 
 
-Sample = dict[str, Any]
+RawSample = dict[str, Any]
 
 
 class BadSample(ValueError):
     """A sample that cannot be used for training; the message names it and its shard."""
 
 
-def shard_samples(url: str) -> Iterator[Sample]:
+def shard_samples(url: str) -> Iterator[RawSample]:
     """Every sample of one shard in stored order (local path, or any URL WebDataset's gopen opens)."""
     return wds.tariterators.tarfile_samples([{"url": url}])
 
 
-def read_span(span: Span) -> Iterator[tuple[int, Sample | None, str | None]]:
+def read_span(span: Span) -> Iterator[tuple[int, RawSample | None, str | None]]:
     """(index, sample, None) for every index of `span`, or (index, None, reason) where it cannot be read.
 
     Samples before and between the wanted indices are skipped without decoding. A shard that cannot be opened
@@ -70,7 +70,7 @@ def read_span(span: Span) -> Iterator[tuple[int, Sample | None, str | None]]:
         target = next(wanted, None)
 
 
-def decode(sample: Sample) -> Tensor:
+def decode(sample: RawSample) -> Tensor:
     """The sample's image as a uint8 RGB tensor (C, H, W); BadSample names the sample and its shard."""
     where = f"{sample.get('__url__')}: sample {sample.get('__key__')}"
     for ext in IMAGE_MEMBERS:
@@ -84,7 +84,7 @@ def decode(sample: Sample) -> Tensor:
                     "expected one of " + ", ".join(IMAGE_MEMBERS))
 
 
-def decode_reduced(sample: Sample, reduction: Callable[[int, int], int]) -> tuple[Tensor, tuple[int, int]]:
+def decode_reduced(sample: RawSample, reduction: Callable[[int, int], int]) -> tuple[Tensor, tuple[int, int]]:
     """The sample's image and its full (height, width). A JPEG for which `reduction(height, width)` (e.g.
     `MultiCrop.decode_reduction`) gives f > 1 is decoded at 1/f of its size (rounded up) in the DCT domain
     (libjpeg's scaled IDCT, through PIL's draft mode): for a 12 MP photo (f = 4 with SwAV's crops) a third of
@@ -107,5 +107,5 @@ def decode_reduced(sample: Sample, reduction: Callable[[int, int], int]) -> tupl
     return image, (image.shape[-2], image.shape[-1])
 
 
-def label_of(sample: Sample) -> int:
+def label_of(sample: RawSample) -> int:
     return int(sample["cls"]) if "cls" in sample else -1

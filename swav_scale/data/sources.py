@@ -45,7 +45,7 @@ def is_remote(spec: str) -> bool:
     return spec.startswith(REMOTE_PREFIXES)
 
 
-def open_shards(spec: str, manifest: str = "") -> Manifest:
+def open_shard_set(spec: str, manifest: str = "") -> Manifest:
     """The shard set named by `spec` (see the module docstring), checked against its manifest."""
     if not manifest and "{" not in spec and not is_remote(spec):
         return read_manifest(spec)

@@ -17,7 +17,7 @@ from swav_scale.distributed import broadcast, in_group
 class Engine(Protocol):
     """The training loop's only view of parallelism.
 
-    Per step the loop calls `set_lr`, `normalize_prototypes()`, `module(views)` for the forward pass,
+    Per step the loop calls `set_lr`, `normalize_prototypes()`, `wrapped(views)` for the forward pass,
     `prototype_scores` for the queue, `backward(loss)`, `freeze_prototypes()` during the first iterations,
     and `step()`, which at log steps also measures the gradient norm. The checkpointer treats the engine as
     one stateful object: `state_dict()` is in the distributed-checkpoint (DCP) format, so engines that shard
@@ -25,7 +25,7 @@ class Engine(Protocol):
     (DeepSpeed) also implements checkpoint.py's `OwnFiles`.
     """
 
-    module: nn.Module  # what the loop calls: views -> (embeddings z, prototype scores)
+    wrapped: nn.Module  # the model as the engine runs it (DDP wrapper, DeepSpeed engine): views -> (z, scores)
     model: nn.Module  # the bare SwAV model (trunk, head, prototypes)
 
     def autocast(self) -> contextlib.AbstractContextManager[None]: ...

@@ -47,11 +47,11 @@ class TorchEngine(Autocast):
 
     def state_dict(self) -> dict[str, Any]:
         broadcast_buffers(self.model)  # buffers are replicated under both: save rank 0's
-        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.wrapped, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_dcp_state(self.module, self.optimizer, state)
+        load_dcp_state(self.wrapped, self.optimizer, state)
 
 
 class DDPEngine(TorchEngine):
@@ -59,11 +59,11 @@ class DDPEngine(TorchEngine):
         self.model = model.to(env.device)
         self.device = env.device
         if in_group():  # on a GPU always, one rank too: the path a single-GPU run takes is the cluster's
-            self.module = DistributedDataParallel(
+            self.wrapped = DistributedDataParallel(
                 self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None
             )
         else:
-            self.module = self.model
+            self.wrapped = self.model
         self.optimizer = make_optimizer(self.model.parameters())
         self.dtype = autocast_dtype(precision, env.device)
 

@@ -126,7 +126,7 @@ class FSDPEngine(TorchEngine):
                 bf16_params = env.device.type == "cuda" and self.dtype == torch.bfloat16
             parallelize(self.model, init_device_mesh(env.device.type, (world_size(),)), bf16_params,
                         reshard_after_forward)
-        self.module = self.model
+        self.wrapped = self.model
         # what FSDP left whole on every rank (replicated_norms), whose gradients the engine averages itself
         self.replicated = [p for p in self.model.parameters() if self.sharded and not isinstance(p, DTensor)]
         self.optimizer = make_optimizer(self.model.parameters())

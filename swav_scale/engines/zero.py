@@ -132,7 +132,7 @@ class DeepSpeedEngine(Autocast):
         )
         if self.stage == 3:
             share_master_partitions(self.ds.optimizer)
-        self.module = SwAVForward(self.ds, self.prototypes)
+        self.wrapped = SwAVForward(self.ds, self.prototypes)
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:

@@ -103,7 +103,7 @@ def _planned_bytes(item: Item) -> int:
     return member_bytes(f"{item.key}.{ext}", item.size or 0) + member_bytes(f"{item.key}.cls", len(str(item.label)))
 
 
-def cut(items: list[Item], max_count: int, max_size: float | None) -> list[list[Item]]:
+def shard_groups(items: list[Item], max_count: int, max_size: float | None) -> list[list[Item]]:
     """Consecutive runs of items, each of at most `max_count` items and, when `max_size` is given, ending
     before the item that would take the finished tar past `max_size` bytes (an item too large on its own gets
     a shard of its own)."""
@@ -147,7 +147,7 @@ def plan_jobs(source: Source, out_dir: Path, settings: Settings) -> list[ShardJo
     plan = fingerprint(source, settings)
     return [
         ShardJob(shard_name(settings.prefix, i), items, str(out_dir), plan, settings.resize)
-        for i, items in enumerate(cut(source.items, settings.max_count, settings.max_size))
+        for i, items in enumerate(shard_groups(source.items, settings.max_count, settings.max_size))
     ]
 
 
