@@ -49,9 +49,9 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
+from swav_scale.data.device import apply_color, normalize
 from swav_scale.data.loader import MultiCropStream, ShardLoader
 from swav_scale.data.manifest import read_manifest
-from swav_scale.data.device import apply_color, normalize
 from swav_scale.data.multicrop import CropSpec, MultiCrop, sample_seed
 from swav_scale.data.plan import Layout, Planner
 from swav_scale.data.reader import decode, decode_reduced, shard_samples

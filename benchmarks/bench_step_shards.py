@@ -50,8 +50,8 @@ from timing import device_name, host_sync_mode, sync_debug_mode, write_json
 
 from swav_scale.build import build_loader, build_model
 from swav_scale.config import load_config
-from swav_scale.data.loader import Batch, ShardLoader
 from swav_scale.data.device import CopyStream, device_views
+from swav_scale.data.loader import Batch, ShardLoader
 from swav_scale.distributed import shutdown
 from swav_scale.engines import build_engine
 from swav_scale.engines.base import autocast_dtype

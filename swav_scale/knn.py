@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 
 from swav_scale.checkpoint import load_model_weights
 from swav_scale.config import Config, ConfigError, EvalConfig
-from swav_scale.data.labelled import LabelledStream, Unit, open_labelled
 from swav_scale.data.device import normalize
+from swav_scale.data.labelled import LabelledStream, Unit, open_labelled
 from swav_scale.data.multicrop import EvalTransform
 from swav_scale.distributed import all_gather, all_gather_object, broadcast, in_group, rank, world_size
 from swav_scale.engines.base import autocast_dtype

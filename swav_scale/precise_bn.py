@@ -20,8 +20,8 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
-from swav_scale.data.labelled import Unit
 from swav_scale.data.device import normalize
+from swav_scale.data.labelled import Unit
 from swav_scale.distributed import all_reduce, all_reduce_numbers, rank, world_size
 
 

@@ -19,9 +19,9 @@ import torch
 
 from swav_scale.build import Run, build_run
 from swav_scale.config import Config, SwAVConfig
+from swav_scale.data.device import CopyStream, device_views
 from swav_scale.data.loader import ShardLoader
 from swav_scale.data.manifest import ShardError
-from swav_scale.data.device import CopyStream, device_views
 from swav_scale.diagnostics import HealthCheck, code_statistics
 from swav_scale.distributed import DistEnv, all_gather_object, all_reduce_mean, all_reduce_numbers, rank_record
 from swav_scale.engines import Engine
