@@ -1,4 +1,8 @@
-"""`swav-scale`: pretrain, submit, status, knn, linear, report, export, make-shards, verify-shards, demo."""
+"""`swav-scale`: pretrain, submit, status, knn, linear, report, export, make-shards, verify-shards, demo.
+
+Each command imports what it runs inside its function: torch and the engines take seconds to import, and
+`swav-scale --help`, a mistyped command or `status` should answer at once.
+"""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from swav_scale.build import build_model
 from swav_scale.checkpoint import META, load_model_weights, newest_checkpoint
 from swav_scale.config import Config, load_config
 from swav_scale.utils import atomic_write_bytes, atomic_write_text, sha256_file
@@ -43,8 +44,6 @@ def how_to_load(cfg: Config, filename: str) -> str:
 def export_backbone(run_dir: str | Path, checkpoint: str | Path | None = None, out: str | Path | None = None,
                     formats: tuple[str, ...] = FORMATS) -> list[Path]:
     """Write the trunk of `checkpoint` (default: the run's newest complete one); returns the files written."""
-    from swav_scale.build import build_model
-
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     checkpoint = Path(checkpoint) if checkpoint else newest_checkpoint(run_dir, required=True)

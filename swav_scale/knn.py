@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from rich.table import Table
 from torch.utils.data import DataLoader
 
+from swav_scale.build import build_model
 from swav_scale.checkpoint import load_model_weights
 from swav_scale.config import Config, ConfigError, EvalConfig
 from swav_scale.data.device import normalize
@@ -143,8 +144,6 @@ def _local_top_k(queries: Tensor, bank: Tensor, bank_labels: Tensor, k: int) -> 
 
 def load_trunk(cfg: Config, checkpoint: Path | None) -> nn.Module:
     """The trunk of a checkpoint (only the model's part is read), or a fresh one."""
-    from swav_scale.build import build_model
-
     torch.manual_seed(cfg.train.seed)  # a random-init baseline is the very network training started from
     model = build_model(cfg)
     if checkpoint is not None:
@@ -216,8 +215,6 @@ def knn_during_training(cfg: Config, model: nn.Module, parameters: dict[str, Ten
     buffers (BatchNorm statistics differ per rank; a checkpoint keeps rank 0's), so the forward passes need no
     collective whatever the engine shards: ranks read parts of different sizes. Neither the model nor the
     training RNG is touched, so the run continues exactly as without the evaluation."""
-    from swav_scale.build import build_model
-
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     for b in buffers.values():
         broadcast(b, src=0)

@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import submitit
+
+from swav_scale.build import preflight
 from swav_scale.config import Config, ConfigError, to_yaml
 from swav_scale.launcher import TrainJob
 from swav_scale.utils import console
@@ -52,10 +55,6 @@ def executor_parameters(cfg: Config) -> dict[str, Any]:
 
 def submit(cfg: Config, cluster: str | None = None) -> Any:
     """Submit `cfg` (already validated) and record the job in run_dir/jobs.jsonl; returns the submitit job."""
-    import submitit
-
-    from swav_scale.build import preflight
-
     nodes, tasks = cfg.slurm.nodes, tasks_per_node(cfg)
     preflight(cfg, nodes * tasks)  # a typo or a missing shard fails here, not after a day in the queue
     run_dir = Path(cfg.train.run_dir)

@@ -35,9 +35,10 @@ def read_json_lines(path: Path) -> list[dict[str, Any]]:
 
 def total_steps(run_dir: Path) -> int | None:
     """The run's last step, from its config and shard manifest (None when the shards are out of reach)."""
+    # here, not at the top: build imports the engines, which status does not need and which are slow to import
+    from swav_scale.build import planned_steps
     from swav_scale.data.plan import epoch_steps
     from swav_scale.data.sources import open_shard_set
-    from swav_scale.build import planned_steps
 
     try:
         cfg = load_config(run_dir / "config.yaml")
