@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 
 # the SLURM cluster of the SLURM tests (tests/test_slurm.py, tests/test_multinode.py; tools/slurm_cluster.sh):
 # node1..node3 in network namespaces on this machine, slurmctld on the host
-SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+# (iproute2: the nodes' namespaces and bridge)
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge iproute2
 SLURM_NODES ?= 3
 
 .PHONY: all install system-packages slurm-cluster slurm-stop demo test test-fast gpu-wheels clean
