@@ -8,6 +8,7 @@ count) and jobs.jsonl (one line per `swav-scale submit`).
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -87,13 +88,11 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
 
 def _launch_summary(launch: dict[str, Any]) -> dict[str, Any]:
     """One start of the run: when, which job, where its ranks ran (hosts in rank order) and what it resumed."""
-    ranks = launch.get("ranks", [])
-    per_host: dict[str, int] = {}
-    for r in ranks:
-        per_host[r["host"]] = per_host.get(r["host"], 0) + 1
+    # a start recorded before ranks were: one host, holding them all
+    per_node = Counter(r["host"] for r in launch.get("ranks", [])) or Counter({launch["host"]: launch["world_size"]})
     return {"time": launch["time"], "slurm_job_id": launch.get("slurm_job_id"),
             "slurm_restart_count": launch.get("slurm_restart_count", 0), "world_size": launch["world_size"],
-            "nodes": launch.get("nodes", [launch["host"]]), "ranks_per_node": list(per_host.values()),
+            "nodes": list(per_node), "ranks_per_node": list(per_node.values()),
             "master": launch.get("master"), "resumed_from": launch.get("resumed_from")}
 
 
@@ -132,7 +131,7 @@ LAUNCHES_SHOWN = 10  # the newest starts in the table; --json has all
 
 def _describe_launch(launch: dict[str, Any]) -> str:
     job, restart = launch["slurm_job_id"], launch["slurm_restart_count"]
-    hosts = zip(launch["nodes"], launch["ranks_per_node"] or [launch["world_size"]])
+    hosts = zip(launch["nodes"], launch["ranks_per_node"])
     where = ", ".join(f"{host} ({n} ranks)" if n > 1 else host for host, n in hosts)
     resumed = Path(launch["resumed_from"]).name if launch["resumed_from"] else "the start"
     under = f", job {job} (restart {restart})" if job else ""
