@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from ranks import add_engine_arguments, chosen_engines, engine_overrides, run_ranks
 from rich.console import Console
 from rich.table import Table
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -38,6 +37,8 @@ from swav_scale.distributed import DistEnv
 from swav_scale.engines import build_engine
 from swav_scale.queue import FeatureQueue
 from swav_scale.train import swav_step
+
+from benchlib.ranks import add_engine_arguments, chosen_engines, engine_overrides, run_ranks
 
 MIB = 2**20
 # collective -> the argument whose size is its payload: the whole tensor reduced or gathered. The names of
@@ -122,7 +123,7 @@ def count_step(rank: int, world: int, overrides: list[str], batch: int) -> dict[
     trunk_params = sum(p.numel() for p in model.trunk.parameters())
     engine = build_engine(cfg, model, DistEnv(rank, world, rank, world, torch.device("cpu")))
     counter = Counter()
-    if cfg.train.engine == "ddp" and world > 1:
+    if cfg.parallel.engine == "ddp" and world > 1:
         # unannotated: DDP compares the annotation with dist.GradBucket, and this module's are strings
         def counting_hook(state, bucket):  # noqa: ANN001, ANN202
             counter.add("all_reduce (DDP buckets)", nbytes(bucket.buffer()))
@@ -146,7 +147,7 @@ def count_step(rank: int, world: int, overrides: list[str], batch: int) -> dict[
 def overrides_for(engine: str, a: argparse.Namespace) -> list[str]:
     o = {"data.train_shards": "unused", "model.arch": a.arch, "crops.sizes": "[32,16]", "crops.counts": "[2,4]",
          "optim.name": "adamw", "optim.batch_size": str(a.batch * a.world),
-         "train.precision": "fp32", "train.channels_last": "false",
+         "parallel.precision": "fp32", "parallel.channels_last": "false",
          "swav.freeze_prototypes_iters": "0", "swav.queue_length": str(a.batch * a.world)}
     return [f"{k}={v}" for k, v in o.items()] + engine_overrides(engine) + a.set
 

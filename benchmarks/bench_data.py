@@ -57,50 +57,13 @@ from swav_scale.data.plan import Layout, Planner
 from swav_scale.data.reader import decode, decode_reduced, shard_samples
 from swav_scale.shards.make_shards import main as make_shards
 
+from benchlib.photos import make_images
+
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)  # swav_scale's default; SwAV's code has 0.228 for red (kept in the reference)
 JITTER = (0.8, 0.8, 0.8, 0.2)
 
 console = Console(width=max(Console().width, 120))
-
-
-# ---------------------------------------------------------------- photos
-
-
-def sample_photos() -> list[Image.Image]:
-    """scikit-image's colour photographs that its wheel ships (the rest of skimage.data needs pooch downloads)."""
-    try:
-        import skimage.data as data
-    except ImportError:
-        raise SystemExit("scikit-image is needed for the photos: pip install -e '.[bench]'") from None
-    left, right, _ = data.stereo_motorcycle()
-    arrays = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.hubble_deep_field(),
-              data.immunohistochemistry(), data.retina(), left, right]
-    return [Image.fromarray(a).convert("RGB") for a in arrays]
-
-
-def make_images(root: Path, count: int, seed: int, long_side: int, classes: int = 8, first: int = 0) -> None:
-    """`count` distinct JPEGs in root/<class>/: random crops of the sample photos, rescaled to ImageNet's
-    sizes (long side long_side * [0.8, 1], short side 60-80% of 500 scaled alike, 1 in 4 portrait). They are
-    numbered from `first`, so that processes with other seeds can make the parts of one set."""
-    rng = np.random.default_rng(seed)
-    photos = sample_photos()
-    scale = long_side / 500
-    for c in range(classes):
-        (root / f"n{c:08d}").mkdir(parents=True, exist_ok=True)
-    for i in range(first, first + count):
-        photo = photos[int(rng.integers(len(photos)))]
-        w = int(rng.integers(400, 501) * scale)
-        h = min(w, int(rng.integers(300, 401) * scale))
-        if rng.random() < 0.25:
-            w, h = h, w
-        fit = min(photo.width / w, photo.height / h)  # the largest crop of the photo with that aspect ratio
-        k = fit * math.sqrt(rng.uniform(0.3, 1.0))
-        left, top = rng.uniform(0, photo.width - w * k), rng.uniform(0, photo.height - h * k)
-        image = photo.resize((w, h), Image.Resampling.BICUBIC, box=(left, top, left + w * k, top + h * k))
-        if rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        image.save(root / f"n{i % classes:08d}" / f"img_{i:06d}.jpg", quality=90)
 
 
 # ---------------------------------------------------------------- the reference: SwAV's MultiCropDataset

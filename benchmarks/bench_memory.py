@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ranks import add_engine_arguments, chosen_engines, engine_overrides, run_ranks
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -55,6 +54,8 @@ from swav_scale.config import load_config
 from swav_scale.distributed import DistEnv
 from swav_scale.engines import build_engine
 from swav_scale.train import swav_step
+
+from benchlib.ranks import add_engine_arguments, chosen_engines, engine_overrides, run_ranks
 
 MIB = 2**20
 TARGET = 0.55  # sharded per-rank state / DDP's, at 2 ranks
@@ -117,7 +118,7 @@ def rss_kib() -> int:
 def measure(rank: int, world: int, overrides: list[str], steps: int, batch: int) -> dict[str, Any]:
     """One rank: build the engine, run `steps` SwAV steps, measure the state before each optimizer step."""
     cfg = load_config(None, overrides)
-    if cfg.train.engine == "deepspeed":
+    if cfg.parallel.engine == "deepspeed":
         import swav_scale.engines.zero  # noqa: F401  (its import is not the model's memory)
     gc.collect()
     rss_before = rss_kib()
@@ -149,7 +150,7 @@ def overrides_for(engine: str, a: argparse.Namespace) -> list[str]:
     o = {"data.train_shards": "unused", "model.arch": a.arch, "model.small_stem": "true",
          "crops.sizes": f"[{a.global_px},{a.local_px}]", "crops.counts": "[2,2]",
          "optim.name": "adamw", "optim.batch_size": str(a.batch * a.world),
-         "train.precision": "fp32", "train.channels_last": "false",
+         "parallel.precision": "fp32", "parallel.channels_last": "false",
          "swav.freeze_prototypes_iters": "0"}  # the prototypes step too, so their optimizer state exists
     return [f"{k}={v}" for k, v in o.items()] + engine_overrides(engine) + a.set
 

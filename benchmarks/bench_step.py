@@ -5,7 +5,7 @@ rank) on one core, in fp32 and bf16 autocast: NCHW (the textbook default); chann
 (channels-last inputs, contiguous weights: build.build_model); and channels-last weights too (the layout
 FSDP2 and ZeRO cannot shard, which DDP would hold otherwise). bf16 channels-last is swav_scale's default where
 the CPU has native bf16. With --compile, swav_scale's channels-last variants again with each trunk stage
-compiled (train.compile, engines.compile_units; the compilation itself is left out of the timing). Prints ms
+compiled (parallel.compile, engines.compile_units; the compilation itself is left out of the timing). Prints ms
 per step and each variant's speed relative to NCHW in the first precision asked for (fp32 by default).
 
     .venv/bin/python benchmarks/bench_step.py [--widths 0.25 0.5 --batch 128 --steps 4 --compile --precisions fp32]

@@ -42,11 +42,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from photo_shards import photo_shards
-from ranks import lone_rank
 from rich.console import Console
 from rich.table import Table
-from timing import device_name, host_sync_mode, sync_debug_mode, write_json
 
 from swav_scale.build import build_loader, build_model
 from swav_scale.config import load_config
@@ -56,6 +53,10 @@ from swav_scale.distributed import shutdown
 from swav_scale.engines import build_engine
 from swav_scale.engines.base import autocast_dtype
 from swav_scale.train import swav_step
+
+from benchlib.photos import photo_shards
+from benchlib.ranks import lone_rank
+from benchlib.timing import device_name, host_sync_mode, sync_debug_mode, write_json
 
 B = TypeVar("B")
 
@@ -138,7 +139,7 @@ def main() -> None:
         copy = CopyStream(device)
 
         def views_of(b: Batch) -> list[torch.Tensor]:  # as the training loop moves and normalises a batch
-            return device_views(b, copy, mean, std, cfg.train.channels_last)
+            return device_views(b, copy, mean, std, cfg.parallel.channels_last)
 
         def step(views: list[torch.Tensor]) -> object:  # past the prototypes' frozen steps, at the base lr
             return swav_step(engine, views, cfg.swav, cfg.swav.freeze_prototypes_iters, cfg.optim.base_lr, None)
@@ -170,7 +171,7 @@ def main() -> None:
         source = f"{a.photos} JPEGs (long side {a.long_side} px)" if a.photos else cfg.data.train_shards
         console.print(
             f"[bold]SwAV step from shards[/]  {cfg.model.arch} width {cfg.model.width}, crops {crops} px, batch "
-            f"{batch}, {autocast_dtype(cfg.train.precision, device) or 'fp32'}, {cfg.data.num_workers} workers; "
+            f"{batch}, {autocast_dtype(cfg.parallel.precision, device) or 'fp32'}, {cfg.data.num_workers} workers; "
             f"shards {source} ({loader.steps_per_epoch} steps an epoch); {name}, {torch.get_num_threads()} "
             f"threads, torch {torch.__version__}, {datetime.date.today()}; {a.rounds} x {a.steps} steps each; "
             f"host-sync check: {sync_check}",

@@ -1,12 +1,12 @@
 """SwAV training-step throughput, side by side in one run: swav_scale's step against lightly's SwAV
-components and a step written the way facebookresearch/swav takes it (benchmarks/references.py).
+components and a step written the way facebookresearch/swav takes it (tests/references.py).
 
 Same network (one of swav_scale's trunks with the 2-layer projection head and K prototypes, the same initial
 weights), same multi-crop batch (synthetic crops already in memory, so only the step is timed), same
 optimizer (SGD, momentum 0.9) for every variant:
 
 * swav_scale: `train.swav_step` through the DDP engine on one process, as the training loop calls it, in its
-  default precision and layout (`train.precision=auto`: bf16 autocast on a GPU and where the CPU computes bf16
+  default precision and layout (`parallel.precision=auto`: bf16 autocast on a GPU and where the CPU computes bf16
   natively, channels-last convolutions), one trunk pass per crop resolution, Sinkhorn without host syncs. On a
   GPU the process joins a one-rank NCCL group first, as `swav-scale pretrain` does there, so DDP's step
   includes the gradient all-reduce a single-GPU run makes;
@@ -14,7 +14,7 @@ optimizer (SGD, momentum 0.9) for every variant:
 * original: one trunk pass per resolution, float32 Sinkhorn, `loss.item()` every step;
 * lightly: one trunk pass per crop, `SwaVLoss` with its own Sinkhorn, `loss.item()` every step: in swav_scale's
   precision and layout (like for like), and in float32 NCHW beside it;
-* with --compile, swav_scale's default again with each trunk unit compiled (`train.compile`; the compilation
+* with --compile, swav_scale's default again with each trunk unit compiled (`parallel.compile`; the compilation
   happens in the warm-up steps and is not timed). Its prerequisites (torch.cuda, triton and a C compiler on a
   GPU; a C++ compiler on the CPU) are checked first: one missing is reported as "skipped: ...", not a crash;
 * with --engines, swav_scale's default step under other engines too (fsdp: FSDP2, zero2 / zero3: DeepSpeed
@@ -52,11 +52,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ranks import ENGINES, lone_rank
-from references import LightlyStep, OriginalStep
 from rich.console import Console
 from rich.table import Table
-from timing import checked_after, device_name, host_sync_mode, interleaved_medians, write_json
 
 from swav_scale.build import build_model
 from swav_scale.config import load_config
@@ -65,6 +62,10 @@ from swav_scale.engines import build_engine
 from swav_scale.engines.base import autocast_dtype
 from swav_scale.train import swav_step
 
+from benchlib.ranks import ENGINES, lone_rank
+from benchlib.references import LightlyStep, OriginalStep
+from benchlib.timing import checked_after, device_name, host_sync_mode, interleaved_medians, write_json
+
 WARMUP = 2  # untimed steps per variant (interleaved_medians' default)
 # one rate for every variant and optimizer (a step's cost does not depend on it): at SwAV's 4.8 (LARS's rate
 # for batch 4096) SGD's gradients overflow within two steps, and DeepSpeed then skips its optimizer's update
@@ -72,7 +73,7 @@ LR = 0.05
 
 
 def compile_missing(device: torch.device) -> str | None:
-    """What `train.compile` lacks on `device`, or None. Inductor compiles its GPU kernels with triton, which
+    """What `parallel.compile` lacks on `device`, or None. Inductor compiles its GPU kernels with triton, which
     builds each kernel's launcher with the host's C compiler; on the CPU it writes C++ kernels. Without them
     the first compiled step fails deep inside inductor, minutes of a GPU session later."""
     if device.type == "cuda":
@@ -114,7 +115,7 @@ def main() -> int:
     a = parser.parse_args()
     if a.optim != "sgd" and not a.only_swav_scale:
         parser.error(f"--optim {a.optim} needs --only-swav-scale: the reference steps are compared with SGD")
-    env = lone_rank(torch.device(a.device), any(ENGINES[e]["train.engine"] == "deepspeed" for e in a.engines))
+    env = lone_rank(torch.device(a.device), any(ENGINES[e]["parallel.engine"] == "deepspeed" for e in a.engines))
     device = env.device
     sync_mode, sync_check = host_sync_mode(device, a.forbid_host_syncs)
 
@@ -123,8 +124,8 @@ def main() -> int:
             "data.train_shards": "unused", "model.arch": a.arch, "model.small_stem": a.small_stem,
             "model.hidden_dim": a.hidden, "model.num_prototypes": a.prototypes, "crops.sizes": a.sizes,
             "crops.counts": a.counts, "optim.name": a.optim, "optim.batch_size": a.batch,
-            "swav.freeze_prototypes_iters": 0, "train.precision": precision, "train.channels_last": channels_last,
-            "train.compile": compiled, **ENGINES[engine],
+            "swav.freeze_prototypes_iters": 0, "parallel.precision": precision, "parallel.channels_last": channels_last,
+            "parallel.compile": compiled, **ENGINES[engine],
             **({"model.width": a.width} if a.width else {}),
         }
         return load_config(None, [f"{k}={v}".replace(" ", "") for k, v in overrides.items()])
@@ -187,7 +188,7 @@ def main() -> int:
     engine_labels = {e: default_label if e == "ddp" else f"swav_scale {e} ({dt}, channels-last)" for e in a.engines}
     for engine, label in engine_labels.items():
         # DeepSpeed's optimizer step is DeepSpeed's code: its synchronisations are shown, not made errors
-        mode = "warn" if sync_mode and ENGINES[engine]["train.engine"] == "deepspeed" else sync_mode
+        mode = "warn" if sync_mode and ENGINES[engine]["parallel.engine"] == "deepspeed" else sync_mode
         add(label, lambda engine=engine: swav_scale_step("auto", True, engine=engine), mode)
     if not a.only_swav_scale:
         add("swav_scale (fp32, NCHW)", lambda: swav_scale_step("fp32", False), sync_mode)

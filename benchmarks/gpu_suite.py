@@ -36,7 +36,7 @@ needs; each makes what it needs (the photos' shards too), so that `--only STEP` 
 6. engines: swav_scale's step under DDP, FSDP2, ZeRO-2 and ZeRO-3 (DeepSpeed), one rank each, batch 128
    (bench_swav_step --engines). FSDP2 shards over its one-rank group, as a single-GPU run does.
 7. swav_step_256: swav_scale's training step as SwAV trains (LARS) at batch 256, eager and compiled
-   (`train.compile`); the compiled one only where triton and a C compiler are there ("skipped: ..." if not).
+   (`parallel.compile`); the compiled one only where triton and a C compiler are there ("skipped: ..." if not).
 
 swav_scale's own steps in 2, 3, 6 and 7 run under `torch.cuda.set_sync_debug_mode("error")` after their
 warm-up steps (--forbid-host-syncs): a host synchronisation inside a training step fails that variant with its
@@ -47,7 +47,7 @@ synchronising lines are named in suite.log). On the CPU the check is skipped.
 Writes to --out: suite.log (everything each step printed), results.json (each benchmark's figures and each
 step's exit status and time) and summary.md (the targets, measured, met or not: for docs/benchmarks.md).
 --quick runs every step on a tiny network and a few small images, on the CPU if there is no GPU: that is
-how tests/test_benchmarks.py keeps the suite working between the rare sessions that have a GPU.
+how benchmarks/test_benchmarks.py keeps the suite working between the rare sessions that have a GPU.
 """
 
 from __future__ import annotations
@@ -152,8 +152,8 @@ def plan(s: Sizes, work: Path, device: str) -> list[Step]:
     shards, run = work / "shards", work / "run"
     config = str(ROOT / "configs" / "rn50_in1k_100ep.yaml")
     pretrain = [PY, "-m", "swav_scale.cli", "pretrain", config, f"data.train_shards={shards}", *s.train,
-                f"train.run_dir={run}", "train.checkpoint_every=10", "swav.freeze_prototypes_iters=5",
-                "train.log_every=5",
+                f"train.run_dir={run}", "checkpoint.every_steps=10", "swav.freeze_prototypes_iters=5",
+                "logging.every_steps=5",
                 # a smoke run's rates: half the original's for a batch of 256 (its 4.8 is for 4096), warmed up
                 "optim.base_lr=0.3", "optim.final_lr=0.0003", "optim.warmup_epochs=0.5", "optim.start_warmup_lr=0.03"]
 

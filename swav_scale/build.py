@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from swav_scale.checkpoint import Checkpointer, RNGState, TrainProgress, seed_generators
-from swav_scale.config import Config, ConfigError, check_queue, check_world
+from swav_scale.config import Config, check_world
 from swav_scale.data.labelled import open_labelled
 from swav_scale.data.loader import MultiCropStream, ShardLoader
 from swav_scale.data.manifest import Manifest
@@ -49,7 +49,7 @@ def build_model(cfg: Config) -> torch.nn.Module:
     Its weights stay contiguous under every engine, channels_last or not: FSDP2 and ZeRO shard contiguous
     storage only, and DDP holding channels-last weights would round differently from them from the first
     step. Convolutions still run channels-last: they follow their input, which the loop makes channels-last
-    (`train.channels_last`)."""
+    (`parallel.channels_last`)."""
     m = cfg.model
     return build_swav_model(
         m.arch, m.width, m.small_stem, m.hidden_dim, m.embed_dim, m.num_prototypes, maxpool=m.maxpool,
@@ -65,27 +65,17 @@ def planned_steps(cfg: Config, steps_per_epoch: int) -> int:
 
 def preflight(cfg: Config, world_size: int) -> tuple[Manifest, int]:
     """Checks that need no process group: the batch splits over the ranks, the shards exist and hold at least
-    one global batch, the queue holds whole global batches. The launcher runs them once before starting ranks,
-    so a mistake is reported once, and in this order, so the first message names the first thing to fix."""
+    one global batch, and the evaluation sets that kNN during pretraining reads exist (found now rather than
+    after the first epoch). The launcher runs them once before starting ranks, so a mistake is reported once,
+    and in this order, so the first message names the first thing to fix."""
     batch_per_rank = check_world(cfg, world_size)
     manifest = open_shard_set(cfg.data.train_shards, cfg.data.train_manifest)
     epoch_steps(manifest, world_size * batch_per_rank)
-    check_queue(cfg)
-    check_periodic_knn(cfg)
+    if cfg.eval.every_epochs > 0:
+        open_labelled(cfg.eval.test_split())
+        if cfg.eval.train_shards:
+            open_labelled(cfg.eval.train_shards)
     return manifest, batch_per_rank
-
-
-def check_periodic_knn(cfg: Config) -> None:
-    """eval.every_epochs needs the test split, and finds out now rather than after the first epoch."""
-    if cfg.eval.every_epochs <= 0:
-        return
-    if not cfg.eval.test_shards:
-        raise ConfigError(f"eval.every_epochs={cfg.eval.every_epochs} runs kNN during pretraining, on "
-                          "eval.test_shards, which is not set: give the held-out split (shards or an ImageFolder), "
-                          "or set eval.every_epochs=0")
-    open_labelled(cfg.eval.test_shards)
-    if cfg.eval.train_shards:
-        open_labelled(cfg.eval.train_shards)
 
 
 def build_loader(cfg: Config, rank: int, world_size: int, pin_memory: bool = False) -> ShardLoader:
@@ -130,8 +120,8 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
     engine = build_engine(cfg, build_model(cfg), env)
     queue = build_queue(cfg, env)
     progress = TrainProgress()
-    checkpointer = Checkpointer(Path(cfg.train.run_dir) / "checkpoints", env, cfg.train.keep_checkpoints,
-                                cfg.train.checkpoint_checksums, cfg.train.checkpoint_every)
+    checkpointer = Checkpointer(Path(cfg.train.run_dir) / "checkpoints", env, cfg.checkpoint.keep,
+                                cfg.checkpoint.checksums, cfg.checkpoint.every_steps)
     return Run(loader=loader, schedule=Schedule.build(cfg.optim, loader.steps_per_epoch),
                last_step=planned_steps(cfg, loader.steps_per_epoch), engine=engine, queue=queue,
                progress=progress, checkpointer=checkpointer,

@@ -166,9 +166,8 @@ def find_damage(path: Path, checksums: bool, share: tuple[int, int] = (0, 1)) ->
     except (OSError, ValueError) as e:
         return [f"{META} is unreadable ({e})"] if share[0] == 0 else []
     files = meta.get("files")
-    if files is None:  # written before file lists were recorded: the per-rank files are what can be checked
-        return [f"{rank_file(r)} is missing" for r in range(int(meta.get("world_size", 1)))
-                if share[0] == 0 and not (path / rank_file(r)).is_file()]
+    if not isinstance(files, dict):
+        return [f"{META} lists no files"] if share[0] == 0 else []
     damage = []
     for i, (name, info) in enumerate(sorted(files.items())):
         if i % share[1] != share[0]:

@@ -91,7 +91,7 @@ def _run_evaluation(args: argparse.Namespace, work: Callable[[Any, Any, dict[str
     cfg = load_config(run_dir / "config.yaml", args.overrides)  # a typo fails here, before any rank starts
     if _started_local_ranks(args, run_dir):
         return
-    env = init_distributed(timedelta(seconds=cfg.train.process_group_timeout_s), cfg.train.socket_ifname)
+    env = init_distributed(timedelta(seconds=cfg.parallel.process_group_timeout_s), cfg.parallel.socket_ifname)
     try:
         encoders, checkpoint = _encoders(args, cfg, run_dir, env.device)
         work(cfg, env, encoders, checkpoint)

@@ -1,32 +1,73 @@
-"""Typed configuration: OmegaConf structured configs over dataclasses.
+"""Typed configuration: OmegaConf structured configs over dataclasses, one section per thing configured.
 
-A run is described by one YAML file under configs/ plus `key=value` overrides. Every key is checked
-against the schema below before anything starts: a misspelled key is an error naming the closest valid key,
-and a value of the wrong type is an error naming the key.
+A run is described by one YAML file under configs/ plus `key=value` overrides. Every key is checked against
+the schema below before anything starts: a misspelled key is an error naming the closest valid key, a key
+that moved to another section an error naming its new place, a value of the wrong type or outside its
+choices (the Enums) an error naming the key. Then each section checks its own values (`check`), and Config
+the ones that span sections; check_world adds those that need the number of ranks. Every config check is
+here, so a mistake is found on loading, in the launching shell, not by one rank half-way through a start.
 """
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-
-
-ENGINES = ("ddp", "fsdp", "deepspeed")
-OPTIMIZERS = ("lars", "sgd", "adamw")
 
 
 class ConfigError(ValueError):
     """A configuration mistake, with a message that names the file and key and says what to do."""
 
 
+# The choices a key takes. OmegaConf reads a member by its name, so names and values are the same lowercase
+# words a YAML file holds; as StrEnums they also compare equal to those words and write them to JSON.
+
+class Arch(StrEnum):
+    """The trunks models/ builds (models.ARCHS lists the same names)."""
+    resnet18 = "resnet18"
+    resnet50 = "resnet50"
+    resnet50w2 = "resnet50w2"
+    resnet50w4 = "resnet50w4"
+    resnet50w5 = "resnet50w5"
+    vit_small = "vit_small"
+    vit_base = "vit_base"
+
+    @property
+    def is_vit(self) -> bool:
+        return self.startswith("vit_")
+
+
+class Engine(StrEnum):
+    """How the model is spread over the ranks (engines/): replicated (DDP), sharded by torch FSDP2, or by
+    DeepSpeed ZeRO at parallel.zero_stage."""
+    ddp = "ddp"
+    fsdp = "fsdp"
+    deepspeed = "deepspeed"
+
+
+class Precision(StrEnum):
+    """Autocast dtype: auto is bf16 where the GPU or CPU computes it natively, else fp32."""
+    auto = "auto"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class Optimizer(StrEnum):
+    """LARS (SwAV's), SGD with momentum, AdamW (ViTs; ZeRO takes SGD and AdamW only: optim.py)."""
+    lars = "lars"
+    sgd = "sgd"
+    adamw = "adamw"
+
+
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"  # resnet18 | resnet50 | resnet50w2 | resnet50w4 | resnet50w5 | vit_small | vit_base
+    arch: Arch = Arch.resnet50
     width: float | None = None  # overrides the arch's width multiplier (resnet18 at 0.5, say)
     small_stem: bool = False  # 3x3 stride-1 stem for 28-64 px images
     maxpool: bool = True  # False drops the stem max-pool (CIFAR-style), ~3x the compute
@@ -37,6 +78,23 @@ class ModelConfig:
     # ResNets only: the last BatchNorm of each residual branch starts at zero, so every block starts as the
     # identity (Goyal et al. 2017). false is the original's (resnet50.py's default, never changed by main_swav.py)
     zero_init_residual: bool = False
+
+    def check(self) -> None:
+        """The ResNet-only keys are refused for a ViT rather than ignored, so a config never silently trains a
+        different network than it names."""
+        if self.arch.is_vit:
+            for key, default in (("width", None), ("small_stem", False), ("maxpool", True),
+                                 ("zero_init_residual", False)):
+                if getattr(self, key) != default:
+                    raise ConfigError(f"model.{key}={getattr(self, key)} does not apply to model.arch={self.arch} (a "
+                                      f"ViT has a fixed width and a patch embedding, no stem): leave model.{key} at "
+                                      f"its default ({default})")
+            return
+        if self.drop_path_rate is not None:
+            raise ConfigError(f"model.drop_path_rate applies to ViTs only, not to model.arch={self.arch}")
+        if self.width is not None and (self.width <= 0 or abs(round(64 * self.width) - 64 * self.width) > 1e-6):
+            raise ConfigError(f"model.width={self.width} must make 64*width a positive whole number of channels "
+                              "(0.5, 1, 2, say)")
 
 
 @dataclass
@@ -61,6 +119,18 @@ class CropsConfig:
     reduced_decode: bool = True  # decode large JPEGs at 1/2-1/8 size where no crop loses resolution by it
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+    def check(self) -> None:
+        n = len(self.sizes)
+        for name in ("counts", "min_scale", "max_scale"):
+            if len(getattr(self, name)) != n:
+                raise ConfigError(f"crops.{name} has {len(getattr(self, name))} entries but crops.sizes has {n}")
+        if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ConfigError(f"crops.ratio={self.ratio}: give [lowest, highest] aspect ratio, 0 < lowest <= highest")
+        if len(self.color_jitter) != 4:
+            raise ConfigError("crops.color_jitter needs 4 entries: brightness, contrast, saturation, hue")
+        if sum(self.counts) < 2:
+            raise ConfigError("SwAV needs at least 2 crops per image (crops.counts)")
 
 
 @dataclass
@@ -87,10 +157,19 @@ class SwAVConfig:
     queue_length: int = 0  # global queue length (all ranks); 0 = no queue
     queue_start_epoch: int = 15
 
+    def check(self) -> None:
+        if self.sinkhorn_iterations < 1:
+            raise ConfigError(f"swav.sinkhorn_iterations={self.sinkhorn_iterations}: Sinkhorn needs at least 1 "
+                              "iteration to give codes that are distributions (SwAV uses 3)")
+        for name in ("epsilon", "temperature"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"swav.{name}={getattr(self, name)} must be positive (SwAV: epsilon 0.05, "
+                                  "temperature 0.1)")
+
 
 @dataclass
 class OptimConfig:
-    name: str = "lars"  # lars | sgd | adamw (ZeRO needs sgd or adamw: see swav_scale/optim.py)
+    name: Optimizer = Optimizer.lars  # ZeRO needs sgd or adamw: see swav_scale/optim.py
     epochs: int = 100
     batch_size: int = 4096  # global: summed over all ranks
     base_lr: float = 4.8
@@ -105,16 +184,30 @@ class OptimConfig:
     # model.parameters()); true: not for biases and norm parameters, as BYOL, DINO and most later work do
     exclude_bias_and_norm: bool = False
 
+    def check(self) -> None:
+        if self.batch_size <= 0:
+            raise ConfigError(f"optim.batch_size={self.batch_size}: give the global batch, summed over all ranks")
+
 
 @dataclass
 class TrainConfig:
+    """What run this is: where it lives, its seed, and where it stops early."""
+
     run_dir: str = "runs/swav"
     seed: int = 31
-    engine: str = "ddp"  # ddp | fsdp (torch FSDP2) | deepspeed (ZeRO, stage train.zero_stage)
-    zero_stage: int = 2  # DeepSpeed ZeRO stage 1 | 2 | 3 (train.engine=deepspeed only)
+    max_steps: int = 0  # stop after this many steps (0 = run all epochs); for tests and smoke runs
+
+
+@dataclass
+class ParallelConfig:
+    """How the run is spread over ranks and computed on each: the engine, its sharding, BatchNorm's groups,
+    precision, kernels, and how ranks reach each other."""
+
+    engine: Engine = Engine.ddp  # ZeRO's stage: parallel.zero_stage
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 1 | 2 | 3 (parallel.engine=deepspeed only)
     # ZeRO's gradient-reduction and parameter-gather buckets, in elements. DeepSpeed's default (5e8) exceeds
-    # most models, so the whole gradient would sit in one bucket beside its partitions: ZeRO-3's RSS increase
-    # was 1.30x DDP's with it, 1.04x with 2.5e7 (100 MB fp32; docs/benchmarks.md). Larger: fewer collectives.
+    # most models, so the whole gradient would sit in one bucket beside its partitions (docs/benchmarks.md
+    # measures ZeRO-3's memory with both). Larger: fewer collectives.
     zero_bucket_elements: int = 25_000_000
     # FSDP2: free each gathered trunk unit after its forward (true), or keep it until its backward (false):
     # two all-gathers of the trunk a step, or one, for the memory of the whole unsharded trunk from forward
@@ -124,22 +217,17 @@ class TrainConfig:
     # Compiling costs a minute or more at start-up and again on each resume. Not with ZeRO-3 (its hooks on
     # every layer would be traced into the graphs).
     compile: bool = False
+    # BatchNorm statistics over the global batch on 2+ ranks, GPU or CPU, as SwAV (engines/sync_batchnorm.py)
+    sync_batchnorm: bool = True
     # Ranks per SyncBatchNorm group (0: all ranks). The original's syncbn_process_group_size: 8 keeps
     # BatchNorm's per-layer collectives inside a node of 8 GPUs (docs/scaling.md).
     sync_batchnorm_group: int = 0
-    precision: str = "auto"  # auto (bf16 where the GPU or CPU computes it natively, else fp32) | bf16 | fp32
-    # BatchNorm statistics over the global batch on 2+ ranks, GPU or CPU, as SwAV (engines/sync_batchnorm.py)
-    sync_batchnorm: bool = True
-    channels_last: bool = True  # NHWC convolutions: 1.2-1.3x faster on CPU (oneDNN), the fast path on GPU
+    precision: Precision = Precision.auto
+    channels_last: bool = True  # NHWC convolutions: faster on CPU (oneDNN), the fast path on GPU
     # GPU: cuDNN times its convolution algorithms for each shape on first use and keeps the fastest, as the
     # original sets cudnn.benchmark. The crop sizes never change, so that costs only the first steps. false:
     # the same algorithms run to run (with deterministic inputs, the same results).
     cudnn_benchmark: bool = True
-    checkpoint_every: int = 500  # steps (0: none in between); a checkpoint is also written at every epoch's end
-    keep_checkpoints: int = 3  # the newest N complete ones; never fewer than 1
-    checkpoint_checksums: bool = True  # sha256 of every file, checked on resume (each rank hashes a share)
-    log_every: int = 10
-    tensorboard: bool = True
     # How long a collective may wait for the slowest rank before the job fails (s). Longer than the longest
     # phase one rank works through while the others wait at a barrier: DeepSpeed's universal conversion on a
     # change of world size, checksums of a large checkpoint, pruning old ones on slow storage. NCCL's own
@@ -149,7 +237,52 @@ class TrainConfig:
     # NCCL_SOCKET_IFNAME). Empty: gloo takes the address the hostname resolves to, NCCL its own choice. Set it
     # where the hostname resolves to the wrong network (a management LAN, loopback) or to pick InfiniBand's IPoIB.
     socket_ifname: str = ""
-    max_steps: int = 0  # stop after this many steps (0 = run all epochs); for tests and smoke runs
+
+    def check(self) -> None:
+        if self.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage={self.zero_stage}: DeepSpeed ZeRO has stages 1, 2 and 3")
+        if self.zero_bucket_elements < 1:
+            raise ConfigError(f"parallel.zero_bucket_elements={self.zero_bucket_elements}: a bucket holds at least "
+                              "one element (25000000 is the default)")
+        if self.compile and self.engine == Engine.deepspeed and self.zero_stage == 3:
+            raise ConfigError("parallel.compile=true with ZeRO-3: DeepSpeed gathers each layer's parameters in hooks "
+                              "that torch.compile would trace into the graph. Use parallel.engine=fsdp (which "
+                              "compiles per unit, outside its gathers), ZeRO-1/2, or parallel.compile=false")
+        if self.sync_batchnorm_group < 0:
+            raise ConfigError(f"parallel.sync_batchnorm_group={self.sync_batchnorm_group}: give the ranks per "
+                              "group (8 = one node of 8 GPUs), or 0 for all ranks")
+        if self.process_group_timeout_s <= 0:
+            raise ConfigError(f"parallel.process_group_timeout_s={self.process_group_timeout_s}: give the seconds a "
+                              "collective may wait for the slowest rank (3600, say)")
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written and what is kept (checkpoint.Checkpointer owns the policy)."""
+
+    every_steps: int = 500  # 0: none in between; a checkpoint is also written at every epoch's end and on a stop
+    keep: int = 3  # the newest N complete ones; never fewer than 1
+    checksums: bool = True  # sha256 of every file, checked on resume (each rank hashes a share)
+
+    def check(self) -> None:
+        if self.every_steps < 0:
+            raise ConfigError(f"checkpoint.every_steps={self.every_steps}: give the steps between checkpoints, or 0 "
+                              "for epoch ends and stops only")
+        if self.keep < 1:
+            raise ConfigError(f"checkpoint.keep={self.keep}: keep at least the newest checkpoint (1), or resume "
+                              "has nothing to start from")
+
+
+@dataclass
+class LoggingConfig:
+    """What the run reports (train.StepLog): metrics.jsonl, TensorBoard, the console."""
+
+    every_steps: int = 10  # also the last step and every epoch's end
+    tensorboard: bool = True
+
+    def check(self) -> None:
+        if self.every_steps < 1:
+            raise ConfigError(f"logging.every_steps={self.every_steps}: give the steps between log lines (1 or more)")
 
 
 @dataclass
@@ -175,6 +308,22 @@ class EvalConfig:
     linear_lr: float = 0.1
     linear_momentum: float = 0.9
     linear_weight_decay: float = 0.0
+
+    def check(self) -> None:
+        if self.every_epochs > 0 and not self.test_shards:
+            raise ConfigError(f"eval.every_epochs={self.every_epochs} runs kNN during pretraining, on "
+                              "eval.test_shards, which is not set: give the held-out split (shards or an "
+                              "ImageFolder), or set eval.every_epochs=0")
+        if self.precise_bn_images < 0:
+            raise ConfigError(f"eval.precise_bn_images={self.precise_bn_images}: give the number of training images "
+                              "to re-estimate BatchNorm statistics on (10000, say), or 0 to keep the trained ones")
+
+    def test_split(self) -> str:
+        """eval.test_shards, which every evaluation needs (the bank defaults to the training shards)."""
+        if not self.test_shards:
+            raise ConfigError("eval.test_shards is not set: give the test split (a shard directory or an "
+                              "ImageFolder)")
+        return self.test_shards
 
 
 @dataclass
@@ -202,6 +351,22 @@ class SlurmConfig:
     additional: dict[str, Any] = field(default_factory=dict)  # more #SBATCH keys, e.g. {exclusive: true}
     setup: list[str] = field(default_factory=list)  # shell lines before the tasks start (module load ...)
 
+    def check(self) -> None:
+        if self.nodes < 1:
+            raise ConfigError(f"slurm.nodes={self.nodes}: a job runs on 1 node or more")
+        if self.gpus_per_node < 0 or self.tasks_per_node < 0:
+            raise ConfigError("slurm.gpus_per_node and slurm.tasks_per_node count GPUs and ranks: 0 or more")
+        if self.gpus_per_node == 0 and self.tasks_per_node == 0:
+            raise ConfigError("slurm.gpus_per_node=0 needs slurm.tasks_per_node (the ranks per CPU node)")
+        if self.master_port and not 1024 <= self.master_port <= 65535:
+            raise ConfigError(f"slurm.master_port={self.master_port}: give a port from 1024 to 65535, or 0 to "
+                              "derive it from the job id")
+
+    @property
+    def ranks_per_node(self) -> int:
+        """One rank per GPU, or tasks_per_node where it is set (CPU nodes)."""
+        return self.tasks_per_node or self.gpus_per_node
+
 
 @dataclass
 class Config:
@@ -211,8 +376,48 @@ class Config:
     swav: SwAVConfig = field(default_factory=SwAVConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def check(self) -> None:
+        """Each section's own checks, then those that span sections."""
+        for f in fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "check"):
+                section.check()
+        total_crops = sum(self.crops.counts)
+        for i in self.swav.crops_for_assign:
+            if not 0 <= i < total_crops:
+                raise ConfigError(f"swav.crops_for_assign names crop {i}, but crops.counts gives {total_crops} crops")
+        if self.parallel.engine == Engine.deepspeed and self.optim.name == Optimizer.lars:
+            raise ConfigError(
+                "optim.name=lars with parallel.engine=deepspeed: ZeRO steps the optimizer on flat shards that cut "
+                "through layers, so LARS's per-layer trust ratio would be computed on the wrong tensors "
+                "(DeepSpeed issue #490) and training would silently take wrong steps. Use optim.name=adamw or "
+                "optim.name=sgd with DeepSpeed, or parallel.engine=fsdp, whose LARS equals the DDP one"
+            )
+        # the queue holds whole global batches, so every rank's slice advances by its own batch each step
+        b, q = self.optim.batch_size, self.swav.queue_length
+        if q and q % b:
+            raise ConfigError(f"swav.queue_length={q} is not a multiple of the global batch optim.batch_size={b}; "
+                              f"use e.g. {max(1, q // b) * b}")
+
+
+# Keys that moved to a section of their own: a file or override with the old name gets an error naming the new.
+MOVED = {
+    **{f"train.{k}": f"parallel.{k}" for k in (
+        "engine", "zero_stage", "zero_bucket_elements", "fsdp_reshard_after_forward", "compile", "sync_batchnorm",
+        "sync_batchnorm_group", "precision", "channels_last", "cudnn_benchmark", "process_group_timeout_s",
+        "socket_ifname")},
+    "train.checkpoint_every": "checkpoint.every_steps",
+    "train.keep_checkpoints": "checkpoint.keep",
+    "train.checkpoint_checksums": "checkpoint.checksums",
+    "train.log_every": "logging.every_steps",
+    "train.tensorboard": "logging.tensorboard",
+}
 
 
 def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[tuple[str, list[str]]]:
@@ -237,6 +442,9 @@ def _check_keys(node: DictConfig, source: str) -> None:
     if bad:
         lines = []
         for path, valid in bad:
+            if path in MOVED:
+                lines.append(f"  '{path}' is now '{MOVED[path]}': rename it there")
+                continue
             close = difflib.get_close_matches(path, valid, n=1, cutoff=0.5)
             hint = f"did you mean '{close[0]}'?" if close else "valid keys here: " + ", ".join(valid)
             lines.append(f"  unknown key '{path}': {hint}")
@@ -250,20 +458,9 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
     return OmegaConf.from_dotlist(list(overrides))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Schema defaults <- YAML file <- `key=value` overrides, validated; returns a typed Config."""
+def _build(layers: list[tuple[str, DictConfig]]) -> Config:
+    """Schema defaults <- each (source, layer) in turn: keys checked, values typed, the result checked."""
     merged = OmegaConf.structured(Config)
-    layers: list[tuple[str, DictConfig]] = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; the shipped ones are under configs/")
-        loaded = OmegaConf.load(path)
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, ...) at the top level")
-        layers.append((str(path), loaded))
-    if overrides:
-        layers.append(("command-line overrides", _parse_overrides(list(overrides))))
     for source, layer in layers:
         _check_keys(layer, source)
         try:
@@ -277,100 +474,61 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             "required keys without a value: " + ", ".join(missing) + " (set them in the YAML file or as key=value)"
         )
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(cfg)
+    cfg.check()
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks that the types alone cannot express."""
-    c = cfg.crops
-    n = len(c.sizes)
-    for name in ("counts", "min_scale", "max_scale"):
-        if len(getattr(c, name)) != n:
-            raise ConfigError(f"crops.{name} has {len(getattr(c, name))} entries but crops.sizes has {n}")
-    if len(c.ratio) != 2 or not 0 < c.ratio[0] <= c.ratio[1]:
-        raise ConfigError(f"crops.ratio={c.ratio}: give [lowest, highest] aspect ratio, 0 < lowest <= highest")
-    if len(c.color_jitter) != 4:
-        raise ConfigError("crops.color_jitter needs 4 entries: brightness, contrast, saturation, hue")
-    if cfg.swav.sinkhorn_iterations < 1:
-        raise ConfigError(f"swav.sinkhorn_iterations={cfg.swav.sinkhorn_iterations}: Sinkhorn needs at least 1 "
-                          "iteration to give codes that are distributions (SwAV uses 3)")
-    for name in ("epsilon", "temperature"):
-        if getattr(cfg.swav, name) <= 0:
-            raise ConfigError(f"swav.{name}={getattr(cfg.swav, name)} must be positive (SwAV: epsilon 0.05, "
-                              "temperature 0.1)")
-    total_crops = sum(c.counts)
-    for i in cfg.swav.crops_for_assign:
-        if not 0 <= i < total_crops:
-            raise ConfigError(f"swav.crops_for_assign names crop {i}, but crops.counts gives {total_crops} crops")
-    if total_crops < 2:
-        raise ConfigError("SwAV needs at least 2 crops per image (crops.counts)")
-    if cfg.train.engine not in ENGINES:
-        raise ConfigError(f"train.engine={cfg.train.engine!r}: choose one of {', '.join(ENGINES)}")
-    if cfg.train.zero_stage not in (1, 2, 3):
-        raise ConfigError(f"train.zero_stage={cfg.train.zero_stage}: DeepSpeed ZeRO has stages 1, 2 and 3")
-    if cfg.train.zero_bucket_elements < 1:
-        raise ConfigError(f"train.zero_bucket_elements={cfg.train.zero_bucket_elements}: a bucket holds at least "
-                          f"one element (25000000 is the default)")
-    if cfg.train.compile and cfg.train.engine == "deepspeed" and cfg.train.zero_stage == 3:
-        raise ConfigError("train.compile=true with ZeRO-3: DeepSpeed gathers each layer's parameters in hooks that "
-                          "torch.compile would trace into the graph. Use train.engine=fsdp (which compiles "
-                          "per unit, outside its gathers), ZeRO-1/2, or train.compile=false")
-    if cfg.train.sync_batchnorm_group < 0:
-        raise ConfigError(f"train.sync_batchnorm_group={cfg.train.sync_batchnorm_group}: give the ranks per "
-                          "group (8 = one node of 8 GPUs), or 0 for all ranks")
-    if cfg.optim.name not in OPTIMIZERS:
-        raise ConfigError(f"optim.name={cfg.optim.name!r}: choose one of {', '.join(OPTIMIZERS)}")
-    if cfg.train.engine == "deepspeed" and cfg.optim.name == "lars":
-        raise ConfigError(
-            "optim.name=lars with train.engine=deepspeed: ZeRO steps the optimizer on flat shards that cut "
-            "through layers, so LARS's per-layer trust ratio would be computed on the wrong tensors "
-            "(DeepSpeed issue #490) and training would silently take wrong steps. Use optim.name=adamw or "
-            "optim.name=sgd with DeepSpeed, or train.engine=fsdp, whose LARS equals the DDP one"
-        )
-    if cfg.train.process_group_timeout_s <= 0:
-        raise ConfigError(f"train.process_group_timeout_s={cfg.train.process_group_timeout_s}: give the seconds a "
-                          "collective may wait for the slowest rank (3600, say)")
-    if cfg.slurm.master_port and not 1024 <= cfg.slurm.master_port <= 65535:
-        raise ConfigError(f"slurm.master_port={cfg.slurm.master_port}: give a port from 1024 to 65535, or 0 to "
-                          "derive it from the job id")
-    if cfg.train.precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"train.precision={cfg.train.precision!r}: choose auto, bf16 or fp32")
-    if cfg.optim.batch_size <= 0:
-        raise ConfigError("optim.batch_size must be positive")
-    if cfg.eval.precise_bn_images < 0:
-        raise ConfigError(f"eval.precise_bn_images={cfg.eval.precise_bn_images}: give the number of training "
-                          "images to re-estimate BatchNorm statistics on (10000, say), or 0 to keep the trained ones")
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Schema defaults <- YAML file <- `key=value` overrides, validated; returns a typed Config."""
+    layers: list[tuple[str, DictConfig]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; the shipped ones are under configs/")
+        layers.append((str(path), _parse_yaml(path.read_text(), str(path))))
+    if overrides:
+        layers.append(("command-line overrides", _parse_overrides(list(overrides))))
+    return _build(layers)
+
+
+def _parse_yaml(text: str, source: str) -> DictConfig:
+    try:
+        loaded = OmegaConf.create(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{source}: expected a mapping of sections (model:, data:, ...) at the top level")
+    return loaded
 
 
 def check_world(cfg: Config, world_size: int) -> int:
-    """The per-rank batch size, or an error if the global batch does not split over the ranks."""
-    b, group = cfg.optim.batch_size, cfg.train.sync_batchnorm_group
-    if group and world_size % group:
-        raise ConfigError(f"train.sync_batchnorm_group={group} does not divide the {world_size} ranks into whole "
-                          f"groups; use a divisor of {world_size} (the GPUs of a node), or 0 for all ranks")
+    """The checks that need the number of ranks; returns the per-rank batch size."""
+    b, p = cfg.optim.batch_size, cfg.parallel
+    if p.sync_batchnorm_group and world_size % p.sync_batchnorm_group:
+        raise ConfigError(f"parallel.sync_batchnorm_group={p.sync_batchnorm_group} does not divide the {world_size} "
+                          f"ranks into whole groups; use a divisor of {world_size} (the GPUs of a node), or 0 for all "
+                          "ranks")
     if b % world_size:
         raise ConfigError(
             f"optim.batch_size={b} (global) does not split evenly over {world_size} ranks; "
             f"use a multiple of {world_size}"
         )
-    return b // world_size
-
-
-def check_queue(cfg: Config) -> None:
-    """The queue holds whole global batches, so every rank's slice advances by its own batch each step."""
-    b, q = cfg.optim.batch_size, cfg.swav.queue_length
-    if q and q % b:
+    if p.compile and p.sync_batchnorm and world_size > 1:
+        # dynamo cannot trace SyncBatchNorm's collectives (pytorch/pytorch#161302): every compiled stage would
+        # break at each BatchNorm, so the pair is refused rather than trained that way
         raise ConfigError(
-            f"swav.queue_length={q} is not a multiple of the global batch optim.batch_size={b}; "
-            f"use e.g. {max(1, q // b) * b}"
-        )
+            f"parallel.compile=true with parallel.sync_batchnorm=true on {world_size} ranks: torch.compile cannot "
+            "trace SyncBatchNorm, which would break every compiled stage at each BatchNorm. Set "
+            "parallel.compile=false to keep BatchNorm statistics over the global batch (as SwAV does), or "
+            "parallel.sync_batchnorm=false to compile, each rank then normalising with its own batch's statistics")
+    return b // world_size
 
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def from_yaml_text(text: str) -> Config:
-    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+def from_yaml_text(text: str, source: str = "configuration text") -> Config:
+    """A Config from YAML text (a run's saved config.yaml, the config a job carries to its ranks), checked as
+    load_config checks a file."""
+    return _build([(source, _parse_yaml(text, source))])

@@ -107,7 +107,7 @@ def use_socket_interface(names: str, host: str | None = None) -> None:
     missing = [n for n in names.split(",") if n not in present]
     if missing:
         raise RuntimeError(f"{host or socket.gethostname()}: no network interface {', '.join(missing)} "
-                           f"(train.socket_ifname={names!r}); this host has {', '.join(present)}")
+                           f"(parallel.socket_ifname={names!r}); this host has {', '.join(present)}")
     os.environ["GLOO_SOCKET_IFNAME"] = names
     os.environ["NCCL_SOCKET_IFNAME"] = names
 
@@ -127,7 +127,7 @@ def init_distributed(timeout: timedelta | None = None, socket_ifname: str = "") 
     NCCL on GPU, gloo on CPU. On the CPU a lone process (no WORLD_SIZE, or 1) runs without a process group,
     so that single-process tools and tests need no rendezvous; on a GPU it joins a one-rank group of its own
     (module docstring). `timeout` bounds how long a collective may wait for the slowest rank: it must exceed
-    the longest phase that one rank works through alone while the others wait (train.process_group_timeout_s).
+    the longest phase that one rank works through alone while the others wait (parallel.process_group_timeout_s).
     Each rank gets its share of the host's cores for intra-op threads, GPU or not (data workers, colour, kNN
     votes and checkpoint staging run there too). `socket_ifname`: see `use_socket_interface`."""
     rank = int(os.environ.get("RANK", 0))

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from swav_scale.build import build_model
 from swav_scale.checkpoint import load_model_weights
-from swav_scale.config import Config, ConfigError, EvalConfig
+from swav_scale.config import Config, EvalConfig
 from swav_scale.data.device import normalize
 from swav_scale.data.labelled import LabelledStream, Unit, open_labelled
 from swav_scale.data.multicrop import EvalTransform
@@ -164,15 +164,13 @@ def split_features(
     """Features of the train split (eval.train_shards, default data.train_shards) and of the test split
     (eval.test_shards), each a shard set or an ImageFolder. Under torch.distributed, of this rank's part."""
     e = cfg.eval
-    if not e.test_shards:
-        raise ConfigError("eval.test_shards is not set: give the test split (a shard directory or an ImageFolder)")
     bank_set = (open_labelled(e.train_shards) if e.train_shards
                 else open_labelled(cfg.data.train_shards, cfg.data.train_manifest))
-    query_set = open_labelled(e.test_shards)
+    query_set = open_labelled(e.test_split())
     this_rank, world = rank(), world_size()
     transform = EvalTransform(e.resize, e.crop)
     mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
-    dtype = autocast_dtype(cfg.train.precision, torch.device(device))  # the precision the network trained in
+    dtype = autocast_dtype(cfg.parallel.precision, torch.device(device))  # the precision the network trained in
     networks = {name: enc for name, enc in encoders.items() if isinstance(enc, nn.Module)}
     if e.precise_bn_images and networks:  # the same images and batches on any number of ranks (precise_bn.py)
         if e.precise_bn_images > bank_set.total and this_rank == 0:  # the tables will name the configured number

@@ -43,13 +43,16 @@ class TrainJob:
     def __init__(self, config_yaml: str) -> None:
         self.config_yaml = config_yaml
 
+    def config(self) -> Config:
+        return from_yaml_text(self.config_yaml, "the config this job was submitted with")
+
     def __call__(self) -> int:
         from swav_scale.checkpoint import newest_checkpoint
         from swav_scale.distributed import init_distributed, shutdown
         from swav_scale.preemption import StopRequested, StopSignals
         from swav_scale.train import train
 
-        cfg = from_yaml_text(self.config_yaml)
+        cfg = self.config()
         if os.environ.get("SUBMITIT_EXECUTOR") and "RANK" not in os.environ:
             import submitit
 
@@ -59,7 +62,7 @@ class TrainJob:
             # What the submitting shell passed on (a torchrun's MASTER_PORT, say) is not this job's: overwrite.
             # CUDA_VISIBLE_DEVICES stays as SLURM set it: init_distributed picks the GPU by LOCAL_RANK.
             job_env.export(set_cuda_visible_devices=False, overwrite=True)
-        env = init_distributed(timedelta(seconds=cfg.train.process_group_timeout_s), cfg.train.socket_ifname)
+        env = init_distributed(timedelta(seconds=cfg.parallel.process_group_timeout_s), cfg.parallel.socket_ifname)
         console.print(f"rank {env.rank} of {env.world_size} on {socket.gethostname()} (node {env.node_rank}, local "
                       f"rank {env.local_rank} of {env.local_world_size}); rendezvous "
                       f"{os.environ.get('MASTER_ADDR', '-')}:{os.environ.get('MASTER_PORT', '-')}", highlight=False)
@@ -112,7 +115,7 @@ class TrainJob:
         (no requeue) once the job has restarted slurm.max_requeues times."""
         import submitit
 
-        spent = _requeues_spent(from_yaml_text(self.config_yaml))
+        spent = _requeues_spent(self.config())
         if spent:
             console.print(f"[red]not requeued:[/] {spent}; submit it again to continue from its last checkpoint",
                           highlight=False)

@@ -109,7 +109,7 @@ def _markdown(run_dir: Path, cfg: Any, status: dict[str, Any], metrics: list[dic
     loss = status["loss"]
     rows = [
         ("model", f"{cfg.model.arch} width {cfg.model.width}, K = {cfg.model.num_prototypes} prototypes"),
-        ("engine", f"{cfg.train.engine}" + (f" (ZeRO-{cfg.train.zero_stage})" if cfg.train.engine == "deepspeed"
+        ("engine", f"{cfg.parallel.engine}" + (f" (ZeRO-{cfg.parallel.zero_stage})" if cfg.parallel.engine == "deepspeed"
                                             else "")),
         ("ranks", str(launches[-1]["world_size"]) if launches else "?"),
         ("git SHA", launches[-1]["git_sha"] if launches else "?"),

@@ -18,19 +18,11 @@ from typing import Any
 import submitit
 
 from swav_scale.build import preflight
-from swav_scale.config import Config, ConfigError, to_yaml
+from swav_scale.config import Config, to_yaml
 from swav_scale.launcher import TrainJob
 from swav_scale.utils import console
 
 JOBS_FILE = "jobs.jsonl"  # one line per submission, for `swav-scale status`
-
-
-def tasks_per_node(cfg: Config) -> int:
-    s = cfg.slurm
-    tasks = s.tasks_per_node or s.gpus_per_node
-    if tasks < 1:
-        raise ConfigError("slurm.gpus_per_node=0 needs slurm.tasks_per_node (the ranks per CPU node)")
-    return tasks
 
 
 def executor_parameters(cfg: Config) -> dict[str, Any]:
@@ -39,7 +31,7 @@ def executor_parameters(cfg: Config) -> dict[str, Any]:
     params: dict[str, Any] = {
         "name": s.job_name,
         "nodes": s.nodes,
-        "tasks_per_node": tasks_per_node(cfg),
+        "tasks_per_node": s.ranks_per_node,
         "cpus_per_task": s.cpus_per_task,
         "timeout_min": s.time_min,
         "slurm_signal_delay_s": s.signal_delay_s,
@@ -55,7 +47,7 @@ def executor_parameters(cfg: Config) -> dict[str, Any]:
 
 def submit(cfg: Config, cluster: str | None = None) -> Any:
     """Submit `cfg` (already validated) and record the job in run_dir/jobs.jsonl; returns the submitit job."""
-    nodes, tasks = cfg.slurm.nodes, tasks_per_node(cfg)
+    nodes, tasks = cfg.slurm.nodes, cfg.slurm.ranks_per_node
     preflight(cfg, nodes * tasks)  # a typo or a missing shard fails here, not after a day in the queue
     run_dir = Path(cfg.train.run_dir)
     log_dir = Path(cfg.slurm.log_dir or run_dir / "slurm")

@@ -112,7 +112,7 @@ def knn_every_epochs(cfg: Config, env: DistEnv) -> Evaluate:
 
 
 class StepLog:
-    """What the run reports: every step the progress bar, every log step (train.log_every, the last step of an
+    """What the run reports: every step the progress bar, every log step (logging.every_steps, the last step of an
     epoch and of the run) the loss averaged over ranks, throughput, unreadable samples, the code and prediction
     statistics and health warnings, to metrics.jsonl (rank 0). Every rank takes part in the log step's
     collectives. Files and the bar close with `stack`."""
@@ -120,7 +120,7 @@ class StepLog:
     def __init__(self, cfg: Config, env: DistEnv, run: Run, stack: ExitStack) -> None:
         run_dir = Path(cfg.train.run_dir)
         self.cfg, self.env, self.run = cfg, env, run
-        self.metrics = stack.enter_context(closing(MetricsLog(run_dir, cfg.train.tensorboard))) if env.is_main else None
+        self.metrics = stack.enter_context(closing(MetricsLog(run_dir, cfg.logging.tensorboard))) if env.is_main else None
         self.bar = stack.enter_context(TrainProgressBar(run.last_step, run.progress.step)) if env.is_main else None
         self.ledger = stack.enter_context(closing(Ledger(run_dir, env.rank))) if cfg.data.ledger else None
         self.health = HealthCheck(cfg.model.num_prototypes,
@@ -134,7 +134,7 @@ class StepLog:
 
     def due(self, done: int, end_of_epoch: bool) -> bool:
         """Whether the step that makes `done` steps is a log step."""
-        return done % self.cfg.train.log_every == 0 or done == self.run.last_step or end_of_epoch
+        return done % self.cfg.logging.every_steps == 0 or done == self.run.last_step or end_of_epoch
 
     def batch(self, step: int, epoch: int, keys: list[str]) -> None:
         if self.ledger:
@@ -204,7 +204,7 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None,
                 step = progress.step
                 log.batch(step, epoch, batch.keys)
                 lr = float(run.schedule.lr[step])
-                views = device_views(batch, copy, mean, std, cfg.train.channels_last)
+                views = device_views(batch, copy, mean, std, cfg.parallel.channels_last)
                 end_of_epoch = loader.at_epoch_end  # this batch is the epoch's last
                 log_now = log.due(step + 1, end_of_epoch)
                 result = swav_step(engine, views, cfg.swav, step, lr, queue, measure_grad_norm=log_now)

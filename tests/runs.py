@@ -23,7 +23,7 @@ TINY = [
     "optim.warmup_epochs=0.5", "optim.start_warmup_lr=0.03",
     "swav.freeze_prototypes_iters=5", "swav.queue_length=64", "swav.queue_start_epoch=1",
     "data.num_workers=1", "data.shuffle_buffer=50",
-    "train.checkpoint_every=6", "train.log_every=2", "train.tensorboard=false",
+    "checkpoint.every_steps=6", "logging.every_steps=2", "logging.tensorboard=false",
     # the trained BatchNorm statistics: a figure is then the same on any number of ranks to the last bit
     "eval.resize=28", "eval.crop=28", "eval.batch_size=100", "eval.precise_bn_images=0",
 ]

@@ -90,7 +90,7 @@ def test_only_complete_checkpoints_count(tmp_path: Path) -> None:
     ckpt.save(5, g, r)
     (tmp_path / "latest").write_text("step-00000003")
     assert ckpt.latest().name == "step-00000005"
-    # pruning never leaves a run without a complete checkpoint, whatever keep_checkpoints says
+    # pruning never leaves a run without a complete checkpoint, whatever checkpoint.keep says
     lean = Checkpointer(tmp_path / "lean", env, keep=0)
     for step in (1, 2):
         lean.save(step, g, r)
@@ -163,6 +163,10 @@ def test_damaged_checkpoints_are_found_on_real_ranks_and_moved_aside(tmp_path: P
     assert find_damage(tmp_path / f"step-00000003{DAMAGED}", checksums=False)[0].startswith(".metadata has 10 bytes")
     env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
     assert Checkpointer(tmp_path, env).complete_checkpoints() == [tmp_path / "step-00000001"]
+    # a meta.json that lists no files vouches for nothing
+    meta = json.loads((tmp_path / "step-00000001" / META).read_text())
+    (tmp_path / "step-00000001" / META).write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
+    assert find_damage(tmp_path / "step-00000001", checksums=False) == [f"{META} lists no files"]
 
 
 def test_a_step_directory_without_meta_is_named_once_and_moved_aside(tmp_path: Path,

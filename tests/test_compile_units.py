@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from swav_scale.build import build_model
 from swav_scale.checkpoint import Checkpointer, TrainProgress
-from swav_scale.config import ConfigError, OptimConfig, load_config
+from swav_scale.config import ConfigError, OptimConfig, check_world, load_config
 from swav_scale.distributed import DistEnv
 from swav_scale.engines import build_engine, compile_units, use_sync_batchnorm
 from swav_scale.engines.ddp import DDPEngine, OptimizerFactory
@@ -48,8 +48,8 @@ def overrides(optim: str = "sgd", **extra: str) -> list[str]:
         "data.train_shards": "unused", "model.arch": "resnet18", "model.width": "0.125", "model.small_stem": "true",
         "model.hidden_dim": "32", "model.embed_dim": "16", "model.num_prototypes": "12",
         "crops.sizes": "[32,16]", "crops.counts": "[2,1]", "swav.freeze_prototypes_iters": "1",
-        "optim.batch_size": "8", "optim.name": optim, "optim.base_lr": "0.2", "train.precision": "bf16",
-        "train.channels_last": "false", **extra,
+        "optim.batch_size": "8", "optim.name": optim, "optim.base_lr": "0.2", "parallel.precision": "bf16",
+        "parallel.channels_last": "false", **extra,
     }
     return [f"{k}={v}" for k, v in values.items()]
 
@@ -248,7 +248,7 @@ def test_checkpoint_with_replicated_batchnorm_saved_on_2_ranks_resumes_on_1(tmp_
 
 
 def test_a_lone_process_without_a_group_runs_the_plain_model() -> None:
-    cfg = load_config(None, overrides(**{"train.engine": "fsdp"}))
+    cfg = load_config(None, overrides(**{"parallel.engine": "fsdp"}))
     engine = build_engine(cfg, build_model(cfg), DistEnv(0, 1, 0, 1, CPU))
     assert not any(isinstance(p, DTensor) for p in engine.model.parameters())
 
@@ -329,20 +329,20 @@ def test_tensor_drop_path_drops_and_scales_samples_as_timm(dtype: torch.dtype) -
 
 
 def test_compile_with_sync_batchnorm_on_several_ranks_is_refused_naming_both_keys() -> None:
-    """SyncBatchNorm is used with ranks to synchronise with, on any device, and refused under train.compile
+    """SyncBatchNorm is used with ranks to synchronise with, on any device, and refused under parallel.compile
     with a message naming both keys and what to set; build_engine decides so before it touches the device."""
-    def train_config(compile_: bool, sync: bool) -> Any:
-        return load_config(None, overrides(**{"train.compile": str(compile_).lower(),
-                                              "train.sync_batchnorm": str(sync).lower()})).train
+    def parallel_config(compile_: bool, sync: bool) -> Any:
+        return load_config(None, overrides(**{"parallel.compile": str(compile_).lower(),
+                                              "parallel.sync_batchnorm": str(sync).lower()})).parallel
 
-    assert use_sync_batchnorm(train_config(False, True), 2)
-    assert not use_sync_batchnorm(train_config(False, True), 1)
-    assert not use_sync_batchnorm(train_config(True, True), 1)
-    assert not use_sync_batchnorm(train_config(True, False), 2)
-    message = (r"train\.compile=true with train\.sync_batchnorm=true on 2 ranks.*Set train\.compile=false.*"
-               r"or train\.sync_batchnorm=false")
+    assert use_sync_batchnorm(parallel_config(False, True), 2)
+    assert not use_sync_batchnorm(parallel_config(False, True), 1)
+    assert not use_sync_batchnorm(parallel_config(True, False), 2)
+    message = (r"parallel\.compile=true with parallel\.sync_batchnorm=true on 2 ranks.*Set parallel\.compile=false"
+               r".*or parallel\.sync_batchnorm=false")
+    compiled = load_config(None, overrides(**{"parallel.compile": "true"}))
+    assert check_world(compiled, 1) == compiled.optim.batch_size  # one rank: nothing to synchronise
     with pytest.raises(ConfigError, match=message):
-        use_sync_batchnorm(train_config(True, True), 2)
-    cfg = load_config(None, overrides(**{"train.compile": "true"}))
+        check_world(compiled, 2)
     with pytest.raises(ConfigError, match=message):
-        build_engine(cfg, build_model(cfg), DistEnv(0, 2, 0, 2, torch.device("cuda", 0)))
+        build_engine(compiled, build_model(compiled), DistEnv(0, 2, 0, 2, torch.device("cuda", 0)))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from swav_scale.config import ConfigError, check_queue, check_world, load_config, to_yaml, from_yaml_text
+from swav_scale.config import ConfigError, Engine, check_world, from_yaml_text, load_config, to_yaml
 from helpers import REPO
 
 
@@ -47,35 +47,40 @@ def test_wrong_type_and_missing_values_name_the_key() -> None:
 
 
 def test_world_size_checks() -> None:
-    cfg = load_config(None, ["data.train_shards=/x", "optim.batch_size=96", "swav.queue_length=300"])
     with pytest.raises(ConfigError, match=r"swav.queue_length=300 is not a multiple of the global batch "
                                           r"optim.batch_size=96; use e.g. 288"):
-        check_queue(cfg)
-    cfg.swav.queue_length = 384
-    check_queue(cfg)
+        load_config(None, ["data.train_shards=/x", "optim.batch_size=96", "swav.queue_length=300"])
+    cfg = load_config(None, ["data.train_shards=/x", "optim.batch_size=96", "swav.queue_length=384"])
     assert check_world(cfg, 3) == 32
     with pytest.raises(ConfigError, match="does not split evenly over 5 ranks"):
         check_world(cfg, 5)
-    cfg.train.sync_batchnorm_group = 2
-    with pytest.raises(ConfigError, match="train.sync_batchnorm_group=2 does not divide the 3 ranks"):
+    cfg.parallel.sync_batchnorm_group = 2
+    with pytest.raises(ConfigError, match="parallel.sync_batchnorm_group=2 does not divide the 3 ranks"):
         check_world(cfg, 3)
     assert check_world(cfg, 4) == 24
 
 
 # (overrides, what the refusal says): each is refused with a message naming the key and what to do
 REFUSED = [
-    (["train.engine=deepspeed"], r"optim.name=lars with train.engine=deepspeed: .* \(DeepSpeed issue #490\)"),
-    (["train.engine=fsdp2"], "train.engine='fsdp2': choose one of ddp, fsdp, deepspeed"),
-    (["train.zero_stage=4"], "train.zero_stage=4"),
+    (["parallel.engine=deepspeed"], r"optim.name=lars with parallel.engine=deepspeed: .* \(DeepSpeed issue #490\)"),
+    (["parallel.engine=fsdp2"], r"key 'parallel.engine': Invalid value 'fsdp2', expected one of \[ddp, fsdp, deepspeed\]"),
+    (["parallel.zero_stage=4"], "parallel.zero_stage=4"),
     (["swav.sinkhorn_iterations=0"], "swav.sinkhorn_iterations=0: Sinkhorn needs at least 1"),
     (["swav.epsilon=0"], "swav.epsilon=0.0 must be positive"),
-    (["train.zero_bucket_elements=0"], "train.zero_bucket_elements=0: a bucket holds at least one element"),
-    (["train.engine=deepspeed", "optim.name=adamw", "train.zero_stage=3", "train.compile=true"],
-     "train.compile=true with ZeRO-3: DeepSpeed gathers"),
-    (["train.sync_batchnorm_group=-1"], "train.sync_batchnorm_group=-1: give the ranks per group"),
-    (["optim.name=lamb"], "optim.name='lamb'"),
+    (["parallel.zero_bucket_elements=0"], "parallel.zero_bucket_elements=0: a bucket holds at least one element"),
+    (["parallel.engine=deepspeed", "optim.name=adamw", "parallel.zero_stage=3", "parallel.compile=true"],
+     "parallel.compile=true with ZeRO-3: DeepSpeed gathers"),
+    (["parallel.sync_batchnorm_group=-1"], "parallel.sync_batchnorm_group=-1: give the ranks per group"),
+    (["optim.name=lamb"], r"key 'optim.name': Invalid value 'lamb', expected one of \[lars, sgd, adamw\]"),
+    (["parallel.precision=fp16"], r"key 'parallel.precision': Invalid value 'fp16', expected one of \[auto, bf16, fp32\]"),
+    (["checkpoint.keep=0"], "checkpoint.keep=0: keep at least the newest checkpoint"),
+    (["checkpoint.every_steps=-1"], "checkpoint.every_steps=-1: give the steps between checkpoints"),
+    (["logging.every_steps=0"], "logging.every_steps=0: give the steps between log lines"),
+    (["eval.every_epochs=1"], "eval.every_epochs=1 runs kNN during pretraining, on eval.test_shards, which is not set"),
+    (["slurm.gpus_per_node=0"], "slurm.gpus_per_node=0 needs slurm.tasks_per_node"),
+    (["slurm.master_port=80"], "slurm.master_port=80: give a port from 1024 to 65535"),
     (["eval.precise_bn_images=-1"], "eval.precise_bn_images=-1: give the number of training images"),
-    (["train.process_group_timeout_s=0"], "train.process_group_timeout_s=0: give the seconds a collective may wait"),
+    (["parallel.process_group_timeout_s=0"], "parallel.process_group_timeout_s=0: give the seconds a collective may wait"),
 ]
 
 
@@ -84,5 +89,53 @@ def test_engine_and_optimizer_choices_are_checked() -> None:
     for overrides, message in REFUSED:
         with pytest.raises(ConfigError, match=message):
             load_config(None, [*base, *overrides])
-    cfg = load_config(None, [*base, "train.engine=deepspeed", "optim.name=adamw", "train.zero_stage=3"])
-    assert (cfg.train.engine, cfg.train.zero_stage, cfg.optim.name) == ("deepspeed", 3, "adamw")
+    cfg = load_config(None, [*base, "parallel.engine=deepspeed", "optim.name=adamw", "parallel.zero_stage=3"])
+    assert (cfg.parallel.engine, cfg.parallel.zero_stage, cfg.optim.name) == ("deepspeed", 3, "adamw")
+
+
+def test_choices_are_enums_that_read_and_write_as_the_words_of_the_yaml() -> None:
+    cfg = load_config(None, ["data.train_shards=x", "parallel.engine=fsdp"])
+    assert cfg.parallel.engine is Engine.fsdp and cfg.parallel.engine == "fsdp"
+    text = to_yaml(cfg)
+    assert "  engine: fsdp\n" in text and "  precision: auto\n" in text and "  name: lars\n" in text
+    assert from_yaml_text(text).parallel.engine is Engine.fsdp
+
+
+# every key that left `train`, with the section it lives in now
+MOVED_KEYS = {"train.engine": "parallel.engine", "train.zero_stage": "parallel.zero_stage",
+              "train.precision": "parallel.precision", "train.compile": "parallel.compile",
+              "train.sync_batchnorm": "parallel.sync_batchnorm", "train.channels_last": "parallel.channels_last",
+              "train.socket_ifname": "parallel.socket_ifname", "train.checkpoint_every": "checkpoint.every_steps",
+              "train.keep_checkpoints": "checkpoint.keep", "train.checkpoint_checksums": "checkpoint.checksums",
+              "train.log_every": "logging.every_steps", "train.tensorboard": "logging.tensorboard"}
+
+
+@pytest.mark.parametrize("old,new", MOVED_KEYS.items())
+def test_an_old_key_is_refused_naming_its_new_place(old: str, new: str, tmp_path: Path) -> None:
+    value = {"parallel.engine": "fsdp", "parallel.precision": "fp32", "parallel.socket_ifname": "eth0"}.get(new, "1")
+    with pytest.raises(ConfigError, match=rf"command-line overrides:\n  '{old}' is now '{new}': rename it there"):
+        load_config(None, ["data.train_shards=x", f"{old}={value}"])
+    section, key = old.split(".")
+    old_file = tmp_path / "old.yaml"
+    old_file.write_text(f"{section}:\n  run_dir: runs/old\n  {key}: {value}\n")
+    with pytest.raises(ConfigError, match=rf"{old_file}:\n  '{old}' is now '{new}'"):
+        load_config(old_file, ["data.train_shards=x"])
+    new_section, new_key = new.split(".")
+    assert str(getattr(getattr(load_config(None, ["data.train_shards=x", f"{new}={value}"]), new_section),
+                       new_key)).lower() in (value, "true")
+
+
+def test_from_yaml_text_checks_as_load_config_does() -> None:
+    text = to_yaml(load_config(None, ["data.train_shards=x"]))
+    with pytest.raises(ConfigError, match=r"run config.yaml:\n  '.*' is now 'parallel.engine'"):
+        from_yaml_text(text.replace("train:\n", "train:\n  engine: fsdp\n"), "run config.yaml")
+    with pytest.raises(ConfigError, match="unknown key 'optim.base_lrr'"):
+        from_yaml_text(text.replace("  base_lr:", "  base_lrr:"))
+    with pytest.raises(ConfigError, match="key 'optim.epochs'"):
+        from_yaml_text(text.replace("  epochs: 100", "  epochs: ten"))
+    with pytest.raises(ConfigError, match="optim.name=lars with parallel.engine=deepspeed"):
+        from_yaml_text(text.replace("  engine: ddp", "  engine: deepspeed"))
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        from_yaml_text("- a list")
+    with pytest.raises(ConfigError, match="run config.yaml: not valid YAML: .*found duplicate key train"):
+        from_yaml_text(text + "train:\n  seed: 1\n", "run config.yaml")

@@ -187,6 +187,6 @@ def test_the_socket_interface_is_set_for_gloo_and_nccl_or_refused_naming_the_hos
     assert "GLOO_SOCKET_IFNAME" not in os.environ  # empty: the libraries choose
     distributed.use_socket_interface("lo")
     assert os.environ["GLOO_SOCKET_IFNAME"] == os.environ["NCCL_SOCKET_IFNAME"] == "lo"
-    with pytest.raises(RuntimeError, match=r"gpu-7: no network interface ib9 \(train.socket_ifname='lo,ib9'\); "
+    with pytest.raises(RuntimeError, match=r"gpu-7: no network interface ib9 \(parallel.socket_ifname='lo,ib9'\); "
                                            r"this host has .*\blo\b"):
         distributed.use_socket_interface("lo,ib9", host="gpu-7")

@@ -1,4 +1,4 @@
-"""Precision selection: `train.precision=auto` picks bf16 only where the hardware computes it natively."""
+"""Precision selection: `parallel.precision=auto` picks bf16 only where the hardware computes it natively."""
 
 from __future__ import annotations
 

@@ -37,11 +37,11 @@ def small_config(engine: str, optim: str, **extra: str) -> list[str]:
         "data.train_shards": "unused", "model.arch": "resnet18", "model.width": "0.125", "model.small_stem": "true",
         "model.hidden_dim": "32", "model.embed_dim": "16", "model.num_prototypes": "12",
         "crops.sizes": "[16,8]", "crops.counts": "[2,1]", "swav.freeze_prototypes_iters": str(FREEZE),
-        "optim.batch_size": "8", "optim.name": optim, "optim.base_lr": "0.2", "train.engine": engine,
+        "optim.batch_size": "8", "optim.name": optim, "optim.base_lr": "0.2", "parallel.engine": engine,
         # the default memory format (channels-last inputs, contiguous weights under every engine). Residual
         # branches start at zero: without, this tiny network's first gradient norm is 538 (15 with), and SGD's
         # first step at lr 0.2 then magnifies a 1e-4 relative rounding difference (compiled kernels') 1000-fold
-        "train.precision": "fp32", "model.zero_init_residual": "true", **extra,
+        "parallel.precision": "fp32", "model.zero_init_residual": "true", **extra,
     }
     return [f"{k}={v}" for k, v in overrides.items()]
 
@@ -69,7 +69,7 @@ def train_ranks(rank: int, world: int, overrides: list[str]) -> Trace:
     for step in range(STEPS):
         lr = cfg.optim.base_lr * (step + 1) / STEPS  # a schedule: every engine must apply set_lr
         views = views_for(rank, step)
-        if cfg.train.channels_last:  # as the loop gives them (device.device_views)
+        if cfg.parallel.channels_last:  # as the loop gives them (device.device_views)
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         result = swav_step(engine, views, cfg.swav, step, lr, queue, measure_grad_norm=True)
         norms.append(result.grad_norm)
@@ -129,9 +129,9 @@ def trunk_gathers_per_step(rank: int, world: int, overrides: list[str]) -> tuple
 @pytest.mark.parametrize("reshard", [True, False])
 def test_fsdp_gathers_each_trunk_unit_once_per_pass_whatever_the_crop_resolutions(reshard: bool) -> None:
     """Two crop resolutions, yet each stage is gathered once in forward and, unless kept gathered
-    (train.fsdp_reshard_after_forward=false), once more in backward; the root unit once. Kept gathered, FSDP
+    (parallel.fsdp_reshard_after_forward=false), once more in backward; the root unit once. Kept gathered, FSDP
     still trains exactly like DDP."""
-    overrides = small_config("fsdp", "adamw", **{"train.fsdp_reshard_after_forward": str(reshard).lower()})
+    overrides = small_config("fsdp", "adamw", **{"parallel.fsdp_reshard_after_forward": str(reshard).lower()})
     for gathers, units in run_ranks(trunk_gathers_per_step, 2, overrides):
         assert gathers == (2 * units if reshard else units) + 1
     if not reshard:
@@ -151,19 +151,19 @@ def test_fsdp_gathers_each_vit_block_once_per_pass_whatever_the_crop_resolutions
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine,extra", [("ddp", {}), ("fsdp", {}), ("deepspeed", {"train.zero_stage": "2"})],
+@pytest.mark.parametrize("engine,extra", [("ddp", {}), ("fsdp", {}), ("deepspeed", {"parallel.zero_stage": "2"})],
                          ids=["ddp", "fsdp", "zero2"])
 def test_compiled_units_train_like_eager_ddp(engine: str, extra: dict[str, str]) -> None:
-    """train.compile=true: each stage's forward is compiled (inductor) while the engine's own machinery (DDP's
+    """parallel.compile=true: each stage's forward is compiled (inductor) while the engine's own machinery (DDP's
     bucketed all-reduce, FSDP2's gathers and reduce-scatters, ZeRO-2's partitioned gradients) works around it;
     the parameters after the steps are eager DDP's, up to the compiled kernels' rounding (with SGD: AdamW
     divides near-zero gradients by their own size, which turns rounding into steps of size lr). That rounding
     depends on the CPU inductor generates code for (under 1.0e-4 on one Zen 4, 1.05e-4 on another, 2.81e-4 on a
     Xeon with AMX): 4e-4 is still 4 orders of magnitude below how far the steps move the parameters (4.2 at
     most). Each rank normalises with its own batch's statistics: SyncBatchNorm is refused under compile."""
-    local_norms = {"train.sync_batchnorm": "false"}
+    local_norms = {"parallel.sync_batchnorm": "false"}
     ddp = ddp_reference("sgd", **local_norms)
-    compiled = run_ranks(train_ranks, 2, small_config(engine, "sgd", **{"train.compile": "true", **local_norms,
+    compiled = run_ranks(train_ranks, 2, small_config(engine, "sgd", **{"parallel.compile": "true", **local_norms,
                                                                         **extra}))
     for rank in range(2):
         assert_same(ddp[0].snapshots[-1], compiled[rank].snapshots[-1], atol=4e-4)
@@ -174,7 +174,7 @@ def test_compiled_units_train_like_eager_ddp(engine: str, extra: dict[str, str])
 def test_building_an_engine_sets_cudnn_benchmark_from_the_config(benchmark: bool) -> None:
     torch.backends.cudnn.benchmark = not benchmark
     try:
-        cfg = load_config(None, small_config("ddp", "sgd", **{"train.cudnn_benchmark": str(benchmark).lower()}))
+        cfg = load_config(None, small_config("ddp", "sgd", **{"parallel.cudnn_benchmark": str(benchmark).lower()}))
         build_engine(cfg, build_model(cfg), DistEnv(0, 1, 0, 1, torch.device("cpu")))
         assert torch.backends.cudnn.benchmark is benchmark
     finally:
@@ -200,7 +200,7 @@ def assert_prototypes_frozen_then_trained(snapshots: list[dict[str, torch.Tensor
 def test_deepspeed_zero_trains_like_ddp(stage: int, optim: str) -> None:
     ddp = ddp_reference(optim)
     # buckets of 20k elements: the gradients are reduced in several (DeepSpeed's default would take them in one)
-    overrides = small_config("deepspeed", optim, **{"train.zero_stage": str(stage), "train.zero_bucket_elements": "20000"})
+    overrides = small_config("deepspeed", optim, **{"parallel.zero_stage": str(stage), "parallel.zero_bucket_elements": "20000"})
     zero = run_ranks(train_ranks, 2, overrides)
     for rank in range(2):
         assert_same(ddp[0].snapshots[-1], zero[rank].snapshots[-1], atol=1e-5)
@@ -230,7 +230,7 @@ NOTHING = {"reads": [], "copies": [], "mixes": []}
 
 @pytest.mark.parametrize(("engine", "optim", "extra"), [
     ("ddp", "lars", {}), ("ddp", "adamw", {}), ("fsdp", "lars", {}),
-    ("deepspeed", "adamw", {"train.zero_stage": "2"}), ("deepspeed", "adamw", {"train.zero_stage": "3"})])
+    ("deepspeed", "adamw", {"parallel.zero_stage": "2"}), ("deepspeed", "adamw", {"parallel.zero_stage": "3"})])
 def test_a_step_waits_for_nothing_on_the_device_unless_it_logs(engine: str, optim: str, extra: dict) -> None:
     """No value read back, no blocking copy to the device and no host tensor meeting device ones in a step,
     on every engine (the loop reads the loss at log steps only): on a GPU each read would stall the host
@@ -278,7 +278,7 @@ def test_zero_1_and_2_steps_leave_the_gradient_norm_on_the_device(stage: int) ->
     every step of its fp32 mode; the engine takes the norm at log steps only, before the step, and it is
     DDP's (test_deepspeed_zero_trains_like_ddp measures it at every step). ZeRO-3 has no such switch: its
     step still reads the norm once (docs/gpu.md)."""
-    overrides = small_config("deepspeed", "adamw", **{"train.zero_stage": str(stage)})
+    overrides = small_config("deepspeed", "adamw", **{"parallel.zero_stage": str(stage)})
     for counts in run_ranks(deepspeed_host_checks, 2, overrides):
         assert counts == ([0, 0, 0] if stage < 3 else [1, 1, 1])
 
@@ -304,7 +304,7 @@ def test_zero3_holds_its_fp32_partition_once_and_takes_our_bucket_size() -> None
     misses; zero.share_master_partitions), and stays so through the steps. test_deepspeed_zero_trains_like_ddp
     shows the updates are still right, the resharding test that checkpoints still load."""
     results = run_ranks(zero3_after_steps, 2, small_config(
-        "deepspeed", "adamw", **{"train.zero_stage": "3", "train.zero_bucket_elements": "12345"}))
+        "deepspeed", "adamw", **{"parallel.zero_stage": "3", "parallel.zero_bucket_elements": "12345"}))
     for shared, bucket in results:
         assert shared and all(shared), shared
         assert bucket == 12345
@@ -321,8 +321,8 @@ QUEUE = 24  # global rows: 12 per rank on 2 ranks, 24 on 1, 8 on 3
 
 
 def reshard_config(engine: str, optim: str, stage: int, world: int) -> list[str]:
-    # train.zero_stage is read by the deepspeed engine only
-    return small_config(engine, optim, **{"train.zero_stage": str(stage), "optim.batch_size": str(4 * world),
+    # parallel.zero_stage is read by the deepspeed engine only
+    return small_config(engine, optim, **{"parallel.zero_stage": str(stage), "optim.batch_size": str(4 * world),
                                           "swav.queue_length": str(QUEUE)})
 
 

@@ -42,7 +42,7 @@ def test_knn_during_pretraining_evaluations_on_ranks_and_the_report(fmnist_train
     assert top1_column(proc.stdout) == [round(knn[-1]["knn_top1"], 2)]
     figures = []
     for nproc in ("1", "2"):
-        proc = swav_scale("knn", str(run_dir), "train.precision=fp32", "--baselines", "--nproc", nproc)
+        proc = swav_scale("knn", str(run_dir), "parallel.precision=fp32", "--baselines", "--nproc", nproc)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         figures.append(top1_column(proc.stdout))
     assert figures[0] == figures[1] and len(figures[0]) == 2, figures  # SwAV, random init
@@ -59,7 +59,7 @@ def test_knn_during_pretraining_evaluations_on_ranks_and_the_report(fmnist_train
     probes = []
     for nproc in ("1", "2"):
         proc = swav_scale("linear", str(run_dir), "eval.linear_epochs=10", f"eval.test_shards={folder}",
-                          "train.precision=fp32", "--baselines", "--nproc", nproc)
+                          "parallel.precision=fp32", "--baselines", "--nproc", nproc)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         probes.append(json.loads((run_dir / "linear.jsonl").read_text().splitlines()[-1]))
     # The probe itself is the same on any number of ranks (test_linear.py); here the features differ in their

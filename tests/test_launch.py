@@ -84,8 +84,9 @@ def test_executor_parameters_from_the_config() -> None:
     assert params["timeout_min"] == 600 and params["slurm_signal_delay_s"] == 180
     assert params["slurm_additional_parameters"] == {"requeue": True, "exclusive": True}
     assert "slurm_account" not in params  # empty: the cluster's default
-    with pytest.raises(ConfigError, match="slurm.tasks_per_node"):
-        executor_parameters(load_config("configs/quickstart.yaml", ["slurm.gpus_per_node=0"]))
+    cpu_nodes = executor_parameters(load_config("configs/quickstart.yaml", ["slurm.gpus_per_node=0",
+                                                                            "slurm.tasks_per_node=4"]))
+    assert cpu_nodes["tasks_per_node"] == 4 and "gpus_per_node" not in cpu_nodes
 
 
 def test_the_rendezvous_port_is_the_job_ids_and_differs_between_neighbouring_jobs() -> None:

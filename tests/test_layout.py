@@ -52,3 +52,20 @@ def test_no_module_imports_one_that_imports_it_back() -> None:
     graph = _imports()
     assert "swav_scale.train" in graph and "swav_scale.build" in graph["swav_scale.train"]
     assert _circles(graph) == []
+
+
+BENCHMARKS = PACKAGE.parent / "benchmarks"
+
+
+def test_the_tests_import_no_benchmark() -> None:
+    """The benchmarks build on the tests' reference implementations (tests/references.py), never the reverse:
+    a test passes or fails on swav_scale and its references alone."""
+    benchmark_modules = {p.stem for p in BENCHMARKS.glob("*.py")} | {"benchlib"}
+    assert {"bench_sinkhorn", "gpu_suite", "benchlib"} <= benchmark_modules
+    found = []
+    for path in (PACKAGE.parent / "tests").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in benchmark_modules]
+    assert found == []

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torchvision
 
+from swav_scale.config import ConfigError, load_config
 from swav_scale.models import build_swav_model, build_trunk
 
 
@@ -50,8 +51,8 @@ def test_small_stem_keeps_resolution_for_small_images() -> None:
     stem = no_pool.relu(no_pool.bn1(no_pool.conv1(x)))
     assert no_pool.layer3(no_pool.layer2(no_pool.layer1(no_pool.maxpool(stem)))).shape[-1] == 7
     assert no_pool(x).shape == (2, 128)
-    with pytest.raises(ValueError, match="model.width=0.3"):
-        build_trunk("resnet18", width=0.3)
+    with pytest.raises(ConfigError, match="model.width=0.3 must make 64\\*width a positive whole number"):
+        load_config(None, ["data.train_shards=/x", "model.arch=resnet18", "model.width=0.3"])
 
 
 def test_multicrop_forward_groups_resolutions() -> None:

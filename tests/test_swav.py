@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from helpers import run_ranks
-from references import original_sinkhorn  # benchmarks/references.py: the benchmarks' reference, checked here
+from references import original_sinkhorn
 
 from swav_scale.models import build_swav_model
 from swav_scale.queue import FeatureQueue

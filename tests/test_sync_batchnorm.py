@@ -93,7 +93,7 @@ def grouped_means(rank: int, world: int) -> tuple[list[int] | None, torch.Tensor
 
 
 def test_sync_batchnorm_groups_are_blocks_of_consecutive_ranks() -> None:
-    """train.sync_batchnorm_group=2 on 4 ranks: ranks 0-1 and 2-3 normalise with their own statistics (as the
+    """parallel.sync_batchnorm_group=2 on 4 ranks: ranks 0-1 and 2-3 normalise with their own statistics (as the
     original's syncbn_process_group_size keeps them inside a node); 0 or the world size means all."""
     results = run_ranks(grouped_means, 4)
     for rank, (ranks, running_mean) in enumerate(results):

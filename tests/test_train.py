@@ -147,8 +147,8 @@ def test_damaged_shards_stop_every_rank_with_a_clear_message(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("engine", [
-    ("train.engine=fsdp",),
-    ("train.engine=deepspeed", "train.zero_stage=3", "optim.name=adamw", "optim.base_lr=0.002",
+    ("parallel.engine=fsdp",),
+    ("parallel.engine=deepspeed", "parallel.zero_stage=3", "optim.name=adamw", "optim.base_lr=0.002",
      "optim.final_lr=0.00002", "optim.start_warmup_lr=0.0002", "optim.weight_decay=0.04"),
 ], ids=["fsdp", "zero3"])
 def test_sharded_engines_train_resume_on_fewer_ranks_and_evaluate(engine: tuple[str, ...], fmnist_train_shards: Path,
@@ -186,14 +186,14 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(fmnist_trai
                                                                      tmp_path: Path) -> None:
     """A good start to step 6, then resumed with inputs that make the loss NaN (a zero normalisation std):
     every rank stops at the first step, naming it and the last good checkpoint, saves nothing (the step has
-    a checkpoint due: checkpoint_every=1), and is not retried."""
+    a checkpoint due: checkpoint.every_steps=1), and is not retried."""
     run_dir = tmp_path / "nan"
     common = [str(REPO / "configs" / "quickstart.yaml"), *TINY, f"data.train_shards={fmnist_train_shards}",
               f"train.run_dir={run_dir}"]
     proc = swav_scale("pretrain", *common, "train.max_steps=6", "--nproc", "2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     good = run_dir / "checkpoints" / "step-00000006"
-    proc = swav_scale("pretrain", *common, "crops.std=[0,0,0]", "train.checkpoint_every=1", "train.log_every=5",
+    proc = swav_scale("pretrain", *common, "crops.std=[0,0,0]", "checkpoint.every_steps=1", "logging.every_steps=5",
                       "--nproc", "2")
     out = " ".join((proc.stdout + proc.stderr).split())
     assert proc.returncode != 0

@@ -11,9 +11,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from swav_scale.build import build_model
-from swav_scale.config import check_queue, check_world, load_config
+from swav_scale.config import Arch, ConfigError, check_world, load_config
 from swav_scale.knn import load_trunk
-from swav_scale.models import ViTTrunk, build_swav_model, build_trunk
+from swav_scale.models import ARCHS, ViTTrunk, build_swav_model, build_trunk
 from helpers import REPO
 
 
@@ -75,15 +75,19 @@ def test_swav_model_with_vit_trunk_takes_multicrop() -> None:
                                             ({"maxpool": False}, "model.maxpool=False"),
                                             ({"zero_init_residual": True}, "model.zero_init_residual=True")])
 def test_resnet_options_are_refused_for_a_vit(option: dict, pattern: str) -> None:
-    with pytest.raises(ValueError, match=pattern + ".*model.arch=vit_base"):
-        build_trunk("vit_base", **option)
+    key, value = next(iter(option.items()))
+    with pytest.raises(ConfigError, match=pattern + ".*model.arch=vit_base"):
+        load_config(None, ["data.train_shards=/x", "model.arch=vit_base", f"model.{key}={value}"])
 
 
 def test_unknown_arch_lists_resnets_and_vits() -> None:
     with pytest.raises(ValueError, match="resnet50w5, vit_small, vit_base"):
         build_trunk("vit_large")
-    with pytest.raises(ValueError, match="ViTs only"):
-        build_trunk("resnet18", drop_path_rate=0.1)
+    with pytest.raises(ConfigError, match=r"key 'model.arch'.*resnet50w5, vit_small, vit_base"):
+        load_config(None, ["data.train_shards=/x", "model.arch=vit_large"])
+    with pytest.raises(ConfigError, match="model.drop_path_rate applies to ViTs only"):
+        load_config(None, ["data.train_shards=/x", "model.arch=resnet18", "model.drop_path_rate=0.1"])
+    assert set(Arch) == set(ARCHS)  # the config's choices are the trunks models/ builds
 
 
 NEW_CONFIGS = {
@@ -100,9 +104,8 @@ NEW_CONFIGS = {
 def test_new_configs_load_and_split(name: str) -> None:
     cfg = load_config(REPO / "configs" / f"{name}.yaml", ["data.train_shards=/tmp/x"])
     arch, batch, optimizer, counts, queue, epochs = NEW_CONFIGS[name]
-    assert (cfg.model.arch, cfg.optim.batch_size, cfg.optim.name, cfg.train.engine) == (arch, batch, optimizer, "fsdp")
+    assert (cfg.model.arch, cfg.optim.batch_size, cfg.optim.name, cfg.parallel.engine) == (arch, batch, optimizer, "fsdp")
     assert (cfg.crops.counts, cfg.swav.queue_length, cfg.optim.epochs) == (counts, queue, epochs)
-    check_queue(cfg)
     assert check_world(cfg, 8) * 8 == batch
     with torch.device("meta"):  # the config's model builds (ViT configs must not set the ResNet options)
         model = build_model(cfg)

@@ -104,7 +104,7 @@ def device_views(batch: Batch, copy: CopyStream, mean: tuple[float, ...], std: t
                  channels_last: bool = False) -> list[Tensor]:
     """A batch's uint8 views -> normalised float views on `copy.device`, with the colour operations applied
     there first when the workers deferred them (its `color`, crops.color_on_device); channels-last (NHWC) with
-    `channels_last`, which the convolutions then follow (train.channels_last)."""
+    `channels_last`, which the convolutions then follow (parallel.channels_last)."""
     views = copy(batch.views)
     if batch.color is not None:
         views = apply_color(views, batch.color)

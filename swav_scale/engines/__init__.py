@@ -1,5 +1,5 @@
 """The parallel engine (DDP, FSDP2, DeepSpeed ZeRO) behind one small interface (base.Engine), so that the
-training loop never branches on it. `train.engine` picks one; the model code knows nothing of any."""
+training loop never branches on it. `parallel.engine` picks one; the model code knows nothing of any."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from swav_scale.config import Config, ConfigError, TrainConfig
+from swav_scale.config import Config, Engine as EngineName, ParallelConfig, check_world
 from swav_scale.distributed import DistEnv
 from swav_scale.engines.base import Engine, autocast_dtype, cpu_has_native_bf16
 from swav_scale.engines.ddp import DDPEngine
@@ -65,42 +65,31 @@ def compile_units(trunk: nn.Module, backend: str = "inductor") -> None:
         unit.forward = torch.compile(unit.forward, backend=backend, dynamic=False)
 
 
-def use_sync_batchnorm(t: TrainConfig, world_size: int) -> bool:
+def use_sync_batchnorm(p: ParallelConfig, world_size: int) -> bool:
     """Whether `build_engine` converts BatchNorm to SyncBatchNorm (engines/sync_batchnorm.py): asked for
-    (train.sync_batchnorm), with ranks to synchronise with, on any device: the CPU suite trains through the
-    same code as GPUs. Not under train.compile: a collective inside every BatchNorm would break each compiled
-    stage into pieces (dynamo cannot trace SyncBatchNorm's collectives, pytorch/pytorch#161302), so the pair
-    is refused here, naming the keys, rather than trained with a graph break at every BatchNorm."""
-    if not (t.sync_batchnorm and world_size > 1):
-        return False
-    if t.compile:
-        raise ConfigError(
-            f"train.compile=true with train.sync_batchnorm=true on {world_size} ranks: torch.compile cannot trace "
-            "SyncBatchNorm, which would break every compiled stage at each BatchNorm. Set train.compile=false to "
-            "keep BatchNorm statistics over the global batch (as SwAV does), or train.sync_batchnorm=false to "
-            "compile, each rank then normalising with its own batch's statistics")
-    return True
+    (parallel.sync_batchnorm), with ranks to synchronise with, on any device: the CPU suite trains through the
+    same code as GPUs. (config.check_world refuses it beside parallel.compile.)"""
+    return p.sync_batchnorm and world_size > 1
 
 
 def build_engine(cfg: Config, model: nn.Module, env: DistEnv) -> Engine:
-    """Wrap `model` (the same initial weights on every rank) in `train.engine`, with `optim.name`'s optimizer
+    """Wrap `model` (the same initial weights on every rank) in `parallel.engine`, with `optim.name`'s optimizer
     built over the parameters the engine leaves the optimizer (sharded ones, for FSDP)."""
-    t = cfg.train
+    check_world(cfg, env.world_size)
+    p = cfg.parallel
     make_optimizer = functools.partial(build_optimizer, cfg=cfg.optim)
     # process-wide, and set here because every path that trains (the loop, the benchmarks) builds its engine
-    torch.backends.cudnn.benchmark = t.cudnn_benchmark
-    if use_sync_batchnorm(t, env.world_size):
+    torch.backends.cudnn.benchmark = p.cudnn_benchmark
+    if use_sync_batchnorm(p, env.world_size):
         # batch statistics over the global batch (or a group of ranks), as in SwAV
-        model = convert_sync_batchnorm(model, batchnorm_group(env.world_size, t.sync_batchnorm_group))
-    if t.compile:
+        model = convert_sync_batchnorm(model, batchnorm_group(env.world_size, p.sync_batchnorm_group))
+    if p.compile:
         compile_units(model.trunk)
-    if t.engine == "ddp":
-        return DDPEngine(model, make_optimizer, env, t.precision)
-    if t.engine == "fsdp":
-        return FSDPEngine(model, make_optimizer, env, t.precision, t.fsdp_reshard_after_forward)
-    if t.engine == "deepspeed":
-        from swav_scale.engines.zero import DeepSpeedEngine  # deepspeed takes seconds to import
+    if p.engine == EngineName.ddp:
+        return DDPEngine(model, make_optimizer, env, p.precision)
+    if p.engine == EngineName.fsdp:
+        return FSDPEngine(model, make_optimizer, env, p.precision, p.fsdp_reshard_after_forward)
+    from swav_scale.engines.zero import DeepSpeedEngine  # deepspeed takes seconds to import
 
-        return DeepSpeedEngine(model, make_optimizer, env, t.precision, t.zero_stage,
-                               cfg.optim.batch_size // env.world_size, t.zero_bucket_elements)
-    raise ValueError(f"train.engine={t.engine!r} is not known")
+    return DeepSpeedEngine(model, make_optimizer, env, p.precision, p.zero_stage,
+                           cfg.optim.batch_size // env.world_size, p.zero_bucket_elements)

@@ -52,7 +52,7 @@ class Embedder(nn.Module):
 
     It enters the engine's autocast itself: DeepSpeed runs the forward inside `torch.autocast(enabled=False)`
     when it finds CUDA autocast on outside but no `torch_autocast` section in its config, which would train
-    the trunk in fp32 on a GPU however train.precision reads."""
+    the trunk in fp32 on a GPU however parallel.precision reads."""
 
     def __init__(self, trunk: nn.Module, head: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
         super().__init__()

@@ -61,9 +61,7 @@ class ResNetTrunk(nn.Module):
         zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
-        base = int(round(64 * width))
-        if base < 1 or abs(base - 64 * width) > 1e-6:
-            raise ValueError(f"model.width={width} must make 64*width a positive whole number of channels")
+        base = int(round(64 * width))  # a whole number of channels: ModelConfig.check
         self.inplanes = base
         if small_stem:
             self.conv1 = nn.Conv2d(3, base, kernel_size=3, stride=1, padding=1, bias=False)

@@ -84,7 +84,7 @@ def sync_debug_mode(mode: str | None) -> Iterator[None]:
 
 def checked_after(fn: Callable[[], object], warmup: int, mode: str | None) -> Callable[[], object]:
     """`fn`, run under sync debug mode `mode` from its call `warmup` + 1 on. The first calls are left out on
-    purpose: they choose kernels (cudnn.benchmark times its candidates), compile (train.compile's inductor
+    purpose: they choose kernels (cudnn.benchmark times its candidates), compile (parallel.compile's inductor
     autotunes), create the optimizer's state and grow the caching allocator's pools, any of which may wait on
     the device once; the check is for the steps that repeat for the whole of training."""
     calls = 0

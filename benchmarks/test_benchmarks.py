@@ -1,7 +1,8 @@
-"""Every benchmark still runs: each one on a tiny problem, as a user would call it, through to its report.
+"""Every benchmark still runs: each one on a tiny problem, as a user would call it, through to its report;
+and the helpers they share (benchlib/) and the GPU suite's reporting do what they say.
 
-Benchmarks are not timed here (their figures are in docs/benchmarks.md): this only keeps them working as the
-code they measure changes. One was found broken by a change of `Engine.step`'s signature, months of runs later.
+Benchmarks are not timed here (their figures are in docs/benchmarks.md): this keeps them working as the code
+they measure changes, which nothing else in the suite would notice.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from bench_step_shards import steps_from_shards
+from benchlib.timing import checked_after, host_sync_mode, interleaved_medians
+from gpu_suite import Sizes, backend_row, backend_seen, engine_row, step_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,8 +98,6 @@ def test_gpu_suite_runs_every_step_and_checks_each_target(tmp_path: Path) -> Non
 
 def test_suite_reads_the_backend_of_the_run_not_of_its_probe() -> None:
     """The probe's own NCCL group prints a version line too: only the run's, after the probe's answer, counts."""
-    from gpu_suite import backend_row, backend_seen
-
     output = ["NCCL version 2.27.7+cuda13.0\n", "process group: nccl on cuda:0\n", "training...\n",
               "host:1:1 [0] NCCL INFO NCCL version 2.27.7+cuda13.0\n"]
     assert backend_seen(output) == {"backend": "nccl", "nccl_version": "2.27.7+cuda13.0"}
@@ -105,8 +109,6 @@ def test_suite_reads_the_backend_of_the_run_not_of_its_probe() -> None:
 
 
 def test_suite_reports_a_failed_step_variant_as_not_met() -> None:
-    from gpu_suite import engine_row, step_rows
-
     step = {"default": "swav_scale (bfloat16, channels-last)", "lightly": "lightly (bfloat16, channels-last)",
             "lightly_fp32": "lightly (fp32, NCHW)", "batch": 128,
             "images_per_s": {"lightly (bfloat16, channels-last)": 700.0, "lightly (fp32, NCHW)": 400.0},
@@ -124,9 +126,6 @@ def test_suite_reports_a_failed_step_variant_as_not_met() -> None:
 
 
 def test_interleaved_medians_keeps_timing_the_others_after_one_fails() -> None:
-    import torch
-    from timing import interleaved_medians
-
     calls = {"ok": 0, "bad": 0}
 
     def ok() -> None:
@@ -149,9 +148,6 @@ def test_interleaved_medians_keeps_timing_the_others_after_one_fails() -> None:
 def test_step_shards_epoch_holds_the_suite_run() -> None:
     """The suite's photo count gives an epoch that holds every batch bench_step_shards takes, so no timed
     block has to wait for a new epoch's workers."""
-    from bench_step_shards import steps_from_shards
-    from gpu_suite import Sizes
-
     s = Sizes.full()
     steps, rounds = int(s.shard_steps[1]), int(s.shard_steps[3])
     assert s.photos // s.batch >= steps_from_shards(s.workers, 2, steps, rounds)
@@ -161,9 +157,6 @@ def test_step_shards_epoch_holds_the_suite_run() -> None:
 def test_host_sync_check_spares_the_warm_up_and_is_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.cuda's sync debug mode (CUDA only, so recorded here instead of set) is on for the calls after the
     warm-up alone, and back to what it was after each call, a failing one too."""
-    import torch
-    from timing import checked_after, host_sync_mode
-
     mode = {"now": 0}
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: mode["now"])
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: mode.update(now=m))

@@ -60,12 +60,12 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
 # The engines the per-engine benchmarks compare, as config overrides. fsdp-keep keeps each trunk unit gathered
 # from its forward to its backward (one all-gather of the trunk a step instead of two).
 ENGINES = {
-    "ddp": {"train.engine": "ddp"},
-    "fsdp": {"train.engine": "fsdp"},
-    "fsdp-keep": {"train.engine": "fsdp", "train.fsdp_reshard_after_forward": "false"},
-    "zero1": {"train.engine": "deepspeed", "train.zero_stage": "1"},
-    "zero2": {"train.engine": "deepspeed", "train.zero_stage": "2"},
-    "zero3": {"train.engine": "deepspeed", "train.zero_stage": "3"},
+    "ddp": {"parallel.engine": "ddp"},
+    "fsdp": {"parallel.engine": "fsdp"},
+    "fsdp-keep": {"parallel.engine": "fsdp", "parallel.fsdp_reshard_after_forward": "false"},
+    "zero1": {"parallel.engine": "deepspeed", "parallel.zero_stage": "1"},
+    "zero2": {"parallel.engine": "deepspeed", "parallel.zero_stage": "2"},
+    "zero3": {"parallel.engine": "deepspeed", "parallel.zero_stage": "3"},
 }
 
 
