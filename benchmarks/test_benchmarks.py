@@ -41,6 +41,9 @@ SLOW_CASES = {
     "bench_comm": (["--arch", "resnet18", "--batch", "2", "--engines", "ddp,fsdp,zero3",
                     "--set", "model.width=0.125", "model.hidden_dim=16", "model.num_prototypes=10"],
                    "reduce_scatter"),  # _single from torch 2.14 on, _tensor before
+    "bench_checkpoint_stall": (["--arch", "resnet18", "--engines", "ddp", "--steps", "4", "--every", "2",
+                                "--set", "model.width=0.125", "model.hidden_dim=16", "model.num_prototypes=10"],
+                               "background stall"),
     "bench_data": (["--images", "8", "--seconds", "0.5", "--rounds", "1", "--batch", "4", "--crops", "2x32+2x16",
                     "--long-side", "64"], "ratio (swav_scale / reference"),
 }

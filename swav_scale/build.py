@@ -8,6 +8,7 @@ process group; the launchers run it once before starting ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -120,8 +121,9 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
     engine = build_engine(cfg, build_model(cfg), env)
     queue = build_queue(cfg, env)
     progress = TrainProgress()
-    checkpointer = Checkpointer(Path(cfg.train.run_dir) / "checkpoints", env, cfg.checkpoint.keep,
-                                cfg.checkpoint.checksums, cfg.checkpoint.every_steps)
+    c = cfg.checkpoint
+    checkpointer = Checkpointer(Path(cfg.train.run_dir) / "checkpoints", env, c.keep, c.checksums, c.every_steps,
+                                c.every_minutes, c.background, timedelta(seconds=cfg.parallel.process_group_timeout_s))
     return Run(loader=loader, schedule=Schedule.build(cfg.optim, loader.steps_per_epoch),
                last_step=planned_steps(cfg, loader.steps_per_epoch), engine=engine, queue=queue,
                progress=progress, checkpointer=checkpointer,

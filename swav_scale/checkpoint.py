@@ -12,6 +12,13 @@ A save writes into `step-N.partial/`; after every rank has finished, rank 0 writ
 directory to `step-N/` and only then moves the `latest` pointer. A run killed at any moment leaves either the
 previous checkpoint or the new one, never a half-written directory that looks valid.
 
+Periodic saves run in the background: each rank copies its states to host memory (one copy of everything it
+saves), training goes on, and a thread of its own writes, hashes and commits them by the same protocol, on a
+gloo group of its own (the training collectives never wait behind a checkpoint's, nor meet them out of order).
+At most one save is in flight; the next save, a stop and the end of training wait for it first, then save
+synchronously. DeepSpeed writes its ZeRO files with collectives on the training group, from the main thread
+only, so a run under DeepSpeed saves synchronously.
+
 `meta.json` also lists every file of the checkpoint with its size and sha256 (each rank hashes a share). A
 checkpoint damaged after the fact (a truncated copy, a disk error) is found on resume, moved aside to
 `step-N.damaged/` with a warning, and the run resumes from the previous complete one.
@@ -24,8 +31,10 @@ import json
 import random
 import re
 import shutil
+import threading
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -34,8 +43,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from rich.markup import escape
 
-from swav_scale.distributed import DistEnv, all_gather_object, barrier, broadcast_object
-from swav_scale.utils import atomic_write_bytes, atomic_write_text, console, fsync_dir, sha256_file, stable_seed
+from swav_scale.distributed import DistEnv, all_gather_object, barrier, broadcast_object, new_group
+from swav_scale.utils import (atomic_write_bytes, atomic_write_text, available_memory, console, fsync_dir,
+                              sha256_file, stable_seed)
 
 META = "meta.json"
 LATEST = "latest"
@@ -192,6 +202,34 @@ def newest_checkpoint(run_dir: str | Path, required: bool = False) -> Path | Non
     return path
 
 
+def stage(state: dict[str, Any], buffers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A copy of `state` in host memory that training can no longer change: every tensor (a DTensor's local
+    shard too, keeping its placement) copied to a CPU tensor, containers rebuilt, other values kept. It is
+    DCP's own staging (what dcp.async_save does before its background write). `buffers`, the copy an earlier
+    call returned, is reused when `state` has the same structure (the tensors are then copied into memory
+    already mapped, which saves allocating and faulting in a whole state per save); otherwise new ones."""
+    from torch.distributed._state_dict_utils import CompanionMismatch, _copy_state_dict, _create_cpu_state_dict
+
+    if buffers is not None:
+        try:
+            return _copy_state_dict(state, buffers, type_check=False)
+        except (CompanionMismatch, RuntimeError):  # other keys (optimizer state begun since), shapes: afresh
+            pass
+    return _copy_state_dict(state, _create_cpu_state_dict(state), type_check=False)
+
+
+def tensor_bytes(state: Any) -> int:
+    """The bytes of the tensors in a (nested) state dict: what staging it copies (a DTensor counts its shard)."""
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(v) for v in state)
+    return 0
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -203,18 +241,35 @@ def rank_file(rank: int) -> str:
 class Checkpointer:
     """Saves and restores the states of a run under `root` (run_dir/checkpoints), and says when to save."""
 
-    def __init__(self, root: str | Path, env: DistEnv, keep: int = 3, checksums: bool = True, every: int = 0) -> None:
+    def __init__(self, root: str | Path, env: DistEnv, keep: int = 3, checksums: bool = True, every: int = 0,
+                 every_minutes: float = 0.0, background: bool = False, timeout: timedelta | None = None) -> None:
         self.root = Path(root)
         self.env = env
         self.keep = max(1, keep)  # the newest complete checkpoint is never pruned
         self.checksums = checksums
         self.every = every
+        self.every_minutes = every_minutes
+        self.background = background
+        self.timeout = timeout  # of the saves' collectives: the training group's (parallel.process_group_timeout_s)
+        self.newest: Path | None = None  # the newest complete checkpoint this run resumed from or saved
+        self._group: Any = None  # the saves' own gloo group, made at the first save (every rank saves it)
+        self._writer: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self._last_save = time.monotonic()
+        self._memory_checked = False
+        self._staged: dict[str, Any] | None = None  # the staging copy, reused by the next background save
 
-    def due(self, step: int, end_of_epoch: bool, final: bool, stop: bool) -> bool:
-        """Whether to save once `step` steps are done: every `every` steps (0: none in between), at the end of
-        each epoch (the next one is planned afresh, possibly for other ranks) and of the run, and when the
-        ranks agreed to stop."""
-        return (self.every > 0 and step % self.every == 0) or end_of_epoch or final or stop
+    def clock_due(self) -> bool:
+        """Whether checkpoint.every_minutes have passed since this start or its last save, by rank 0's clock
+        alone (the other ranks answer False): the loop agrees on it over all ranks, so that all save one step."""
+        return (self.env.is_main and self.every_minutes > 0
+                and time.monotonic() - self._last_save >= 60 * self.every_minutes)
+
+    def due(self, step: int, end_of_epoch: bool, final: bool, stop: bool, clock: bool = False) -> bool:
+        """Whether to save once `step` steps are done: every `every` steps (0: none in between), when the agreed
+        clock says so, at the end of each epoch (the next one is planned afresh, possibly for other ranks) and
+        of the run, and when the ranks agreed to stop."""
+        return (self.every > 0 and step % self.every == 0) or clock or end_of_epoch or final or stop
 
     def _step_dirs(self) -> list[Path]:
         if not self.root.is_dir():
@@ -277,31 +332,92 @@ class Checkpointer:
         shutil.rmtree(aside, ignore_errors=True)
         path.rename(aside)
 
-    def save(self, step: int, global_states: dict[str, Stateful], rank_states: dict[str, Stateful]) -> Path:
+    def save(self, step: int, global_states: dict[str, Stateful], rank_states: dict[str, Stateful],
+             blocking: bool = True) -> Path:
+        """Checkpoint `step` (collective: every rank, the same step). Waits for the save in flight, if any. With
+        `blocking` (a stop, the end of training), or without `background`, writes and commits before returning;
+        otherwise stages the states to host memory and returns while a thread writes them (`wait`). Returns the
+        step's directory, complete once the write is."""
+        self.wait()
+        if self._group is None:
+            self._group = new_group("gloo", own=True, timeout=self.timeout)
+        self._last_save = time.monotonic()
+        started = time.time()
+        own_files = {name: obj for name, obj in global_states.items() if isinstance(obj, OwnFiles)}
+        buf = io.BytesIO()
+        torch.save({k: v.state_dict() for k, v in rank_states.items()}, buf)
+        if blocking or not self.background or own_files:
+            return self._write(step, global_states, buf.getvalue(), own_files, started)
+        states = {name: obj.state_dict() for name, obj in global_states.items()}
+        self._check_memory(states)
+        staged = self._staged = stage(states, self._staged)
+        stall = time.time() - started
+        self._writer = threading.Thread(target=self._write_in_background, name=f"checkpoint-{step}", daemon=True,
+                                        args=(step, staged, buf.getvalue(), started, stall))
+        self._writer.start()
+        return self.root / step_dir_name(step)
+
+    def wait(self) -> Path | None:
+        """Wait for the background save in flight, if any; raises what made it fail. Returns the newest
+        complete checkpoint."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise RuntimeError(f"rank {self.env.rank}: the checkpoint written in the background failed: "
+                               f"{type(failure).__name__}: {failure}") from failure
+        return self.newest
+
+    def _write_in_background(self, step: int, staged: dict[str, Any], rank_bytes: bytes, started: float,
+                             stall: float) -> None:
+        try:
+            self._write(step, staged, rank_bytes, {}, started, stall)
+        except BaseException as e:  # noqa: BLE001 (handed to the main thread by wait())
+            self._failure = e
+
+    def _check_memory(self, states: dict[str, Any]) -> None:
+        """Once, on each node's first rank: warn when this node's ranks' staged copies would not fit in the
+        memory available now (every rank of the node stages about as much as this one)."""
+        if self._memory_checked:
+            return
+        self._memory_checked = True
+        need = tensor_bytes(states) * self.env.local_world_size
+        have = available_memory()
+        if self.env.local_rank == 0 and have is not None and need > have:
+            console.print(f"[yellow]warning:[/] background checkpoints stage a copy of every rank's state in host "
+                          f"memory: {need / 2**30:.1f} GiB for the {self.env.local_world_size} rank(s) of this node, "
+                          f"with {have / 2**30:.1f} GiB available. Set checkpoint.background=false to save "
+                          "without the copy (training then waits for each save)", highlight=False)
+
+    def _write(self, step: int, states: dict[str, Any], rank_bytes: bytes, own_files: dict[str, OwnFiles],
+               started: float, stall: float | None = None) -> Path:
+        """Write `states` (Stateful objects, or staged state dicts) and this rank's file into `step-N.partial/`,
+        then commit it as `step-N/`; every collective on the saves' own group."""
         final = self.root / step_dir_name(step)
         partial = final.with_name(final.name + ".partial")
+        group = self._group
         if self.env.is_main:
             if partial.exists():
                 shutil.rmtree(partial)  # a save of this step that died earlier
             partial.mkdir(parents=True)
-        barrier()
-        started = time.time()
-        dcp.save(global_states, checkpoint_id=str(partial))
-        for name, obj in global_states.items():
-            if isinstance(obj, OwnFiles):
-                obj.save_files(partial / name)
-        buf = io.BytesIO()
-        torch.save({k: v.state_dict() for k, v in rank_states.items()}, buf)
-        atomic_write_bytes(partial / rank_file(self.env.rank), buf.getvalue())
-        barrier()  # every rank's files are on disk
+        barrier(group)
+        dcp.save(states, checkpoint_id=str(partial), process_group=group)
+        for name, obj in own_files.items():
+            obj.save_files(partial / name)
+        atomic_write_bytes(partial / rank_file(self.env.rank), rank_bytes)
+        barrier(group)  # every rank's files are on disk
         names = broadcast_object(sorted(str(f.relative_to(partial)) for f in partial.rglob("*") if f.is_file())
-                                 if self.env.is_main else None)
+                                 if self.env.is_main else None, group=group)
         mine = names[self.env.rank :: self.env.world_size]
-        files = {k: v for part in all_gather_object(describe_files(partial, mine, self.checksums)) for k, v in
-                 part.items()}
+        files = {k: v for part in all_gather_object(describe_files(partial, mine, self.checksums), group=group)
+                 for k, v in part.items()}
         if self.env.is_main:
             meta = {"step": step, "world_size": self.env.world_size, "time": time.time(),
-                    "save_seconds": round(time.time() - started, 3), "files": files}
+                    "save_seconds": round(time.time() - started, 3),
+                    # how long training waited for this save: all of it, or (in the background) the staging
+                    "stall_seconds": round(time.time() - started if stall is None else stall, 3),
+                    "background": stall is not None, "files": files}
             atomic_write_text(partial / META, json.dumps(meta))
             if final.exists():
                 shutil.rmtree(final)  # same step saved twice (resume then immediate save): the new one wins
@@ -309,7 +425,8 @@ class Checkpointer:
             fsync_dir(self.root)
             atomic_write_text(self.root / LATEST, final.name)
             self._prune()
-        barrier()
+        barrier(group)
+        self.newest = final
         return final
 
     def load(self, path: Path, global_states: dict[str, Stateful], rank_states: dict[str, Stateful]) -> dict:
@@ -321,6 +438,7 @@ class Checkpointer:
                                "from the previous one")
         meta = json.loads((path / META).read_text())
         old_world = int(meta["world_size"])
+        self.newest = path
         self._load_global(path, global_states)
         for name, obj in global_states.items():
             if isinstance(obj, OwnFiles):

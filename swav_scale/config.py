@@ -261,13 +261,23 @@ class CheckpointConfig:
     """When checkpoints are written and what is kept (checkpoint.Checkpointer owns the policy)."""
 
     every_steps: int = 500  # 0: none in between; a checkpoint is also written at every epoch's end and on a stop
+    # also save once this many minutes have passed since the last save, by rank 0's clock (0: never). A step
+    # count means a different wall time on every cluster; a time bounds the work a preemption can lose.
+    every_minutes: float = 0.0
     keep: int = 3  # the newest N complete ones; never fewer than 1
     checksums: bool = True  # sha256 of every file, checked on resume (each rank hashes a share)
+    # Periodic saves in the background: each rank copies its state to host memory (one more copy of it, kept) and
+    # trains on while a thread writes, hashes and commits it. Saves on a stop and at the end are synchronous,
+    # and all of them under DeepSpeed (its ZeRO files are written by collectives of the training group).
+    background: bool = True
 
     def check(self) -> None:
         if self.every_steps < 0:
             raise ConfigError(f"checkpoint.every_steps={self.every_steps}: give the steps between checkpoints, or 0 "
                               "for epoch ends and stops only")
+        if self.every_minutes < 0:
+            raise ConfigError(f"checkpoint.every_minutes={self.every_minutes}: give the minutes between saves, or 0 "
+                              "for none by time")
         if self.keep < 1:
             raise ConfigError(f"checkpoint.keep={self.keep}: keep at least the newest checkpoint (1), or resume "
                               "has nothing to start from")

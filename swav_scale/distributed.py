@@ -261,21 +261,21 @@ def broadcast(tensor: Tensor, src: int = 0, group: ProcessGroup | None = None) -
     return tensor
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank `src`'s picklable `obj` on every rank (a lone process gets its own back)."""
+def broadcast_object(obj: Any, src: int = 0, group: ProcessGroup | None = None) -> Any:
+    """Rank `src`'s picklable `obj` on every rank of `group` (a lone process gets its own back)."""
     if not in_group():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, device=comm_device())
+    dist.broadcast_object_list(box, src=src, group=group, device=comm_device(group))
     return box[0]
 
 
-def all_gather_object(obj: Any) -> list[Any]:
+def all_gather_object(obj: Any, group: ProcessGroup | None = None) -> list[Any]:
     """Every rank's picklable `obj`, in rank order."""
     if not in_group():
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)  # pickles onto the current CUDA device under NCCL (set at init)
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)  # pickled onto the group's device (this rank's GPU under NCCL)
     return out
 
 
@@ -285,13 +285,17 @@ def barrier(group: ProcessGroup | None = None) -> None:
         dist.barrier(group=group, **({"device_ids": [device.index]} if device.type == "cuda" else {}))
 
 
-def new_group(backend: str | None = None) -> ProcessGroup | None:
-    """A group of all ranks with its own backend (gloo beside NCCL, for CPU tensors); collective to create."""
+def new_group(backend: str | None = None, own: bool = False,
+              timeout: timedelta | None = None) -> ProcessGroup | None:
+    """A group of all ranks with its own backend (gloo beside NCCL, for CPU tensors); collective to create.
+    `own`: a group apart from the default one even on the same backend, for collectives that another thread
+    runs while the main thread runs its own (two threads on one group could pair their collectives wrongly).
+    `timeout`: as the default group's (parallel.process_group_timeout_s); torch's own default otherwise."""
     if not in_group():
         return None
-    if backend is None or backend == dist.get_backend():
+    if not own and (backend is None or backend == dist.get_backend()):
         return dist.group.WORLD
-    return dist.new_group(backend=backend)
+    return dist.new_group(backend=backend, timeout=timeout)
 
 
 def shutdown() -> None:

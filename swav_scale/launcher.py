@@ -69,11 +69,8 @@ class TrainJob:
         stops = StopSignals()
         started_from = newest_checkpoint(cfg.train.run_dir)
         try:
-            steps = train(cfg, env, stops).steps
-            stops.settle()
-            return steps
+            return train(cfg, env, stops).steps
         except StopRequested as stop:
-            stops.settle()
             got = f" ({', '.join(dict.fromkeys(stops.received))} received here)" if stops.received else ""
             console.print(f"rank {env.rank} on {socket.gethostname()}: {escape(str(stop))}{got}", highlight=False)
             if stop.requeue:

@@ -3,20 +3,24 @@
 SLURM warns a job before it is preempted or hits its time limit (submitit asks for SIGUSR2, `--signal`), and
 `scontrol requeue` or `scancel` send SIGTERM before SIGKILL. The signal reaches each rank at its own moment,
 mid-step, and submitit's own handler runs on global rank 0 only, inside the signal handler, where a
-collective save is impossible. So the handlers here only record the signal; after every step the loop asks
-`agreed()`, which tells every rank whether any rank was signalled, so that all of them save the same step
-together and stop. Requeueing is the launcher's business (launcher.TrainJob), after the save.
+collective save is impossible. So the handlers here only record the signal (StopSignals); after every step
+the loop posts what it recorded to a StepAgreement, which tells every rank whether any rank was signalled,
+so that all of them save the same step together and stop. Requeueing is the launcher's business
+(launcher.TrainJob), after the save.
 
-The agreement is an all-reduce of two flags on a gloo group of its own (CPU tensors: it never waits for the
+The agreement is an all-reduce of a few flags on a gloo group of its own (CPU tensors: it never waits for the
 GPU stream), posted asynchronously after step s and read after step s + 1, by when it has long completed: no
 rank waits on the network for it at any step, whatever the number of ranks. Every rank posts at every step
 and reads the same reduction, so all of them agree at the same step; a stop is acted on one step after the
-step during which the last signal arrived (docs/scaling.md: the latency to the save).
+step during which the last signal arrived (docs/scaling.md: the latency to the save). The checkpointer's
+clock (checkpoint.every_minutes, rank 0's) travels in the same reduction.
 """
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Sequence
+from datetime import timedelta
 from types import FrameType
 from typing import Any, Callable
 
@@ -38,7 +42,7 @@ class StopRequested(Exception):
 
 
 class StopSignals:
-    """Records stop signals on this rank and agrees on them with every other rank.
+    """Records stop signals on this rank (a StepAgreement tells the other ranks).
 
     Install it in the main thread of each rank. The handlers it replaces are kept in `previous` (submitit's
     requeue handler among them) and put back by `restore()`."""
@@ -48,8 +52,6 @@ class StopSignals:
         self.stop = False
         self.received: list[str] = []  # the signals this rank got itself (the others learn of them by agreement)
         self.previous: dict[int, Any] = {}
-        self._group: Any = None
-        self._posted: tuple[Any, torch.Tensor] | None = None  # the reduction in flight: (work, flags)
         for sig in REQUEUE_SIGNALS + STOP_SIGNALS:
             self.previous[sig] = signal.signal(sig, self._record)
 
@@ -62,21 +64,37 @@ class StopSignals:
         if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once, for a run that will not get to a step
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def agreed(self) -> tuple[bool, bool]:
-        """(requeue, stop) as seen by any rank up to the previous call; collective, call it once per step on
-        every rank. Posts this step's flags and returns the reduction posted at the previous call, which
-        every rank reads alike (a lone process reads its own flags at once)."""
-        flags = torch.tensor([int(self.requeue), int(self.stop)])
+    def previous_handler(self, sig: int) -> Callable[[int, FrameType | None], Any] | None:
+        handler = self.previous.get(sig)
+        return handler if callable(handler) else None
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+class StepAgreement:
+    """Flags each rank posts after every step, read by every rank alike one step later: for each flag, whether
+    any rank posted it (a lone process reads its own at once). Collective: every rank calls it once per step."""
+
+    def __init__(self, timeout: timedelta | None = None) -> None:
+        self.timeout = timeout
+        self._group: Any = None
+        self._posted: tuple[Any, torch.Tensor] | None = None  # the reduction in flight: (work, flags)
+
+    def __call__(self, flags: Sequence[bool]) -> list[bool]:
+        """Post this step's `flags`; returns the reduction posted at the previous call (all False at the first)."""
+        posted = torch.tensor([int(f) for f in flags])
         if not in_group():
-            return bool(flags[0]), bool(flags[1])
+            return [bool(f) for f in posted]
         if self._group is None:
-            self._group = new_group(backend="gloo")
-        previous, self._posted = self._posted, (all_reduce_async(flags, ReduceOp.MAX, self._group), flags)
+            self._group = new_group(backend="gloo", timeout=self.timeout)
+        previous, self._posted = self._posted, (all_reduce_async(posted, ReduceOp.MAX, self._group), posted)
         if previous is None:
-            return False, False
+            return [False] * len(posted)
         work, seen = previous
         work.wait()
-        return bool(seen[0]), bool(seen[1])
+        return [bool(f) for f in seen]
 
     def settle(self) -> None:
         """Wait for the reduction still in flight, so that no rank tears its groups down under it (call on
@@ -85,11 +103,3 @@ class StopSignals:
         if self._posted is not None:
             self._posted[0].wait()
             self._posted = None
-
-    def previous_handler(self, sig: int) -> Callable[[int, FrameType | None], Any] | None:
-        handler = self.previous.get(sig)
-        return handler if callable(handler) else None
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

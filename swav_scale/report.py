@@ -109,8 +109,8 @@ def _markdown(run_dir: Path, cfg: Any, status: dict[str, Any], metrics: list[dic
     loss = status["loss"]
     rows = [
         ("model", f"{cfg.model.arch} width {cfg.model.width}, K = {cfg.model.num_prototypes} prototypes"),
-        ("engine", f"{cfg.parallel.engine}" + (f" (ZeRO-{cfg.parallel.zero_stage})" if cfg.parallel.engine == "deepspeed"
-                                            else "")),
+        ("engine", f"{cfg.parallel.engine}"
+                   + (f" (ZeRO-{cfg.parallel.zero_stage})" if cfg.parallel.engine == "deepspeed" else "")),
         ("ranks", str(launches[-1]["world_size"]) if launches else "?"),
         ("git SHA", launches[-1]["git_sha"] if launches else "?"),
         ("progress", f"step {status['last_logged_step']} of {status['total_steps']}, epoch {status['epoch']}"),

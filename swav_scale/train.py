@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,7 +27,7 @@ from swav_scale.diagnostics import HealthCheck, code_statistics
 from swav_scale.distributed import DistEnv, all_gather_object, all_reduce_mean, all_reduce_numbers, rank_record
 from swav_scale.engines import Engine
 from swav_scale.knn import knn_during_training
-from swav_scale.preemption import StopRequested, StopSignals
+from swav_scale.preemption import StepAgreement, StopRequested, StopSignals
 from swav_scale.queue import FeatureQueue
 from swav_scale.runlog import Ledger, MetricsLog, TrainProgressBar, write_run_info
 from swav_scale.swav import assign_codes, swapped_prediction_loss
@@ -120,7 +121,8 @@ class StepLog:
     def __init__(self, cfg: Config, env: DistEnv, run: Run, stack: ExitStack) -> None:
         run_dir = Path(cfg.train.run_dir)
         self.cfg, self.env, self.run = cfg, env, run
-        self.metrics = stack.enter_context(closing(MetricsLog(run_dir, cfg.logging.tensorboard))) if env.is_main else None
+        self.metrics = (stack.enter_context(closing(MetricsLog(run_dir, cfg.logging.tensorboard))) if env.is_main
+                        else None)
         self.bar = stack.enter_context(TrainProgressBar(run.last_step, run.progress.step)) if env.is_main else None
         self.ledger = stack.enter_context(closing(Ledger(run_dir, env.rank))) if cfg.data.ledger else None
         self.health = HealthCheck(cfg.model.num_prototypes,
@@ -188,11 +190,13 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None,
           evaluate: Evaluate | None = None) -> TrainResult:
     """Train to the end of the schedule, resuming from the newest complete checkpoint. With `stops`, a
     signal on any rank makes every rank save the current step and raise StopRequested. `evaluate` runs at
-    the end of each epoch (default: kNN every eval.every_epochs)."""
+    the end of each epoch (default: kNN every eval.every_epochs). Periodic checkpoints are written in the
+    background (checkpoint.background); those of a stop and of the end are complete before this returns."""
     run = build_run(cfg, env)
-    saved = resume(cfg, env, run)
+    resume(cfg, env, run)
     evaluate = evaluate or knn_every_epochs(cfg, env)
-    progress, loader, engine = run.progress, run.loader, run.engine
+    progress, loader, engine, checkpointer = run.progress, run.loader, run.engine, run.checkpointer
+    agree = StepAgreement(timedelta(seconds=cfg.parallel.process_group_timeout_s))
     mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
     copy = CopyStream(env.device)
     with ExitStack() as stack:
@@ -209,19 +213,23 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None,
                 log_now = log.due(step + 1, end_of_epoch)
                 result = swav_step(engine, views, cfg.swav, step, lr, queue, measure_grad_norm=log_now)
                 progress.step += 1
-                log.step(epoch, lr, result, log_now, saved)
+                log.step(epoch, lr, result, log_now, checkpointer.newest)
 
                 if end_of_epoch and (top1 := evaluate(epoch, engine)) is not None:
                     log.evaluation(epoch, top1)
 
-                requeue, stop = stops.agreed() if stops else (False, False)
+                requeue, stop, clock = agree([bool(stops and stops.requeue), bool(stops and stops.stop),
+                                              checkpointer.clock_due()])
                 final = progress.step >= run.last_step
-                if run.checkpointer.due(progress.step, end_of_epoch, final, requeue or stop):
+                if checkpointer.due(progress.step, end_of_epoch, final, requeue or stop, clock):
                     if not log_now:  # never save the weights of a step whose loss is not finite
-                        finite_loss(result.loss, progress.step, saved)
-                    saved = run.checkpointer.save(progress.step, run.global_states, run.rank_states)
+                        finite_loss(result.loss, progress.step, checkpointer.newest)
+                    checkpointer.save(progress.step, run.global_states, run.rank_states,
+                                      blocking=final or requeue or stop)
                 if final:
                     break
                 if requeue or stop:
-                    raise StopRequested(requeue, progress.step, saved)
-    return TrainResult(progress.step, log.loss, saved)
+                    agree.settle()
+                    raise StopRequested(requeue, progress.step, checkpointer.newest)
+    agree.settle()
+    return TrainResult(progress.step, log.loss, checkpointer.wait())

@@ -53,6 +53,17 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the kernel can give without swapping (MemAvailable), or None where it does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 _UMASK_LOCK = threading.Lock()
 
 

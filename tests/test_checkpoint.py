@@ -282,3 +282,138 @@ def test_files_written_atomically_follow_the_umask(umask: int, tmp_path: Path) -
     everything = [p for p in [*shards.rglob("*"), *run_dir.rglob("*")] if p.is_file()]
     assert {oct(mode(p)) for p in everything} == {oct(0o666 & ~umask)}
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+# ---- saves in the background
+
+
+def _background_save_on_rank(rank: int, world: int, root: str) -> dict:
+    """Save step 2 in the background while rank 1's write is held; train on meanwhile; the checkpoint holds the
+    weights of step 2, not those trained after it, and every rank sees it complete once waited for."""
+    import threading
+
+    import swav_scale.checkpoint as checkpoint
+
+    env = DistEnv(rank, world, rank, world, torch.device("cpu"))
+    engine = make_engine(world, rank)
+    train_steps(engine, 2, seed=rank)
+    at_save = {k: v.detach().clone() for k, v in engine.model.named_parameters()}  # (BatchNorm's buffers: rank 0's)
+    queue = FeatureQueue(2, 4, 16)
+    queue.push(0, torch.full((4, 16), float(rank))); queue.advance(4)
+    g, r = states(engine, queue)
+    g["progress"].step = 2
+    release = threading.Event()
+    write = checkpoint.atomic_write_bytes
+
+    def held_write(path, data):  # type: ignore[no-untyped-def]
+        if rank == 1:
+            release.wait(60)
+        write(path, data)
+
+    checkpoint.atomic_write_bytes = held_write
+    ckpt = Checkpointer(root, env, background=True)
+    started = ckpt.save(2, g, r, blocking=False)
+    in_flight = not (Path(root) / started.name).exists()  # returned while rank 1's write is held
+    train_steps(engine, 2, seed=10 + rank)  # training goes on: the staged copy is what gets written
+    queue.push(0, torch.full((4, 16), -1.0)); queue.advance(4)
+    release.set()
+    newest = ckpt.wait()
+    torch.distributed.barrier()
+    fresh_engine, fresh_queue = make_engine(world, rank), FeatureQueue(2, 4, 16)
+    g2, r2 = states(fresh_engine, fresh_queue)
+    Checkpointer(root, env).load(newest, g2, r2)
+    meta = json.loads((newest / META).read_text())
+    return {"in_flight": in_flight, "newest": newest.name, "step": g2["progress"].step,
+            "weights_of_step_2": all(torch.equal(v, at_save[k]) for k, v in fresh_engine.model.named_parameters()),
+            "queue": fresh_queue.embeddings[0, 0, 0].item(), "background": meta["background"],
+            "stall_below_save": meta["stall_seconds"] < meta["save_seconds"]}
+
+
+def test_a_background_save_writes_the_staged_state_while_training_goes_on(tmp_path: Path) -> None:
+    results = run_ranks(_background_save_on_rank, 2, str(tmp_path))
+    for rank, result in enumerate(results):
+        assert result == {"in_flight": True, "newest": "step-00000002", "step": 2, "weights_of_step_2": True,
+                          "queue": float(rank), "background": True, "stall_below_save": True}
+    assert not list(tmp_path.glob("*.partial")) and find_damage(tmp_path / "step-00000002", checksums=True) == []
+
+
+def test_a_failed_background_write_is_raised_by_the_next_wait_naming_the_rank(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import swav_scale.checkpoint as checkpoint
+
+    env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
+    ckpt = Checkpointer(tmp_path, env, background=True)
+    g, r = states(make_engine(), FeatureQueue(2, 8, 16))
+
+    def full_disk(path, data):  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", full_disk)
+    ckpt.save(1, g, r, blocking=False)
+    with pytest.raises(RuntimeError, match=r"rank 0: the checkpoint written in the background failed: OSError: "
+                                           r"\[Errno 28\] No space left on device"):
+        ckpt.wait()
+    assert ckpt.complete_checkpoints() == [] and (tmp_path / "step-00000001.partial").is_dir()
+    monkeypatch.undo()
+    ckpt.save(2, g, r, blocking=False)  # the next save starts afresh
+    assert ckpt.wait() == tmp_path / "step-00000002"
+
+
+def test_saves_by_wall_time_follow_rank_0s_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """checkpoint.every_minutes: only rank 0's clock says when (the loop agrees on it over all ranks); a save
+    restarts the clock."""
+    import swav_scale.checkpoint as checkpoint
+
+    now = {"t": 1000.0}
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: now["t"])
+    main, other = (Checkpointer("unused", DistEnv(r, 2, r, 2, torch.device("cpu")), every_minutes=2)
+                   for r in (0, 1))
+    now["t"] += 119
+    assert not main.clock_due() and not main.due(7, False, False, False, main.clock_due())
+    now["t"] += 1
+    assert main.clock_due() and not other.clock_due() and main.due(8, False, False, False, True)
+    assert not Checkpointer("unused", DistEnv(0, 1, 0, 1, torch.device("cpu"))).clock_due()  # 0: never by time
+
+
+def test_background_staging_warns_once_when_the_nodes_copies_would_not_fit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The staged copy is the state's tensors again, for every rank of the node: said once, with the sizes and
+    the key that saves without it, when MemAvailable is smaller; the save goes on."""
+    import swav_scale.checkpoint as checkpoint
+
+    env = DistEnv(0, 1, 0, 4, torch.device("cpu"))  # one of 4 ranks on this node
+    g, r = states(make_engine(), FeatureQueue(2, 8, 16))
+    state_bytes = checkpoint.tensor_bytes({k: v.state_dict() for k, v in g.items()})
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: 3 * state_bytes)
+    ckpt = Checkpointer(tmp_path, env, background=True)
+    for step in (1, 2):
+        ckpt.save(step, g, r, blocking=False)
+    assert ckpt.wait() == tmp_path / "step-00000002"
+    said = " ".join(capsys.readouterr().out.split())
+    assert said.count("warning: background checkpoints stage a copy") == 1
+    assert f"{4 * state_bytes / 2**30:.1f} GiB for the 4 rank(s) of this node" in said
+    assert "Set checkpoint.background=false" in said
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: 5 * state_bytes)
+    quiet = Checkpointer(tmp_path / "fits", env, background=True)
+    quiet.save(1, g, r, blocking=False)
+    quiet.wait()
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_staging_reuses_its_buffers_while_the_structure_holds() -> None:
+    """The second save copies into the first one's buffers (same storage, new values); a state that gained
+    keys (optimizer state begun since) gets new buffers."""
+    from swav_scale.checkpoint import stage
+
+    state = {"w": torch.ones(4), "step": 1, "opt": {"lr": [0.1, 0.2]}}
+    first = stage(state)
+    assert torch.equal(first["w"], state["w"]) and first["w"].data_ptr() != state["w"].data_ptr()
+    state["w"].add_(1)
+    state["opt"]["lr"][0] = 0.5
+    assert torch.equal(first["w"], torch.ones(4))  # the staged copy is not the live tensor
+    second = stage(state, first)
+    assert second["w"].data_ptr() == first["w"].data_ptr() and torch.equal(second["w"], torch.full((4,), 2.0))
+    assert second["opt"]["lr"] == [0.5, 0.2] and second["step"] == 1
+    state["momentum"] = torch.zeros(3)
+    third = stage(state, second)
+    assert set(third) == {"w", "step", "opt", "momentum"} and third["w"].data_ptr() != second["w"].data_ptr()

@@ -63,7 +63,8 @@ def test_world_size_checks() -> None:
 # (overrides, what the refusal says): each is refused with a message naming the key and what to do
 REFUSED = [
     (["parallel.engine=deepspeed"], r"optim.name=lars with parallel.engine=deepspeed: .* \(DeepSpeed issue #490\)"),
-    (["parallel.engine=fsdp2"], r"key 'parallel.engine': Invalid value 'fsdp2', expected one of \[ddp, fsdp, deepspeed\]"),
+    (["parallel.engine=fsdp2"],
+     r"key 'parallel.engine': Invalid value 'fsdp2', expected one of \[ddp, fsdp, deepspeed\]"),
     (["parallel.zero_stage=4"], "parallel.zero_stage=4"),
     (["swav.sinkhorn_iterations=0"], "swav.sinkhorn_iterations=0: Sinkhorn needs at least 1"),
     (["swav.epsilon=0"], "swav.epsilon=0.0 must be positive"),
@@ -72,7 +73,8 @@ REFUSED = [
      "parallel.compile=true with ZeRO-3: DeepSpeed gathers"),
     (["parallel.sync_batchnorm_group=-1"], "parallel.sync_batchnorm_group=-1: give the ranks per group"),
     (["optim.name=lamb"], r"key 'optim.name': Invalid value 'lamb', expected one of \[lars, sgd, adamw\]"),
-    (["parallel.precision=fp16"], r"key 'parallel.precision': Invalid value 'fp16', expected one of \[auto, bf16, fp32\]"),
+    (["parallel.precision=fp16"],
+     r"key 'parallel.precision': Invalid value 'fp16', expected one of \[auto, bf16, fp32\]"),
     (["checkpoint.keep=0"], "checkpoint.keep=0: keep at least the newest checkpoint"),
     (["checkpoint.every_steps=-1"], "checkpoint.every_steps=-1: give the steps between checkpoints"),
     (["logging.every_steps=0"], "logging.every_steps=0: give the steps between log lines"),
@@ -80,7 +82,8 @@ REFUSED = [
     (["slurm.gpus_per_node=0"], "slurm.gpus_per_node=0 needs slurm.tasks_per_node"),
     (["slurm.master_port=80"], "slurm.master_port=80: give a port from 1024 to 65535"),
     (["eval.precise_bn_images=-1"], "eval.precise_bn_images=-1: give the number of training images"),
-    (["parallel.process_group_timeout_s=0"], "parallel.process_group_timeout_s=0: give the seconds a collective may wait"),
+    (["parallel.process_group_timeout_s=0"],
+     "parallel.process_group_timeout_s=0: give the seconds a collective may wait"),
 ]
 
 

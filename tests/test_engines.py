@@ -200,7 +200,8 @@ def assert_prototypes_frozen_then_trained(snapshots: list[dict[str, torch.Tensor
 def test_deepspeed_zero_trains_like_ddp(stage: int, optim: str) -> None:
     ddp = ddp_reference(optim)
     # buckets of 20k elements: the gradients are reduced in several (DeepSpeed's default would take them in one)
-    overrides = small_config("deepspeed", optim, **{"parallel.zero_stage": str(stage), "parallel.zero_bucket_elements": "20000"})
+    overrides = small_config("deepspeed", optim, **{"parallel.zero_stage": str(stage),
+                                                    "parallel.zero_bucket_elements": "20000"})
     zero = run_ranks(train_ranks, 2, overrides)
     for rank in range(2):
         assert_same(ddp[0].snapshots[-1], zero[rank].snapshots[-1], atol=1e-5)

@@ -101,7 +101,8 @@ def test_asking_precisebn_for_more_images_than_the_split_holds_says_so(
         fmnist_test_shards: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The tables name the configured number of calibration images: a split with fewer must say how many."""
     cfg = load_config(None, [f"data.train_shards={fmnist_test_shards}", f"eval.test_shards={fmnist_test_shards}",
-                             "eval.resize=28", "eval.crop=28", "eval.precise_bn_images=1000", "parallel.precision=fp32"])
+                             "eval.resize=28", "eval.crop=28", "eval.precise_bn_images=1000",
+                             "parallel.precision=fp32"])
     torch.manual_seed(0)
     trunk = build_trunk("resnet18", 0.125, small_stem=True).eval()
     (bank, _), _ = split_features(cfg, {"trunk": trunk, "pixels": raw_pixels}, num_workers=0, show_progress=False)

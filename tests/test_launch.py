@@ -12,18 +12,21 @@ from helpers import run_ranks
 
 from swav_scale.config import ConfigError, load_config, to_yaml
 from swav_scale.launcher import TrainJob, failure_summary, rendezvous_port
-from swav_scale.preemption import StopSignals
+from swav_scale.preemption import StepAgreement, StopSignals
 from swav_scale.slurm import executor_parameters
 
 
-def _agree(rank: int, world: int, signalled_rank: int, sig: int) -> list[tuple[bool, bool]]:
-    stops = StopSignals()
+def _agree(rank: int, world: int, signalled_rank: int, sig: int) -> list[tuple[bool, bool, bool]]:
+    """Three flags a step, as the loop posts them: requeue, stop, and a third only rank 0 raises (the
+    checkpointer's clock), after its second step."""
+    stops, agree = StopSignals(), StepAgreement()
     try:
-        seen = [stops.agreed()]
+        seen = [tuple(agree([stops.requeue, stops.stop, False]))]
         if rank == signalled_rank:
             os.kill(os.getpid(), sig)
-        seen += [stops.agreed() for _ in range(3)]
-        stops.settle()
+        for step in range(3):
+            seen.append(tuple(agree([stops.requeue, stops.stop, rank == 0 and step == 0])))
+        agree.settle()
         return seen
     finally:
         stops.restore()
@@ -33,17 +36,18 @@ def _agree(rank: int, world: int, signalled_rank: int, sig: int) -> list[tuple[b
 def test_a_signal_on_one_rank_is_seen_by_every_rank_at_the_same_step_one_step_later(sig: int,
                                                                                      expected: tuple) -> None:
     """The agreement is read one call after it is posted (it never holds a step up): rank 2 is signalled
-    after step 1, every rank posts it after step 2 and all read it after step 3, and from then on."""
+    after step 1, every rank posts it after step 2 and all read it after step 3, and from then on. Rank 0's
+    own flag, posted at step 2 only, is read by all at step 3 only."""
     results = run_ranks(_agree, 3, 2, sig)
-    assert results == [[(False, False), (False, False), expected, expected]] * 3
+    assert results == [[(False, False, False), (False, False, False), (*expected, True), (*expected, False)]] * 3
 
 
 def test_a_lone_process_sees_its_own_signal_at_once() -> None:
-    stops = StopSignals()
+    stops, agree = StopSignals(), StepAgreement()
     try:
-        assert stops.agreed() == (False, False)
+        assert agree([stops.requeue, stops.stop]) == [False, False]
         os.kill(os.getpid(), signal.SIGUSR2)
-        assert stops.agreed() == (True, False)
+        assert agree([stops.requeue, stops.stop]) == [True, False]
     finally:
         stops.restore()
 

@@ -74,9 +74,10 @@ def test_sigkill_of_one_rank_mid_step_loses_nothing(fmnist_train_shards: Path, t
 
 def test_sigkill_during_a_checkpoint_save_falls_back_to_the_previous_one(fmnist_train_shards: Path,
                                                                          tiny_full_run: Path, tmp_path: Path) -> None:
-    """Rank 1 is held inside the save of step 12 (its DCP shard written, its per-rank file not yet; see
-    tests/inject/sitecustomize.py) and the whole run is SIGKILLed there: the half-written `step-12.partial`
-    is never taken for a checkpoint, the rerun removes it and resumes from step 6."""
+    """Rank 1's background write of step 12 is held (its DCP shard written, its per-rank file not yet; see
+    tests/inject/sitecustomize.py) while training goes on past it, and the whole run is SIGKILLed there: the
+    half-written `step-12.partial` is never taken for a checkpoint, the rerun removes it and resumes from step
+    6, and ends with the weights of the uninterrupted run."""
     run_dir = tmp_path / "killed-in-save"
     marker = tmp_path / "held"
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests' / 'inject'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -87,6 +88,7 @@ def test_sigkill_during_a_checkpoint_save_falls_back_to_the_previous_one(fmnist_
     while not marker.is_file():
         assert proc.poll() is None and time.time() < deadline, "the run never reached the held save"
         time.sleep(0.05)
+    wait_for_step(run_dir, 14, proc)  # the write of step 12 is in flight, and the ranks train on
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     checkpoints = run_dir / "checkpoints"
@@ -96,6 +98,25 @@ def test_sigkill_during_a_checkpoint_save_falls_back_to_the_previous_one(fmnist_
     launches = json.loads((run_dir / "meta.json").read_text())["launches"]
     assert launches[-1]["resumed_from"].endswith("step-00000006")
     assert not list(checkpoints.glob("*.partial"))
+    assert_same_weights(run_dir, tiny_full_run)
+
+
+def test_synchronous_saves_by_wall_time_give_the_weights_of_background_ones(fmnist_train_shards: Path,
+                                                                            tiny_full_run: Path,
+                                                                            tmp_path: Path) -> None:
+    """The same run with every save synchronous (checkpoint.background=false) ends with the weights of the
+    uninterrupted run, whose periodic saves were written in the background. Its saves go by wall time alone
+    (checkpoint.every_minutes shorter than a step): rank 0's clock asks after every step, both ranks read it one
+    step later, so both save every step from step 2 on, one collective save each (or the run would hang)."""
+    run_dir = tmp_path / "synchronous"
+    pretrain(fmnist_train_shards, run_dir, "checkpoint.background=false", "checkpoint.every_steps=0",
+             "checkpoint.every_minutes=0.0001", "checkpoint.keep=50")
+    saved = sorted((run_dir / "checkpoints").glob("step-*"))
+    assert [p.name for p in saved] == [f"step-{s:08d}" for s in range(2, 39)]
+    metas = [json.loads((p / "meta.json").read_text()) for p in saved]
+    assert not any(m["background"] for m in metas) and all(m["world_size"] == 2 for m in metas)
+    assert any(json.loads((p / "meta.json").read_text())["background"]
+               for p in sorted((tiny_full_run / "checkpoints").glob("step-*")))
     assert_same_weights(run_dir, tiny_full_run)
 
 

@@ -105,17 +105,17 @@ def test_knn_command_reports_top1(tiny_full_run: Path, fmnist_test_shards: Path)
 
 def test_bad_input_stops_with_a_clear_message(tmp_path: Path, fmnist_train_shards: Path) -> None:
     cases = {
-        "optim.batch_sise=32": "did you mean 'optim.batch_size'",
-        f"data.train_shards={tmp_path / 'missing'}": "does not exist; create it with tools/make_shards.py",
-        "optim.batch_size=2000": "fewer than one global batch",
-        "swav.queue_length=100": "not a multiple of the global batch",
+        ("optim.batch_sise=32",): "did you mean 'optim.batch_size'",
+        (f"data.train_shards={tmp_path / 'missing'}",): "does not exist; create it with tools/make_shards.py",
+        ("optim.batch_size=2000", "swav.queue_length=0"): "fewer than one global batch",
+        ("swav.queue_length=100",): "not a multiple of the global batch",
     }
-    for override, message in cases.items():
+    for overrides, message in cases.items():
         proc = swav_scale("pretrain", str(REPO / "configs" / "quickstart.yaml"), *TINY,
                           f"data.train_shards={fmnist_train_shards}", f"train.run_dir={tmp_path / 'run'}",
-                          override, "--nproc", "2", timeout=120)
+                          *overrides, "--nproc", "2", timeout=120)
         assert proc.returncode != 0
-        assert message in " ".join((proc.stdout + proc.stderr).split()), (override, proc.stdout + proc.stderr)
+        assert message in " ".join((proc.stdout + proc.stderr).split()), (overrides, proc.stdout + proc.stderr)
 
 
 def test_damaged_shards_stop_every_rank_with_a_clear_message(tmp_path: Path) -> None:
