@@ -6,7 +6,9 @@ processes, `--world` real gloo ranks on the CPU, train `--steps` SwAV steps of R
 the state, not the activations, is what a checkpoint writes) and save every `--every` steps through the real
 Checkpointer, checksums on, into a directory on disk. Per rank it times every step and every `save` call: the
 stall is what the loop waits in `save`, which for a background save is the staging copy plus any wait for the
-previous write. The last background write is waited for after the last step (reported apart, not a stall).
+previous write. With `--repeats`, each mode runs that many times, the modes interleaved, and every figure is
+over all its runs. Each rank calls `prepare` after every step, as the training loop does, so the staging memory
+is allocated in the background after the first step. The last background write is waited for after the last step (reported apart, not a stall).
 
 Targets: the background stall at most 0.15x the synchronous one; the mean step time of background-save runs
 (save calls excluded) within 5% of the runs without saves. The background writer shares the CPU with training:
@@ -14,7 +16,7 @@ where training already uses every core (this benchmark on a 2-core machine) its 
 steps around it; on a GPU node the CPUs it uses are otherwise idle.
 
     .venv/bin/python benchmarks/bench_checkpoint_stall.py [--arch resnet50w2 --world 2 --steps 40 --every 10
-        --engines ddp,fsdp --dir /tmp/bench-stall --json out.json]
+        --repeats 1 --engines ddp,fsdp --dir /tmp/bench-stall --json out.json]
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def measure(rank: int, world: int, overrides: list[str], mode: str, steps: int, 
             t = time.perf_counter()
             checkpointer.save(progress.step, global_states, rank_states, blocking=False)
             save_s.append(time.perf_counter() - t)
+        checkpointer.prepare(global_states)  # as the training loop: after the first step, staging memory mapped
     t = time.perf_counter()
     newest = checkpointer.wait()
     drain_s = time.perf_counter() - t
@@ -87,15 +90,20 @@ def overrides_for(engine: str, a: argparse.Namespace) -> list[str]:
     return [f"{k}={v}" for k, v in o.items()] + engine_overrides(engine) + a.set
 
 
-def summarise(ranks: list[dict[str, Any]]) -> dict[str, float]:
-    """Over ranks: the mean step time, the mean save stall (the slowest rank's at each save: the loop goes on
-    with the slowest), the drain and the background write time."""
-    saves = [max(r["save_s"][i] for r in ranks) for i in range(len(ranks[0]["save_s"]))]
-    return {"step_ms": 1000 * statistics.mean(s for r in ranks for s in r["step_s"]),
-            "stall_s": statistics.mean(saves) if saves else 0.0, "saves": len(saves),
-            "drain_s": max(r["drain_s"] for r in ranks), "write_s": max(r["write_s"] or 0 for r in ranks),
-            "state_mib": sum(r["state_bytes"] for r in ranks) / 2**20,
-            "checkpoint_mib": ranks[0]["checkpoint_bytes"] / 2**20}
+def summarise(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Over the repeats' runs and their ranks: the mean step time, the mean save stall (the slowest rank's at
+    each save: the loop goes on with the slowest), that of the first save of a run, the slowest drain and
+    background write."""
+    stalls = [[max(r["save_s"][i] for r in ranks) for i in range(len(ranks[0]["save_s"]))] for ranks in runs]
+    saves = [s for run in stalls for s in run]
+    return {"step_ms": 1000 * statistics.mean(s for ranks in runs for r in ranks for s in r["step_s"]),
+            "step_ms_per_run": [1000 * statistics.mean(s for r in ranks for s in r["step_s"]) for ranks in runs],
+            "stall_s": statistics.mean(saves) if saves else 0.0, "saves": len(saves), "stalls_s": stalls,
+            "first_stall_s": statistics.mean(run[0] for run in stalls) if saves else 0.0,
+            "drain_s": max(r["drain_s"] for ranks in runs for r in ranks),
+            "write_s": max(r["write_s"] or 0 for ranks in runs for r in ranks),
+            "state_mib": sum(r["state_bytes"] for r in runs[0]) / 2**20,
+            "checkpoint_mib": runs[0][0]["checkpoint_bytes"] / 2**20}
 
 
 def main() -> None:
@@ -106,30 +114,37 @@ def main() -> None:
     p.add_argument("--global-px", type=int, default=32)
     p.add_argument("--local-px", type=int, default=16)
     p.add_argument("--dir", type=Path, help="where the checkpoints go (default: a temporary directory)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each mode, the modes interleaved (none, sync, background, none, ...): a run's "
+                        "mean step time varies by a few percent from one process to the next")
     a = p.parse_args()
     engines = chosen_engines(p, a.engines)
     if a.steps < a.every + WARMUP:
         p.error("--steps must leave room for a save after the warm-up")
+    if a.repeats < 1:
+        p.error("--repeats must be at least 1")
     root = a.dir or Path(tempfile.mkdtemp(prefix="bench-stall-"))
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    results: dict[str, dict[str, dict[str, Any]]] = {}
     for engine in engines:
-        results[engine] = {}
-        for mode in MODES:
-            where = root / f"{engine}-{mode}"
-            shutil.rmtree(where, ignore_errors=True)
-            ranks = run_ranks(measure, a.world, overrides_for(engine, a), mode, a.steps, a.every, str(where), a.batch)
-            results[engine][mode] = summarise(ranks)
-            shutil.rmtree(where, ignore_errors=True)
+        runs: dict[str, list[list[dict[str, Any]]]] = {mode: [] for mode in MODES}
+        for _ in range(a.repeats):
+            for mode in MODES:
+                where = root / f"{engine}-{mode}"
+                shutil.rmtree(where, ignore_errors=True)
+                runs[mode].append(run_ranks(measure, a.world, overrides_for(engine, a), mode, a.steps, a.every,
+                                            str(where), a.batch))
+                shutil.rmtree(where, ignore_errors=True)
+        results[engine] = {mode: summarise(runs[mode]) for mode in MODES}
     if a.dir is None:
         shutil.rmtree(root, ignore_errors=True)
 
     console = Console(width=150)
     console.print(f"[bold]Training stall per checkpoint[/]  {a.arch}, LARS fp32, world {a.world} (gloo, CPU), "
-                  f"{a.steps} steps, a save every {a.every}, batch {a.batch}/rank, crops 2x{a.global_px}+2x"
+                  f"{a.steps} steps, a save every {a.every}, {a.repeats} run(s) of each mode, batch {a.batch}/rank, crops 2x{a.global_px}+2x"
                   f"{a.local_px} px, checksums on; torch {torch.__version__}, {datetime.date.today()}")
     table = Table()
     for col in ("engine", "mode", "state MiB (all ranks)", "checkpoint MiB", "step ms", "/ none", "stall s per save",
-                "/ sync", "write s (background)", "drain s"):
+                "first save s", "/ sync", "write s (background)", "drain s"):
         table.add_column(col, justify="left" if col in ("engine", "mode") else "right")
     verdicts: dict[str, dict[str, bool]] = {}
     for engine, modes in results.items():
@@ -138,6 +153,7 @@ def main() -> None:
             table.add_row(engine, mode, f"{r['state_mib']:.0f}", f"{r['checkpoint_mib']:.0f}" if mode != "none" else "-",
                           f"{r['step_ms']:.0f}", f"{r['step_ms'] / none['step_ms']:.3f}",
                           f"{r['stall_s']:.3f}" if mode != "none" else "-",
+                          f"{r['first_stall_s']:.3f}" if mode != "none" else "-",
                           f"{r['stall_s'] / sync['stall_s']:.3f}" if mode != "none" else "-",
                           f"{r['write_s']:.2f}" if mode == "background" else "-",
                           f"{r['drain_s']:.2f}" if mode == "background" else "-")
@@ -152,7 +168,7 @@ def main() -> None:
                       f"{bg['step_ms'] / modes['none']['step_ms']:.3f}x the run without saves -> "
                       f"{'meets' if v['step_time'] else 'misses'} the target (<= {STEP_TARGET}x)")
     if a.json:
-        a.json.write_text(json.dumps({"arch": a.arch, "world": a.world, "steps": a.steps, "every": a.every,
+        a.json.write_text(json.dumps({"arch": a.arch, "world": a.world, "steps": a.steps, "every": a.every, "repeats": a.repeats,
                                       "batch": a.batch, "torch": torch.__version__, "date": str(datetime.date.today()),
                                       "results": results, "meets_target": verdicts}, indent=2))
 

@@ -16,8 +16,9 @@ Periodic saves run in the background: each rank copies its states to host memory
 saves), training goes on, and a thread of its own writes, hashes and commits them by the same protocol, on a
 gloo group of its own (the training collectives never wait behind a checkpoint's, nor meet them out of order).
 At most one save is in flight; the next save, a stop and the end of training wait for it first, then save
-synchronously. DeepSpeed writes its ZeRO files with collectives on the training group, from the main thread
-only, so a run under DeepSpeed saves synchronously.
+synchronously. The staging memory is allocated and mapped once a start, in the background after the first step
+(`prepare`), and reused by every save whose state has the same structure. DeepSpeed writes its ZeRO files with
+collectives on the training group, from the main thread only, so a run under DeepSpeed saves synchronously.
 
 `meta.json` also lists every file of the checkpoint with its size and sha256 (each rank hashes a share). A
 checkpoint damaged after the fact (a truncated copy, a disk error) is found on resume, moved aside to
@@ -26,6 +27,7 @@ checkpoint damaged after the fact (a truncated copy, a disk error) is found on r
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import random
@@ -36,7 +38,7 @@ import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -57,6 +59,17 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class Replicas(Protocol):
+    """A global state that every rank holds a copy of whose copies drift apart (BatchNorm statistics, each
+    rank's updated from its own batch). A save first makes them rank 0's, so that the saved copy is rank 0's
+    whichever rank DCP picks to write it and a resumed run goes on bit for bit; apart from `state_dict`, which
+    has no side effects (`prepare` reads it to size the staging memory at a step that saves nothing)."""
+
+    def agree_replicas(self) -> None:
+        """Give every rank rank 0's copy (collective)."""
 
 
 @runtime_checkable
@@ -252,11 +265,11 @@ class Checkpointer:
         self.background = background
         self.timeout = timeout  # of the saves' collectives: the training group's (parallel.process_group_timeout_s)
         self.newest: Path | None = None  # the newest complete checkpoint this run resumed from or saved
-        self._group: Any = None  # the saves' own gloo group, made at the first save (every rank saves it)
-        self._writer: threading.Thread | None = None
-        self._failure: BaseException | None = None
+        self._group: Any = None  # the saves' own gloo group, made by `prepare` or the first save (on every rank)
+        self._worker: threading.Thread | None = None  # the write (or the staging memory's allocation) in flight
+        self._failure: tuple[str, BaseException] | None = None  # what the worker was doing, and what it raised
         self._last_save = time.monotonic()
-        self._memory_checked = False
+        self._prepared = False
         self._staged: dict[str, Any] | None = None  # the staging copy, reused by the next background save
 
     def clock_due(self) -> bool:
@@ -332,6 +345,28 @@ class Checkpointer:
         shutil.rmtree(aside, ignore_errors=True)
         path.rename(aside)
 
+    def prepare(self, global_states: dict[str, Stateful]) -> None:
+        """Ready this start's saves (collective; the loop calls it after every step, and all but the first call
+        return at once): make the saves' group, and, for background saves, allocate the staging memory and map
+        its pages in a thread while training goes on. Otherwise the first background save would fault in a
+        whole state's memory while training waits for it, several times the copy into memory already mapped.
+        After the first step, because an optimizer's state begins at its first step; a state whose structure
+        changes later (parameters frozen for the first iterations) is staged afresh by the save that sees it."""
+        if self._prepared:
+            return
+        self._prepared = True
+        if self._group is None:
+            self._group = new_group("gloo", own=True, timeout=self.timeout)
+        if not self.background or any(isinstance(obj, OwnFiles) for obj in global_states.values()):
+            return
+        states = {name: obj.state_dict() for name, obj in global_states.items()}
+        self._check_memory(states)
+        self._start_worker("allocating the staging memory", self._allocate_staging, states)
+
+    def _allocate_staging(self, states: dict[str, Any]) -> None:
+        # A staging copy of the live state: its values are overwritten by the save; its pages are now mapped.
+        self._staged = stage(states)
+
     def save(self, step: int, global_states: dict[str, Stateful], rank_states: dict[str, Stateful],
              blocking: bool = True) -> Path:
         """Checkpoint `step` (collective: every rank, the same step). Waits for the save in flight, if any. With
@@ -341,8 +376,12 @@ class Checkpointer:
         self.wait()
         if self._group is None:
             self._group = new_group("gloo", own=True, timeout=self.timeout)
+        self._prepared = True  # a save before any `prepare` (a save every step) allocates for itself
         self._last_save = time.monotonic()
         started = time.time()
+        for obj in global_states.values():
+            if isinstance(obj, Replicas):
+                obj.agree_replicas()
         own_files = {name: obj for name, obj in global_states.items() if isinstance(obj, OwnFiles)}
         buf = io.BytesIO()
         torch.save({k: v.state_dict() for k, v in rank_states.items()}, buf)
@@ -352,36 +391,43 @@ class Checkpointer:
         self._check_memory(states)
         staged = self._staged = stage(states, self._staged)
         stall = time.time() - started
-        self._writer = threading.Thread(target=self._write_in_background, name=f"checkpoint-{step}", daemon=True,
-                                        args=(step, staged, buf.getvalue(), started, stall))
-        self._writer.start()
+        self._start_worker("the checkpoint written in the background", self._write, step, staged, buf.getvalue(),
+                           {}, started, stall)
         return self.root / step_dir_name(step)
 
     def wait(self) -> Path | None:
-        """Wait for the background save in flight, if any; raises what made it fail. Returns the newest
-        complete checkpoint."""
-        if self._writer is not None:
-            self._writer.join()
-            self._writer = None
+        """Wait for the background work in flight (a save, the staging memory's allocation), if any; raises
+        what made it fail. Returns the newest complete checkpoint."""
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
         if self._failure is not None:
-            failure, self._failure = self._failure, None
-            raise RuntimeError(f"rank {self.env.rank}: the checkpoint written in the background failed: "
-                               f"{type(failure).__name__}: {failure}") from failure
+            (what, failure), self._failure = self._failure, None
+            raise RuntimeError(f"rank {self.env.rank}: {what} failed: {type(failure).__name__}: {failure}") \
+                from failure
         return self.newest
 
-    def _write_in_background(self, step: int, staged: dict[str, Any], rank_bytes: bytes, started: float,
-                             stall: float) -> None:
-        try:
-            self._write(step, staged, rank_bytes, {}, started, stall)
-        except BaseException as e:  # noqa: BLE001 (handed to the main thread by wait())
-            self._failure = e
+    def _start_worker(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` in the one background thread (the previous one has been waited for); what it raises
+        is kept, with `what`, for `wait` to raise in the main thread. The thread works on this rank's device
+        (a new thread's CUDA device is otherwise the first one)."""
+        device = self.env.device
+
+        def run() -> None:
+            try:
+                with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                    fn(*args)
+            except BaseException as e:  # noqa: BLE001 (handed to the main thread by wait())
+                self._failure = (what, e)
+
+        self._worker = threading.Thread(target=run, name=f"checkpoint{fn.__name__}", daemon=True)
+        self._worker.start()
 
     def _check_memory(self, states: dict[str, Any]) -> None:
-        """Once, on each node's first rank: warn when this node's ranks' staged copies would not fit in the
-        memory available now (every rank of the node stages about as much as this one)."""
-        if self._memory_checked:
+        """Once a start, on each node's first rank: warn when this node's ranks' staged copies would not fit in
+        the memory available now (every rank of the node stages about as much as this one)."""
+        if self._staged is not None:
             return
-        self._memory_checked = True
         need = tensor_bytes(states) * self.env.local_world_size
         have = available_memory()
         if self.env.local_rank == 0 and have is not None and need > have:

@@ -226,6 +226,7 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None,
                         finite_loss(result.loss, progress.step, checkpointer.newest)
                     checkpointer.save(progress.step, run.global_states, run.rank_states,
                                       blocking=final or requeue or stop)
+                checkpointer.prepare(run.global_states)  # after this start's first step only
                 if final:
                     break
                 if requeue or stop:

@@ -287,20 +287,35 @@ def test_files_written_atomically_follow_the_umask(umask: int, tmp_path: Path) -
 # ---- saves in the background
 
 
+def rank_0s_copy(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    copies = [t.clone() for t in tensors]
+    for t in copies:
+        torch.distributed.broadcast(t, src=0)
+    return copies
+
+
 def _background_save_on_rank(rank: int, world: int, root: str) -> dict:
     """Save step 2 in the background while rank 1's write is held; train on meanwhile; the checkpoint holds the
-    weights of step 2, not those trained after it, and every rank sees it complete once waited for."""
+    weights of step 2, not those staged by `prepare` at step 1 nor those trained after it, and every rank sees
+    it complete once waited for. `prepare` leaves each rank's BatchNorm statistics alone; the save makes them
+    rank 0's."""
     import threading
 
     import swav_scale.checkpoint as checkpoint
 
     env = DistEnv(rank, world, rank, world, torch.device("cpu"))
     engine = make_engine(world, rank)
-    train_steps(engine, 2, seed=rank)
-    at_save = {k: v.detach().clone() for k, v in engine.model.named_parameters()}  # (BatchNorm's buffers: rank 0's)
+    ckpt = Checkpointer(root, env, background=True)
+    train_steps(engine, 1, seed=rank)
     queue = FeatureQueue(2, 4, 16)
-    queue.push(0, torch.full((4, 16), float(rank))); queue.advance(4)
     g, r = states(engine, queue)
+    own = [b.detach().clone() for b in engine.model.buffers()]  # BatchNorm statistics of this rank's batches
+    differed_at_step_1 = not all(torch.equal(a, b) for a, b in zip(own, rank_0s_copy(own)))
+    ckpt.prepare(g)  # as the loop does after the first step: a copy of step 1 in the staging memory
+    prepare_kept_buffers = all(torch.equal(a, b) for a, b in zip(own, engine.model.buffers()))
+    train_steps(engine, 1, seed=rank)
+    at_save = {k: v.detach().clone() for k, v in engine.model.named_parameters()}  # (BatchNorm's buffers: rank 0's)
+    queue.push(0, torch.full((4, 16), float(rank))); queue.advance(4)
     g["progress"].step = 2
     release = threading.Event()
     write = checkpoint.atomic_write_bytes
@@ -311,9 +326,10 @@ def _background_save_on_rank(rank: int, world: int, root: str) -> dict:
         write(path, data)
 
     checkpoint.atomic_write_bytes = held_write
-    ckpt = Checkpointer(root, env, background=True)
     started = ckpt.save(2, g, r, blocking=False)
     in_flight = not (Path(root) / started.name).exists()  # returned while rank 1's write is held
+    buffers = [b.detach().clone() for b in engine.model.buffers()]
+    save_agreed_buffers = all(torch.equal(a, b) for a, b in zip(buffers, rank_0s_copy(buffers)))
     train_steps(engine, 2, seed=10 + rank)  # training goes on: the staged copy is what gets written
     queue.push(0, torch.full((4, 16), -1.0)); queue.advance(4)
     release.set()
@@ -326,14 +342,18 @@ def _background_save_on_rank(rank: int, world: int, root: str) -> dict:
     return {"in_flight": in_flight, "newest": newest.name, "step": g2["progress"].step,
             "weights_of_step_2": all(torch.equal(v, at_save[k]) for k, v in fresh_engine.model.named_parameters()),
             "queue": fresh_queue.embeddings[0, 0, 0].item(), "background": meta["background"],
-            "stall_below_save": meta["stall_seconds"] < meta["save_seconds"]}
+            "stall_below_save": meta["stall_seconds"] < meta["save_seconds"],
+            "buffers": (prepare_kept_buffers, save_agreed_buffers, differed_at_step_1)}
 
 
 def test_a_background_save_writes_the_staged_state_while_training_goes_on(tmp_path: Path) -> None:
     results = run_ranks(_background_save_on_rank, 2, str(tmp_path))
     for rank, result in enumerate(results):
         assert result == {"in_flight": True, "newest": "step-00000002", "step": 2, "weights_of_step_2": True,
-                          "queue": float(rank), "background": True, "stall_below_save": True}
+                          "queue": float(rank), "background": True, "stall_below_save": True,
+                          # prepare reads the state without side effects; the save gives every rank rank 0's
+                          # BatchNorm statistics (rank 1's were its own)
+                          "buffers": (True, True, rank == 1)}
     assert not list(tmp_path.glob("*.partial")) and find_damage(tmp_path / "step-00000002", checksums=True) == []
 
 
@@ -417,3 +437,46 @@ def test_staging_reuses_its_buffers_while_the_structure_holds() -> None:
     state["momentum"] = torch.zeros(3)
     third = stage(state, second)
     assert set(third) == {"w", "step", "opt", "momentum"} and third["w"].data_ptr() != second["w"].data_ptr()
+
+
+def test_prepare_maps_the_staging_memory_in_the_background_for_the_saves_to_reuse(tmp_path: Path) -> None:
+    """After `prepare` (once: later calls return at once) the first background save copies into the memory
+    that `prepare` allocated, and writes the state of its own step; without background saves nothing is
+    staged."""
+    engine = make_engine()
+    train_steps(engine, 1)
+    g, r = states(engine, FeatureQueue(2, 8, 16))
+    env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
+    ckpt = Checkpointer(tmp_path, env, background=True)
+    ckpt.prepare(g)
+    ckpt.wait()
+    staged = ckpt._staged
+    pointers = [t.data_ptr() for t in staged["engine"]["model"].values()]
+    train_steps(engine, 1)
+    ckpt.prepare(g)
+    assert ckpt._worker is None and ckpt._staged is staged  # prepared once
+    ckpt.save(2, g, r, blocking=False)
+    assert [t.data_ptr() for t in ckpt._staged["engine"]["model"].values()] == pointers
+    assert ckpt.wait() == tmp_path / "step-00000002"
+    restored = make_engine()
+    Checkpointer(tmp_path, env).load(tmp_path / "step-00000002", *states(restored, FeatureQueue(2, 8, 16)))
+    assert all(torch.equal(a, b) for a, b in zip(restored.model.state_dict().values(),
+                                                 engine.model.state_dict().values()))
+    synchronous = Checkpointer(tmp_path / "sync", env)
+    synchronous.prepare(g)
+    assert synchronous._worker is None and synchronous._staged is None
+
+
+def test_a_failed_allocation_of_the_staging_memory_is_raised_by_the_next_wait(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import swav_scale.checkpoint as checkpoint
+
+    def no_memory(state, buffers=None):  # type: ignore[no-untyped-def]
+        raise MemoryError("cannot allocate 787 MiB")
+
+    monkeypatch.setattr(checkpoint, "stage", no_memory)
+    ckpt = Checkpointer(tmp_path, DistEnv(0, 1, 0, 1, torch.device("cpu")), background=True)
+    ckpt.prepare(states(make_engine(), FeatureQueue(2, 8, 16))[0])
+    with pytest.raises(RuntimeError, match="rank 0: allocating the staging memory failed: MemoryError: cannot "
+                                           "allocate 787 MiB"):
+        ckpt.wait()

@@ -45,8 +45,10 @@ class TorchEngine(Autocast):
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         return local_sum_of_squares(grads, self.device).sqrt().item()
 
-    def state_dict(self) -> dict[str, Any]:
+    def agree_replicas(self) -> None:
         broadcast_buffers(self.model)  # buffers are replicated under both: save rank 0's
+
+    def state_dict(self) -> dict[str, Any]:
         model_sd, optim_sd = get_state_dict(self.wrapped, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 

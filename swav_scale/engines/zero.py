@@ -189,8 +189,10 @@ class DeepSpeedEngine(Autocast):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_dcp_state(self._replicated, self.prototype_optimizer, state)
 
-    def save_files(self, directory: Path) -> None:
+    def agree_replicas(self) -> None:
         broadcast_buffers(self.ds.module)  # rank 0's BatchNorm statistics, as the other engines save
+
+    def save_files(self, directory: Path) -> None:
         self.ds.save_checkpoint(str(directory), tag=TAG, save_latest=False)
 
     def load_files(self, directory: Path, saved_world_size: int) -> None:
