@@ -7,8 +7,9 @@ the state, not the activations, is what a checkpoint writes) and save every `--e
 Checkpointer, checksums on, into a directory on disk. Per rank it times every step and every `save` call: the
 stall is what the loop waits in `save`, which for a background save is the staging copy plus any wait for the
 previous write. With `--repeats`, each mode runs that many times, the modes interleaved, and every figure is
-over all its runs. Each rank calls `prepare` after every step, as the training loop does, so the staging memory
-is allocated in the background after the first step. The last background write is waited for after the last step (reported apart, not a stall).
+over all its runs. Each rank calls `prepare` after every step, as the training loop does, so the staging
+memory is allocated in the background after the first step. The last background write is waited for after
+the last step (reported apart, not a stall).
 
 Targets: the background stall at most 0.15x the synchronous one; the mean step time of background-save runs
 (save calls excluded) within 5% of the runs without saves. The background writer shares the CPU with training:
@@ -140,8 +141,8 @@ def main() -> None:
 
     console = Console(width=150)
     console.print(f"[bold]Training stall per checkpoint[/]  {a.arch}, LARS fp32, world {a.world} (gloo, CPU), "
-                  f"{a.steps} steps, a save every {a.every}, {a.repeats} run(s) of each mode, batch {a.batch}/rank, crops 2x{a.global_px}+2x"
-                  f"{a.local_px} px, checksums on; torch {torch.__version__}, {datetime.date.today()}")
+                  f"{a.steps} steps, a save every {a.every}, {a.repeats} run(s) of each mode, batch {a.batch}/rank, "
+                  f"crops 2x{a.global_px}+2x{a.local_px} px, checksums on; torch {torch.__version__}, {datetime.date.today()}")
     table = Table()
     for col in ("engine", "mode", "state MiB (all ranks)", "checkpoint MiB", "step ms", "/ none", "stall s per save",
                 "first save s", "/ sync", "write s (background)", "drain s"):
