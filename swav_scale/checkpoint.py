@@ -269,7 +269,7 @@ class Checkpointer:
         self._worker: threading.Thread | None = None  # the write (or the staging memory's allocation) in flight
         self._failure: tuple[str, BaseException] | None = None  # what the worker was doing, and what it raised
         self._last_save = time.monotonic()
-        self._prepared = False
+        self._prepared = False  # `prepare` or a save has run
         self._staged: dict[str, Any] | None = None  # the staging copy, reused by the next background save
 
     def clock_due(self) -> bool:
@@ -355,13 +355,18 @@ class Checkpointer:
         if self._prepared:
             return
         self._prepared = True
-        if self._group is None:
-            self._group = new_group("gloo", own=True, timeout=self.timeout)
+        self._saves_group()
         if not self.background or any(isinstance(obj, OwnFiles) for obj in global_states.values()):
             return
         states = {name: obj.state_dict() for name, obj in global_states.items()}
         self._check_memory(states)
         self._start_worker("allocating the staging memory", self._allocate_staging, states)
+
+    def _saves_group(self) -> Any:
+        """The saves' own gloo group, made by whichever of `prepare` and `save` comes first (collective)."""
+        if self._group is None:
+            self._group = new_group("gloo", own=True, timeout=self.timeout)
+        return self._group
 
     def _allocate_staging(self, states: dict[str, Any]) -> None:
         # A staging copy of the live state: its values are overwritten by the save; its pages are now mapped.
@@ -374,8 +379,7 @@ class Checkpointer:
         otherwise stages the states to host memory and returns while a thread writes them (`wait`). Returns the
         step's directory, complete once the write is."""
         self.wait()
-        if self._group is None:
-            self._group = new_group("gloo", own=True, timeout=self.timeout)
+        self._saves_group()
         self._prepared = True  # a save before any `prepare` (a save every step) allocates for itself
         self._last_save = time.monotonic()
         started = time.time()
@@ -442,7 +446,7 @@ class Checkpointer:
         then commit it as `step-N/`; every collective on the saves' own group."""
         final = self.root / step_dir_name(step)
         partial = final.with_name(final.name + ".partial")
-        group = self._group
+        group = self._group  # made by `save`, never in the writer thread
         if self.env.is_main:
             if partial.exists():
                 shutil.rmtree(partial)  # a save of this step that died earlier

@@ -13,7 +13,7 @@ from runs import TINY_VIT, checkpoint_contents, differences, train_in_process
 
 from swav_scale.checkpoint import DAMAGED, META, Checkpointer, RNGState, TrainProgress, find_damage, rank_file
 from swav_scale.config import OptimConfig
-from swav_scale.distributed import DistEnv
+from swav_scale.distributed import DistEnv, broadcast
 from swav_scale.engines.ddp import DDPEngine
 from swav_scale.models import build_swav_model
 from swav_scale.optim import build_optimizer
@@ -288,10 +288,7 @@ def test_files_written_atomically_follow_the_umask(umask: int, tmp_path: Path) -
 
 
 def rank_0s_copy(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    copies = [t.clone() for t in tensors]
-    for t in copies:
-        torch.distributed.broadcast(t, src=0)
-    return copies
+    return [broadcast(t.clone(), src=0) for t in tensors]
 
 
 def _background_save_on_rank(rank: int, world: int, root: str) -> dict:
