@@ -61,8 +61,15 @@ class DDPEngine(TorchEngine):
         self.model = model.to(env.device)
         self.device = env.device
         if in_group():  # on a GPU always, one rank too: the path a single-GPU run takes is the cluster's
+            # No broadcast of every buffer from rank 0 before each forward (DDP's default): the buffers are
+            # BatchNorm's running statistics, which a training forward never reads; with SyncBatchNorm every rank
+            # computes the same ones from the global batch, and without it the copies that are read are agreed
+            # where they are read: a save takes rank 0's (agree_replicas), evaluation during training and
+            # export use rank 0's (knn_during_training, the checkpoint). The default would cost one broadcast
+            # per BatchNorm buffer and forward, latency-bound, for nothing.
             self.wrapped = DistributedDataParallel(
-                self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None
+                self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                broadcast_buffers=False,
             )
         else:
             self.wrapped = self.model

@@ -1,22 +1,34 @@
-"""BatchNorm statistics over the batch of several ranks, without the host ever waiting for the device.
+"""BatchNorm statistics over the batch of several ranks: one all-reduce each way, no value read back, and the
+fused BatchNorm kernels of the device doing the arithmetic.
 
 SwAV normalises with the statistics of the global batch (the original wraps apex's SyncBatchNorm). torch's
-`nn.SyncBatchNorm` drops the statistics of ranks with an empty batch by indexing with a boolean mask, which
-reads the mask back to the host at every BatchNorm call (pytorch/pytorch#78549): on a ResNet-50 that is a
-hundred stalls of the host a step, each exposing the launch latency of the kernels behind it. Its kernels
-(`torch.batch_norm_stats`, ...) exist for CUDA only, so it cannot run in the CPU suite either.
+`nn.SyncBatchNorm` differs from this one in two ways that matter at scale:
 
-This one uses plain tensor operations, so the same code runs under gloo on the CPU (every multi-rank test
-trains through it) and under NCCL on GPUs, and never reads a value back:
-
-* forward: each rank's per-channel count, sum and sum of squares, in float64, summed over the group in one
-  all-reduce (2C + 1 numbers; float64 so that E[x^2] - E[x]^2 loses nothing to cancellation); the local
-  mean and variance come from `torch.var_mean` in fp32, whatever the input's dtype;
-* backward: the per-channel sums of dy and dy * (x - mean) summed over the group in one all-reduce, as
-  torch's does. The weight and bias gradients stay local: the engine averages parameter gradients.
+* it drops the statistics of ranks with an empty batch by indexing with a boolean mask, which reads the mask
+  back to the host at every BatchNorm call (pytorch/pytorch#78549): on a ResNet-50 a hundred stalls of the host
+  a step, each exposing the launch latency of the kernels behind it;
+* it all-gathers every rank's (mean, invstd, count), world_size x (2C + 1) numbers per layer: at 4096 ranks
+  and C = 2048, 64 MB a layer on every rank, where the sums below are 32 KB whatever the number of ranks.
 
 A rank's batch is never empty here (config.validate gives every rank a share of the batch), which is the only
-case the mask served. Evaluation mode normalises with the running statistics, like BatchNorm.
+case the mask served. So, per BatchNorm layer and step:
+
+* forward: each rank's per-channel count, sum and sum of squares, in float64, summed over the group in one
+  all-reduce of 2C + 1 numbers (float64 so that E[x^2] - E[x]^2 loses nothing to cancellation), then the input
+  normalised with the global mean and variance, in the input's dtype (bf16 under autocast) with the
+  statistics and affine parameters in fp32;
+* backward: the per-channel sums of dy and dy * (x - mean) summed over the group in one all-reduce of 2C
+  numbers, as torch's does. The weight and bias gradients stay local: the engine averages parameter gradients.
+
+The arithmetic is the device's own fused kernels, never a chain of fp32 copies of a bf16 activation
+(`_kernels`): on CUDA those torch's SyncBatchNorm uses (`torch.batch_norm_stats`, `batch_norm_elemt`,
+`batch_norm_backward_reduce`, `batch_norm_backward_elemt`), which read a bf16 activation once per pass and
+accumulate in fp32; on the CPU, where those do not exist, BatchNorm's own CPU kernels (statistics, and the
+evaluation-mode backward that yields the two sums and the elementwise part of the input gradient in one
+pass), with one in-place pass that adds the global terms. Both run under gloo and NCCL alike; the CPU suite
+trains every multi-rank test through the CPU kernels and checks the CUDA kernels' calls against reference
+implementations of them (tests/test_sync_batchnorm.py). Evaluation mode normalises with the running
+statistics, like BatchNorm.
 """
 
 from __future__ import annotations
@@ -34,6 +46,100 @@ def _channel_view(v: Tensor, dims: int) -> Tensor:
     return v.view(1, -1, *([1] * (dims - 2)))
 
 
+def _dense(x: Tensor) -> Tensor:
+    """`x` in a layout the fused kernels take: channels-last as it is, anything else contiguous."""
+    if x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x
+    return x.contiguous()
+
+
+class CudaKernels:
+    """torch's fused CUDA kernels, called as torch's own SyncBatchNorm calls them."""
+
+    @staticmethod
+    def moments(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """This rank's per-channel mean and (biased) variance, fp32 whatever x's dtype: one read of x."""
+        mean, invstd = torch.batch_norm_stats(x, eps)
+        return mean, invstd.pow(-2) - eps
+
+    @staticmethod
+    def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+                  invstd: Tensor, eps: float) -> Tensor:
+        return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+
+    @staticmethod
+    def backward_reduce(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, invstd: Tensor,
+                        eps: float, needs: tuple[bool, bool, bool]) -> tuple[Tensor, Tensor, Tensor | None,
+                                                                              Tensor | None, Tensor | None]:
+        """(sum dy, sum dy (x - mean), weight gradient, bias gradient, partial input gradient), this rank's."""
+        sum_dy, sum_dy_xmu, grad_weight, grad_bias = torch.batch_norm_backward_reduce(
+            dy, x, mean, invstd, weight, needs[0], needs[1], needs[2])
+        return sum_dy, sum_dy_xmu, grad_weight, grad_bias, None
+
+    @staticmethod
+    def backward_elemt(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, invstd: Tensor,
+                       eps: float, sum_dy: Tensor, sum_dy_xmu: Tensor, count: Tensor,
+                       partial: Tensor | None) -> Tensor:
+        """The input gradient from the global sums; `count` is the global count (the kernel sums its entries)."""
+        if weight is not None and weight.dtype != mean.dtype:
+            weight = weight.to(mean.dtype)
+        return torch.batch_norm_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu,
+                                               count.to(torch.int32))
+
+
+class CpuKernels:
+    """BatchNorm's own CPU kernels (vectorised, channels-last aware, bf16 in and fp32 statistics)."""
+
+    @staticmethod
+    def moments(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """This rank's per-channel mean and (biased) variance, in fp32 (a bf16 input is accumulated in fp32:
+        fp32 running buffers make the kernel compute its statistics in their type; momentum 0 leaves them)."""
+        if x.dtype in (torch.float32, torch.float64):
+            return torch.batch_norm_update_stats(x, None, None, 0.0)
+        scratch = torch.zeros(2, x.size(1), dtype=torch.float32, device=x.device)
+        return torch.batch_norm_update_stats(x, scratch[0], scratch[1], 0.0)
+
+    @staticmethod
+    def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+                  invstd: Tensor, eps: float) -> Tensor:
+        if x.dtype != mean.dtype:  # bf16 activations, fp32 statistics: the kernel's mixed-type path
+            return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+        scale = invstd if weight is None else invstd * weight
+        shift = -mean * scale if bias is None else bias - mean * scale
+        return torch.addcmul(_channel_view(shift, x.dim()), x, _channel_view(scale, x.dim()))
+
+    @staticmethod
+    def backward_reduce(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, invstd: Tensor,
+                        eps: float, needs: tuple[bool, bool, bool]) -> tuple[Tensor, Tensor, Tensor | None,
+                                                                              Tensor | None, Tensor | None]:
+        """BatchNorm's evaluation-mode backward with the global statistics as its running ones: its weight
+        gradient is sum dy (x - mean) * invstd, its bias gradient sum dy, and its input gradient
+        dy * weight * invstd, the elementwise part of the training-mode one (`backward_elemt` adds the rest)."""
+        partial, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            dy, x, weight, mean, var, None, None, False, eps, [needs[0], True, True])
+        return grad_bias, grad_weight / invstd, grad_weight, grad_bias, partial
+
+    @staticmethod
+    def backward_elemt(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, invstd: Tensor,
+                       eps: float, sum_dy: Tensor, sum_dy_xmu: Tensor, count: Tensor,
+                       partial: Tensor | None) -> Tensor:
+        """dx = (dy - mean dy - (x - mean) invstd^2 mean dy(x - mean)) * invstd * weight
+              = partial - [(x - mean) * invstd * W + B],  W = weight invstd mean dy(x - mean), B = weight invstd
+        mean dy: the bracket is a normalisation of x with the global statistics (`normalize`, one pass, in fp32
+        inside the kernel for a bf16 x, so that x - mean does not cancel in bf16), subtracted in place."""
+        assert partial is not None
+        n = count.to(sum_dy.dtype)
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        correction = CpuKernels.normalize(x, scale * invstd * (sum_dy_xmu / n), scale * (sum_dy / n), mean,
+                                          var, invstd, eps)
+        return partial.sub_(correction)
+
+
+def _kernels(x: Tensor) -> type[CudaKernels] | type[CpuKernels]:
+    """The fused kernels of x's device."""
+    return CudaKernels if x.is_cuda else CpuKernels
+
+
 class _GlobalBatchNorm(torch.autograd.Function):
     """y = (x - mean) * invstd * weight + bias, with mean and invstd over the batches of all ranks of `group`.
 
@@ -43,13 +149,14 @@ class _GlobalBatchNorm(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
                 running_var: Tensor | None, factor: Tensor | float, eps: float,
                 group: ProcessGroup | None) -> Tensor:
-        dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x.float(), dim=dims, correction=0)
-        n = x.numel() // x.size(1)  # from the shape: no read of the device
+        kernels = _kernels(x)
+        x = _dense(x)
+        channels = x.size(1)
+        mean, var = kernels.moments(x, eps)
+        n = x.numel() // channels  # from the shape: no read of the device
         mean64 = mean.double()
         stats = torch.cat([mean64 * n, (var.double() + mean64 * mean64) * n, mean64.new_full((1,), n)])
         all_reduce(stats, group=group)
-        channels = x.size(1)
         count = stats[2 * channels:]
         global_mean64 = stats[:channels] / count
         global_var = (stats[channels:2 * channels] / count - global_mean64 * global_mean64).clamp_(min=0).float()
@@ -62,34 +169,28 @@ class _GlobalBatchNorm(torch.autograd.Function):
                     factor = factor.to(running_mean.dtype)
                 running_mean.lerp_(global_mean.to(running_mean.dtype), factor)
                 running_var.lerp_(unbiased.to(running_var.dtype), factor)
-        scale = invstd if weight is None else invstd * weight.float()
-        shift = -global_mean * scale if bias is None else bias.float() - global_mean * scale
-        y = torch.addcmul(_channel_view(shift, x.dim()), x, _channel_view(scale, x.dim())).to(x.dtype)
-        ctx.save_for_backward(x, weight, global_mean, invstd, count)
-        ctx.group = group
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        y = kernels.normalize(x, weight, bias, global_mean, global_var, invstd, eps)
+        ctx.save_for_backward(x, weight, global_mean, global_var, invstd, count)
+        ctx.group, ctx.eps, ctx.kernels = group, eps, kernels
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, mean, invstd, count = ctx.saved_tensors
-        dims = [0, *range(2, x.dim())]
-        xmu = x.float() - _channel_view(mean, x.dim())
-        dyf = dy.float()
-        sum_dy = dyf.sum(dims)
-        sum_dy_xmu = (dyf * xmu).sum(dims)
-        grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        x, weight, mean, var, invstd, count = ctx.saved_tensors
+        kernels = ctx.kernels
+        dy = _dense(dy)
+        needs = (ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                 weight is not None and ctx.needs_input_grad[2])
+        sum_dy, sum_dy_xmu, grad_weight, grad_bias, partial = kernels.backward_reduce(
+            dy, x, weight, mean, var, invstd, ctx.eps, needs)
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if needs[0]:
+            channels = x.size(1)
             sums = all_reduce(torch.cat([sum_dy, sum_dy_xmu]), group=ctx.group)
-            n = count.float()
-            mean_dy, mean_dy_xmu = sums[:x.size(1)] / n, sums[x.size(1):] / n
-            scale = invstd if weight is None else invstd * weight.float()
-            dims_n = x.dim()
-            grad_x = ((dyf - _channel_view(mean_dy, dims_n)
-                       - xmu * _channel_view(invstd * invstd * mean_dy_xmu, dims_n))
-                      * _channel_view(scale, dims_n)).to(x.dtype)
+            grad_x = kernels.backward_elemt(dy, x, weight, mean, var, invstd, ctx.eps, sums[:channels],
+                                            sums[channels:], count, partial)
+        grad_weight = grad_weight.to(weight.dtype) if needs[1] else None
+        grad_bias = grad_bias.to(weight.dtype) if needs[2] else None
         return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
