@@ -24,7 +24,8 @@ shapes and dtypes, zero-filled so that their pages are mapped before a save copi
 the live state. On a GPU the buffers are pinned (registered with CUDA in whole pages, not rounded up to a power of
 two), each save queues its copies asynchronously on the training stream, behind the step that produced the values
 and ahead of any step that changes them, and returns without waiting; the writer thread waits once, on an event
-recorded after the last copy, and hands them to DCP. On the CPU the copies are plain ones. A save reuses
+recorded after the last copy, and hands DCP tensors already on the host (its writer told to copy nothing ahead,
+which would otherwise synchronise a CUDA stream every 10 MB). On the CPU the copies are plain ones. A save reuses
 the buffer of every tensor whose key, shape and dtype are unchanged and allocates only for the others, such as the
 prototypes' optimizer state, which begins only once they are no longer frozen (after `prepare` with the shipped
 configurations); buffers no longer needed are freed with the previous copy, never held beside a second whole one.
@@ -572,7 +573,10 @@ class Checkpointer:
         """Write `states` (Stateful objects, or staged state dicts) and this rank's file into `step-N.partial/`,
         then commit it as `step-N/`; every collective on the saves' own group.
 
-        Staged states are first waited for (`copied`: the event after their copies from the GPU, see `stage`)."""
+        Staged states (`stall` given) are first waited for (`copied`: the event after their copies from the GPU,
+        see `stage`), then written by a DCP writer that copies nothing ahead: by default it moves the next 10 MB
+        of tensors to the host ahead of the file writes and, with CUDA present, synchronises this thread's
+        stream for each batch, though staged tensors are on the host already."""
         if copied is not None:
             copied.synchronize()
         final = self.root / step_dir_name(step)
@@ -583,7 +587,11 @@ class Checkpointer:
                 shutil.rmtree(partial)  # a save of this step that died earlier
             partial.mkdir(parents=True)
         barrier(group)
-        dcp.save(states, checkpoint_id=str(partial), process_group=group)
+        if stall is None:
+            dcp.save(states, checkpoint_id=str(partial), process_group=group)
+        else:
+            dcp.save(states, storage_writer=dcp.FileSystemWriter(str(partial), per_thread_copy_ahead=0),
+                     process_group=group)
         for name, obj in own_files.items():
             obj.save_files(partial / name)
         atomic_write_bytes(partial / rank_file(self.env.rank), rank_bytes)

@@ -551,8 +551,8 @@ def test_on_a_gpu_staging_is_pinned_asynchronous_and_waited_for_once_by_the_writ
     """On a CUDA rank (CUDA's calls stood in for, the tensors on the CPU): `prepare` registers every buffer with
     CUDA (whole pages of its own, none shared) and copies nothing; a background save issues every copy with
     non_blocking=True, records one event on the rank's current stream and returns without synchronising; the
-    writer thread synchronises that event, once, before DCP reads the buffers. Dropped buffers are
-    unregistered."""
+    writer thread synchronises that event, once, before DCP reads the buffers, through a writer that copies
+    nothing ahead. A synchronous save keeps DCP's default writer. Dropped buffers are unregistered."""
     import contextlib
     import gc
     import mmap
@@ -620,8 +620,11 @@ def test_on_a_gpu_staging_is_pinned_asynchronous_and_waited_for_once_by_the_writ
     after = [e for e in log if e[0] not in ("copy", "event", "record")]
     writer = after[0][1]
     assert writer != main and after == [("synchronize", writer), ("dcp.save", after[1][1])]
+    assert isinstance(after[1][1], dcp.FileSystemWriter) and after[1][1].per_thread_copy_ahead == 0
 
     log.clear()
+    ckpt.save(3, g, r)  # blocking: from the live state, with DCP's own writer
+    assert [e for e in log if e[0] != "copy"] == [("dcp.save", None)]
     ckpt._staged = None
     del buffers
     gc.collect()
