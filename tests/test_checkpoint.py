@@ -592,8 +592,8 @@ def test_on_a_gpu_staging_is_pinned_asynchronous_and_waited_for_once_by_the_writ
     monkeypatch.setattr(torch.cuda, "synchronize", never)
     monkeypatch.setattr(torch.cuda.Stream, "synchronize", never)
     copy_ = torch.Tensor.copy_
-    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, non_blocking=False:
-                        log.append(("copy", self.data_ptr(), non_blocking)) or copy_(self, src, non_blocking=non_blocking))
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, non_blocking=False: log.append(
+        ("copy", self.data_ptr(), non_blocking)) or copy_(self, src, non_blocking=non_blocking))
     save = dcp.save
     monkeypatch.setattr(dcp, "save", lambda *args, **kwargs: log.append(("dcp.save", kwargs.get("storage_writer")))
                         or save(*args, **kwargs))
