@@ -16,9 +16,23 @@ Periodic saves run in the background: each rank copies its states to host memory
 saves), training goes on, and a thread of its own writes, hashes and commits them by the same protocol, on a
 gloo group of its own (the training collectives never wait behind a checkpoint's, nor meet them out of order).
 At most one save is in flight; the next save, a stop and the end of training wait for it first, then save
-synchronously. The staging memory is allocated and mapped once a start, in the background after the first step
-(`prepare`), and reused by every save whose state has the same structure. DeepSpeed writes its ZeRO files with
-collectives on the training group, from the main thread only, so a run under DeepSpeed saves synchronously.
+synchronously. DeepSpeed writes its ZeRO files with collectives on the training group, from the main thread
+only, so a run under DeepSpeed saves synchronously.
+
+The staging memory is allocated once a start, by a thread after the first step (`prepare`): buffers of the state's
+shapes and dtypes, zero-filled so that their pages are mapped before a save copies into them; nothing is read from
+the live state. On a GPU the buffers are pinned (registered with CUDA in whole pages, not rounded up to a power of
+two), each save queues its copies asynchronously on the training stream, behind the step that produced the values
+and ahead of any step that changes them, and returns without waiting; the writer thread waits once, on an event
+recorded after the last copy, and hands DCP tensors already on the host (its writer told to copy nothing ahead,
+which would otherwise synchronise a CUDA stream every 10 MB). On the CPU the copies are plain ones. A save reuses
+the buffer of every tensor whose key, shape and dtype are unchanged and allocates only for the others, such as the
+prototypes' optimizer state, which begins only once they are no longer frozen (after `prepare` with the shipped
+configurations); buffers no longer needed are freed with the previous copy, never held beside a second whole one.
+Staging memory and time are per rank and do not grow with the number of ranks: each rank stages the state it holds
+(under DDP all of it, however many ranks there are, though DCP writes each replicated tensor once; under FSDP its
+shards, smaller the more ranks there are), and a node needs that much host memory for each of its ranks (the first
+background save warns when it is short).
 
 `meta.json` also lists every file of the checkpoint with its size and sha256 (each rank hashes a share). A
 checkpoint damaged after the fact (a truncated copy, a disk error) is found on resume, moved aside to
@@ -28,22 +42,28 @@ checkpoint damaged after the fact (a truncated copy, a disk error) is found on r
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
+import math
+import mmap
 import random
 import re
 import shutil
 import threading
 import time
 import warnings
+import weakref
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+import torch.cuda._pin_memory_utils as pin_memory_utils
 import torch.distributed.checkpoint as dcp
 from rich.markup import escape
+from torch.distributed.tensor import DTensor
 
 from swav_scale.distributed import DistEnv, all_gather_object, barrier, broadcast_object, new_group
 from swav_scale.utils import (atomic_write_bytes, atomic_write_text, available_memory, console, fsync_dir,
@@ -215,20 +235,124 @@ def newest_checkpoint(run_dir: str | Path, required: bool = False) -> Path | Non
     return path
 
 
-def stage(state: dict[str, Any], buffers: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A copy of `state` in host memory that training can no longer change: every tensor (a DTensor's local
-    shard too, keeping its placement) copied to a CPU tensor, containers rebuilt, other values kept. It is
-    DCP's own staging (what dcp.async_save does before its background write). `buffers`, the copy an earlier
-    call returned, is reused when `state` has the same structure (the tensors are then copied into memory
-    already mapped, which saves allocating and faulting in a whole state per save); otherwise new ones."""
-    from torch.distributed._state_dict_utils import CompanionMismatch, _copy_state_dict, _create_cpu_state_dict
+def host_buffer(shape: torch.Size, dtype: torch.dtype, pin_memory: bool) -> torch.Tensor:
+    """An uninitialised CPU tensor to stage a tensor of `shape` and `dtype` into.
 
-    if buffers is not None:
-        try:
-            return _copy_state_dict(state, buffers, type_check=False)
-        except (CompanionMismatch, RuntimeError):  # other keys (optimizer state begun since), shapes: afresh
-            pass
-    return _copy_state_dict(state, _create_cpu_state_dict(state), type_check=False)
+    With `pin_memory` (the tensor comes from a GPU), page-locked: a copy from the GPU into it can run
+    asynchronously (into pageable memory, CUDA copies through a bounce buffer and the host waits for the whole
+    stream). It is pageable memory registered with CUDA (cudaHostRegister) rather than torch's pinned allocator,
+    which rounds every allocation up to a power of two (up to twice the state in host memory). The registered
+    range covers whole pages of this allocation alone, so that no two registrations share a page; it is
+    unregistered when the last tensor viewing it is freed, before the memory is."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not pin_memory or nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    page = mmap.PAGESIZE
+    length = -(-nbytes // page) * page
+    raw = torch.empty(length + page, dtype=torch.uint8)
+    start = -raw.data_ptr() % page
+    region = raw[start : start + length]
+    pin_memory_utils.pin_memory(region.data_ptr(), length)
+    weakref.finalize(raw.untyped_storage(), pin_memory_utils.unpin_memory, region.data_ptr()).atexit = False
+    return region[:nbytes].view(dtype).view(shape)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds: a DTensor's shard, a plain tensor itself. Other subclasses (ShardedTensor)
+    are refused: their shape is not what this rank holds, and no engine here produces them."""
+    if isinstance(tensor, DTensor):
+        return tensor.to_local()
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        raise TypeError(f"checkpoint staging copies tensors and DTensors, not {type(tensor).__name__}")
+    return tensor
+
+
+def _fits(buffer: Any, tensor: torch.Tensor) -> bool:
+    """Whether `buffer`, from an earlier staging, can take `tensor`'s values: same kind, shape, dtype (and for a
+    DTensor the same placement over the same mesh, which DCP reads to place the shard)."""
+    if isinstance(tensor, DTensor) != isinstance(buffer, DTensor) or not isinstance(buffer, torch.Tensor):
+        return False
+    if isinstance(tensor, DTensor) and buffer._spec != tensor._spec:
+        return False
+    held, local = _local(buffer), _local(tensor)
+    return held.shape == local.shape and held.dtype == local.dtype
+
+
+def _rebuild(value: Any, old: Any, leaf: Callable[[torch.Tensor, Any], Any]) -> Any:
+    """`value` with its containers (dicts, lists, tuples) rebuilt, each tensor replaced by `leaf(tensor, its
+    counterpart in old)` (None where `old` has none: a key or an entry `old` lacks), and other values copied
+    (an int or a string as it is), so that nothing in the result is shared with the live state."""
+    if isinstance(value, torch.Tensor):
+        return leaf(value, old)
+    if isinstance(value, dict):
+        olds = old if isinstance(old, dict) else {}
+        return {k: _rebuild(v, olds.get(k), leaf) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        olds = old if isinstance(old, (list, tuple)) and len(old) == len(value) else [None] * len(value)
+        items = [_rebuild(v, o, leaf) for v, o in zip(value, olds)]
+        return tuple(items) if isinstance(value, tuple) else items
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return value
+    return copy.deepcopy(value)
+
+
+def _new_buffer(tensor: torch.Tensor, pin_memory: bool) -> torch.Tensor:
+    """A host buffer for `tensor` (for a DTensor: its shard, wrapped with its placement, as DCP's own staging
+    gives). Only shapes and dtypes are read: nothing is copied from the tensor."""
+    local = _local(tensor)
+    buffer = host_buffer(local.shape, local.dtype, pin_memory)
+    if isinstance(tensor, DTensor):
+        return DTensor(buffer, tensor._spec, requires_grad=False)
+    return buffer
+
+
+@torch.no_grad()
+def allocate_staging(state: dict[str, Any], pin_memory: bool) -> dict[str, Any]:
+    """Host memory shaped as `state`, to stage it into (`stage`): a buffer for every tensor (see `host_buffer`),
+    zero-filled so that its pages are mapped now and a save's copy does not fault them in; containers rebuilt,
+    other values copied. Reads no tensor's values (on a GPU, nothing is queued on its stream)."""
+
+    def leaf(tensor: torch.Tensor, _: Any) -> torch.Tensor:
+        buffer = _new_buffer(tensor, pin_memory)
+        _local(buffer).zero_()
+        return buffer
+
+    return _rebuild(state, None, leaf)
+
+
+@torch.no_grad()
+def stage(state: dict[str, Any], buffers: dict[str, Any] | None = None,
+          device: torch.device = torch.device("cpu")) -> tuple[dict[str, Any], Any]:
+    """A copy of `state` in host memory that training can no longer change, and what to wait for before reading
+    it: every tensor (a DTensor's local shard too, keeping its placement) copied to a CPU tensor, containers
+    rebuilt, other values copied.
+
+    `buffers`, an earlier staging (`allocate_staging`, or a copy this returned), lends its buffer to every tensor
+    of the same key, shape and dtype; only the others (optimizer state begun since, parameters frozen at first)
+    get new ones. The values are always this call's.
+
+    On a GPU (`device` a CUDA device) the buffers are pinned and the copies asynchronous, queued on the current
+    stream behind the work that produced the values and ahead of any that changes them later: the host does not
+    wait, and the second value returned is a CUDA event recorded after the last copy, whose `synchronize()` is the
+    one point to wait at before reading the copy. On the CPU the copies are plain ones, done on return (None)."""
+    on_gpu = device.type == "cuda"
+
+    def leaf(tensor: torch.Tensor, old: Any) -> torch.Tensor:
+        buffer = old if _fits(old, tensor) else _new_buffer(tensor, on_gpu)
+        _local(buffer).copy_(_local(tensor), non_blocking=on_gpu)
+        return buffer
+
+    try:
+        staged = _rebuild(state, buffers, leaf)
+    except BaseException:
+        if on_gpu:  # the copies queued so far finish before their buffers can be freed
+            torch.cuda.current_stream(device).synchronize()
+        raise
+    if not on_gpu:
+        return staged, None
+    copied = torch.cuda.Event(blocking=True)  # its waiter sleeps rather than spins on a core the loader needs
+    copied.record(torch.cuda.current_stream(device))
+    return staged, copied
 
 
 def tensor_bytes(state: Any) -> int:
@@ -347,11 +471,13 @@ class Checkpointer:
 
     def prepare(self, global_states: dict[str, Stateful]) -> None:
         """Ready this start's saves (collective; the loop calls it after every step, and all but the first call
-        return at once): make the saves' group, and, for background saves, allocate the staging memory and map
-        its pages in a thread while training goes on. Otherwise the first background save would fault in a
-        whole state's memory while training waits for it, several times the copy into memory already mapped.
-        After the first step, because an optimizer's state begins at its first step; a state whose structure
-        changes later (parameters frozen for the first iterations) is staged afresh by the save that sees it."""
+        return at once): make the saves' group, and, for background saves, allocate the staging memory (pinned
+        on a GPU) and map its pages in a thread while training goes on. Otherwise the first background save would
+        fault in a whole state's memory while training waits for it, several times the copy into memory already
+        mapped. Only the state's structure is read (shapes, dtypes), no tensor's values: nothing is copied and
+        nothing queued on a GPU's stream. After the first step, because an optimizer's state begins at its first
+        step; entries that appear later (the prototypes' optimizer state, once they are no longer frozen) get
+        memory of their own from the save that first sees them, the rest keeps this memory."""
         if self._prepared:
             return
         self._prepared = True
@@ -369,8 +495,7 @@ class Checkpointer:
         return self._group
 
     def _allocate_staging(self, states: dict[str, Any]) -> None:
-        # A staging copy of the live state: its values are overwritten by the save; its pages are now mapped.
-        self._staged = stage(states)
+        self._staged = allocate_staging(states, pin_memory=self.env.device.type == "cuda")
 
     def save(self, step: int, global_states: dict[str, Stateful], rank_states: dict[str, Stateful],
              blocking: bool = True) -> Path:
@@ -393,10 +518,13 @@ class Checkpointer:
             return self._write(step, global_states, buf.getvalue(), own_files, started)
         states = {name: obj.state_dict() for name, obj in global_states.items()}
         self._check_memory(states)
-        staged = self._staged = stage(states, self._staged)
+        buffers, self._staged = self._staged, None  # the new copy holds every buffer still used, and only those
+        staged, copied = stage(states, buffers, self.env.device)
+        del buffers
+        self._staged = staged
         stall = time.time() - started
         self._start_worker("the checkpoint written in the background", self._write, step, staged, buf.getvalue(),
-                           {}, started, stall)
+                           {}, started, stall, copied)
         return self.root / step_dir_name(step)
 
     def wait(self) -> Path | None:
@@ -441,9 +569,16 @@ class Checkpointer:
                           "without the copy (training then waits for each save)", highlight=False)
 
     def _write(self, step: int, states: dict[str, Any], rank_bytes: bytes, own_files: dict[str, OwnFiles],
-               started: float, stall: float | None = None) -> Path:
+               started: float, stall: float | None = None, copied: Any = None) -> Path:
         """Write `states` (Stateful objects, or staged state dicts) and this rank's file into `step-N.partial/`,
-        then commit it as `step-N/`; every collective on the saves' own group."""
+        then commit it as `step-N/`; every collective on the saves' own group.
+
+        Staged states (`stall` given) are first waited for (`copied`: the event after their copies from the GPU,
+        see `stage`), then written by a DCP writer that copies nothing ahead: by default it moves the next 10 MB
+        of tensors to the host ahead of the file writes and, with CUDA present, synchronises this thread's
+        stream for each batch, though staged tensors are on the host already."""
+        if copied is not None:
+            copied.synchronize()
         final = self.root / step_dir_name(step)
         partial = final.with_name(final.name + ".partial")
         group = self._group  # made by `save`, never in the writer thread
@@ -452,7 +587,11 @@ class Checkpointer:
                 shutil.rmtree(partial)  # a save of this step that died earlier
             partial.mkdir(parents=True)
         barrier(group)
-        dcp.save(states, checkpoint_id=str(partial), process_group=group)
+        if stall is None:
+            dcp.save(states, checkpoint_id=str(partial), process_group=group)
+        else:
+            dcp.save(states, storage_writer=dcp.FileSystemWriter(str(partial), per_thread_copy_ahead=0),
+                     process_group=group)
         for name, obj in own_files.items():
             obj.save_files(partial / name)
         atomic_write_bytes(partial / rank_file(self.env.rank), rank_bytes)
@@ -465,7 +604,8 @@ class Checkpointer:
         if self.env.is_main:
             meta = {"step": step, "world_size": self.env.world_size, "time": time.time(),
                     "save_seconds": round(time.time() - started, 3),
-                    # how long training waited for this save: all of it, or (in the background) the staging
+                    # how long training waited for this save: all of it, or (in the background) the staging,
+                    # which on a GPU only queues the copies
                     "stall_seconds": round(time.time() - started if stall is None else stall, 3),
                     "background": stall is not None, "files": files}
             atomic_write_text(partial / META, json.dumps(meta))

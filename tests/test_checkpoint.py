@@ -27,12 +27,14 @@ def make_engine(world: int = 1, rank: int = 0) -> DDPEngine:
     return DDPEngine(model, functools.partial(build_optimizer, cfg=OptimConfig(base_lr=0.1)), env, "fp32")
 
 
-def train_steps(engine: DDPEngine, n: int, seed: int = 0) -> None:
+def train_steps(engine: DDPEngine, n: int, seed: int = 0, frozen_prototypes: bool = False) -> None:
     g = torch.Generator().manual_seed(seed)
     for _ in range(n):
         crops = [torch.randn(4, 3, 16, 16, generator=g) for _ in range(2)]
         _, scores = engine.wrapped(crops)
         engine.backward(sum(s.pow(2).mean() for s in scores))
+        if frozen_prototypes:  # as the loop does for the first swav.freeze_prototypes_iters steps
+            engine.freeze_prototypes()
         engine.step()
 
 
@@ -417,37 +419,68 @@ def test_background_staging_warns_once_when_the_nodes_copies_would_not_fit(
     assert "warning" not in capsys.readouterr().out
 
 
-def test_staging_reuses_its_buffers_while_the_structure_holds() -> None:
-    """The second save copies into the first one's buffers (same storage, new values); a state that gained
-    keys (optimizer state begun since) gets new buffers."""
+def test_staging_reuses_every_buffer_that_still_fits_and_allocates_only_the_others(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second save copies into the first one's buffers (same storage, new values); a state that gained a key
+    (optimizer state begun since) or changed a tensor's shape or dtype gets new buffers for those alone. On the
+    CPU the copies are plain ones and there is nothing to wait for."""
+    import swav_scale.checkpoint as checkpoint
     from swav_scale.checkpoint import stage
 
-    state = {"w": torch.ones(4), "step": 1, "opt": {"lr": [0.1, 0.2]}}
-    first = stage(state)
+    copies: list[bool] = []
+    copy_ = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, non_blocking=False:
+                        copies.append(non_blocking) or copy_(self, src, non_blocking=non_blocking))
+    allocated: list[tuple] = []
+    host_buffer = checkpoint.host_buffer
+    monkeypatch.setattr(checkpoint, "host_buffer", lambda shape, dtype, pin_memory:
+                        allocated.append((tuple(shape), dtype, pin_memory)) or host_buffer(shape, dtype, pin_memory))
+    state = {"w": torch.ones(4), "b": torch.zeros(2), "step": 1, "opt": {"lr": [0.1, 0.2]}}
+    first, ready = stage(state)
+    assert ready is None and copies == [False, False] and len(allocated) == 2
     assert torch.equal(first["w"], state["w"]) and first["w"].data_ptr() != state["w"].data_ptr()
     state["w"].add_(1)
     state["opt"]["lr"][0] = 0.5
     assert torch.equal(first["w"], torch.ones(4))  # the staged copy is not the live tensor
-    second = stage(state, first)
+    second, _ = stage(state, first)
     assert second["w"].data_ptr() == first["w"].data_ptr() and torch.equal(second["w"], torch.full((4,), 2.0))
-    assert second["opt"]["lr"] == [0.5, 0.2] and second["step"] == 1
-    state["momentum"] = torch.zeros(3)
-    third = stage(state, second)
-    assert set(third) == {"w", "step", "opt", "momentum"} and third["w"].data_ptr() != second["w"].data_ptr()
+    assert second["opt"]["lr"] == [0.5, 0.2] and second["step"] == 1 and len(allocated) == 2
+    assert second["opt"] is not state["opt"] and second["opt"]["lr"] is not state["opt"]["lr"]
+    state["momentum"] = torch.full((3,), 7.0)
+    state["b"] = torch.zeros(5)  # another shape
+    state["w"] = state["w"].double()  # another dtype
+    third, _ = stage(state, second)
+    assert allocated[2:] == [((4,), torch.float64, False), ((5,), torch.float32, False), ((3,), torch.float32, False)]
+    assert set(third) == {"w", "b", "step", "opt", "momentum"} and torch.equal(third["momentum"], state["momentum"])
+    assert third["w"].dtype == torch.float64 and third["b"].shape == (5,)
+    state["w"].add_(1)
+    fourth, _ = stage(state, third)
+    assert len(allocated) == 5 and all(fourth[k].data_ptr() == third[k].data_ptr() for k in ("w", "b", "momentum"))
+    assert torch.equal(fourth["w"], torch.full((4,), 3.0, dtype=torch.float64))
 
 
-def test_prepare_maps_the_staging_memory_in_the_background_for_the_saves_to_reuse(tmp_path: Path) -> None:
+def test_prepare_maps_the_staging_memory_in_the_background_for_the_saves_to_reuse(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """After `prepare` (once: later calls return at once) the first background save copies into the memory
-    that `prepare` allocated, and writes the state of its own step; without background saves nothing is
-    staged."""
+    that `prepare` allocated, and writes the state of its own step. `prepare` reads no value: its buffers are
+    zero-filled (their pages mapped), nothing is copied; without background saves nothing is staged."""
     engine = make_engine()
     train_steps(engine, 1)
     g, r = states(engine, FeatureQueue(2, 8, 16))
     env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
     ckpt = Checkpointer(tmp_path, env, background=True)
+    copies: list[torch.Tensor] = []
+    copy_ = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, non_blocking=False:
+                        copies.append(src) or copy_(self, src, non_blocking=non_blocking))
     ckpt.prepare(g)
     ckpt.wait()
+    monkeypatch.undo()
+    assert copies == []
     staged = ckpt._staged
+    assert all(not t.any() for t in staged["engine"]["model"].values())
+    assert all(not s["momentum_buffer"].any() for s in staged["engine"]["optim"]["state"].values())
+    assert any(t.any() for t in engine.model.state_dict().values())  # the live state is not zero
     pointers = [t.data_ptr() for t in staged["engine"]["model"].values()]
     train_steps(engine, 1)
     ckpt.prepare(g)
@@ -464,14 +497,208 @@ def test_prepare_maps_the_staging_memory_in_the_background_for_the_saves_to_reus
     assert synchronous._worker is None and synchronous._staged is None
 
 
+def tensors_by_path(state: object, path: str = "") -> dict[str, torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return {path.rstrip("."): state}
+    if isinstance(state, dict):
+        return {k: v for key, value in state.items() for k, v in tensors_by_path(value, f"{path}{key}.").items()}
+    if isinstance(state, (list, tuple)):
+        return {k: v for i, value in enumerate(state) for k, v in tensors_by_path(value, f"{path}{i}.").items()}
+    return {}
+
+
+def test_staging_prepared_while_the_prototypes_are_frozen_is_kept_once_they_train(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped configurations freeze the prototypes for their first iterations, so `prepare` (after the
+    first step) sees no optimizer state for them. The first save after they begin to train keeps every prepared
+    buffer, allocates for the prototypes' new optimizer state alone, and writes the values of its own step."""
+    import swav_scale.checkpoint as checkpoint
+
+    engine = make_engine()
+    train_steps(engine, 1, frozen_prototypes=True)
+    g, r = states(engine, FeatureQueue(2, 8, 16))
+    env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
+    ckpt = Checkpointer(tmp_path, env, background=True)
+    ckpt.prepare(g)
+    ckpt.wait()
+    assert "prototypes.weight" not in ckpt._staged["engine"]["optim"]["state"]
+    prepared = tensors_by_path(ckpt._staged)
+    train_steps(engine, 1, seed=1)  # the prototypes train from here on: their optimizer state begins
+    allocated: list[tuple] = []
+    host_buffer = checkpoint.host_buffer
+    monkeypatch.setattr(checkpoint, "host_buffer", lambda shape, dtype, pin_memory:
+                        allocated.append(tuple(shape)) or host_buffer(shape, dtype, pin_memory))
+    g["progress"].step = 2
+    ckpt.save(2, g, r, blocking=False)
+    at_save = {k: v.clone() for k, v in tensors_by_path(engine.state_dict()).items()}
+    staged = tensors_by_path(ckpt._staged)
+    new = sorted(set(staged) - set(prepared))
+    assert new == ["engine.optim.state.prototypes.weight.momentum_buffer"]
+    assert allocated == [tuple(engine.model.prototypes.weight.shape)]
+    assert all(staged[k].data_ptr() == prepared[k].data_ptr() for k in prepared)
+    train_steps(engine, 2, seed=2)  # training goes on while the copy is written
+    assert ckpt.wait() == tmp_path / "step-00000002"
+    restored = make_engine()
+    gr, rr = states(restored, FeatureQueue(2, 8, 16))
+    Checkpointer(tmp_path, env).load(tmp_path / "step-00000002", gr, rr)
+    loaded = tensors_by_path(restored.state_dict())
+    assert gr["progress"].step == 2 and set(loaded) == set(at_save)
+    assert [k for k in at_save if not torch.equal(loaded[k], at_save[k])] == []
+
+
+def test_on_a_gpu_staging_is_pinned_asynchronous_and_waited_for_once_by_the_writer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CUDA rank (CUDA's calls stood in for, the tensors on the CPU): `prepare` registers every buffer with
+    CUDA (whole pages of its own, none shared) and copies nothing; a background save issues every copy with
+    non_blocking=True, records one event on the rank's current stream and returns without synchronising; the
+    writer thread synchronises that event, once, before DCP reads the buffers, through a writer that copies
+    nothing ahead. A synchronous save keeps DCP's default writer. Dropped buffers are unregistered."""
+    import contextlib
+    import gc
+    import mmap
+    import threading
+
+    import torch.distributed.checkpoint as dcp
+
+    import swav_scale.checkpoint as checkpoint
+
+    gpu = torch.device("cuda", 1)
+    log: list[tuple] = []
+    registered: dict[int, int] = {}
+
+    def register(ptr: int, length: int) -> None:
+        assert ptr % mmap.PAGESIZE == 0 and length % mmap.PAGESIZE == 0
+        assert all(ptr + length <= p or p + n <= ptr for p, n in registered.items()), "a page registered twice"
+        registered[ptr] = length
+
+    class Event:
+        def __init__(self, **flags: bool) -> None:
+            log.append(("event", flags))
+
+        def record(self, stream: object) -> None:
+            log.append(("record", stream, threading.current_thread().name))
+
+        def synchronize(self) -> None:
+            log.append(("synchronize", threading.current_thread().name))
+
+    def never(*args: object, **kwargs: object) -> None:
+        pytest.fail("a synchronisation besides the staging event's")
+
+    monkeypatch.setattr(checkpoint.pin_memory_utils, "pin_memory", register)
+    monkeypatch.setattr(checkpoint.pin_memory_utils, "unpin_memory", lambda ptr: registered.pop(ptr))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: ("stream of", device))
+    monkeypatch.setattr(torch.cuda, "synchronize", never)
+    monkeypatch.setattr(torch.cuda.Stream, "synchronize", never)
+    copy_ = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, non_blocking=False: log.append(
+        ("copy", self.data_ptr(), non_blocking)) or copy_(self, src, non_blocking=non_blocking))
+    save = dcp.save
+    monkeypatch.setattr(dcp, "save", lambda *args, **kwargs: log.append(("dcp.save", kwargs.get("storage_writer")))
+                        or save(*args, **kwargs))
+
+    engine = make_engine()
+    train_steps(engine, 1)
+    g, r = states(engine, FeatureQueue(2, 8, 16))
+    ckpt = Checkpointer(tmp_path, DistEnv(0, 1, 0, 1, gpu), background=True)
+    ckpt.prepare(g)
+    ckpt.wait()
+    buffers = [t for t in tensors_by_path(ckpt._staged).values() if t.numel() > 0]
+    assert log == [] and sorted(registered) == sorted(t.data_ptr() for t in buffers)
+    assert all(registered[t.data_ptr()] >= t.numel() * t.element_size() for t in buffers)
+
+    train_steps(engine, 1)
+    ckpt.save(2, g, r, blocking=False)
+    main = threading.current_thread().name
+    staged_copies = [e for e in log if e[0] == "copy"]
+    assert {ptr for _, ptr, _ in staged_copies} == {t.data_ptr() for t in buffers}
+    assert all(non_blocking for _, _, non_blocking in staged_copies)
+    assert [e for e in log if e[0] in ("event", "record")] == [("event", {"blocking": True}),
+                                                              ("record", ("stream of", gpu), main)]
+    assert ckpt.wait() == tmp_path / "step-00000002"
+    after = [e for e in log if e[0] not in ("copy", "event", "record")]
+    writer = after[0][1]
+    assert writer != main and after == [("synchronize", writer), ("dcp.save", after[1][1])]
+    assert isinstance(after[1][1], dcp.FileSystemWriter) and after[1][1].per_thread_copy_ahead == 0
+
+    log.clear()
+    ckpt.save(3, g, r)  # blocking: from the live state, with DCP's own writer
+    assert [e for e in log if e[0] != "copy"] == [("dcp.save", None)]
+    ckpt._staged = None
+    del buffers
+    gc.collect()
+    assert registered == {}
+
+
+def _stage_dtensors_on_rank(rank: int, world: int, root: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    from swav_scale.checkpoint import allocate_staging, stage
+
+    mesh = init_device_mesh("cpu", (world,))
+    whole = torch.arange(24.0).view(6, 4)
+    state = {"w": distribute_tensor(whole.clone(), mesh, [Shard(0)]), "step": torch.tensor(3)}
+    prepared = allocate_staging(state, pin_memory=False)
+    zeros = not prepared["w"].to_local().any()
+    state["w"].to_local().add_(1)
+    staged, ready = stage(state, prepared)
+    state["w"].to_local().add_(100)  # after staging: not in the checkpoint
+    dcp.save(staged, checkpoint_id=root)
+    loaded = {"w": distribute_tensor(torch.zeros(6, 4), mesh, [Shard(0)]), "step": torch.tensor(0)}
+    dcp.load(loaded, checkpoint_id=root)
+    return {"zeros": zeros, "ready": ready, "dtensor": isinstance(staged["w"], DTensor),
+            "placements": staged["w"].placements, "cpu": staged["w"].to_local().device.type,
+            "reused": staged["w"].to_local().data_ptr() == prepared["w"].to_local().data_ptr(),
+            "saved": torch.equal(loaded["w"].full_tensor(), whole + 1), "step": int(loaded["step"])}
+
+
+def test_dtensors_are_staged_shard_by_shard_keeping_their_placement(tmp_path: Path) -> None:
+    """FSDP's state is DTensors: each rank's buffer is its shard's size, wrapped with the same placement (what
+    DCP reads to place it), allocated without reading the shard and reused by the save, which writes the
+    values at staging time."""
+    from torch.distributed.tensor import Shard
+
+    for result in run_ranks(_stage_dtensors_on_rank, 2, str(tmp_path)):
+        assert result == {"zeros": True, "ready": None, "dtensor": True, "placements": (Shard(0),), "cpu": "cpu",
+                          "reused": True, "saved": True, "step": 3}
+
+
+def test_a_failed_staging_on_a_gpu_waits_for_the_copies_queued_before_it_raises(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor staging cannot copy (a ShardedTensor) fails the save, but only once the copies already queued
+    into buffers about to be freed have finished (CUDA's stream stood in for)."""
+    from swav_scale.checkpoint import stage
+
+    synchronized: list[object] = []
+
+    class Stream:
+        def synchronize(self) -> None:
+            synchronized.append(self)
+
+    class Sharded(torch.Tensor):
+        pass
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream())
+    state = {"w": torch.ones(3), "odd": torch.zeros(2).as_subclass(Sharded)}
+    with pytest.raises(TypeError, match="copies tensors and DTensors, not Sharded"):
+        stage(state)
+    assert synchronized == []  # on the CPU every copy was done on return
+    with pytest.raises(TypeError, match="not Sharded"):
+        stage(state, stage({"w": torch.ones(3)})[0], torch.device("cuda", 0))
+    assert len(synchronized) == 1
+
+
 def test_a_failed_allocation_of_the_staging_memory_is_raised_by_the_next_wait(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import swav_scale.checkpoint as checkpoint
 
-    def no_memory(state, buffers=None):  # type: ignore[no-untyped-def]
+    def no_memory(state, pin_memory):  # type: ignore[no-untyped-def]
         raise MemoryError("cannot allocate 787 MiB")
 
-    monkeypatch.setattr(checkpoint, "stage", no_memory)
+    monkeypatch.setattr(checkpoint, "allocate_staging", no_memory)
     ckpt = Checkpointer(tmp_path, DistEnv(0, 1, 0, 1, torch.device("cpu")), background=True)
     ckpt.prepare(states(make_engine(), FeatureQueue(2, 8, 16))[0])
     with pytest.raises(RuntimeError, match="rank 0: allocating the staging memory failed: MemoryError: cannot "
