@@ -37,25 +37,43 @@ def apply_color(views: list[Tensor], params: Tensor) -> list[Tensor]:
     return out
 
 
+def _upload(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device`: on a GPU from pinned memory, asynchronously (from pageable memory the host
+    would wait for the copy); on the CPU the tensor itself."""
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+
+
 def _color_batch(x: Tensor, p: Tensor) -> Tensor:
-    """`MultiCrop._color` of float images (N, C, S, S), row n with the colour parameters p[n] (on the CPU)."""
+    """`MultiCrop._color` of float images (N, C, S, S), row n with the colour parameters p[n] (on the CPU).
 
-    def update(rows: Tensor, fn: Callable[..., Tensor], *args: Tensor) -> None:
-        if len(rows):
-            idx = rows.to(x.device, non_blocking=True)
-            x[idx] = fn(x[idx], *(a[rows].to(x.device, non_blocking=True) for a in args))
-
+    Which rows each operation takes is decided on the CPU; the parameters and all those row indices then go to
+    the device in two copies (not one small pageable copy per operation and argument, some thirty per crop
+    size), and every operation indexes them there."""
     jitter = p[:, P_JITTER] > 0
+    ops: list[tuple[Callable[..., Tensor], int | None]] = []  # (operation, its parameter's column)
+    rows: list[Tensor] = []
     for position in range(4):
         order = p[:, P_ORDER + position]
         for op, fn in enumerate(JITTER):
-            update(torch.nonzero(jitter & (order == op)).squeeze(1), fn, p[:, P_FACTORS + op])
-    update(torch.nonzero(p[:, P_GRAY] > 0).squeeze(1), grayscale)
+            ops.append((fn, P_FACTORS + op))
+            rows.append(torch.nonzero(jitter & (order == op)).squeeze(1))
+    ops.append((grayscale, None))
+    rows.append(torch.nonzero(p[:, P_GRAY] > 0).squeeze(1))
     k = blur_kernel_size(x.shape[-1])
     blurred = torch.nonzero(p[:, P_SIGMA] > 0).squeeze(1)
     if len(blurred):  # the radius from the CPU copy of the sigmas, so that nothing waits on the device
         radius = int(gaussian_taps(p[blurred, P_SIGMA], k).max())
-        update(blurred, lambda y, sigma: blur(y, k, sigma, radius=radius), p[:, P_SIGMA])
+        ops.append((lambda y, sigma: blur(y, k, sigma, radius=radius), P_SIGMA))
+        rows.append(blurred)
+    sizes = [len(r) for r in rows]
+    if not sum(sizes):
+        return x
+    device_p = _upload(p, x.device)
+    device_rows = _upload(torch.cat(rows), x.device).split(sizes)
+    for (fn, column), idx, n in zip(ops, device_rows, sizes):
+        if n:
+            args = () if column is None else (device_p[idx, column],)
+            x[idx] = fn(x[idx], *args)
     return x
 
 
