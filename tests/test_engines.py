@@ -433,7 +433,8 @@ def test_zero_overlaps_its_gradient_reduction_with_backward_on_gpus_only() -> No
     assert [zero(stage, False).get("overlap_comm") for stage in (1, 2, 3)] == [None, None, None]
     for stage in (1, 2, 3):
         for on_gpu in (True, False):
-            assert zero(stage, on_gpu)["contiguous_gradients"] and zero(stage, on_gpu)["use_multi_rank_bucket_allreduce"]
+            pinned = zero(stage, on_gpu)
+            assert pinned["contiguous_gradients"] and pinned["use_multi_rank_bucket_allreduce"]
 
 
 def train_ranks_as_on_a_gpu(rank: int, world: int, overrides: list[str]) -> tuple[Trace, bool]:
