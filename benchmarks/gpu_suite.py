@@ -1,53 +1,50 @@
-"""Issue 7's GPU measurements and the GPU path's end-to-end check, in one call.
+"""The acceptance run for a CUDA machine: the GPU path end to end, every engine, then the speed targets, in
+one command that stays within a time budget.
 
-A GPU is lent to this project by chance and for minutes (15 of device time a session, the machine's start
-included), so what it should run is prepared here, run in one command, and its figures come back in files.
-The GPU machine has PyTorch, timm and rich but cannot reach PyPI: `bash tools/gpu_wheels.sh` fetches the rest
-(pure-Python wheels, DeepSpeed built with its ops off, pydantic-core for CPython 3.12: 6 MB) into .whl/, which
-the device call carries:
+    python3 benchmarks/gpu_suite.py --out OUT [--budget 540] [--work /tmp/gpu_suite]
 
-    run(carry=[".whl"], timeout_s=590, command="python3 -m pip install -q --no-index --no-deps --no-compile
-        --target /tmp/site .whl/*.whl && PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
-        python3 benchmarks/gpu_suite.py --out $OUT --budget 540")
+It needs swav_scale's dependencies and the bench extra. A machine that has PyTorch but cannot reach PyPI can
+take the rest as wheels: `make gpu-wheels` (tools/gpu_wheels.sh) puts them in .whl/, and
+`pip install --no-index --no-deps --target DIR .whl/*.whl` with DIR on PYTHONPATH installs them there.
 
-That fits a session's 15 minutes with the machine's start (1-2 minutes). A step that fails does not stop the
-others; a call that fails at once (a missing package) leaves time to call again while the machine is warm
-(`--only STEP` runs chosen steps). `--list` prints the commands without running them.
-
-Steps, the most needed first, each with its own time limit, none started with less of --budget left than it
-needs; each makes what it needs (the photos' shards too), so that `--only STEP` runs on a fresh machine:
+The steps run in this order, the checks that something works before the figures of how fast, so that a run
+cut short still answers the first question. Each step has a share of --budget (its seconds at the default
+540 s, scaled to the budget and to the steps --only keeps) and is stopped when it is spent; the shares add up
+to the budget, so every step gets its whole share. Each step makes what it needs (the photos' shards too), so
+that `--only STEP` runs alone on a fresh machine; a step that fails does not stop the others.
 
 1. env: the GPU, driver, torch, CUDA and cuDNN versions, CPU cores.
-2. swav_step: bench_swav_step, ResNet-50 2x224 + 6x96 px, K 3000: swav_scale's step (bf16, channels-last)
+2. pretrain: `swav-scale pretrain` on ImageNet-sized JPEGs in shards for 20 steps with checkpoints, the same
+   command again to resume and reach step 30, then `swav-scale knn` with PreciseBN: a one-rank NCCL group,
+   pinned memory and non-blocking copies, DCP checkpoints of CUDA tensors and the CUDA RNG state, evaluation
+   on the GPU. The backend is checked twice: a probe calls init_distributed as the run's rank does and names
+   its group's backend, and the run itself prints NCCL's version line (NCCL_DEBUG=VERSION) when it creates a
+   communicator.
+3. engines: swav_scale's step under DDP, FSDP2, ZeRO-2 and ZeRO-3 (DeepSpeed), one rank each, batch 128
+   (bench_swav_step --engines). FSDP2 shards over its one-rank group, as a single-GPU run does.
+4. swav_step: bench_swav_step, ResNet-50 2x224 + 6x96 px, K 3000: swav_scale's step (bf16, channels-last)
    against its fp32 step, the original's and lightly's, same GPU, side by side; lightly's both in swav_scale's
    precision and layout (bf16 autocast, channels-last: the like-for-like figure) and in fp32 NCHW.
    Targets: >= 1,000 images/s; >= 1.5x lightly's step (like for like).
-3. step_shards: bench_step_shards on ImageNet-sized JPEGs in shards (12,800: an epoch holds all the steps the
-   benchmark takes from the loader with 14 workers, so no timed block meets an epoch's start): training from
-   the shard loader against the same step on a batch on the device. Target: >= 0.9x. step_shards_color: the
-   same with the colour operations on the GPU (`crops.color_on_device=true`), for when the CPU workers cannot
-   keep up.
-4. sinkhorn: bench_sinkhorn up to 4096 x 3000, and 256 rows + a 3840-row queue.
-5. pretrain: `swav-scale pretrain` on those shards for 20 steps with checkpoints, the same command again to
-   resume and reach step 30, then `swav-scale knn` with PreciseBN: a one-rank NCCL group, pinned memory and
-   non-blocking copies, DCP checkpoints of CUDA tensors and the CUDA RNG state, evaluation on the GPU. The
-   backend is checked twice: a probe calls init_distributed as the run's rank does and names its group's
-   backend, and the run itself prints NCCL's version line (NCCL_DEBUG=VERSION) when it creates a communicator.
-6. engines: swav_scale's step under DDP, FSDP2, ZeRO-2 and ZeRO-3 (DeepSpeed), one rank each, batch 128
-   (bench_swav_step --engines). FSDP2 shards over its one-rank group, as a single-GPU run does.
+5. step_shards: bench_step_shards on the shards (12,800 photos: an epoch holds all the steps the benchmark
+   takes from the loader with 14 workers, so no timed block meets an epoch's start): training from the shard
+   loader against the same step on a batch on the device. Target: >= 0.9x. step_shards_color: the same with
+   the colour operations on the GPU (`crops.color_on_device=true`), for when the CPU workers cannot keep up.
+6. sinkhorn: bench_sinkhorn up to 4096 x 3000, and 256 rows + a 3840-row queue.
 7. swav_step_256: swav_scale's training step as SwAV trains (LARS) at batch 256, eager and compiled
    (`parallel.compile`); the compiled one only where triton and a C compiler are there ("skipped: ..." if not).
 
-swav_scale's own steps in 2, 3, 6 and 7 run under `torch.cuda.set_sync_debug_mode("error")` after their
+swav_scale's own steps in 3, 4, 5 and 7 run under `torch.cuda.set_sync_debug_mode("error")` after their
 warm-up steps (--forbid-host-syncs): a host synchronisation inside a training step fails that variant with its
 traceback (the step's exit status is 1; the other variants' figures are kept). The references' steps are not
 checked (they read the loss back by design), nor DeepSpeed's own optimizer step, which runs under "warn" (its
 synchronising lines are named in suite.log). On the CPU the check is skipped.
 
 Writes to --out: suite.log (everything each step printed), results.json (each benchmark's figures and each
-step's exit status and time) and summary.md (the targets, measured, met or not: for docs/benchmarks.md).
---quick runs every step on a tiny network and a few small images, on the CPU if there is no GPU: that is
-how benchmarks/test_benchmarks.py keeps the suite working between the rare sessions that have a GPU.
+step's exit status and time) and summary.md (the checks and targets, measured, met or not: for
+docs/benchmarks.md), rewritten after every step. `--list` prints each step's commands and limit without
+running them. --quick runs every step on a tiny network and a few small images, on the CPU if there is no
+GPU: that is how benchmarks/test_benchmarks.py keeps the suite working on machines without one.
 """
 
 from __future__ import annotations
@@ -98,14 +95,23 @@ if in_group():
 """
 
 
+DEFAULT_BUDGET = 540.0  # seconds: the steps' shares below add up to it
+
+
 @dataclass
 class Step:
     name: str
     commands: list[list[str]]  # run one after another; the step fails at the first that fails
-    limit_s: int  # the whole step is stopped after this
-    need_s: int  # not started with less of the budget left
+    share_s: float  # its seconds of the default budget; the limit is this share of the budget actually given
     figures: list[str] = field(default_factory=list)  # the JSON files it writes, in the work directory
     env: dict[str, str] = field(default_factory=dict)  # added to its commands' environment
+
+
+def limits(steps: list[Step], budget: float) -> dict[str, float]:
+    """Each step's time limit: its share of `budget` among `steps` (those that run). They add up to the
+    budget, so a step that ends at its limit takes nothing from the ones after it."""
+    total = sum(step.share_s for step in steps)
+    return {step.name: budget * step.share_s / total for step in steps}
 
 
 @dataclass
@@ -163,30 +169,30 @@ def plan(s: Sizes, work: Path, device: str) -> list[Step]:
                 "--forbid-host-syncs"]
 
     return [
-        Step("env", [[PY, "-c", ENV_SNIPPET]], 120, 10),
-        Step("swav_step", [[*swav_step, "--batch", str(s.batch), "--json", str(work / "swav_step.json")]],
-             240, 60, ["swav_step.json"]),
-        Step("step_shards", [[*step_shards(), "--json", str(work / "step_shards.json")]], 240, 90,
-             ["step_shards.json"]),
-        Step("step_shards_color", [[*step_shards("crops.color_on_device=true"),
-                                    "--json", str(work / "step_shards_color.json")]], 180, 60,
-             ["step_shards_color.json"]),
-        Step("sinkhorn", [[PY, str(BENCH / "bench_sinkhorn.py"), "--cases", *s.sinkhorn, "--repeats",
-                           str(s.repeats), "--device", device, "--json", str(work / "sinkhorn.json")]],
-             90, 20, ["sinkhorn.json"]),
+        Step("env", [[PY, "-c", ENV_SNIPPET]], 20),
         Step("pretrain", [
             [PY, str(BENCH / "photo_shards.py"), "--work", str(work), "--photos", str(s.photos),
-             "--long-side", str(s.long_side)],  # made by step_shards already, unless --only pretrain
+             "--long-side", str(s.long_side)],  # all of step_shards' photos: made once, read by both
             [PY, "-c", BACKEND_PROBE],
             [*pretrain, "train.max_steps=20"],
             [*pretrain, "train.max_steps=30"],  # the same run again: resumes from step 20
             [PY, "-m", "swav_scale.cli", "knn", str(run), f"eval.test_shards={shards}",
              "eval.precise_bn_images=512", "--workers", str(s.workers)],
-        ], 240, 60, env={"NCCL_DEBUG": "VERSION"}),
+        ], 180, env={"NCCL_DEBUG": "VERSION"}),
         Step("engines", [[*swav_step, "--batch", str(s.batch), "--only-swav-scale", "--engines", "ddp", "fsdp",
-                          "zero2", "zero3", "--json", str(work / "engines.json")]], 180, 60, ["engines.json"]),
+                          "zero2", "zero3", "--json", str(work / "engines.json")]], 110, ["engines.json"]),
+        Step("swav_step", [[*swav_step, "--batch", str(s.batch), "--json", str(work / "swav_step.json")]],
+             60, ["swav_step.json"]),
+        Step("step_shards", [[*step_shards(), "--json", str(work / "step_shards.json")]], 45,
+             ["step_shards.json"]),
+        Step("step_shards_color", [[*step_shards("crops.color_on_device=true"),
+                                    "--json", str(work / "step_shards_color.json")]], 35,
+             ["step_shards_color.json"]),
+        Step("sinkhorn", [[PY, str(BENCH / "bench_sinkhorn.py"), "--cases", *s.sinkhorn, "--repeats",
+                           str(s.repeats), "--device", device, "--json", str(work / "sinkhorn.json")]],
+             20, ["sinkhorn.json"]),
         Step("swav_step_256", [[*swav_step, "--batch", str(2 * s.batch), "--only-swav-scale", "--compile",
-                                "--optim", "lars", "--json", str(work / "swav_step_256.json")]], 300, 60,
+                                "--optim", "lars", "--json", str(work / "swav_step_256.json")]], 70,
              ["swav_step_256.json"]),
     ]
 
@@ -221,7 +227,7 @@ def run_command(argv: list[str], log: TextIO, seconds: float, env: dict[str, str
 
 
 def step_rows(step: dict | None, what: str) -> list[tuple[str, str, bool | None]]:
-    """Issue 7's two targets for swav_scale's step against lightly's: like for like (lightly in the same
+    """The two speed targets for swav_scale's step against lightly's: like for like (lightly in the same
     precision and layout), with lightly's fp32 NCHW figure beside it."""
     targets = (f"swav_scale step >= 1,000 images/s ({what})", "swav_scale step >= 1.5x lightly's (like for like)")
     if not step:
@@ -268,19 +274,19 @@ def backend_row(pretrain: dict, device: str) -> tuple[str, str, bool | None]:
 
 
 def targets(figures: dict[str, dict], statuses: dict[str, dict], device: str) -> list[tuple[str, str, bool | None]]:
-    """(target, measured, met) for issue 7's GPU targets and the end-to-end check; met is None when the step
-    that measures it did not finish."""
+    """(target, measured, met) for the end-to-end check, the engines and the speed targets, in the order the
+    steps run; met is None when the step that measures it did not finish."""
+    pretrain = statuses.get("pretrain", {})
+    status = pretrain.get("status_json") or {}
+    resumed = status.get("checkpoint_step") == status.get("total_steps") and status.get("starts") == 2
+    rows = [("pretrain 20 steps, resume to 30, kNN on the GPU",
+             f"exit {pretrain.get('rc', 'not run')}, checkpoint step {status.get('checkpoint_step')}, "
+             f"{status.get('starts')} starts",
+             None if pretrain.get("rc") is None else pretrain["rc"] == 0 and resumed),
+            backend_row(pretrain, device),
+            engine_row(figures.get("engines"))]
     step = figures.get("swav_step")
-    rows = step_rows(step, f"{step['arch']}, {step['crops']} px" if step else "ResNet-50")
-    big = figures.get("swav_step_256")
-    if big:
-        measured = big["images_per_s"]
-        compiled = f"; compiled: skipped: {big['compile_skipped']}" if big.get("compile_skipped") else ""
-        failed = "".join(f"; {label} failed: {e}" for label, e in big.get("failed", {}).items())
-        best = max(measured.items(), key=lambda kv: kv[1]) if measured else None
-        rows.append((f"(the same with {big['optim'].upper()} at batch {big['batch']}: the faster variant)",
-                     (f"{best[1]:.0f} images/s, {best[0]}" if best else "none measured") + compiled + failed,
-                     best is not None and best[1] >= 1000))
+    rows += step_rows(step, f"{step['arch']}, {step['crops']} px" if step else "ResNet-50")
     for name, where in (("step_shards", "colour on the CPU"), ("step_shards_color", "colour on the GPU")):
         shards = figures.get(name)
         rows.append((f"from shards >= 0.9x the on-device step ({where})",
@@ -293,15 +299,16 @@ def targets(figures: dict[str, dict], statuses: dict[str, dict], device: str) ->
         rows.append((f"Sinkhorn {case}: faster than the original's and lightly's",
                      f"{ms['swav_scale']:.2f} ms; original {ms['original']:.2f}, lightly {ms['lightly']:.2f}",
                      ms["swav_scale"] < min(ms["original"], ms["lightly"])))
-    rows.append(engine_row(figures.get("engines")))
-    pretrain = statuses.get("pretrain", {})
-    rows.append(backend_row(pretrain, device))
-    status = pretrain.get("status_json") or {}
-    resumed = status.get("checkpoint_step") == status.get("total_steps") and status.get("starts") == 2
-    rows.append(("pretrain 20 steps, resume to 30, kNN on the GPU",
-                 f"exit {pretrain.get('rc', 'not run')}, checkpoint step {status.get('checkpoint_step')}, "
-                 f"{status.get('starts')} starts",
-                 None if pretrain.get("rc") is None else pretrain["rc"] == 0 and resumed))
+    big = figures.get("swav_step_256")
+    if big:
+        measured = big["images_per_s"]
+        compiled = f"; compiled: skipped: {big['compile_skipped']}" if big.get("compile_skipped") else ""
+        failed = "".join(f"; {label} failed: {e}" for label, e in big.get("failed", {}).items())
+        best = max(measured.items(), key=lambda kv: kv[1]) if measured else None
+        rows.append((f"swav_scale step with {big['optim'].upper()} at batch {big['batch']} >= 1,000 images/s "
+                     "(the faster of eager and compiled)",
+                     (f"{best[1]:.0f} images/s, {best[0]}" if best else "none measured") + compiled + failed,
+                     best is not None and best[1] >= 1000))
     return rows
 
 
@@ -311,24 +318,20 @@ def host_sync_notes(figures: dict[str, dict]) -> list[str]:
             if "host_sync_check" in f]
 
 
-def run_step(step: Step, log: TextIO, end: float, lines: list[str] | None = None) -> dict:
-    """Run `step`'s commands in turn, stopping at the first that fails or at its limit or the budget's `end`;
+def run_step(step: Step, limit_s: float, log: TextIO, end: float, lines: list[str] | None = None) -> dict:
+    """Run `step`'s commands in turn, stopping at the first that fails, at `limit_s` or at the budget's `end`;
     returns its status (exit code, seconds). Their output also goes to `lines`."""
-    left = end - time.monotonic()
-    if left < step.need_s:
-        log.write(f"\n===== {step.name}: skipped, {left:.0f} s left\n")
-        return {"rc": None, "skipped": f"{left:.0f} s of the budget left"}
-    log.write(f"\n===== {step.name}\n")
+    log.write(f"\n===== {step.name} (limit {limit_s:.0f} s)\n")
     start, rc = time.monotonic(), 0
     for argv in step.commands:
         log.write(f"$ {' '.join(argv[1:] if argv[0] == PY else argv)}\n")
         log.flush()
-        rc = run_command(argv, log, min(step.limit_s - (time.monotonic() - start), end - time.monotonic()), step.env,
+        rc = run_command(argv, log, min(limit_s - (time.monotonic() - start), end - time.monotonic()), step.env,
                          lines)
         if rc != 0:
             break
     log.flush()
-    return {"rc": rc, "seconds": round(time.monotonic() - start, 1)}
+    return {"rc": rc, "seconds": round(time.monotonic() - start, 1), "limit_s": round(limit_s)}
 
 
 def write_report(out: Path, header: str, statuses: dict[str, dict], figures: dict[str, dict], device: str) -> str:
@@ -340,8 +343,8 @@ def write_report(out: Path, header: str, statuses: dict[str, dict], figures: dic
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     lines = [header, "", "| target | measured | met |", "| --- | --- | --- |"]
     lines += [f"| {t} | {m} | {'yes' if ok else 'no' if ok is False else 'not measured'} |" for t, m, ok in rows]
-    lines += ["", "| step | exit | seconds |", "| --- | ---: | ---: |"]
-    lines += [f"| {n} | {s.get('rc')} | {s.get('seconds', s.get('skipped'))} |" for n, s in statuses.items()]
+    lines += ["", "| step | exit | seconds | limit |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {n} | {s['rc']} | {s['seconds']} | {s['limit_s']} |" for n, s in statuses.items()]
     if notes := host_sync_notes(figures):
         lines += ["", *notes]
     summary = "\n".join(lines) + "\n"
@@ -364,7 +367,8 @@ def backend_seen(output: list[str]) -> dict[str, str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="where suite.log, results.json and summary.md go")
-    p.add_argument("--budget", type=float, default=540, help="seconds for all steps (default 540)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
+                   help=f"seconds for all steps, shared among them (default {DEFAULT_BUDGET:.0f})")
     p.add_argument("--work", type=Path, default=Path("/tmp/gpu_suite"), help="photos, shards and the run")
     p.add_argument("--quick", action="store_true", help="every step on a tiny network: checks the suite itself")
     p.add_argument("--only", nargs="+", help="run only these steps (env always runs)")
@@ -377,10 +381,12 @@ def main() -> int:
         p.error(f"--only: no step named {', '.join(sorted(unknown))}; the steps: {', '.join(s.name for s in steps)}")
     if a.only:
         steps = [s for s in steps if s.name == "env" or s.name in a.only]
+    limit = limits(steps, a.budget)
     if a.list:
         for step in steps:
             for argv in step.commands:
-                print(f"{step.name} (limit {step.limit_s} s): {' '.join(argv[1:] if argv[0] == PY else argv)}")
+                print(f"{step.name} (limit {limit[step.name]:.0f} s): "
+                      f"{' '.join(argv[1:] if argv[0] == PY else argv)}")
         return 0
     a.out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
@@ -396,7 +402,7 @@ def main() -> int:
             for name in step.figures:  # an earlier suite's figures are never taken for this one's
                 (a.work / name).unlink(missing_ok=True)
             output: list[str] = []
-            statuses[step.name] = run_step(step, log, end, output)
+            statuses[step.name] = run_step(step, limit[step.name], log, end, output)
             for name in step.figures:
                 # written by this step (the old file was removed above): a step whose variant failed keeps the
                 # others' figures, and its exit status says it failed

@@ -212,12 +212,16 @@ def knn_during_training(cfg: Config, model: nn.Module, parameters: dict[str, Ten
     The trunk is rebuilt whole on each rank from `parameters` (the engine's `full_parameters()`) and rank 0's
     buffers (BatchNorm statistics differ per rank; a checkpoint keeps rank 0's), so the forward passes need no
     collective whatever the engine shards: ranks read parts of different sizes. Neither the model nor the
-    training RNG is touched, so the run continues exactly as without the evaluation."""
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    for b in buffers.values():
-        broadcast(b, src=0)
+    training RNG is touched, so the run continues exactly as without the evaluation.
+
+    Only the buffers a state dict holds are taken: a non-persistent buffer (a ViT's drop-path keep
+    probability) is derived from the config, which the copy is built from, and is no key of its state dict."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         copy = build_model(cfg)
+        keys = copy.state_dict().keys()
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers() if n in keys}
+        for b in buffers.values():  # every rank holds the same names in the same order: the broadcasts pair up
+            broadcast(b, src=0)
         copy.load_state_dict({**parameters, **buffers}, strict=True)
         trunk = copy.trunk.to(device).eval()
         return evaluate(cfg, {"trunk": trunk}, device, num_workers, show_progress=False)["trunk"]

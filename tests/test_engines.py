@@ -421,15 +421,62 @@ def test_fsdp_bf16_policy_gathers_trunk_in_bf16_and_keeps_batchnorm_fp32() -> No
 
 
 def test_zero_overlaps_its_gradient_reduction_with_backward_on_gpus_only() -> None:
-    """ZeRO-2/3 on a GPU reduce buckets on their own stream during backward; on the CPU (gloo) and at stage 1
-    DeepSpeed's default stays."""
+    """Every ZeRO stage on a GPU reduces buckets on their own stream during backward, on the reduction path
+    whose only device-wide wait is the one per step (contiguous buckets, each all-reduced whole); on the CPU
+    (gloo) DeepSpeed's default stays."""
     from swav_scale.engines.zero import deepspeed_config
 
-    def overlap(stage: int, on_gpu: bool) -> bool | None:
-        return deepspeed_config(stage, 8, 2, 1000, on_gpu=on_gpu)["zero_optimization"].get("overlap_comm")
+    def zero(stage: int, on_gpu: bool) -> dict:
+        return deepspeed_config(stage, 8, 2, 1000, on_gpu=on_gpu)["zero_optimization"]
 
-    assert [overlap(stage, True) for stage in (1, 2, 3)] == [None, True, True]
-    assert [overlap(stage, False) for stage in (1, 2, 3)] == [None, None, None]
+    assert [zero(stage, True).get("overlap_comm") for stage in (1, 2, 3)] == [True, True, True]
+    assert [zero(stage, False).get("overlap_comm") for stage in (1, 2, 3)] == [None, None, None]
+    for stage in (1, 2, 3):
+        for on_gpu in (True, False):
+            pinned = zero(stage, on_gpu)
+            assert pinned["contiguous_gradients"] and pinned["use_multi_rank_bucket_allreduce"]
+
+
+def train_ranks_as_on_a_gpu(rank: int, world: int, overrides: list[str]) -> tuple[Trace, bool]:
+    """`train_ranks` with the DeepSpeed config a GPU gets (overlap_comm), and whether DeepSpeed's optimizer
+    took it: the gradients are then reduced bucket by bucket from backward's hooks, into two alternating
+    buckets. The streams and the device waits are CUDA's; on the CPU DeepSpeed skips them and runs the rest
+    of that path."""
+    import deepspeed
+
+    import swav_scale.engines.zero as zero
+
+    as_built, initialize = zero.deepspeed_config, deepspeed.initialize
+    optimizers = []
+
+    def initialize_and_keep(*args: object, **kwargs: object) -> tuple:
+        built = initialize(*args, **kwargs)
+        optimizers.append(built[0].optimizer)
+        return built
+
+    zero.deepspeed_config = lambda *args, **kwargs: as_built(*args, **{**kwargs, "on_gpu": True})
+    deepspeed.initialize = initialize_and_keep
+    try:
+        trace = train_ranks(rank, world, overrides)
+    finally:
+        zero.deepspeed_config, deepspeed.initialize = as_built, initialize
+    return trace, bool(optimizers) and all(o.overlap_comm for o in optimizers)
+
+
+@pytest.mark.parametrize(("stage", "optim"), [(1, "sgd"), (2, "adamw")])
+def test_zero_1_and_2_with_the_gpus_overlapped_reduction_train_like_ddp(stage: int, optim: str) -> None:
+    """ZeRO-1 reduces its gradients after backward unless overlap_comm is on, and ZeRO-2 on the compute
+    stream: the overlapped path a GPU takes is a different reduction path, and it must train the same."""
+    ddp = ddp_reference(optim)
+    overrides = small_config("deepspeed", optim, **{"parallel.zero_stage": str(stage),
+                                                    "parallel.zero_bucket_elements": "20000"})
+    results = run_ranks(train_ranks_as_on_a_gpu, 2, overrides)
+    assert [overlapped for _, overlapped in results] == [True, True]
+    zero = [trace for trace, _ in results]
+    for rank in range(2):
+        assert_same(ddp[0].snapshots[-1], zero[rank].snapshots[-1], atol=1e-5)
+        assert_same_grad_norms(ddp[0].grad_norms, zero[rank].grad_norms)
+    assert_prototypes_frozen_then_trained(zero[0].snapshots)
 
 
 def test_zero_computes_the_trunk_in_bf16_inside_a_forward_that_turns_autocast_off() -> None:

@@ -3,6 +3,7 @@ configs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from swav_scale.config import Arch, ConfigError, check_world, load_config
 from swav_scale.knn import load_trunk
 from swav_scale.models import ARCHS, ViTTrunk, build_swav_model, build_trunk
 from helpers import REPO
+from runs import TINY_VIT, pretrain
 
 
 def n_params(m: torch.nn.Module) -> float:
@@ -131,3 +133,18 @@ def test_knn_load_trunk_reads_a_vit_checkpoint(tmp_path: Path) -> None:
     trunk = load_trunk(cfg, tmp_path / "ckpt")
     assert isinstance(trunk, ViTTrunk) and not trunk.training
     assert all(torch.equal(a, b) for a, b in zip(trunk.state_dict().values(), trained.trunk.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_vit_pretrain_evaluates_knn_during_training_on_two_ranks(fmnist_test_shards: Path, tmp_path: Path) -> None:
+    """A ViT's drop-path buffers are non-persistent (no state-dict key): the kNN evaluation rebuilds the trunk
+    from the engine's parameters and the state dict's buffers only, and logs its figure after the epoch."""
+    run_dir = tmp_path / "vit"
+    pretrain(fmnist_test_shards, run_dir, *TINY_VIT, "optim.name=adamw", "optim.epochs=1", "optim.base_lr=0.001",
+             "optim.final_lr=1e-5", "optim.start_warmup_lr=0.0", "swav.queue_length=0", "checkpoint.every_steps=100",
+             "parallel.engine=fsdp", "eval.every_epochs=1", f"eval.test_shards={fmnist_test_shards}",
+             "eval.resize=32", "eval.crop=32")
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    knn = [line for line in lines if "knn_top1" in line]
+    assert [line["epoch"] for line in knn] == [0]
+    assert 10 < knn[0]["knn_top1"] <= 100  # ten classes: above chance

@@ -77,22 +77,49 @@ class SwAVForward(nn.Module):
 
 def deepspeed_config(stage: int, batch_per_rank: int, world_size: int, bucket_elements: int,
                      load_universal: bool = False, on_gpu: bool = False) -> dict:
-    """DeepSpeed's config for this engine. On a GPU, ZeRO-2 and -3 reduce each gradient bucket on a stream of
-    its own while backward goes on (`overlap_comm`, for buckets' worth of extra memory); on the CPU gloo runs
-    the collectives on the host threads backward needs, and DeepSpeed's default (stage 3 only) stays.
+    """DeepSpeed's config for this engine.
+
+    On a GPU every stage reduces each gradient bucket on a stream of its own while backward goes on
+    (`overlap_comm`, for a second bucket's worth of memory at stages 1 and 2), at the price of one host wait
+    per step. In DeepSpeed 0.19.8:
+    - ZeRO-1/2 (stage_1_and_2.py): under overlap_comm `independent_gradient_partition_epilogue`, which runs
+      once after each backward, calls `get_accelerator().synchronize()` (torch.cuda.synchronize: the whole
+      device) once the last bucket's reduction is enqueued. The buckets themselves are ordered by stream waits
+      only (`average_tensor`) on the path pinned here: contiguous gradient buckets, each all-reduced whole
+      (`use_multi_rank_bucket_allreduce`), both DeepSpeed's defaults. The other paths would synchronise the
+      device once per bucket or per destination rank under overlap_comm (`allreduce_and_copy`, reached through
+      `buffered_reduce_fallback` without contiguous gradients or through `allreduce_no_retain` with per-rank
+      reduces; `_allreduce_noncontiguous_bucket_preserving_fp32`, for bf16/fp16 parameters with fp32
+      gradient accumulation, which this engine's fp32 partitions never use).
+    - ZeRO-3 (stage3.py) waits on the host whatever overlap_comm says: its epilogue synchronises the
+      reduction stream once per backward (without overlap_comm that stream is the compute stream itself), and
+      `__reduce_and_partition_ipg_grads` waits for the event of the bucket three back, so that the host runs
+      at most three buckets ahead of the reductions. overlap_comm is DeepSpeed's default there and adds no
+      wait.
+    Without overlap_comm the reductions of stages 1 and 2 run on the compute stream: ZeRO-2 stalls backward
+    at every bucket for its reduction and ZeRO-1 reduces every gradient after backward, all of it exposed,
+    and growing with the model and over slower links. The device-wide wait comes once, after the last bucket
+    is enqueued; what it costs is the host's lead: the device idles while the host launches the optimizer
+    step after it, once per step, whatever the model or the number of buckets.
+
+    On the CPU gloo runs the collectives on the host threads backward needs, and DeepSpeed's default (overlap
+    at stage 3 only) stays.
 
     ZeRO-1 and -2 skip their own gradient norm (`compute_grad_norm`): where DeepSpeed computes it, its fp32
     mode tests it for inf/NaN on the host in every step, waiting for the GPU. Nothing is clipped here and no
     loss is scaled, so the norm serves only the log, and `DeepSpeedEngine.step` computes it at log steps alone.
     ZeRO-3 has no such switch (docs/gpu.md)."""
     buckets = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
-    overlap = {"overlap_comm": True} if on_gpu and stage >= 2 else {}
+    overlap = {"overlap_comm": True} if on_gpu else {}
+    # the reduction path without a device-wide wait per bucket under overlap_comm (DeepSpeed's defaults, kept)
+    reduction = {"contiguous_gradients": True, "use_multi_rank_bucket_allreduce": True}
     norm = {"compute_grad_norm": False} if stage in (1, 2) else {}
     return {
         "train_micro_batch_size_per_gpu": batch_per_rank,
         "gradient_accumulation_steps": 1,
         "train_batch_size": batch_per_rank * world_size,
-        "zero_optimization": {"stage": stage, **dict.fromkeys(buckets, bucket_elements), **overlap, **norm},
+        "zero_optimization": {"stage": stage, **dict.fromkeys(buckets, bucket_elements), **overlap, **reduction,
+                              **norm},
         "gradient_clipping": 0.0,  # DeepSpeed clips to norm 1 unless told otherwise; the other engines do not clip
         "zero_allow_untested_optimizer": True,  # our torch AdamW / SGD, which ZeRO partitions
         "steps_per_print": 2**62,  # the loop logs; DeepSpeed's own step prints would interleave with it
