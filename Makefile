@@ -65,7 +65,7 @@ test: install slurm-cluster
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# the wheels a lent GPU machine (no PyPI) needs to run benchmarks/gpu_suite.py, into .whl/: pure Python, DeepSpeed
+# the wheels a GPU machine without PyPI needs to run benchmarks/gpu_suite.py, into .whl/: pure Python, DeepSpeed
 # built with its ops off, and pydantic-core for CPython 3.12; the script checks that the set imports
 gpu-wheels: $(STAMP)
 	bash tools/gpu_wheels.sh

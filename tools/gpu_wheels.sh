@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Wheels for the GPU benchmark suite (benchmarks/gpu_suite.py), for a GPU machine that cannot reach PyPI
 # but already has PyTorch, torchvision, timm, rich, numpy, Pillow, PyYAML, safetensors, TensorBoard,
-# scikit-image, psutil, einops, msgpack, ninja, py-cpuinfo, tqdm and PyTorch Lightning (the image of this
-# workplace's lent GPU machines, Python 3.12 on x86-64; its package list: /work/.library/device/KINDS.md). It
-# has not got the rest of what swav_scale and the benchmarks import; this fetches those, at the versions
+# scikit-image, psutil, einops, msgpack, ninja, py-cpuinfo, tqdm and PyTorch Lightning (a common GPU image,
+# Python 3.12 on x86-64). It has not got the rest of what swav_scale and the benchmarks import; this fetches those, at the versions
 # installed in this checkout's .venv (`make install`), into .whl/ (ignored by git), and checks that they import.
 #
 #   bash tools/gpu_wheels.sh            # then carry .whl to the GPU machine: see benchmarks/gpu_suite.py
