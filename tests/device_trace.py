@@ -73,7 +73,7 @@ class DeviceTrace(TorchFunctionMode):
         self.copies: list[str] = []
         self.mixes: list[str] = []
         for t in host or []:
-            self._mark_host(t)
+            self.mark_host(t)
         self._thread: int | None = None
         self._originals: dict[str, Any] = {}
 
@@ -114,7 +114,8 @@ class DeviceTrace(TorchFunctionMode):
         if not on_host and any(self.is_host(t) for t in tensors):
             self.mixes.append(f"{name}(host tensor, device group)")
 
-    def _mark_host(self, t: Tensor) -> None:
+    def mark_host(self, t: Tensor) -> None:
+        """Make `t` a host tensor (one the code under test received from the host: a data loader's batch)."""
         self.host[id(t)] = t
         self.device.discard(id(t))
 
@@ -162,7 +163,7 @@ class DeviceTrace(TorchFunctionMode):
         elif (name in FACTORIES | DEVICE_COPIES and target is None and not inputs) or (inputs and not device_in) \
                 or to_host:
             for t in outputs:
-                self._mark_host(t)
+                self.mark_host(t)
         return out
 
     @property
