@@ -93,13 +93,13 @@ def log_figures(result: StepResult, loader: ShardLoader, temperature: float, dev
     loss = result.loss.detach().float().reshape(1)
     summed = (grad.summed if grad is not None else torch.zeros_like(loss)).reshape(1)
     packed = all_reduce(torch.cat([torch.cat([loss, sums, summed]).double(), counts]), group=group)
-    k = len(sums)
+    width = len(sums)  # 3K + 3
     mean_loss = packed[:1].float() / world_size(group)
-    code = code_figures(packed[1:1 + k].float())
-    squares = packed[1 + k:2 + k].float() + (grad.whole if grad is not None else 0.0)
+    code = code_figures(packed[1:1 + width].float())
+    squares = packed[1 + width:2 + width].float() + (grad.whole if grad is not None else 0.0)
     read = torch.cat([mean_loss.double(), code.double(), squares.sqrt().double(), packed[-2:]]).tolist()
-    return LogFigures(read[0], code_statistics_of(read[1:7], (k - 3) // 3), read[7] if grad is not None else None,
-                      read[8], read[9])
+    stats = code_statistics_of(read[1:7], (width - 3) // 3)
+    return LogFigures(read[0], stats, read[7] if grad is not None else None, read[8], read[9])
 
 
 def finite_loss(loss: torch.Tensor, step: int, last_good: Path | None) -> float:

@@ -40,10 +40,10 @@ class Engine(Protocol):
 
     Per step the loop calls `set_lr`, `normalize_prototypes()`, `wrapped(views)` for the forward pass,
     `prototype_scores` for the queue, `backward(loss)`, `freeze_prototypes()` during the first iterations,
-    and `step()`, which at log steps also measures the gradient norm (left on the device: `GradSquares`). The checkpointer treats the engine as
-    one stateful object: `state_dict()` is in the distributed-checkpoint (DCP) format, so engines that shard
-    save their shards and load at another world size. An engine whose state lives partly in its own files
-    (DeepSpeed) also implements checkpoint.py's `OwnFiles`.
+    and `step()`, which at log steps also measures the gradient norm (left on the device: `GradSquares`). The
+    checkpointer treats the engine as one stateful object: `state_dict()` is in the distributed-checkpoint (DCP)
+    format, so engines that shard save their shards and load at another world size. An engine whose state lives
+    partly in its own files (DeepSpeed) also implements checkpoint.py's `OwnFiles`.
     """
 
     wrapped: nn.Module  # the model as the engine runs it (DDP wrapper, DeepSpeed engine): views -> (z, scores)
