@@ -130,7 +130,7 @@ def measure(rank: int, world: int, overrides: list[str], steps: int, batch: int)
     snapshots: list[dict[str, int]] = []
     step_fn = engine.step
 
-    def measured_step(measure_grad_norm: bool = False) -> float | None:
+    def measured_step(measure_grad_norm: bool = False) -> Any:
         snapshots.append(held_state(engine))
         return step_fn(measure_grad_norm)
 

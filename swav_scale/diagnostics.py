@@ -2,7 +2,7 @@
 
 The most common SwAV failure is silent: the loss sits at ln K (every prediction uniform) or the network maps
 everything to a few prototypes, and nothing says so for days. At log steps the loop computes, over the global
-batch (one all-reduce):
+batch (in the log step's one all-reduce, train.log_figures):
 
 * `prototypes_used`: the fraction of the K prototypes that are the code argmax of at least one sample;
 * `code_entropy`: entropy of the batch-mean code q, over ln K (1 = the equipartition Sinkhorn aims at);
@@ -28,32 +28,54 @@ from torch import Tensor
 from swav_scale.distributed import ProcessGroup, all_reduce
 
 
-def _entropy(p: Tensor) -> float:
+def _entropy(p: Tensor) -> Tensor:
     p = p / p.sum()
-    return float(-(p * torch.log(p.clamp_min(1e-12))).sum())
+    return -(p * torch.log(p.clamp_min(1e-12))).sum()
 
 
 @torch.no_grad()
-def code_statistics(scores: list[Tensor], codes: dict[int, Tensor], temperature: float,
-                    group: ProcessGroup | None = None) -> dict[str, float]:
-    """The statistics above for the assigned crops of this step, over every rank in `group`."""
+def code_sums(scores: list[Tensor], codes: dict[int, Tensor], temperature: float) -> Tensor:
+    """This rank's sums behind the statistics above, on the device, float32, 3K + 3 values: the argmax count
+    per prototype, the sums of the codes and of the predictions, the sums of their maxima and the number of
+    rows. Summed over the ranks (an all-reduce of O(K) numbers, whatever the number of ranks), they give the
+    global batch's statistics (`code_figures`)."""
     q = torch.cat([codes[i].float() for i in sorted(codes)])
     p = torch.cat([F.softmax(scores[i].float() / temperature, dim=1) for i in sorted(codes)])
     k = q.shape[1]
     used = torch.bincount(q.argmax(dim=1), minlength=k).float()
-    sums = torch.stack([q.max(dim=1).values.sum(), p.max(dim=1).values.sum(), q.new_tensor(len(q))])
-    packed = torch.cat([used, q.sum(0), p.sum(0), sums])
-    all_reduce(packed, group=group)
-    used, q_sum, p_sum = packed[:k], packed[k:2 * k], packed[2 * k:3 * k]
-    q_max_sum, p_max_sum, n = packed[3 * k:].tolist()
-    ln_k = math.log(k)
+    # the row count by a fill, not a copy of a host number to the device
+    sums = torch.stack([q.max(dim=1).values.sum(), p.max(dim=1).values.sum(), q.new_full((), len(q))])
+    return torch.cat([used, q.sum(0), p.sum(0), sums])
+
+
+def code_figures(sums: Tensor) -> Tensor:
+    """From `code_sums` summed over the ranks, on the device and without reading it: the fraction of
+    prototypes used, the entropies of the mean code and of the mean prediction (in nats), the sums of the
+    codes' and of the predictions' maxima, and the number of rows (`code_statistics_of` takes them, read)."""
+    k = (len(sums) - 3) // 3
+    used, q_sum, p_sum = sums[:k], sums[k:2 * k], sums[2 * k:3 * k]
+    return torch.cat([torch.stack([(used > 0).float().mean(), _entropy(q_sum), _entropy(p_sum)]), sums[3 * k:]])
+
+
+def code_statistics_of(figures: list[float], num_prototypes: int) -> dict[str, float]:
+    """The statistics above from `code_figures`, read."""
+    used, q_entropy, p_entropy, q_max_sum, p_max_sum, n = figures
+    ln_k = math.log(num_prototypes)
     return {
-        "prototypes_used": round(float((used > 0).float().mean()), 4),
-        "code_entropy": round(_entropy(q_sum) / ln_k, 4),
-        "prediction_entropy": round(_entropy(p_sum) / ln_k, 4),
+        "prototypes_used": round(used, 4),
+        "code_entropy": round(q_entropy / ln_k, 4),
+        "prediction_entropy": round(p_entropy / ln_k, 4),
         "code_confidence": round(q_max_sum / n, 4),
         "prediction_confidence": round(p_max_sum / n, 4),
     }
+
+
+def code_statistics(scores: list[Tensor], codes: dict[int, Tensor], temperature: float,
+                    group: ProcessGroup | None = None) -> dict[str, float]:
+    """The statistics above for the assigned crops of this step, over every rank in `group`: one all-reduce and
+    one read of their own (the training loop packs the sums into its log step's reduction instead)."""
+    sums = all_reduce(code_sums(scores, codes, temperature), group=group)
+    return code_statistics_of(code_figures(sums).tolist(), (len(sums) - 3) // 3)
 
 
 STUCK_ADVICE = ("freeze the prototypes longer (swav.freeze_prototypes_iters), lower swav.epsilon (e.g. 0.03), "

@@ -55,26 +55,61 @@ class DeviceError(RuntimeError):
     """A rank's device cannot be chosen: more local ranks than GPUs this process sees."""
 
 
-def rank_device(local_rank: int, local_world_size: int, visible: int, where: str = "") -> torch.device:
-    """The GPU of local rank `local_rank` among `visible` GPUs.
+def _gpu_list(value: str | None) -> list[str]:
+    return [g for g in (value or "").split(",") if g.strip()]
 
-    Where each task sees exactly one GPU (SLURM with --gpus-per-task=1 or --gpu-bind: CUDA_VISIBLE_DEVICES
-    names that task's GPU alone) it is cuda:0 whatever the local rank. Otherwise local rank r takes GPU r, and
-    a local rank without a GPU of its own is an error that says what to change: NCCL refuses two ranks on one
-    GPU, so sharing one would fail later, and less clearly."""
-    if visible == 1:
+
+def task_has_own_gpus(environ: Mapping[str, str], visible: int) -> bool:
+    """Whether the GPUs this process sees are its own rather than the node's, shared by its local ranks.
+
+    Only a launcher that starts each rank as a task of its own can give each its own GPUs, and only SLURM
+    says so: the rank is the SLURM task (SLURM_PROCID and SLURM_LOCALID are RANK and LOCAL_RANK; a launcher
+    started inside a task, such as torchrun, numbers its ranks itself) and SLURM bound GPUs to tasks, either
+    with --gpus-per-task (SLURM_GPUS_PER_TASK; srun then binds each task to its GPUs) or with a per-task
+    --gpu-bind, seen as this process seeing fewer GPUs than SLURM gave the step on this node (SLURM_STEP_GPUS,
+    else SLURM_JOB_GPUS). torchrun, the local launcher and SLURM without binding show every local rank the
+    same GPUs."""
+    if not ("SLURM_LOCALID" in environ and environ.get("SLURM_LOCALID") == environ.get("LOCAL_RANK", "0")
+            and environ.get("SLURM_PROCID") == environ.get("RANK", "0")):
+        return False
+    if environ.get("SLURM_GPUS_PER_TASK"):
+        return True
+    node_gpus = _gpu_list(environ.get("SLURM_STEP_GPUS") or environ.get("SLURM_JOB_GPUS"))
+    return 0 < visible < len(node_gpus)
+
+
+def rank_device(local_rank: int, local_world_size: int, visible: int, own_gpus: bool = False,
+                where: str = "") -> torch.device:
+    """The GPU of local rank `local_rank` of `local_world_size`, in a process that sees `visible` GPUs.
+
+    Either the GPUs a process sees are its own (`own_gpus`: the launcher gave each rank's task GPUs of its
+    own, `task_has_own_gpus`), or they are the node's, which every local rank sees alike:
+
+    * own GPUs: the rank takes the first, cuda:0, whatever its local rank (any further GPU of the task idles:
+      a rank computes on one);
+    * the node's GPUs: local rank r takes GPU r, and a local rank without a GPU of its own (r >= `visible`)
+      is a DeviceError that says what to change. That includes several local ranks on a process that sees one
+      GPU: they would all take it, and NCCL refuses two ranks on one GPU ("Duplicate GPU detected"), later and
+      less clearly.
+
+    The number of GPUs seen alone cannot tell the two apart: one GPU seen by each of 8 local ranks is 8 tasks
+    bound to a GPU each, or 8 ranks crowding a one-GPU machine."""
+    if own_gpus:
         return torch.device("cuda", 0)
     if local_rank >= visible:
         seen = os.environ.get("CUDA_VISIBLE_DEVICES")
         raise DeviceError(
             f"{where}local rank {local_rank} of {local_world_size} has no GPU of its own: this process sees "
-            f"{visible} GPU(s) (CUDA_VISIBLE_DEVICES={seen!r}). Start at most {visible} ranks per node "
-            "(--nproc, --nproc-per-node, slurm.gpus_per_node), or give each task its own GPU (--gpus-per-task=1)")
+            f"{visible} GPU(s) (CUDA_VISIBLE_DEVICES={seen!r}), shared by the node's local ranks. Start at most "
+            f"{visible} ranks per node (--nproc, --nproc-per-node, slurm.tasks_per_node), or under SLURM give "
+            "each task its own GPU (--gpus-per-task=1)")
     return torch.device("cuda", local_rank)
 
 
 def check_local_ranks(nproc: int) -> None:
-    """Before starting `nproc` ranks on this machine: each needs a GPU of its own, where there are GPUs."""
+    """Before starting `nproc` ranks on this machine: each needs a GPU of its own, where there are GPUs. The
+    ranks the local launcher starts all see this process's GPUs (`rank_device`'s shared case): local rank r
+    takes GPU r, so there must be at least `nproc`."""
     if torch.cuda.is_available():
         visible = torch.cuda.device_count()
         if nproc > visible:
@@ -137,7 +172,8 @@ def init_distributed(timeout: timedelta | None = None, socket_ifname: str = "") 
     torch.set_num_threads(threads_per_rank(local_world_size))
     use_socket_interface(socket_ifname)
     if torch.cuda.is_available():
-        device = rank_device(local_rank, local_world_size, torch.cuda.device_count(),
+        visible = torch.cuda.device_count()
+        device = rank_device(local_rank, local_world_size, visible, task_has_own_gpus(os.environ, visible),
                              f"{os.uname().nodename}, rank {rank}: ")
         torch.cuda.set_device(device)
     else:
@@ -184,9 +220,20 @@ def world_size(group: ProcessGroup | None = None) -> int:
     return dist.get_world_size(group) if in_group() else 1
 
 
+_HOST_GROUPS: list[ProcessGroup] = []  # made by `new_group("gloo")`: they communicate on the host in any run
+
+
+def is_host_group(group: ProcessGroup | None) -> bool:
+    """Whether `group` communicates on the host whatever the default backend: a group made by
+    `new_group("gloo")` for CPU tensors beside NCCL (the step agreement's, the checkpoint saves'). Every
+    other group, the default one included, communicates on the run's device: the GPU under NCCL."""
+    return group is not None and any(group is g for g in _HOST_GROUPS)
+
+
 def comm_device(group: ProcessGroup | None = None) -> torch.device:
-    """The device the collectives of `group` take their tensors on: this rank's GPU under NCCL, else the CPU."""
-    if in_group() and "nccl" in str(dist.get_backend(group)):
+    """The device the collectives of `group` take their tensors on: the CPU for a host group
+    (`is_host_group`), this rank's GPU under NCCL, else the CPU."""
+    if in_group() and not is_host_group(group) and "nccl" in str(dist.get_backend(group)):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -287,12 +334,19 @@ def barrier(group: ProcessGroup | None = None) -> None:
 
 def new_group(backend: str | None = None, own: bool = False,
               timeout: timedelta | None = None) -> ProcessGroup | None:
-    """A group of all ranks with its own backend (gloo beside NCCL, for CPU tensors); collective to create.
+    """A group of all ranks with its own backend; collective to create.
+    `backend="gloo"`: a host group (`is_host_group`), for CPU tensors beside NCCL; always a group of its own,
+    a CPU run's too, whose default group is gloo already, so that a CPU run takes the path of a GPU run and
+    tools can tell the groups meant for the host from those that communicate on the device.
     `own`: a group apart from the default one even on the same backend, for collectives that another thread
     runs while the main thread runs its own (two threads on one group could pair their collectives wrongly).
     `timeout`: as the default group's (parallel.process_group_timeout_s); torch's own default otherwise."""
     if not in_group():
         return None
+    if backend == "gloo":
+        group = dist.new_group(backend=backend, timeout=timeout)
+        _HOST_GROUPS.append(group)
+        return group
     if not own and (backend is None or backend == dist.get_backend()):
         return dist.group.WORLD
     return dist.new_group(backend=backend, timeout=timeout)
@@ -301,3 +355,4 @@ def new_group(backend: str | None = None, own: bool = False,
 def shutdown() -> None:
     if in_group():
         dist.destroy_process_group()
+    _HOST_GROUPS.clear()

@@ -63,11 +63,11 @@ def extract_features(
                 with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
                     out = encode(x)
                 feats[name].append(F.normalize(out.float(), dim=1))
-            labels.append(y)
+            labels.append(y.to(device, non_blocking=True))  # from the pinned batch, as the images
             advance(len(y))
     empty = torch.zeros(0, device=device)
     return ({name: torch.cat(f) if f else empty for name, f in feats.items()},
-            torch.cat(labels).to(device) if labels else torch.zeros(0, dtype=torch.long, device=device))
+            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device))
 
 
 def protocol(e: EvalConfig) -> str:
@@ -217,13 +217,14 @@ def knn_during_training(cfg: Config, model: nn.Module, parameters: dict[str, Ten
     Only the buffers a state dict holds are taken: a non-persistent buffer (a ViT's drop-path keep
     probability) is derived from the config, which the copy is built from, and is no key of its state dict."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        copy = build_model(cfg)
+        with device:  # built where it runs: filled from the device without a round trip through the host
+            copy = build_model(cfg)
         keys = copy.state_dict().keys()
         buffers = {n: b.detach().clone() for n, b in model.named_buffers() if n in keys}
         for b in buffers.values():  # every rank holds the same names in the same order: the broadcasts pair up
             broadcast(b, src=0)
         copy.load_state_dict({**parameters, **buffers}, strict=True)
-        trunk = copy.trunk.to(device).eval()
+        trunk = copy.trunk.eval()
         return evaluate(cfg, {"trunk": trunk}, device, num_workers, show_progress=False)["trunk"]
 
 

@@ -23,9 +23,11 @@ from swav_scale.config import Config, SwAVConfig
 from swav_scale.data.device import CopyStream, device_views
 from swav_scale.data.loader import ShardLoader
 from swav_scale.data.manifest import ShardError
-from swav_scale.diagnostics import HealthCheck, code_statistics
-from swav_scale.distributed import DistEnv, all_gather_object, all_reduce_mean, all_reduce_numbers, rank_record
+from swav_scale.diagnostics import HealthCheck, code_figures, code_statistics_of, code_sums
+from swav_scale.distributed import (DistEnv, ProcessGroup, all_gather_object, all_reduce, all_reduce_mean,
+                                    rank_record, world_size)
 from swav_scale.engines import Engine
+from swav_scale.engines.base import GradSquares
 from swav_scale.knn import knn_during_training
 from swav_scale.preemption import StepAgreement, StopRequested, StopSignals
 from swav_scale.queue import FeatureQueue
@@ -38,7 +40,7 @@ class StepResult(NamedTuple):
     loss: torch.Tensor
     scores: list[torch.Tensor]  # C.z per crop, detached
     codes: dict[int, torch.Tensor]  # Sinkhorn codes per assigned crop
-    grad_norm: float | None = None  # L2 norm of the step's gradients over the whole model, when measured
+    grad_squares: GradSquares | None = None  # the step's squared gradient norm, on the device, when measured
 
 
 @dataclass
@@ -48,26 +50,68 @@ class TrainResult:
     checkpoint: Path | None
 
 
-def check_bad_samples(loader: ShardLoader, cfg: Config, env: DistEnv) -> int:
-    """This epoch's unreadable samples on all ranks so far; stops every rank together past
-    data.max_bad_fraction.
+def check_bad_samples(bad: float, seen: float, epoch: int, cfg: Config, env: DistEnv) -> int:
+    """This epoch's unreadable samples on all ranks so far (`bad` of `seen`, summed over the ranks, so every
+    rank decides alike); stops every rank together past data.max_bad_fraction.
 
     Bad samples are replaced in their batch (steps stay equal on every rank); a few are normal on real
     storage, many mean a damaged shard set that would quietly train on duplicates."""
-    bad, seen = all_reduce_numbers([loader.bad_samples, loader.batches_done * loader.layout.batch_per_rank])
     if bad and bad > cfg.data.max_bad_fraction * seen:
         raise ShardError(
-            f"epoch {loader.epoch}: {int(bad)} of {int(seen)} samples so far could not be read "
+            f"epoch {epoch}: {int(bad)} of {int(seen)} samples so far could not be read "
             f"(more than data.max_bad_fraction={cfg.data.max_bad_fraction}); the first ones on rank {env.rank} are "
             f"listed above. Check the shards with tools/verify_shards.py, or raise data.max_bad_fraction"
         )
     return int(bad)
 
 
+class LogFigures(NamedTuple):
+    """A log step's figures over all ranks, read."""
+
+    loss: float  # the loss averaged over the ranks
+    stats: dict[str, float]  # diagnostics.code_statistics'
+    grad_norm: float | None  # the whole model's, when measured
+    bad_samples: float  # this epoch's unreadable samples so far, all ranks
+    samples: float  # this epoch's samples so far, all ranks
+
+
+def log_figures(result: StepResult, loader: ShardLoader, temperature: float, device: torch.device,
+                group: ProcessGroup | None = None) -> LogFigures:
+    """Every figure a log step reports, from one all-reduce and one read (`.tolist()`), after the optimizer
+    step: the loss, the code statistics' sums (diagnostics.code_sums), the ranks' parts of the gradient norm
+    (GradSquares.summed) and the unreadable-sample counts, packed into one float64 tensor on the device,
+    O(K) numbers for K prototypes whatever the number of ranks. The counts are the one upload: a copy from
+    pinned memory that does not hold the host up on a GPU. float64 keeps counts exact past 2^24; the loss,
+    statistics and norm are rounded back to float32 before they are derived, as they were computed."""
+    grad = result.grad_squares
+    counts = torch.tensor([loader.bad_samples, loader.batches_done * loader.layout.batch_per_rank],
+                          dtype=torch.float64)
+    if device.type == "cuda":
+        counts = counts.pin_memory()
+    counts = counts.to(device, non_blocking=True)
+    sums = code_sums(result.scores, result.codes, temperature)
+    loss = result.loss.detach().float().reshape(1)
+    summed = (grad.summed if grad is not None else torch.zeros_like(loss)).reshape(1)
+    packed = all_reduce(torch.cat([torch.cat([loss, sums, summed]).double(), counts]), group=group)
+    width = len(sums)  # 3K + 3
+    mean_loss = packed[:1].float() / world_size(group)
+    code = code_figures(packed[1:1 + width].float())
+    squares = packed[1 + width:2 + width].float() + (grad.whole if grad is not None else 0.0)
+    read = torch.cat([mean_loss.double(), code.double(), squares.sqrt().double(), packed[-2:]]).tolist()
+    stats = code_statistics_of(read[1:7], (width - 3) // 3)
+    return LogFigures(read[0], stats, read[7] if grad is not None else None, read[8], read[9])
+
+
 def finite_loss(loss: torch.Tensor, step: int, last_good: Path | None) -> float:
-    """The loss averaged over ranks. NaN or inf stops every rank (they all see the same mean) before anything
-    is saved, naming the step and the checkpoint to go back to."""
-    value = all_reduce_mean(loss.detach().float()).item()
+    """The loss averaged over ranks (one all-reduce and one read: at a checkpoint step that is not a log step,
+    whose own figures include the loss). NaN or inf stops every rank before anything is saved
+    (`check_finite`)."""
+    return check_finite(all_reduce_mean(loss.detach().float()).item(), step, last_good)
+
+
+def check_finite(value: float, step: int, last_good: Path | None) -> float:
+    """`value`, the loss averaged over ranks; NaN or inf stops every rank (they all see the same mean) before
+    anything is saved, naming the step and the checkpoint to go back to."""
     if not math.isfinite(value):
         raise FloatingPointError(f"loss is {value} at step {step}: lower optim.base_lr or check the data; the last "
                                  f"good checkpoint is {last_good or 'none (none was saved yet)'}")
@@ -76,9 +120,9 @@ def finite_loss(loss: torch.Tensor, step: int, last_good: Path | None) -> float:
 
 def swav_step(engine: Engine, views: list[torch.Tensor], swav: SwAVConfig, step: int, lr: float,
               queue: FeatureQueue | None, measure_grad_norm: bool = False) -> StepResult:
-    """One SwAV iteration on this rank's views; returns the loss, scores and codes (and the gradient norm when
-    measured: at log steps only, since it reads a value back from the device). `queue` (when its epoch has
-    come) gives Sinkhorn its rows once full and takes this step's embeddings of the assigned crops."""
+    """One SwAV iteration on this rank's views; returns the loss, scores and codes (and the squared gradient
+    norm when measured, at log steps), all on the device: the step reads nothing back. `queue` (when its
+    epoch has come) gives Sinkhorn its rows once full and takes this step's embeddings of the assigned crops."""
     engine.set_lr(lr)
     engine.normalize_prototypes()
     with engine.autocast():
@@ -93,8 +137,8 @@ def swav_step(engine: Engine, views: list[torch.Tensor], swav: SwAVConfig, step:
     engine.backward(loss)
     if step < swav.freeze_prototypes_iters:
         engine.freeze_prototypes()
-    grad_norm = engine.step(measure_grad_norm)
-    return StepResult(loss, [x.detach() for x in scores], codes, grad_norm)
+    grad_squares = engine.step(measure_grad_norm)
+    return StepResult(loss, [x.detach() for x in scores], codes, grad_squares)
 
 
 Evaluate = Callable[[int, Engine], float | None]  # (epoch, engine) -> a figure, at the end of each epoch
@@ -115,8 +159,9 @@ def knn_every_epochs(cfg: Config, env: DistEnv) -> Evaluate:
 class StepLog:
     """What the run reports: every step the progress bar, every log step (logging.every_steps, the last step of an
     epoch and of the run) the loss averaged over ranks, throughput, unreadable samples, the code and prediction
-    statistics and health warnings, to metrics.jsonl (rank 0). Every rank takes part in the log step's
-    collectives. Files and the bar close with `stack`."""
+    statistics, the gradient norm and health warnings, to metrics.jsonl (rank 0). Every rank takes part in the
+    log step's one all-reduce, and reads its result once (`log_figures`). Files and the bar close with
+    `stack`."""
 
     def __init__(self, cfg: Config, env: DistEnv, run: Run, stack: ExitStack) -> None:
         run_dir = Path(cfg.train.run_dir)
@@ -150,18 +195,20 @@ class StepLog:
             if self.bar:
                 self.bar.update(done, epoch, None, lr, None)
             return
-        bad_samples = check_bad_samples(self.run.loader, self.cfg, self.env)
-        self.loss = loss = finite_loss(result.loss, done, last_good)
+        figures = log_figures(result, self.run.loader, self.cfg.swav.temperature, self.env.device)
+        bad_samples = check_bad_samples(figures.bad_samples, figures.samples, self.run.loader.epoch, self.cfg,
+                                        self.env)
+        self.loss = loss = check_finite(figures.loss, done, last_good)
         now = time.time()
         ips = self.cfg.optim.batch_size * (done - self.tick_step) / max(now - self.tick, 1e-9)
         self.tick, self.tick_step = now, done
-        stats = code_statistics(result.scores, result.codes, self.cfg.swav.temperature)
+        stats = figures.stats
         for warning in self.health.check(done, loss, stats) if self.env.is_main else []:
             console.print(f"[yellow]warning:[/] {warning}", highlight=False)
         if self.metrics:
             self.metrics.write(done, epoch=epoch, loss=loss, lr=lr, images_per_s=round(ips, 1),
                                bad_samples=bad_samples, loss_over_ln_k=round(loss / self.health.ln_k, 4),
-                               grad_norm=result.grad_norm, **stats)
+                               grad_norm=figures.grad_norm, **stats)
         if self.bar:
             self.bar.update(done, epoch, loss, lr, ips)
 
@@ -222,8 +269,8 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None,
                                               checkpointer.clock_due()])
                 final = progress.step >= run.last_step
                 if checkpointer.due(progress.step, end_of_epoch, final, requeue or stop, clock):
-                    if not log_now:  # never save the weights of a step whose loss is not finite
-                        finite_loss(result.loss, progress.step, checkpointer.newest)
+                    if not log_now:  # never save the weights of a step whose loss is not finite (a log step
+                        finite_loss(result.loss, progress.step, checkpointer.newest)  # has checked it already)
                     checkpointer.save(progress.step, run.global_states, run.rank_states,
                                       blocking=final or requeue or stop)
                 checkpointer.prepare(run.global_states)  # after this start's first step only

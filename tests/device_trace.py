@@ -14,7 +14,18 @@ It records, in Python:
 * copies: `torch.tensor(..., device=...)`, `x.new_tensor(...)` of a device tensor, a `.to(device)` of a host
   tensor without `non_blocking=True`: blocking host-to-device copies;
 * mixes: an operation that meets a host tensor of one element or more dimensions with a device tensor (on a
-  GPU: "Expected all tensors to be on the same device").
+  GPU: "Expected all tensors to be on the same device"), and a host tensor given to a collective of a group
+  that communicates on the device (NCCL refuses it: "Tensors must be CUDA").
+
+Collectives are not torch functions: while active, the trace wraps torch.distributed's collectives (those of
+`COLLECTIVES` it has), in the thread that entered it. A group made by `distributed.new_group("gloo")` is a
+host group (`distributed.is_host_group`), on the host in any run: it legitimately takes host tensors, and a
+device tensor given to it is a read (gloo copies it to the host, waiting for the device). Every other group,
+the default one included, communicates on the device.
+
+A `copy_` between the host and the device is a transfer, not a mix: into a host tensor from a device one it
+is a read (a checkpoint's staging copy is one by design, and is seen as one); into a device tensor from a host
+one without `non_blocking=True`, a blocking copy.
 
 DeepSpeed's own code is not traced: it names its device by a string from its accelerator ("cpu" here), which
 cannot be told from the host. The GPU suite runs every engine's step under CUDA's sync debug mode instead
@@ -23,13 +34,19 @@ cannot be told from the host. The GPU suite runs every engine's step under CUDA'
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
+import threading
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
+
+from swav_scale.distributed import is_host_group
 
 READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "nonzero",
          "unique", "unique_consecutive", "masked_select"}
@@ -38,6 +55,9 @@ FACTORIES = {"tensor", "as_tensor", "zeros", "ones", "full", "empty", "arange", 
 DEVICE_COPIES = {"tensor", "as_tensor"}  # a factory that copies host data, when given a device
 MOVES = {"to", "cuda"}
 UNTRACED = ("deepspeed",)  # packages whose calls pass through unseen (module docstring)
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
+               "reduce_scatter_tensor", "broadcast", "reduce", "gather", "scatter", "all_to_all",
+               "all_to_all_single", "send", "recv", "isend", "irecv")
 SIDE_EFFECT_FREE_ON_HOST = {"__get__", "size", "dim", "shape", "__len__", "numel", "stride", "is_contiguous",
                             "data_ptr", "untyped_storage", "__repr__", "__format__", "requires_grad_", "detach"}
 
@@ -53,9 +73,49 @@ class DeviceTrace(TorchFunctionMode):
         self.copies: list[str] = []
         self.mixes: list[str] = []
         for t in host or []:
-            self._mark_host(t)
+            self.mark_host(t)
+        self._thread: int | None = None
+        self._originals: dict[str, Any] = {}
 
-    def _mark_host(self, t: Tensor) -> None:
+    def __enter__(self) -> DeviceTrace:
+        self._thread = threading.get_ident()
+        for name in COLLECTIVES:
+            if hasattr(dist, name):
+                self._originals[name] = getattr(dist, name)
+                setattr(dist, name, self._traced_collective(name, self._originals[name]))
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
+        self._originals = {}
+        return super().__exit__(*exc)
+
+    def _traced_collective(self, name: str, collective: Any) -> Any:
+        signature = inspect.signature(collective)
+
+        @functools.wraps(collective)
+        def traced(*args: Any, **kwargs: Any) -> Any:
+            if (threading.get_ident() == self._thread
+                    and not sys._getframe(1).f_globals.get("__name__", "").startswith(UNTRACED)):
+                self._collective(name, signature.bind(*args, **kwargs).arguments)
+            return collective(*args, **kwargs)
+
+        return traced
+
+    def _collective(self, name: str, arguments: dict[str, Any]) -> None:
+        """A host tensor on a group that communicates on the device is a mix; a device tensor on a host group,
+        a read."""
+        tensors = [t for t in tree_leaves([v for k, v in arguments.items() if k != "group"])
+                   if isinstance(t, Tensor)]
+        on_host = is_host_group(arguments.get("group"))
+        if on_host and any(not self.is_host(t) for t in tensors):
+            self.reads.append(f"{name}(device tensor, host group)")
+        if not on_host and any(self.is_host(t) for t in tensors):
+            self.mixes.append(f"{name}(host tensor, device group)")
+
+    def mark_host(self, t: Tensor) -> None:
+        """Make `t` a host tensor (one the code under test received from the host: a data loader's batch)."""
         self.host[id(t)] = t
         self.device.discard(id(t))
 
@@ -85,7 +145,12 @@ class DeviceTrace(TorchFunctionMode):
             self.copies.append("new_tensor")
         if name in MOVES and target is not None and host_in and not kwargs.get("non_blocking", False):
             self.copies.append(f"{name}({target}) without non_blocking")
-        if (host_in and device_in and name not in MOVES | SIDE_EFFECT_FREE_ON_HOST
+        if name == "copy_" and host_in and device_in:  # a transfer between the host and the device
+            if self.is_host(args[0]):
+                self.reads.append("copy_(to host)")
+            elif not kwargs.get("non_blocking", args[2] if len(args) > 2 else False):
+                self.copies.append("copy_(from host) without non_blocking")
+        elif (host_in and device_in and name not in MOVES | SIDE_EFFECT_FREE_ON_HOST
                 and any(t.dim() > 0 for t in host_in)):
             self.mixes.append(name)
         out = func(*args, **kwargs)
@@ -98,7 +163,7 @@ class DeviceTrace(TorchFunctionMode):
         elif (name in FACTORIES | DEVICE_COPIES and target is None and not inputs) or (inputs and not device_in) \
                 or to_host:
             for t in outputs:
-                self._mark_host(t)
+                self.mark_host(t)
         return out
 
     @property

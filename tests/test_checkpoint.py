@@ -704,3 +704,34 @@ def test_a_failed_allocation_of_the_staging_memory_is_raised_by_the_next_wait(
     with pytest.raises(RuntimeError, match="rank 0: allocating the staging memory failed: MemoryError: cannot "
                                            "allocate 787 MiB"):
         ckpt.wait()
+
+
+def _background_save_traced(rank: int, world: int, root: str) -> dict:
+    """What a background save does on the host while training waits (tests/device_trace.py), against the
+    tensors it stages."""
+    from device_trace import DeviceTrace, optimizer_step_counters
+
+    env = DistEnv(rank, world, rank, world, torch.device("cpu"))
+    engine = make_engine(world, rank)
+    train_steps(engine, 1, seed=rank)
+    g, r = states(engine, FeatureQueue(2, 4, 16))
+    ckpt = Checkpointer(root, env, background=True)
+    staged = g["engine"].state_dict()
+    tensors = sum(1 for t in torch.utils._pytree.tree_leaves(staged) if isinstance(t, torch.Tensor))
+    with DeviceTrace(host=optimizer_step_counters([engine.optimizer])) as trace:
+        ckpt.save(1, g, r, blocking=False)
+    ckpt.wait()
+    return {"seen": trace.seen, "tensors": tensors}
+
+
+def test_a_background_save_reads_the_device_only_to_stage_its_state(tmp_path: Path) -> None:
+    """While training waits, a background save reads the device only to stage: the rank's own state (the
+    queue's rows, `.cpu()` in FeatureQueue.state_dict, for this rank's file) and each tensor of the global
+    state copied into host memory, one read per tensor by design (the write must not see what training does
+    next). Nothing else reads the device, copies to it or mixes the host with it, and the saves' collectives
+    go over their host group. (The staging memory is fresh here: reused, it is host memory made by an earlier
+    save.)"""
+    for result in run_ranks(_background_save_traced, 2, str(tmp_path)):
+        seen = result["seen"]
+        assert seen["copies"] == seen["mixes"] == [], seen
+        assert seen["reads"] == ["cpu"] + ["copy_(to host)"] * result["tensors"], seen

@@ -24,6 +24,7 @@ from swav_scale.checkpoint import Checkpointer, TrainProgress
 from swav_scale.config import ConfigError, OptimConfig, check_world, load_config
 from swav_scale.distributed import DistEnv
 from swav_scale.engines import build_engine, compile_units, use_sync_batchnorm
+from swav_scale.engines.base import GradSquares
 from swav_scale.engines.ddp import DDPEngine, OptimizerFactory
 from swav_scale.engines.fsdp import FSDPEngine
 from swav_scale.models import build_trunk
@@ -169,15 +170,15 @@ def traces(rank: int, world: int, engine_name: str) -> dict[str, dict[str, Any]]
         grads: list[dict[str, torch.Tensor]] = []
         step = engine.step
 
-        def recorded_step(measure_grad_norm: bool = False) -> float | None:
+        def recorded_step(measure_grad_norm: bool = False) -> GradSquares | None:
             grads.append({n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
                           for n, p in engine.model.named_parameters() if p.grad is not None})
             return step(measure_grad_norm)
 
         engine.step = recorded_step  # type: ignore[method-assign]
         queue = FeatureQueue(2, 8, cfg.model.embed_dim)
-        norms = [swav_step(engine, views_for(rank, s), cfg.swav, s, cfg.optim.base_lr, queue, True).grad_norm
-                 for s in range(STEPS)]
+        norms = [swav_step(engine, views_for(rank, s), cfg.swav, s, cfg.optim.base_lr, queue,
+                           True).grad_squares.norm() for s in range(STEPS)]
         results[optim] = {"grads": grads, "norms": norms, "params": engine.full_parameters(),
                           "plain": sorted(n for n, p in engine.model.named_parameters() if not isinstance(p, DTensor))}
     return results

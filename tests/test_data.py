@@ -356,10 +356,11 @@ def test_too_many_bad_samples_stop_the_run_with_a_clear_message(tmp_path: Path) 
         next(batches)
     cfg = load_config(None, ["data.train_shards=x", "data.max_bad_fraction=0.5"])
     env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
-    check_bad_samples(data, cfg, env)  # a few bad samples in 60: tolerated
-    data.bad_samples = 31
+    seen = data.batches_done * data.layout.batch_per_rank
+    assert seen == 60
+    check_bad_samples(data.bad_samples, seen, data.epoch, cfg, env)  # a few bad samples in 60: tolerated
     with pytest.raises(ShardError, match=r"epoch 0: 31 of 60 samples so far could not be read .*verify_shards"):
-        check_bad_samples(data, cfg, env)
+        check_bad_samples(31, seen, data.epoch, cfg, env)
 
 
 def test_a_shard_missing_from_storage_is_named(tmp_path: Path, fmnist_train_shards: Path) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 from device_trace import DeviceTrace
+from helpers import run_ranks
 
+from swav_scale import distributed
 from swav_scale.data.pixels import blur
 
 
@@ -57,3 +59,51 @@ def test_it_sees_a_blur_radius_read_from_device_sigmas() -> None:
     with DeviceTrace() as trace:
         blur(x, 9, sigma, radius=4)
     assert trace.reads == []
+
+
+def _collectives_traced(rank: int, world: int) -> dict[str, dict[str, list[str]]]:
+    host_group = distributed.new_group("gloo")
+    seen = {}
+    with DeviceTrace() as trace:
+        distributed.all_reduce(torch.tensor([3.0]))  # made on the host, sent on the default group
+        distributed.all_gather(torch.zeros(2))
+        distributed.broadcast(torch.ones(1), src=0)
+    seen["host tensors on the default group"] = trace.seen
+    x = torch.rand(2)
+    with DeviceTrace() as trace:
+        distributed.all_reduce(x * 2)  # computed on the device
+        distributed.all_reduce(torch.zeros(2, device=x.device))  # made there
+        work = distributed.all_reduce_async(torch.tensor([1, 0]), distributed.ReduceOp.MAX, host_group)
+        work.wait()  # flags on the host, on a host group: as they should be
+    seen["each on its own device"] = trace.seen
+    with DeviceTrace() as trace:
+        distributed.all_reduce(x.sum().reshape(1), group=host_group)
+    seen["a device tensor on a host group"] = trace.seen
+    return seen
+
+
+def test_it_sees_host_tensors_given_to_collectives_that_communicate_on_the_device() -> None:
+    """torch.distributed's collectives are not torch functions: the trace wraps them. On real gloo ranks,
+    host tensors sent on the default group (NCCL in a GPU run: "Tensors must be CUDA") are seen; device
+    tensors there and host tensors on a group made for the host are not; a device tensor on a host group is a
+    read (gloo copies it to the host)."""
+    for seen in run_ranks(_collectives_traced, 2):
+        assert seen["host tensors on the default group"] == {
+            "reads": [], "copies": [],
+            "mixes": ["all_reduce(host tensor, device group)", "all_gather(host tensor, device group)",
+                      "broadcast(host tensor, device group)"]}
+        assert seen["each on its own device"] == {"reads": [], "copies": [], "mixes": []}
+        assert seen["a device tensor on a host group"] == {
+            "reads": ["all_reduce(device tensor, host group)"], "copies": [], "mixes": []}
+
+
+def test_it_sees_transfers_between_host_and_device_as_such() -> None:
+    """A copy into host memory from the device (a checkpoint's staging) is a read; into the device from the
+    host, a blocking copy unless asynchronous. Neither is a mix."""
+    x = torch.rand(4)
+    with DeviceTrace() as trace:
+        torch.empty(4, device="cpu").copy_(x)
+        x.copy_(torch.zeros(4))
+        x.copy_(torch.zeros(4), non_blocking=True)
+    assert trace.seen == {"reads": ["copy_(to host)"], "copies": ["copy_(from host) without non_blocking"],
+                          "mixes": []}

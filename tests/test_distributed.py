@@ -117,20 +117,79 @@ def test_a_lone_process_without_a_group_keeps_its_own_values() -> None:
     assert (distributed.rank(), distributed.world_size()) == (0, 1)
 
 
-def test_each_local_rank_takes_its_own_gpu() -> None:
-    assert rank_device(3, 8, 8) == torch.device("cuda", 3)
+def test_each_local_rank_takes_its_own_gpu_of_the_nodes() -> None:
+    """torchrun, the local launcher, SLURM without binding: every local rank sees the node's GPUs."""
+    assert [rank_device(r, 8, 8) for r in (0, 3, 7)] == [torch.device("cuda", r) for r in (0, 3, 7)]
+    assert rank_device(1, 2, 4) == torch.device("cuda", 1)  # fewer ranks than GPUs: the first ones
 
 
-def test_a_task_that_sees_one_gpu_takes_it_whatever_its_local_rank() -> None:
-    """SLURM with --gpus-per-task=1 or --gpu-bind: each task's CUDA_VISIBLE_DEVICES names its GPU alone."""
-    assert rank_device(5, 8, 1) == torch.device("cuda", 0)
+def test_a_task_with_gpus_of_its_own_takes_its_first_whatever_its_local_rank() -> None:
+    """SLURM bound each task to its GPU(s): each process's cuda:0 is another GPU."""
+    assert rank_device(5, 8, 1, own_gpus=True) == torch.device("cuda", 0)
+    assert rank_device(3, 4, 2, own_gpus=True) == torch.device("cuda", 0)  # --gpus-per-task=2, 4 tasks a node
+
+
+def test_local_ranks_sharing_one_gpu_are_refused_not_sent_to_nccl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two local ranks on a one-GPU machine would both take cuda:0, and NCCL fail with "Duplicate GPU"."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert rank_device(0, 2, 1) == torch.device("cuda", 0)
+    with pytest.raises(DeviceError, match=r"local rank 1 of 2 has no GPU of its own: this process sees 1 GPU\(s\) "
+                                          r"\(CUDA_VISIBLE_DEVICES=None\), shared by the node's local ranks"):
+        rank_device(1, 2, 1)
 
 
 def test_a_local_rank_beyond_the_visible_gpus_is_refused_with_what_to_change(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     with pytest.raises(DeviceError, match=r"node7, rank 3: local rank 3 of 4 has no GPU of its own: this process "
-                                          r"sees 2 GPU\(s\) \(CUDA_VISIBLE_DEVICES='0,1'\)\. Start at most 2"):
-        rank_device(3, 4, 2, "node7, rank 3: ")
+                                          r"sees 2 GPU\(s\) \(CUDA_VISIBLE_DEVICES='0,1'\), shared by the node's "
+                                          r"local ranks\. Start at most 2 .*--gpus-per-task=1"):
+        rank_device(3, 4, 2, where="node7, rank 3: ")
+
+
+SLURM_TASK = {"SLURM_JOB_ID": "9", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "RANK": "5", "LOCAL_RANK": "1"}
+
+
+@pytest.mark.parametrize(("environ", "visible", "own"), [
+    ({}, 1, False),  # no SLURM: torchrun or the local launcher; every local rank sees the same GPUs
+    (SLURM_TASK, 8, False),  # SLURM without binding: each task sees the node's GPUs
+    ({**SLURM_TASK, "SLURM_STEP_GPUS": "0,1,2,3,4,5,6,7"}, 8, False),  # the same, said by SLURM
+    ({**SLURM_TASK, "SLURM_GPUS_PER_TASK": "1"}, 1, True),  # --gpus-per-task binds each task to its GPU
+    ({**SLURM_TASK, "SLURM_GPUS_PER_TASK": "2"}, 2, True),
+    ({**SLURM_TASK, "SLURM_STEP_GPUS": "0,1,2,3"}, 1, True),  # a per-task --gpu-bind: fewer seen than the step's
+    ({**SLURM_TASK, "SLURM_JOB_GPUS": "4,5"}, 1, True),  # the job's GPUs on this node, where the step's are unsaid
+    # a launcher inside the task (torchrun under srun) numbers its own ranks: they share the task's GPUs
+    ({**SLURM_TASK, "SLURM_GPUS_PER_TASK": "4", "LOCAL_RANK": "3", "RANK": "3"}, 4, False),
+    ({**SLURM_TASK, "SLURM_GPUS_PER_TASK": "4", "RANK": "1"}, 4, False),
+])
+def test_whether_a_tasks_gpus_are_its_own_comes_from_slurms_binding(environ: dict[str, str], visible: int,
+                                                                    own: bool) -> None:
+    assert distributed.task_has_own_gpus(environ, visible) is own
+
+
+def _device_under(monkeypatch: pytest.MonkeyPatch, environ: dict[str, str], visible: int) -> torch.device:
+    """The device init_distributed picks with `visible` GPUs (CUDA and NCCL stood in for)."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_GPUS_PER_TASK", "SLURM_STEP_GPUS",
+                "SLURM_JOB_GPUS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: None)
+    return distributed.init_distributed().device
+
+
+def test_init_distributed_decides_from_the_ranks_and_the_gpus_it_sees(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cases end to end: SLURM tasks bound to a GPU each take their cuda:0; the second of two ranks on a
+    one-GPU machine is refused; a rank seeing the node's GPUs takes its own."""
+    ranks = {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "x", "MASTER_PORT": "1"}
+    bound = {**ranks, **SLURM_TASK, "LOCAL_RANK": "3", "SLURM_LOCALID": "3", "SLURM_GPUS_PER_TASK": "1"}
+    assert _device_under(monkeypatch, bound, 1) == torch.device("cuda", 0)
+    shared = {**ranks, "RANK": "3", "LOCAL_RANK": "3"}
+    assert _device_under(monkeypatch, shared, 4) == torch.device("cuda", 3)
+    with pytest.raises(DeviceError, match="local rank 3 of 4 has no GPU of its own"):
+        _device_under(monkeypatch, shared, 1)
 
 
 def test_more_local_ranks_than_gpus_are_refused_before_any_starts(monkeypatch: pytest.MonkeyPatch) -> None:

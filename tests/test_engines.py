@@ -4,9 +4,12 @@ several SwAV steps (prototype freezing and normalisation included)."""
 from __future__ import annotations
 
 import functools
+import json
 import math
+from contextlib import ExitStack
+from types import SimpleNamespace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -20,13 +23,14 @@ from torch.distributed.device_mesh import init_device_mesh
 from swav_scale.build import build_model
 from swav_scale.checkpoint import Checkpointer, TrainProgress
 from swav_scale.config import load_config
-from swav_scale.distributed import DistEnv
+from swav_scale.diagnostics import code_statistics
+from swav_scale.distributed import DistEnv, all_reduce_mean
 from swav_scale.engines import build_engine
 from swav_scale.engines.fsdp import local_rows, parallelize, shard_units
 from swav_scale.optim import build_optimizer
 from swav_scale.queue import FeatureQueue
 from swav_scale.swav import assign_codes, normalize_prototypes_, swapped_prediction_loss
-from swav_scale.train import swav_step
+from swav_scale.train import StepLog, swav_step
 
 STEPS = 4
 FREEZE = 2  # the prototypes start moving at step 2: both regimes are compared
@@ -72,7 +76,7 @@ def train_ranks(rank: int, world: int, overrides: list[str]) -> Trace:
         if cfg.parallel.channels_last:  # as the loop gives them (device.device_views)
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         result = swav_step(engine, views, cfg.swav, step, lr, queue, measure_grad_norm=True)
-        norms.append(result.grad_norm)
+        norms.append(result.grad_squares.norm())
         if step + 1 == FREEZE:
             snapshots.append(engine.full_parameters())
     return Trace(snapshots + [engine.full_parameters()], norms)
@@ -209,21 +213,37 @@ def test_deepspeed_zero_trains_like_ddp(stage: int, optim: str) -> None:
     assert_prototypes_frozen_then_trained(zero[0].snapshots)
 
 
-def device_trace_per_step(rank: int, world: int, overrides: list[str]) -> list[dict[str, list[str]]]:
+def device_trace_per_step(rank: int, world: int, overrides: list[str]) -> dict[str, Any]:
     """What each SwAV step, queue full, would read back from a GPU, copy to it blocking, or mix from the host
-    (tests/device_trace.py): a frozen step, a trained one, then one measuring the gradient norm (a log step)."""
+    (tests/device_trace.py): a frozen step, a trained one, then one measuring the gradient norm (a log step),
+    and the log step's report after it (StepLog.step, with rank 0's metrics file). Also the figures the
+    report wrote, and the same figures taken one by one (a collective and a read each), to compare."""
     cfg = load_config(None, overrides)
     torch.manual_seed(cfg.train.seed)
-    engine = build_engine(cfg, build_model(cfg), DistEnv(rank, world, rank, world, torch.device("cpu")))
+    env = DistEnv(rank, world, rank, world, torch.device("cpu"))
+    engine = build_engine(cfg, build_model(cfg), env)
     optimizers = [getattr(o, "optimizer", o) for o in getattr(engine, "optimizers", None) or [engine.optimizer]]
     queue = FeatureQueue(2, 4, cfg.model.embed_dim)
     seen = []
     for step, measure in ((0, False), (FREEZE, False), (FREEZE + 1, True)):
         views = views_for(rank, step)
         with DeviceTrace(host=optimizer_step_counters(optimizers)) as trace:
-            swav_step(engine, views, cfg.swav, step, cfg.optim.base_lr, queue, measure)
+            result = swav_step(engine, views, cfg.swav, step, cfg.optim.base_lr, queue, measure)
         seen.append(trace.seen)
-    return seen
+    loader = SimpleNamespace(bad_samples=rank, batches_done=50, layout=SimpleNamespace(batch_per_rank=4), epoch=0)
+    progress = TrainProgress()
+    progress.step = FREEZE + 2
+    run = SimpleNamespace(loader=loader, progress=progress, last_step=10, schedule=SimpleNamespace(warmup_steps=0))
+    with ExitStack() as stack:
+        log = StepLog(cfg, env, run, stack)  # type: ignore[arg-type]
+        with DeviceTrace(host=optimizer_step_counters(optimizers)) as trace:
+            log.step(0, cfg.optim.base_lr, result, True, None)
+    seen.append(trace.seen)
+    separately = {"loss": all_reduce_mean(result.loss.detach().float()).item(), "bad_samples": world - 1,
+                  "grad_norm": result.grad_squares.norm(),
+                  **code_statistics(result.scores, result.codes, cfg.swav.temperature)}
+    written = json.loads((Path(cfg.train.run_dir) / "metrics.jsonl").read_text()) if rank == 0 else None
+    return {"seen": seen, "written": written, "separately": separately}
 
 
 NOTHING = {"reads": [], "copies": [], "mixes": []}
@@ -232,14 +252,23 @@ NOTHING = {"reads": [], "copies": [], "mixes": []}
 @pytest.mark.parametrize(("engine", "optim", "extra"), [
     ("ddp", "lars", {}), ("ddp", "adamw", {}), ("fsdp", "lars", {}),
     ("deepspeed", "adamw", {"parallel.zero_stage": "2"}), ("deepspeed", "adamw", {"parallel.zero_stage": "3"})])
-def test_a_step_waits_for_nothing_on_the_device_unless_it_logs(engine: str, optim: str, extra: dict) -> None:
+def test_a_step_waits_for_nothing_on_the_device_and_a_log_step_reads_once(engine: str, optim: str, extra: dict,
+                                                                          tmp_path: Path) -> None:
     """No value read back, no blocking copy to the device and no host tensor meeting device ones in a step,
-    on every engine (the loop reads the loss at log steps only): on a GPU each read would stall the host
-    until the device caught up. Sinkhorn, the queue, the loss, prototype freezing and the optimizer step are
-    all covered; the gradient norm is read once, at a log step."""
-    for frozen, trained, logged in run_ranks(device_trace_per_step, 2, small_config(engine, optim, **extra)):
-        assert frozen == NOTHING and trained == NOTHING, (frozen, trained)
-        assert logged["copies"] == logged["mixes"] == [] and logged["reads"] == ["item"], logged
+    on every engine, a step measuring the gradient norm included (it stays on the device): on a GPU each read
+    would stall the host until the device caught up. Sinkhorn, the queue, the loss, prototype freezing and the
+    optimizer step are all covered. The log step after it reads once: its figures (the loss, the code
+    statistics, the gradient norm, the unreadable samples) travel in one all-reduce and come back in one
+    `.tolist()`, the same figures as taken one by one."""
+    overrides = small_config(engine, optim, **extra, **{"train.run_dir": str(tmp_path), "logging.tensorboard": "false"})
+    results = run_ranks(device_trace_per_step, 2, overrides)
+    for result in results:
+        frozen, trained, measured, logged = result["seen"]
+        assert frozen == trained == measured == NOTHING, (frozen, trained, measured)
+        assert logged == {"reads": ["tolist"], "copies": [], "mixes": []}, logged
+    written, separately = results[0]["written"], results[0]["separately"]
+    assert separately["grad_norm"] > 0 and written["step"] == FREEZE + 2
+    assert {k: written[k] for k in separately} == separately
 
 
 def deepspeed_host_checks(rank: int, world: int, overrides: list[str]) -> list[int]:

@@ -132,3 +132,60 @@ def test_eval_transform_matches_resize_then_centre_crop() -> None:
         expected = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop)])(image)
         assert torch.equal(EvalTransform(resize, crop)(image), expected), (h, w, resize, crop)
 
+
+
+def _knn_during_training_traced(rank: int, world: int, overrides: list[str]) -> dict:
+    """kNN during training on this rank, traced (tests/device_trace.py); the batches the data loader yields are
+    host tensors (pinned on a GPU), as the labels in them."""
+    from device_trace import DeviceTrace
+
+    import swav_scale.knn as knn
+    from swav_scale.build import build_model
+    from swav_scale.data.device import normalize
+    from swav_scale.knn import knn_during_training
+
+    cfg = load_config(None, overrides)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg)
+    parameters = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loader = knn.DataLoader
+
+    class HostBatches(loader):  # type: ignore[misc, valid-type]
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for batch in super().__iter__():
+                for t in batch:
+                    trace.mark_host(t)
+                yield batch
+
+    # the normalisation constants, made once per device: training made them before any evaluation
+    normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8), tuple(cfg.crops.mean), tuple(cfg.crops.std))
+    knn.DataLoader = HostBatches
+    try:
+        with DeviceTrace() as trace:
+            top1 = knn_during_training(cfg, model, parameters, torch.device("cpu"), 0)
+    finally:
+        knn.DataLoader = loader
+    with DeviceTrace() as construction, torch.device("cpu"):  # the network built on the run's device alone
+        build_model(cfg)
+    return {"seen": trace.seen, "top1": top1, "construction": construction.seen}
+
+
+def test_knn_during_training_reads_the_device_only_for_its_figure(fmnist_test_shards: Path) -> None:
+    """The evaluation during training mixes nothing and copies no tensor of the network or of the data to the
+    device blocking: the copy of the trunk is built where it runs (not built on the host, filled from the
+    device and moved back), the images and labels go to the device asynchronously from pinned memory. What
+    it copies is what the network's constructor does when it builds on a device (BatchNorm's counters, made
+    with torch.tensor: a number each). It reads the
+    device three times: the largest label of the bank and of the queries (the number of classes, agreed over
+    the ranks) and the count of correct votes, the figure."""
+    overrides = ["data.train_shards=x", f"eval.train_shards={fmnist_test_shards}",
+                 f"eval.test_shards={fmnist_test_shards}", "eval.resize=28", "eval.crop=28", "eval.batch_size=64",
+                 "eval.k=5", "model.arch=resnet18", "model.width=0.125", "model.small_stem=true",
+                 "model.hidden_dim=32", "model.embed_dim=16", "model.num_prototypes=12", "parallel.precision=fp32"]
+    results = run_ranks(_knn_during_training_traced, 2, overrides)
+    for result in results:
+        built = result["construction"]
+        assert built["reads"] == built["mixes"] == [] and set(built["copies"]) == {"tensor(device=...)"}, built
+        assert result["seen"] == {"reads": ["__int__", "__int__", "item"], "copies": built["copies"], "mixes": []}, \
+            result["seen"]
+    assert results[0]["top1"] == results[1]["top1"] > 10

@@ -182,3 +182,28 @@ def test_submit_runs_through_submitit_without_slurm(fmnist_train_shards: Path, t
     assert json.loads(final.read_text())["world_size"] == 2
     status = json.loads(swav_scale("status", str(run_dir), "--json").stdout)
     assert status["checkpoint_step"] == 6 and len(status["job_ids"]) == 1
+
+
+def _agreement_traced(rank: int, world: int) -> tuple[dict[str, list[str]], list[list[bool]]]:
+    from device_trace import DeviceTrace
+
+    from swav_scale.preemption import StepAgreement
+
+    agree, agreed = StepAgreement(), []
+    with DeviceTrace() as trace:
+        for step in range(3):
+            agreed.append(agree([rank == 1 and step == 0, False, rank == 0 and step == 1]))
+        agree.settle()
+    return trace.seen, agreed
+
+
+def test_the_step_agreement_stays_on_the_host() -> None:
+    """The flags each rank posts after every step are host tensors reduced on a host group of their own
+    (distributed.new_group("gloo")): no read of the device, no copy to it, and no host tensor given to a
+    collective that communicates on the device (tests/device_trace.py), while every rank learns each flag
+    one step later."""
+    from helpers import run_ranks
+
+    for seen, agreed in run_ranks(_agreement_traced, 2):
+        assert seen == {"reads": [], "copies": [], "mixes": []}
+        assert agreed == [[False, False, False], [True, False, False], [False, False, True]]

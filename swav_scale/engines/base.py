@@ -6,12 +6,33 @@ import contextlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from swav_scale.distributed import broadcast, in_group
+from swav_scale.distributed import ProcessGroup, all_reduce, broadcast, in_group
+
+
+class GradSquares(NamedTuple):
+    """The squared L2 norm of a step's gradients over the whole model, left on the device: reading it would
+    make the host wait for the GPU between backward and the optimizer step. Two 0-dim float32 tensors:
+
+    * `summed`: this rank's part of what the ranks hold in parts (FSDP's gradient shards), to be summed over
+      the ranks;
+    * `whole`: the part every rank holds alike (DDP's gradients, averaged and whole on each rank; FSDP's
+      replicated BatchNorm parameters; DeepSpeed's own global norm and the replicated prototypes), not summed.
+
+    The training loop's log step adds `summed` into its one all-reduce (train.log_figures), so that measuring
+    the norm costs no collective of its own; `norm` takes it alone."""
+
+    summed: Tensor
+    whole: Tensor
+
+    def norm(self, group: ProcessGroup | None = None) -> float:
+        """The L2 norm, the same on every rank (collective: every rank calls it): one all-reduce and one read,
+        for tools and tests; the loop folds `summed` into its log step's reduction instead."""
+        return (all_reduce(self.summed.clone(), group=group) + self.whole).sqrt().item()
 
 
 class Engine(Protocol):
@@ -19,10 +40,10 @@ class Engine(Protocol):
 
     Per step the loop calls `set_lr`, `normalize_prototypes()`, `wrapped(views)` for the forward pass,
     `prototype_scores` for the queue, `backward(loss)`, `freeze_prototypes()` during the first iterations,
-    and `step()`, which at log steps also measures the gradient norm. The checkpointer treats the engine as
-    one stateful object: `state_dict()` is in the distributed-checkpoint (DCP) format, so engines that shard
-    save their shards and load at another world size. An engine whose state lives partly in its own files
-    (DeepSpeed) also implements checkpoint.py's `OwnFiles`.
+    and `step()`, which at log steps also measures the gradient norm (left on the device: `GradSquares`). The
+    checkpointer treats the engine as one stateful object: `state_dict()` is in the distributed-checkpoint (DCP)
+    format, so engines that shard save their shards and load at another world size. An engine whose state lives
+    partly in its own files (DeepSpeed) also implements checkpoint.py's `OwnFiles`.
     """
 
     wrapped: nn.Module  # the model as the engine runs it (DDP wrapper, DeepSpeed engine): views -> (z, scores)
@@ -44,10 +65,11 @@ class Engine(Protocol):
         """Leave the prototypes out of this step (after backward): SwAV freezes them for the first iterations."""
         ...
 
-    def step(self, measure_grad_norm: bool = False) -> float | None:
-        """Apply the optimizer to this step's gradients. With `measure_grad_norm`, return the L2 norm of those
-        gradients over every parameter of the model on all ranks (frozen prototypes have none), as DDP would
-        see it whatever the sharding; every rank must pass the same flag, since sharded engines reduce it."""
+    def step(self, measure_grad_norm: bool = False) -> GradSquares | None:
+        """Apply the optimizer to this step's gradients. With `measure_grad_norm`, return the squared L2 norm
+        of those gradients over every parameter of the model on all ranks (frozen prototypes have none), as DDP
+        would see it whatever the sharding, in parts still on the device (`GradSquares`): the step reads
+        nothing back. Every rank must pass the same flag, since an engine may communicate to measure it."""
         ...
 
     def full_parameters(self) -> dict[str, Tensor]:

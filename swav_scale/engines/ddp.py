@@ -11,8 +11,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.nn.parallel import DistributedDataParallel
 
 from swav_scale.distributed import DistEnv, in_group
-from swav_scale.engines.base import (Autocast, autocast_dtype, broadcast_buffers, drop_grads, local_sum_of_squares,
-                                     set_lr)
+from swav_scale.engines.base import (Autocast, GradSquares, autocast_dtype, broadcast_buffers, drop_grads,
+                                     local_sum_of_squares, set_lr)
 from swav_scale.swav import normalize_prototypes_
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -34,16 +34,17 @@ class TorchEngine(Autocast):
     def freeze_prototypes(self) -> None:
         drop_grads([self.model.prototypes.weight])
 
-    def step(self, measure_grad_norm: bool = False) -> float | None:
-        norm = self.grad_norm() if measure_grad_norm else None
+    def step(self, measure_grad_norm: bool = False) -> GradSquares | None:
+        squares = self.grad_squares() if measure_grad_norm else None  # before the step consumes the gradients
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return squares
 
-    def grad_norm(self) -> float:
-        """DDP's gradients are already averaged and whole on every rank: no communication."""
+    def grad_squares(self) -> GradSquares:
+        """DDP's gradients are already averaged and whole on every rank: all `whole`, no communication."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return local_sum_of_squares(grads, self.device).sqrt().item()
+        whole = local_sum_of_squares(grads, self.device)
+        return GradSquares(torch.zeros_like(whole), whole)
 
     def agree_replicas(self) -> None:
         broadcast_buffers(self.model)  # buffers are replicated under both: save rank 0's

@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.experimental import implicit_replication
 
 from swav_scale.distributed import DistEnv, all_reduce, in_group, world_size
-from swav_scale.engines.base import autocast_dtype, local_sum_of_squares
+from swav_scale.engines.base import GradSquares, autocast_dtype, local_sum_of_squares
 from swav_scale.engines.ddp import OptimizerFactory, TorchEngine
 from swav_scale.swav import normalize_prototypes_
 
@@ -146,15 +146,14 @@ class FSDPEngine(TorchEngine):
         weight = self.model.prototypes.weight
         return embeddings @ (weight.full_tensor() if isinstance(weight, DTensor) else weight).t()
 
-    def grad_norm(self) -> float:
-        """Each rank squares and sums its own gradient shards; one all-reduce adds the ranks' parts. (A DTensor's
-        own norm would cost one collective per parameter.) Whole gradients (a lone process's, replicated_norms')
-        are the same on every rank, and are added once, after the reduction."""
+    def grad_squares(self) -> GradSquares:
+        """Each rank squares and sums its own gradient shards (`summed`: the log step's one all-reduce adds the
+        ranks' parts; a DTensor's own norm would cost one collective per parameter). Whole gradients (a lone
+        process's, replicated_norms') are the same on every rank, and are added once, after the reduction."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         shards = [g.to_local() for g in grads if isinstance(g, DTensor)]
         whole = [g for g in grads if not isinstance(g, DTensor)]
-        total = all_reduce(local_sum_of_squares(shards, self.device)) + local_sum_of_squares(whole, self.device)
-        return total.sqrt().item()
+        return GradSquares(local_sum_of_squares(shards, self.device), local_sum_of_squares(whole, self.device))
 
     def full_parameters(self) -> dict[str, Tensor]:
         """Every parameter whole, on every rank (all-gathered from the shards)."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
@@ -37,8 +36,8 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from swav_scale.distributed import DistEnv, all_reduce, barrier, ensure_process_group, in_group, world_size
-from swav_scale.engines.base import (Autocast, autocast_dtype, broadcast_buffers, drop_grads, local_sum_of_squares,
-                                     set_lr)
+from swav_scale.engines.base import (Autocast, GradSquares, autocast_dtype, broadcast_buffers, drop_grads,
+                                     local_sum_of_squares, set_lr)
 from swav_scale.engines.ddp import OptimizerFactory, load_dcp_state
 from swav_scale.models.swav_model import embed, score_views
 from swav_scale.swav import normalize_prototypes_
@@ -182,7 +181,7 @@ class DeepSpeedEngine(Autocast):
     def freeze_prototypes(self) -> None:
         drop_grads([self.prototypes.weight])
 
-    def step(self, measure_grad_norm: bool = False) -> float | None:
+    def step(self, measure_grad_norm: bool = False) -> GradSquares | None:
         grad = self.prototypes.weight.grad
         if grad is not None and in_group():
             all_reduce(grad).div_(world_size())  # a mean over ranks, as DDP and ZeRO average the other gradients
@@ -196,12 +195,12 @@ class DeepSpeedEngine(Autocast):
         self.ds.step()
         if prototypes_sq is None:
             return None
-        # the replicated prototypes' gradient is added on the device, and the sum read once
+        # DeepSpeed's norm is already global (its own collective) and the prototypes' gradient is averaged:
+        # both are whole on every rank, added on the device and left there
         if zero_norm is None:
             zero_norm = self.ds.get_global_grad_norm()
-        if isinstance(zero_norm, Tensor):
-            return (zero_norm.to(prototypes_sq).square() + prototypes_sq).sqrt().item()
-        return math.sqrt(float(zero_norm) ** 2 + prototypes_sq.item())
+        zero_sq = zero_norm.to(prototypes_sq).square() if isinstance(zero_norm, Tensor) else float(zero_norm) ** 2
+        return GradSquares(torch.zeros_like(prototypes_sq), prototypes_sq + zero_sq)
 
     def full_parameters(self) -> dict[str, Tensor]:
         """Every parameter whole, in float32, on every rank (gathered from the ZeRO partitions)."""
