@@ -54,18 +54,19 @@ def faults():  # minor page faults of making a 64 MiB tensor, filling it and fre
 faults()
 default = faults()
 kept = keep_freed_cpu_memory()
-faults()
-print(default, faults(), kept)
+for _ in range(4):  # the heap grows to its peak: a small allocation may take the front of a freed block once
+    faults()
+print(default, sum(faults() for _ in range(4)), kept)
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self").exists(), reason="glibc on Linux")
 def test_freed_cpu_memory_is_kept_for_the_next_tensor() -> None:
     """A large CPU tensor made again after its memory was freed costs the kernel no page faults (zeroing its
-    pages afresh) once build_engine has called keep_freed_cpu_memory. In a fresh process: the setting is
-    process-wide."""
+    pages afresh) once build_engine has called keep_freed_cpu_memory and the heap has grown to the peak, as
+    a training step's allocations do after the first steps. In a fresh process: the setting is process-wide."""
     out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_FRESH_TENSOR], capture_output=True, text=True, check=True)
     default, kept_faults, kept = out.stdout.split()
     assert kept == "True"
     assert int(default) >= (64 << 20) // 4096 // 2, "malloc maps a 64 MiB block afresh each time by default"
-    assert int(kept_faults) < 64, "the freed block is reused"
+    assert int(kept_faults) < 64, "freed blocks are reused"
