@@ -28,6 +28,10 @@ by design; DeepSpeed's under "warn", which names each synchronising line of Deep
 failing it); on the CPU it is skipped. A variant that fails is reported with its traceback, the others are
 still timed, and the exit status is 1.
 
+On the CPU, building swav_scale's engine makes glibc's malloc keep the memory torch frees
+(engines/base.py: keep_freed_cpu_memory), which is process-wide: every variant of the run, the references
+too, steps with it, so the figures compare the steps' own work; the header says whether it is set.
+
 Prints images per second (the median step time after two warm-up steps; the variants take turns, one
 step each) and swav_scale's throughput over each reference's. Issue 7's CPU target: swav_scale >= 1.0x lightly.
 
@@ -59,7 +63,7 @@ from swav_scale.build import build_model
 from swav_scale.config import load_config
 from swav_scale.distributed import shutdown
 from swav_scale.engines import build_engine
-from swav_scale.engines.base import autocast_dtype
+from swav_scale.engines.base import autocast_dtype, keep_freed_cpu_memory
 from swav_scale.train import swav_step
 
 from benchlib.ranks import ENGINES, lone_rank
@@ -195,6 +199,8 @@ def main() -> int:
         add("original (fp32, NCHW)", original)
         add(lightly_label, lambda: lightly(dtype, True))
         add(lightly_fp32_label, lambda: lightly(None, False))
+    # set by the swav_scale engines built above; asked again here for the header (it is idempotent)
+    memory_kept = keep_freed_cpu_memory() if device.type == "cpu" else None
     compile_skipped = compile_missing(device) if a.compile else None
     if a.compile and not compile_skipped:
         add(default_label.replace(")", ", compiled)"), lambda: swav_scale_step("auto", True, compiled=True), sync_mode)
@@ -203,8 +209,8 @@ def main() -> int:
     crop_text = " + ".join(f"{n}x{s}" for s, n in zip(a.sizes, a.counts))
     console.print(f"[bold]SwAV step[/]  {a.arch}{f' width {a.width}' if a.width else ''}, crops {crop_text} px, "
                   f"batch {a.batch}, K {a.prototypes}, {a.optim.upper()}; {name}, {torch.get_num_threads()} threads, "
-                  f"torch {torch.__version__}, {datetime.date.today()}; host-sync check: {sync_check}",
-                  highlight=False)
+                  f"torch {torch.__version__}, {datetime.date.today()}; host-sync check: {sync_check}"
+                  f"{f'; freed CPU memory kept: {memory_kept}' if device.type == 'cpu' else ''}", highlight=False)
     if compile_skipped:
         console.print(f"compiled step: skipped: {compile_skipped}", highlight=False)
     seconds = interleaved_medians(variants, a.steps, device, WARMUP, failures)
@@ -228,7 +234,8 @@ def main() -> int:
         "arch": a.arch, "width": a.width, "crops": crop_text, "batch": a.batch, "prototypes": a.prototypes,
         "optim": a.optim, "default": default_label, "images_per_s": images_per_s, "engines": engine_labels,
         **({} if a.only_swav_scale else {"lightly": lightly_label, "lightly_fp32": lightly_fp32_label}),
-        "host_sync_check": sync_check, "failed": failures, "deepspeed_skipped_updates": skipped,
+        "host_sync_check": sync_check, "cpu_memory_kept": memory_kept, "failed": failures,
+        "deepspeed_skipped_updates": skipped,
         **({"compile_skipped": compile_skipped} if compile_skipped else {}),
     })
     shutdown()

@@ -11,7 +11,7 @@ from torch import nn
 
 from swav_scale.config import Config, Engine as EngineName, ParallelConfig, check_world
 from swav_scale.distributed import DistEnv
-from swav_scale.engines.base import Engine, autocast_dtype, cpu_has_native_bf16
+from swav_scale.engines.base import Engine, autocast_dtype, cpu_has_native_bf16, keep_freed_cpu_memory
 from swav_scale.engines.ddp import DDPEngine
 from swav_scale.engines.fsdp import FSDPEngine, shard_units
 from swav_scale.engines.sync_batchnorm import convert_sync_batchnorm
@@ -80,6 +80,8 @@ def build_engine(cfg: Config, model: nn.Module, env: DistEnv) -> Engine:
     make_optimizer = functools.partial(build_optimizer, cfg=cfg.optim)
     # process-wide, and set here because every path that trains (the loop, the benchmarks) builds its engine
     torch.backends.cudnn.benchmark = p.cudnn_benchmark
+    if env.device.type == "cpu":  # GPU tensors have torch's caching allocator
+        keep_freed_cpu_memory()
     if use_sync_batchnorm(p, env.world_size):
         # batch statistics over the global batch (or a group of ranks), as in SwAV
         model = convert_sync_batchnorm(model, batchnorm_group(env.world_size, p.sync_batchnorm_group))
