@@ -60,7 +60,6 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-import torch.cuda._pin_memory_utils as pin_memory_utils
 import torch.distributed.checkpoint as dcp
 from rich.markup import escape
 from torch.distributed.tensor import DTensor
@@ -252,9 +251,26 @@ def host_buffer(shape: torch.Size, dtype: torch.dtype, pin_memory: bool) -> torc
     raw = torch.empty(length + page, dtype=torch.uint8)
     start = -raw.data_ptr() % page
     region = raw[start : start + length]
-    pin_memory_utils.pin_memory(region.data_ptr(), length)
-    weakref.finalize(raw.untyped_storage(), pin_memory_utils.unpin_memory, region.data_ptr()).atexit = False
+    register_host_memory(region.data_ptr(), length)
+    weakref.finalize(raw.untyped_storage(), unregister_host_memory, region.data_ptr()).atexit = False
     return region[:nbytes].view(dtype).view(shape)
+
+
+def register_host_memory(address: int, length: int) -> None:
+    """Page-lock `length` bytes of host memory at `address` for CUDA (cudaHostRegister, portable to every
+    GPU of the process), through CUDA's runtime API as torch exposes it (torch.cuda.cudart), not a private
+    helper of torch's that a given version may lack."""
+    status = int(torch.cuda.cudart().cudaHostRegister(address, length, 1))  # 1: cudaHostRegisterPortable
+    if status != 0:
+        raise RuntimeError(f"cudaHostRegister of {length} bytes of staging memory failed with CUDA error {status}; "
+                           "set checkpoint.background=false to save without staging")
+
+
+def unregister_host_memory(address: int) -> None:
+    """Undo `register_host_memory` (cudaHostUnregister), before the memory is freed."""
+    status = int(torch.cuda.cudart().cudaHostUnregister(address))
+    if status != 0:
+        raise RuntimeError(f"cudaHostUnregister of the staging memory at {address:#x} failed with CUDA error {status}")
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -584,8 +584,8 @@ def test_on_a_gpu_staging_is_pinned_asynchronous_and_waited_for_once_by_the_writ
     def never(*args: object, **kwargs: object) -> None:
         pytest.fail("a synchronisation besides the staging event's")
 
-    monkeypatch.setattr(checkpoint.pin_memory_utils, "pin_memory", register)
-    monkeypatch.setattr(checkpoint.pin_memory_utils, "unpin_memory", lambda ptr: registered.pop(ptr))
+    monkeypatch.setattr(checkpoint, "register_host_memory", register)
+    monkeypatch.setattr(checkpoint, "unregister_host_memory", lambda ptr: registered.pop(ptr))
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: ("stream of", device))
