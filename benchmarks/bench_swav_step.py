@@ -33,7 +33,8 @@ On the CPU, building swav_scale's engine makes glibc's malloc keep the memory to
 too, steps with it, so the figures compare the steps' own work; the header says whether it is set.
 
 Prints images per second (the median step time after two warm-up steps; the variants take turns, one
-step each) and swav_scale's throughput over each reference's. Issue 7's CPU target: swav_scale >= 1.0x lightly.
+step each) and swav_scale's throughput over each reference's. The CPU target: swav_scale >= 1.0x the faster
+reference in each precision.
 
     .venv/bin/python benchmarks/bench_swav_step.py [--arch resnet50 --batch 16 --sizes 224 96 --counts 2 6
         --steps 3 --device cuda --compile --only-swav-scale --optim lars --engines ddp fsdp zero2 zero3
