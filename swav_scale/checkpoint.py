@@ -47,6 +47,7 @@ import io
 import json
 import math
 import mmap
+import queue
 import random
 import re
 import shutil
@@ -406,7 +407,9 @@ class Checkpointer:
         self.timeout = timeout  # of the saves' collectives: the training group's (parallel.process_group_timeout_s)
         self.newest: Path | None = None  # the newest complete checkpoint this run resumed from or saved
         self._group: Any = None  # the saves' own gloo group, made by `prepare` or the first save (on every rank)
-        self._worker: threading.Thread | None = None  # the write (or the staging memory's allocation) in flight
+        self._worker: threading.Event | None = None  # set once the work in flight (a write, the staging) is done
+        self._thread: threading.Thread | None = None  # the one background thread, started by the first work
+        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._failure: tuple[str, BaseException] | None = None  # what the worker was doing, and what it raised
         self._last_save = time.monotonic()
         self._prepared = False  # `prepare` or a save has run
@@ -547,7 +550,7 @@ class Checkpointer:
         """Wait for the background work in flight (a save, the staging memory's allocation), if any; raises
         what made it fail. Returns the newest complete checkpoint."""
         if self._worker is not None:
-            self._worker.join()
+            self._worker.wait()
             self._worker = None
         if self._failure is not None:
             (what, failure), self._failure = self._failure, None
@@ -556,10 +559,17 @@ class Checkpointer:
         return self.newest
 
     def _start_worker(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
-        """Run `fn(*args)` in the one background thread (the previous one has been waited for); what it raises
-        is kept, with `what`, for `wait` to raise in the main thread. The thread works on this rank's device
-        (a new thread's CUDA device is otherwise the first one)."""
+        """Run `fn(*args)` in the background thread (the work before it has been waited for); what it raises is
+        kept, with `what`, for `wait` to raise in the main thread. The thread works on this rank's device (a new
+        thread's CUDA device is otherwise the first one).
+
+        One thread serves every save of the run, started with the first and left waiting between them: a thread
+        that starts or ends while the main thread forks (the data loaders' workers, at each epoch and each
+        evaluation) can leave the child waiting forever on a lock of the interpreter's that the parent's thread
+        held at that instant (CPython 3.11's fork handler, _PyThreadState_DeleteExcept). A daemon, so that a
+        rank that fails while a write waits for the other ranks still exits."""
         device = self.env.device
+        done = self._worker = threading.Event()
 
         def run() -> None:
             try:
@@ -567,9 +577,18 @@ class Checkpointer:
                     fn(*args)
             except BaseException as e:  # noqa: BLE001 (handed to the main thread by wait())
                 self._failure = (what, e)
+            finally:
+                done.set()
 
-        self._worker = threading.Thread(target=run, name=f"checkpoint{fn.__name__}", daemon=True)
-        self._worker.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="checkpoint-worker", daemon=True)
+            self._thread.start()
+        self._tasks.put(run)
+
+    def _serve(self) -> None:
+        """The background thread: runs each work `_start_worker` hands it, one after the other, for good."""
+        while True:
+            self._tasks.get()()
 
     def _check_memory(self, states: dict[str, Any]) -> None:
         """Once a start, on each node's first rank: warn when this node's ranks' staged copies would not fit in

@@ -735,3 +735,26 @@ def test_a_background_save_reads_the_device_only_to_stage_its_state(tmp_path: Pa
         seen = result["seen"]
         assert seen["copies"] == seen["mixes"] == [], seen
         assert seen["reads"] == ["cpu"] + ["copy_(to host)"] * result["tensors"], seen
+
+
+def test_one_background_thread_serves_the_staging_and_every_save(tmp_path: Path) -> None:
+    """`prepare`'s allocation and every background save run on one thread, started once and kept: no thread
+    starts or ends around a save, where the data loaders fork their workers (a thread starting or ending during
+    a fork can leave the child waiting on an interpreter lock for good)."""
+    import threading
+
+    engine = make_engine()
+    train_steps(engine, 1)
+    g, r = states(engine, FeatureQueue(2, 8, 16))
+    ckpt = Checkpointer(tmp_path, DistEnv(0, 1, 0, 1, torch.device("cpu")), background=True)
+    before = set(threading.enumerate())
+    ckpt.prepare(g)
+    ckpt.wait()
+    thread = ckpt._thread
+    assert thread is not None and thread.daemon and set(threading.enumerate()) - before == {thread}
+    for step in (2, 3):
+        train_steps(engine, 1)
+        ckpt.save(step, g, r, blocking=False)
+        assert ckpt.wait() == tmp_path / f"step-{step:08d}"
+        assert ckpt._thread is thread and thread.is_alive()
+    assert set(threading.enumerate()) - before == {thread}
