@@ -23,7 +23,7 @@ gradients), it counts the bytes of the tensors the rank actually stores, each st
 
 Communication buffers (DDP's reducer buckets, ZeRO's IPG buckets) and BatchNorm buffers are not counted: they
 show in the peak RSS, reported from `getrusage` with the increase from just before building the model (after
-torch, gloo and DeepSpeed were imported). The issue's target: a sharded engine's per-rank state at 2 ranks is
+torch, gloo and DeepSpeed were imported). The target: a sharded engine's per-rank state at 2 ranks is
 at most 0.55x DDP's.
 
     .venv/bin/python benchmarks/bench_memory.py [--arch resnet50w2 --world 2 --steps 3

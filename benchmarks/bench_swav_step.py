@@ -80,7 +80,7 @@ LR = 0.05
 def compile_missing(device: torch.device) -> str | None:
     """What `parallel.compile` lacks on `device`, or None. Inductor compiles its GPU kernels with triton, which
     builds each kernel's launcher with the host's C compiler; on the CPU it writes C++ kernels. Without them
-    the first compiled step fails deep inside inductor, minutes of a GPU session later."""
+    the first compiled step fails deep inside inductor, minutes into a GPU run."""
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return "torch.cuda is not available"

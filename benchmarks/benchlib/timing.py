@@ -28,7 +28,7 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, devi
     speed during the run (another process, the clock) reaches all of them alike.
 
     With `failures`, a function that raises is reported (its traceback printed, its error in `failures`) and
-    left out of the rounds after, so that one failing variant costs a GPU session the others' figures; without,
+    left out of the rounds after, so that one failing variant does not cost a time-limited GPU run the others' figures; without,
     the error propagates."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(warmup + repeats):
@@ -100,6 +100,6 @@ def checked_after(fn: Callable[[], object], warmup: int, mode: str | None) -> Ca
 
 def write_json(path: Path | None, record: dict[str, object]) -> None:
     """A benchmark's figures as JSON at `path` (when given), for benchmarks/gpu_suite.py to check them against
-    issue 7's targets without parsing the printed tables."""
+    their targets without parsing the printed tables."""
     if path is not None:
         atomic_write_text(path, json.dumps(record, indent=1) + "\n")
