@@ -5,7 +5,7 @@ and trunc_ is not vectorised) after every adjustment exactly where torchvision's
 uint8: a crop is converted to float once and back once, and the arithmetic stays torchvision's. A factor is a
 number, or one per image as a tensor (N,). Blur runs as two 1-D passes of shifted multiply-adds over the taps
 that carry weight, and hue as the HSV rotation in closed form: both within one level of torchvision's output on
-a few pixels in a thousand, several times faster (docs/benchmarks.md, "Data loading from JPEG shards").
+a few pixels in a thousand, several times faster (docs/benchmarks.md, "Data").
 """
 
 from __future__ import annotations
