@@ -50,12 +50,24 @@ def build_model(cfg: Config) -> torch.nn.Module:
     Its weights stay contiguous under every engine, channels_last or not: FSDP2 and ZeRO shard contiguous
     storage only, and DDP holding channels-last weights would round differently from them from the first
     step. Convolutions still run channels-last: they follow their input, which the loop makes channels-last
-    (`parallel.channels_last`)."""
+    (`parallel.channels_last`).
+
+    The one exception changes no memory order: under channels_last, the weights of 1x1 convolutions take the
+    strides that a channels-last convolution gives their gradients. A 1x1 kernel's contiguous and channels-last
+    layouts hold the same bytes in the same order and differ only in the strides of size-1 dimensions, which
+    autograd keeps as the convolution returns them; DDP's reducer compares strides literally, and would
+    otherwise copy these gradients into its buckets and warn "Grad strides do not match bucket view strides"."""
     m = cfg.model
-    return build_swav_model(
+    model = build_swav_model(
         m.arch, m.width, m.small_stem, m.hidden_dim, m.embed_dim, m.num_prototypes, maxpool=m.maxpool,
         drop_path_rate=m.drop_path_rate, zero_init_residual=m.zero_init_residual,
     )
+    if cfg.parallel.channels_last:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1):
+                w = module.weight
+                w.data = torch.empty_like(w, memory_format=torch.channels_last).copy_(w)
+    return model
 
 
 def planned_steps(cfg: Config, steps_per_epoch: int) -> int:

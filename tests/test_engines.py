@@ -521,3 +521,21 @@ def test_zero_computes_the_trunk_in_bf16_inside_a_forward_that_turns_autocast_of
     with torch.autocast("cpu", enabled=False):
         z = embedder(views_for(0, 0))
     assert dtypes and set(dtypes) == {torch.bfloat16} and z.dtype == torch.float32
+
+
+def ddp_steps_warnings(rank: int, world: int, overrides: list[str]) -> list[str]:
+    """The warnings a DDP engine and two steps raise on this rank, each recorded (not once per place)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_ranks(rank, world, overrides)
+    return [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("channels_last", ["true", "false"])
+def test_ddp_builds_and_steps_without_warnings_a_user_cannot_act_on(channels_last: str) -> None:
+    """Neither DDP's "Grad strides do not match bucket view strides" (1x1 convolutions' gradients under
+    channels-last inputs, build.build_model) nor a deprecation of the arguments the engine passes to DDP."""
+    for messages in run_ranks(ddp_steps_warnings, 2, small_config("ddp", "sgd", **{"parallel.channels_last": channels_last})):
+        assert not [m for m in messages if "Grad strides" in m or "deprecated" in m], messages

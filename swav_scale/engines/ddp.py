@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -57,6 +58,14 @@ class TorchEngine(Autocast):
         load_dcp_state(self.wrapped, self.optimizer, state)
 
 
+# Newer torch releases name the switch `forward_sync_buffers` and warn on `broadcast_buffers` (with it DDP still
+# broadcasts the buffers once when it is built, which changes nothing here: the replicas start equal); older
+# releases know only `broadcast_buffers`.
+NO_FORWARD_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
+
+
 class DDPEngine(TorchEngine):
     def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, env: DistEnv, precision: str) -> None:
         self.model = model.to(env.device)
@@ -70,7 +79,7 @@ class DDPEngine(TorchEngine):
             # per BatchNorm buffer and forward, latency-bound, for nothing.
             self.wrapped = DistributedDataParallel(
                 self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                broadcast_buffers=False,
+                **NO_FORWARD_BUFFER_SYNC,
             )
         else:
             self.wrapped = self.model
