@@ -76,8 +76,8 @@ def _run_evaluation(args: argparse.Namespace, work: Callable[[Any, Any, dict[str
         return
     env = init_distributed(timedelta(seconds=cfg.parallel.process_group_timeout_s), cfg.parallel.socket_ifname)
     try:
-        encoders, checkpoint = run_encoders(cfg, run_dir, env.device, args.checkpoint, args.random_init,
-                                            args.baselines)
+        encoders, checkpoint = run_encoders(cfg, run_dir, env.device, args.checkpoint,
+                                            random_init=args.random_init, baselines=args.baselines)
         work(cfg, env, encoders, checkpoint)
     finally:
         shutdown()
