@@ -19,8 +19,9 @@ from rich.table import Table
 
 from swav_scale.checkpoint import newest_checkpoint
 from swav_scale.config import load_config
-from swav_scale.knn import knn_top1, load_trunk, protocol, raw_pixels, split_features
-from swav_scale.linear import train_linear_probe
+from swav_scale.eval.features import RANDOM_INIT, RAW_PIXELS, build_encoders, split_features
+from swav_scale.eval.knn import knn_top1, protocol
+from swav_scale.eval.linear import train_linear_probe
 from swav_scale.utils import atomic_write_text, console
 
 
@@ -31,7 +32,7 @@ def main(argv: list[str]) -> None:
         sys.exit(f"{run_dir} is not a run directory: run `make demo` first, or name a run directory")
     cfg = load_config(run_dir / "config.yaml", overrides)
     checkpoint = newest_checkpoint(run_dir, required=True)
-    encoders = {"SwAV": load_trunk(cfg, checkpoint), "random init": load_trunk(cfg, None), "raw pixels": raw_pixels}
+    encoders = build_encoders(cfg, "cpu", {"SwAV": checkpoint, RANDOM_INIT: None}, pixels=RAW_PIXELS)
     started = time.time()
     (train, train_y), (test, test_y) = split_features(cfg, encoders, "cpu")
     extracted = time.time()

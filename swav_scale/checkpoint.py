@@ -53,7 +53,6 @@ import re
 import shutil
 import threading
 import time
-import warnings
 import weakref
 from datetime import timedelta
 from pathlib import Path
@@ -165,31 +164,6 @@ def seed_generators(seed: int, rank: int) -> None:
     derived = stable_seed("global", seed, rank)
     random.seed(derived)
     np.random.seed(derived % 2**32)
-
-
-def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> None:
-    """The SwAV model's weights from a `step-N/` checkpoint, in one process, whichever engine and number of
-    ranks wrote it: DCP holds the whole model (DDP, FSDP) or the prototypes (DeepSpeed, whose trunk and head
-    are in its own files under `engine/`)."""
-    saved = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    target = model.state_dict()
-    state = {"engine": {"model": {k: v for k, v in target.items() if f"engine.model.{k}" in saved}}}
-    with warnings.catch_warnings():  # torch warns on every no_dist load; reading every shard alone is the point
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
-    weights = state["engine"]["model"]
-    deepspeed_files = checkpoint / "engine"
-    if deepspeed_files.is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        from swav_scale.engines.zero import TAG
-
-        weights |= get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_files), tag=TAG)
-    missing = sorted(set(target) - set(weights))
-    if missing:
-        raise RuntimeError(f"checkpoint {checkpoint} lacks {len(missing)} model tensors ({', '.join(missing[:3])}"
-                           f"{', ...' if len(missing) > 3 else ''}); was it written for another model config?")
-    model.load_state_dict(weights)
 
 
 def describe_files(directory: Path, names: list[str], checksums: bool) -> dict[str, dict[str, Any]]:

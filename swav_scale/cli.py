@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.markup import escape
-from rich.table import Table
 
 from swav_scale.config import ConfigError, load_config
 from swav_scale.data.manifest import ShardError
@@ -65,27 +64,11 @@ def _started_local_ranks(args: argparse.Namespace, run_dir: Path) -> bool:
     return True
 
 
-def _encoders(args: argparse.Namespace, cfg: Any, run_dir: Path, device: Any) -> tuple[dict[str, Any], Path | None]:
-    """The encoders an evaluation compares: the checkpoint's trunk, then the baselines asked for."""
-    from swav_scale.checkpoint import newest_checkpoint
-    from swav_scale.knn import load_trunk, raw_pixels
-
-    encoders: dict[str, Any] = {}
-    checkpoint = None
-    if not args.random_init:
-        checkpoint = Path(args.checkpoint) if args.checkpoint else newest_checkpoint(run_dir, required=True)
-        encoders[f"SwAV ({checkpoint.name})"] = load_trunk(cfg, checkpoint).to(device)
-    if args.random_init or args.baselines:
-        encoders["random init"] = load_trunk(cfg, None).to(device)
-    if args.baselines:
-        encoders["raw pixels"] = raw_pixels
-    return encoders, checkpoint
-
-
 def _run_evaluation(args: argparse.Namespace, work: Callable[[Any, Any, dict[str, Any], Path | None], None]) -> None:
     """What `knn` and `linear` share: one process, `--nproc N` local ranks, or one rank of a job torchrun (or
     SLURM) started. Each rank builds the encoders and calls `work(cfg, env, encoders, checkpoint)`."""
     from swav_scale.distributed import init_distributed, shutdown
+    from swav_scale.eval.features import run_encoders
 
     run_dir = Path(args.run_dir)
     cfg = load_config(run_dir / "config.yaml", args.overrides)  # a typo fails here, before any rank starts
@@ -93,7 +76,8 @@ def _run_evaluation(args: argparse.Namespace, work: Callable[[Any, Any, dict[str
         return
     env = init_distributed(timedelta(seconds=cfg.parallel.process_group_timeout_s), cfg.parallel.socket_ifname)
     try:
-        encoders, checkpoint = _encoders(args, cfg, run_dir, env.device)
+        encoders, checkpoint = run_encoders(cfg, run_dir, env.device, args.checkpoint,
+                                            random_init=args.random_init, baselines=args.baselines)
         work(cfg, env, encoders, checkpoint)
     finally:
         shutdown()
@@ -101,7 +85,7 @@ def _run_evaluation(args: argparse.Namespace, work: Callable[[Any, Any, dict[str
 
 def _knn(args: argparse.Namespace) -> None:
     """Each rank extracts the features of its part of the bank and the queries; rank 0 prints the table."""
-    from swav_scale.knn import evaluate, print_knn_table
+    from swav_scale.eval.knn import evaluate, print_knn_table
 
     def work(cfg: Any, env: Any, encoders: dict[str, Any], checkpoint: Path | None) -> None:
         results = evaluate(cfg, encoders, env.device, args.workers)
@@ -114,30 +98,15 @@ def _knn(args: argparse.Namespace) -> None:
 def _linear(args: argparse.Namespace) -> None:
     """Rank 0 prints the table and appends the checkpoint's result to run_dir/linear.jsonl (what `report`
     plots)."""
-    import json
-    import time
-
-    from swav_scale.checkpoint import META
-    from swav_scale.linear import probe
+    from swav_scale.eval.linear import append_probe_record, print_probe_table, probe, probe_record
 
     def work(cfg: Any, env: Any, encoders: dict[str, Any], checkpoint: Path | None) -> None:
         results = probe(cfg, encoders, env.device, args.workers)
         if not env.is_main:
             return
-        table = Table(title=f"linear probe on frozen features ({cfg.eval.linear_epochs} epochs, SGD, cosine)")
-        for column in ("features", "top-1 %", "top-5 %"):
-            table.add_column(column, justify="left" if column == "features" else "right")
-        for name, r in results.items():
-            table.add_row(name, f"{r.top1:.2f}", f"{r.top5:.2f}")
-        console.print(table)
+        print_probe_table(results, cfg.eval)
         if checkpoint is not None:
-            mine = results[next(iter(results))]
-            line = {"step": json.loads((checkpoint / META).read_text())["step"], "time": round(time.time(), 3),
-                    "checkpoint": str(checkpoint), "linear_top1": mine.top1, "linear_top5": mine.top5,
-                    "linear_epochs": cfg.eval.linear_epochs, "world_size": env.world_size,
-                    "baselines": {n: [r.top1, r.top5] for n, r in list(results.items())[1:]}}
-            with open(Path(args.run_dir) / "linear.jsonl", "a") as f:  # one line per probe, earlier ones kept
-                f.write(json.dumps(line) + "\n")
+            append_probe_record(Path(args.run_dir), probe_record(results, checkpoint, cfg.eval, env.world_size))
 
     _run_evaluation(args, work)
 

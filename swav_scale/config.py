@@ -309,8 +309,8 @@ class EvalConfig:
     temperature: float = 0.07
     batch_size: int = 256  # feature extraction
     # Re-estimate every BatchNorm's statistics on this many training images, transformed as for the features,
-    # before extracting them (PreciseBN at the evaluation size; swav_scale/precise_bn.py). 0: keep the trained
-    # network's running statistics, which come from augmented training crops (DINO's kNN protocol).
+    # before extracting them (PreciseBN at the evaluation size; swav_scale/eval/precise_bn.py). 0: keep the
+    # trained network's running statistics, which come from augmented training crops (DINO's kNN protocol).
     precise_bn_images: int = 0
     # linear probe on the frozen features: SGD with momentum, cosine schedule from linear_lr (per 256 samples)
     linear_epochs: int = 100

@@ -15,7 +15,8 @@ import torch
 
 from swav_scale.checkpoint import newest_checkpoint
 from swav_scale.config import load_config
-from swav_scale.knn import evaluate, load_trunk, print_knn_table, raw_pixels
+from swav_scale.eval.features import RAW_PIXELS, build_encoders
+from swav_scale.eval.knn import evaluate, print_knn_table
 from swav_scale.launcher import launch_local
 from swav_scale.shards.make_shards import ensure_shards
 from swav_scale.utils import atomic_write_text, console, rule
@@ -44,11 +45,8 @@ def run_demo(config: str, overrides: list[str], nproc: int, data_dir: Path) -> d
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run_dir = Path(cfg.train.run_dir)
     checkpoint = newest_checkpoint(run_dir, required=True)
-    encoders = {
-        "SwAV (this run)": load_trunk(cfg, checkpoint).to(device),
-        "same network, random init": load_trunk(cfg, None).to(device),
-        "raw pixels": raw_pixels,
-    }
+    encoders = build_encoders(cfg, device, {"SwAV (this run)": checkpoint, "same network, random init": None},
+                              pixels=RAW_PIXELS)
     results = evaluate(cfg, encoders, device)
     timings["knn_s"] = time.time() - t
     timings["total_s"] = time.time() - started

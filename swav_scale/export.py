@@ -1,7 +1,7 @@
 """`swav-scale export RUN_DIR`: the pretrained backbone as one consolidated file that loads without swav_scale.
 
 Whatever engine and number of ranks wrote the checkpoint (DDP, FSDP2 shards, DeepSpeed ZeRO partitions), the
-trunk's weights are gathered into one state dict (checkpoint.load_model_weights) and written as safetensors
+trunk's weights are gathered into one state dict (eval.features.load_model_weights) and written as safetensors
 and/or a .pth of plain tensors, beside an export.json saying what it is and how to load it:
 
 * ResNet-50 / ResNet-18 at width 1 with the standard stem: torchvision's names, so
@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from swav_scale.build import build_model
-from swav_scale.checkpoint import META, load_model_weights, newest_checkpoint
+from swav_scale.checkpoint import META, newest_checkpoint
 from swav_scale.config import Config, load_config
+from swav_scale.eval.features import load_model_weights
 from swav_scale.utils import atomic_write_bytes, atomic_write_text, sha256_file
 
 FORMATS = ("safetensors", "pth")

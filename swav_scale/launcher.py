@@ -49,6 +49,7 @@ class TrainJob:
     def __call__(self) -> int:
         from swav_scale.checkpoint import newest_checkpoint
         from swav_scale.distributed import init_distributed, shutdown
+        from swav_scale.eval.knn import knn_every_epochs
         from swav_scale.preemption import StopRequested, StopSignals
         from swav_scale.train import train
 
@@ -69,7 +70,7 @@ class TrainJob:
         stops = StopSignals()
         started_from = newest_checkpoint(cfg.train.run_dir)
         try:
-            return train(cfg, env, stops).steps
+            return train(cfg, env, stops, knn_every_epochs(cfg, env)).steps
         except StopRequested as stop:
             got = f" ({', '.join(dict.fromkeys(stops.received))} received here)" if stops.received else ""
             console.print(f"rank {env.rank} on {socket.gethostname()}: {escape(str(stop))}{got}", highlight=False)

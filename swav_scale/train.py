@@ -28,7 +28,6 @@ from swav_scale.distributed import (DistEnv, ProcessGroup, all_gather_object, al
                                     rank_record, world_size)
 from swav_scale.engines import Engine
 from swav_scale.engines.base import GradSquares
-from swav_scale.knn import knn_during_training
 from swav_scale.preemption import StepAgreement, StopRequested, StopSignals
 from swav_scale.queue import FeatureQueue
 from swav_scale.runlog import Ledger, MetricsLog, TrainProgressBar, write_run_info
@@ -141,19 +140,9 @@ def swav_step(engine: Engine, views: list[torch.Tensor], swav: SwAVConfig, step:
     return StepResult(loss, [x.detach() for x in scores], codes, grad_squares)
 
 
-Evaluate = Callable[[int, Engine], float | None]  # (epoch, engine) -> a figure, at the end of each epoch
-
-
-def knn_every_epochs(cfg: Config, env: DistEnv) -> Evaluate:
-    """The periodic evaluation the config asks for: kNN top-1 after every eval.every_epochs-th epoch (None
-    for the other epochs, and always with eval.every_epochs=0)."""
-
-    def evaluate(epoch: int, engine: Engine) -> float | None:
-        if cfg.eval.every_epochs <= 0 or (epoch + 1) % cfg.eval.every_epochs:
-            return None
-        return knn_during_training(cfg, engine.model, engine.full_parameters(), env.device, cfg.data.num_workers)
-
-    return evaluate
+# (epoch, engine) -> a figure or None, at the end of each epoch: the job that runs the loop chooses it
+# (swav_scale.eval.knn.knn_every_epochs), so the loop holds no evaluation code
+Evaluate = Callable[[int, Engine], float | None]
 
 
 class StepLog:
@@ -236,12 +225,12 @@ def resume(cfg: Config, env: DistEnv, run: Run) -> Path | None:
 def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None,
           evaluate: Evaluate | None = None) -> TrainResult:
     """Train to the end of the schedule, resuming from the newest complete checkpoint. With `stops`, a
-    signal on any rank makes every rank save the current step and raise StopRequested. `evaluate` runs at
-    the end of each epoch (default: kNN every eval.every_epochs). Periodic checkpoints are written in the
-    background (checkpoint.background); those of a stop and of the end are complete before this returns."""
+    signal on any rank makes every rank save the current step and raise StopRequested. `evaluate`, when
+    given, runs at the end of each epoch and its figure, when not None, is logged as knn_top1; without it no
+    evaluation runs. Periodic checkpoints are written in the background (checkpoint.background); those of a
+    stop and of the end are complete before this returns."""
     run = build_run(cfg, env)
     resume(cfg, env, run)
-    evaluate = evaluate or knn_every_epochs(cfg, env)
     progress, loader, engine, checkpointer = run.progress, run.loader, run.engine, run.checkpointer
     agree = StepAgreement(timedelta(seconds=cfg.parallel.process_group_timeout_s))
     mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
@@ -262,7 +251,7 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None,
                 progress.step += 1
                 log.step(epoch, lr, result, log_now, checkpointer.newest)
 
-                if end_of_epoch and (top1 := evaluate(epoch, engine)) is not None:
+                if end_of_epoch and evaluate is not None and (top1 := evaluate(epoch, engine)) is not None:
                     log.evaluation(epoch, top1)
 
                 requeue, stop, clock = agree([bool(stops and stops.requeue), bool(stops and stops.stop),

@@ -42,9 +42,9 @@ def pretrain(shards: Path, run_dir: Path, *extra: str) -> subprocess.CompletedPr
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from swav_scale.checkpoint import load_model_weights
     from swav_scale.config import load_config
     from swav_scale.build import build_model
+    from swav_scale.eval.features import load_model_weights
 
     checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
     meta = json.loads((checkpoints[-1] / "meta.json").read_text())
@@ -133,6 +133,7 @@ def train_in_process(shards: Path, run_dir: Path, *extra: str) -> None:
     from swav_scale.checkpoint import RNGState
     from swav_scale.config import load_config
     from swav_scale.distributed import DistEnv
+    from swav_scale.eval.knn import knn_every_epochs
     from swav_scale.train import train
 
     cfg = load_config(REPO / "configs" / "quickstart.yaml",
@@ -142,7 +143,8 @@ def train_in_process(shards: Path, run_dir: Path, *extra: str) -> None:
     try:
         with warnings.catch_warnings():  # DCP warns on every save and load without a process group
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            train(cfg, DistEnv(0, 1, 0, 1, torch.device("cpu")))
+            env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
+            train(cfg, env, evaluate=knn_every_epochs(cfg, env))
     finally:
         RNGState().load_state_dict(outer)
 

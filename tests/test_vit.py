@@ -13,7 +13,7 @@ import torch.distributed.checkpoint as dcp
 
 from swav_scale.build import build_model
 from swav_scale.config import Arch, ConfigError, check_world, load_config
-from swav_scale.knn import load_trunk
+from swav_scale.eval.features import load_trunk
 from swav_scale.models import ARCHS, ViTTrunk, build_swav_model, build_trunk
 from helpers import REPO
 from runs import TINY_VIT, pretrain

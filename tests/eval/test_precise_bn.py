@@ -14,7 +14,7 @@ from helpers import run_ranks
 from swav_scale.data.labelled import open_labelled
 from swav_scale.data.multicrop import EvalTransform
 from swav_scale.models.resnet import build_trunk
-from swav_scale.precise_bn import batchnorm_layers, calibration_batches, precise_batchnorm, precise_batchnorms
+from swav_scale.eval.precise_bn import batchnorm_layers, calibration_batches, precise_batchnorm, precise_batchnorms
 
 MEAN, STD = (0.286,) * 3, (0.353,) * 3
 

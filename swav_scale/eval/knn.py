@@ -2,72 +2,25 @@
 
 Features of the bank (train split) and the queries (test split) are L2-normalised; each query takes its k
 most similar bank samples by cosine similarity s, and each neighbour votes for its class with weight
-exp(s / T). Top-1 accuracy of the vote is the figure reported.
+exp(s / T). Top-1 accuracy of the vote is the figure reported. The same kNN scores a checkpoint
+(`swav-scale knn`) and the network being trained (`knn_every_epochs`, which the job that runs the training
+loop passes to it).
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 from rich.table import Table
-from torch.utils.data import DataLoader
+from torch import Tensor, nn
 
 from swav_scale.build import build_model
-from swav_scale.checkpoint import load_model_weights
 from swav_scale.config import Config, EvalConfig
-from swav_scale.data.device import normalize
-from swav_scale.data.labelled import LabelledStream, Unit, open_labelled
-from swav_scale.data.multicrop import EvalTransform
-from swav_scale.distributed import all_gather, all_gather_object, broadcast, in_group, rank, world_size
-from swav_scale.engines.base import autocast_dtype
-from swav_scale.precise_bn import calibration_batches, precise_batchnorms
-from swav_scale.utils import console, progress_bar
-
-
-@torch.no_grad()
-def extract_features(
-    encoders: dict[str, Callable[[Tensor], Tensor]],
-    units: list[Unit],
-    transform: Callable[[Tensor], Tensor],
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    batch_size: int = 256,
-    num_workers: int = 2,
-    device: torch.device | str = "cpu",
-    description: str = "features",
-    dtype: torch.dtype | None = None,
-    show_progress: bool = True,
-) -> tuple[dict[str, Tensor], Tensor]:
-    """({encoder name: L2-normalised features (N, D)}, labels (N,)) for every image of `units` (a rank's part
-    of a LabelledImages set, or all of it), on `device`: the kNN scores them there.
-
-    Every encoder sees the same decoded batch, so the images are read and decoded once however many encoders
-    (the trained network and its baselines) are compared. `dtype` runs the encoders under autocast (bf16 for a
-    network trained in bf16: the features it was trained to produce, at up to twice the speed)."""
-    device = torch.device(device)
-    workers = min(num_workers, len(units))
-    loader = DataLoader(LabelledStream(units, transform, batch_size), batch_size=None, num_workers=workers,
-                        pin_memory=device.type == "cuda")  # pinned: the copies below do not hold the host up
-    feats: dict[str, list[Tensor]] = {name: [] for name in encoders}
-    labels = []
-    bar = progress_bar(description, sum(u.count for u in units)) if show_progress else nullcontext(lambda n: None)
-    with bar as advance:
-        for x, y in loader:
-            x = normalize(x.to(device, non_blocking=True), mean, std)
-            for name, encode in encoders.items():
-                with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
-                    out = encode(x)
-                feats[name].append(F.normalize(out.float(), dim=1))
-            labels.append(y.to(device, non_blocking=True))  # from the pinned batch, as the images
-            advance(len(y))
-    empty = torch.zeros(0, device=device)
-    return ({name: torch.cat(f) if f else empty for name, f in feats.items()},
-            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device))
+from swav_scale.distributed import DistEnv, all_gather, all_gather_object, broadcast, in_group
+from swav_scale.engines import Engine
+from swav_scale.eval.features import Encoder, split_features
+from swav_scale.utils import console
 
 
 def protocol(e: EvalConfig) -> str:
@@ -78,25 +31,12 @@ def protocol(e: EvalConfig) -> str:
     return text
 
 
-def raw_pixels(x: Tensor) -> Tensor:
-    """The baseline encoder: the (normalised) image itself, flattened."""
-    return x.flatten(1)
-
-
 def _gather_rows(x: Tensor) -> Tensor:
     """Every rank's rows of `x` (any number per rank), concatenated in rank order."""
     sizes = all_gather_object(len(x))
     padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
     padded[: len(x)] = x
     return torch.cat([p[:n] for p, n in zip(all_gather(padded), sizes)])
-
-
-def _same_width_everywhere(features: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A rank that read no image of a split (fewer shards than ranks) has no feature width of its own; it takes
-    the others', so that its empty part can still be gathered and scored (collective)."""
-    widths = all_gather_object({name: f.shape[1:] for name, f in features.items() if len(f)})
-    return {name: f if len(f) else f.reshape(0, *next(w[name] for w in widths if name in w))
-            for name, f in features.items()}
 
 
 @torch.no_grad()
@@ -142,57 +82,9 @@ def _local_top_k(queries: Tensor, bank: Tensor, bank_labels: Tensor, k: int) -> 
     return sim, labels
 
 
-def load_trunk(cfg: Config, checkpoint: Path | None) -> nn.Module:
-    """The trunk of a checkpoint (only the model's part is read), or a fresh one."""
-    torch.manual_seed(cfg.train.seed)  # a random-init baseline is the very network training started from
-    model = build_model(cfg)
-    if checkpoint is not None:
-        load_model_weights(model, checkpoint)
-    return model.trunk.eval()
-
-
-Split = tuple[dict[str, Tensor], Tensor]  # ({encoder name: features}, labels) of this rank's part of a split
-
-
-def split_features(
-    cfg: Config,
-    encoders: dict[str, Callable[[Tensor], Tensor]],
-    device: torch.device | str = "cpu",
-    num_workers: int = 2,
-    show_progress: bool = True,
-) -> tuple[Split, Split]:
-    """Features of the train split (eval.train_shards, default data.train_shards) and of the test split
-    (eval.test_shards), each a shard set or an ImageFolder. Under torch.distributed, of this rank's part."""
-    e = cfg.eval
-    bank_set = (open_labelled(e.train_shards) if e.train_shards
-                else open_labelled(cfg.data.train_shards, cfg.data.train_manifest))
-    query_set = open_labelled(e.test_split())
-    this_rank, world = rank(), world_size()
-    transform = EvalTransform(e.resize, e.crop)
-    mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
-    dtype = autocast_dtype(cfg.parallel.precision, torch.device(device))  # the precision the network trained in
-    networks = {name: enc for name, enc in encoders.items() if isinstance(enc, nn.Module)}
-    if e.precise_bn_images and networks:  # the same images and batches on any number of ranks (precise_bn.py)
-        if e.precise_bn_images > bank_set.total and this_rank == 0:  # the tables will name the configured number
-            console.print(f"[yellow]warning:[/] eval.precise_bn_images={e.precise_bn_images}, but the train split "
-                          f"holds {bank_set.total} images: BatchNorm statistics come from all {bank_set.total}",
-                          highlight=False)
-        batches = calibration_batches(bank_set.units, transform, mean, std, e.precise_bn_images, e.batch_size,
-                                      device)
-        encoders = {**encoders, **precise_batchnorms(networks, batches, dtype)}
-    bank, bank_y = extract_features(encoders, bank_set.part(this_rank, world), transform, mean, std,
-                                    e.batch_size, num_workers, device, "bank (train split)", dtype, show_progress)
-    queries, query_y = extract_features(encoders, query_set.part(this_rank, world), transform, mean, std,
-                                        e.batch_size, num_workers, device, "queries (test split)", dtype,
-                                        show_progress)
-    if in_group():
-        bank, queries = _same_width_everywhere(bank), _same_width_everywhere(queries)
-    return (bank, bank_y), (queries, query_y)
-
-
 def evaluate(
     cfg: Config,
-    encoders: dict[str, Callable[[Tensor], Tensor]],
+    encoders: dict[str, Encoder],
     device: torch.device | str = "cpu",
     num_workers: int = 2,
     show_progress: bool = True,
@@ -226,6 +118,19 @@ def knn_during_training(cfg: Config, model: nn.Module, parameters: dict[str, Ten
         copy.load_state_dict({**parameters, **buffers}, strict=True)
         trunk = copy.trunk.eval()
         return evaluate(cfg, {"trunk": trunk}, device, num_workers, show_progress=False)["trunk"]
+
+
+def knn_every_epochs(cfg: Config, env: DistEnv) -> Callable[[int, Engine], float | None]:
+    """The periodic evaluation the config asks for, as the training loop takes it (`train.Evaluate`): kNN
+    top-1 after every eval.every_epochs-th epoch (None for the other epochs, and always with
+    eval.every_epochs=0)."""
+
+    def at_epoch_end(epoch: int, engine: Engine) -> float | None:
+        if cfg.eval.every_epochs <= 0 or (epoch + 1) % cfg.eval.every_epochs:
+            return None
+        return knn_during_training(cfg, engine.model, engine.full_parameters(), env.device, cfg.data.num_workers)
+
+    return at_epoch_end
 
 
 def print_knn_table(results: dict[str, float], e: EvalConfig, title: str = "kNN top-1") -> None:

@@ -7,7 +7,7 @@ import torch
 from helpers import run_ranks
 
 from swav_scale.config import EvalConfig
-from swav_scale.linear import ProbeResult, train_linear_probe
+from swav_scale.eval.linear import ProbeResult, train_linear_probe
 
 PROBE = EvalConfig(linear_epochs=4, linear_batch_size=32, linear_lr=0.5)
 

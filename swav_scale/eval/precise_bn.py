@@ -7,7 +7,7 @@ Evaluation takes features of whole, unaugmented images, often at another size (t
 28 px crops), whose activations have other means and variances, so every BatchNorm layer normalises with
 numbers that belong to another input distribution. Re-estimating them on training images exactly as the
 evaluation transforms them (no labels, no gradient, no weight changed) measures the network with its own
-statistics: +1.0 kNN point on the demo's checkpoint (docs/benchmarks.md). Off by default
+statistics (what that is worth on the demo's checkpoint: docs/benchmarks.md). Off by default
 (`eval.precise_bn_images=0`), which keeps the frozen-network protocol of DINO's kNN.
 """
 

@@ -13,7 +13,8 @@ from helpers import image_folder_of, run_ranks
 from swav_scale.config import load_config
 from swav_scale.data.labelled import open_labelled
 from swav_scale.data.multicrop import EvalTransform
-from swav_scale.knn import extract_features, knn_top1, raw_pixels, split_features
+from swav_scale.eval.features import extract_features, raw_pixels, split_features
+from swav_scale.eval.knn import knn_top1
 from swav_scale.models.resnet import build_trunk
 
 MEAN, STD = (0.286,) * 3, (0.353,) * 3
@@ -139,16 +140,16 @@ def _knn_during_training_traced(rank: int, world: int, overrides: list[str]) -> 
     host tensors (pinned on a GPU), as the labels in them."""
     from device_trace import DeviceTrace
 
-    import swav_scale.knn as knn
+    import swav_scale.eval.features as features
     from swav_scale.build import build_model
     from swav_scale.data.device import normalize
-    from swav_scale.knn import knn_during_training
+    from swav_scale.eval.knn import knn_during_training
 
     cfg = load_config(None, overrides)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
     parameters = {n: p.detach().clone() for n, p in model.named_parameters()}
-    loader = knn.DataLoader
+    loader = features.DataLoader  # extract_features' loader
 
     class HostBatches(loader):  # type: ignore[misc, valid-type]
         def __iter__(self):  # type: ignore[no-untyped-def]
@@ -159,12 +160,12 @@ def _knn_during_training_traced(rank: int, world: int, overrides: list[str]) -> 
 
     # the normalisation constants, made once per device: training made them before any evaluation
     normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8), tuple(cfg.crops.mean), tuple(cfg.crops.std))
-    knn.DataLoader = HostBatches
+    features.DataLoader = HostBatches
     try:
         with DeviceTrace() as trace:
             top1 = knn_during_training(cfg, model, parameters, torch.device("cpu"), 0)
     finally:
-        knn.DataLoader = loader
+        features.DataLoader = loader
     with DeviceTrace() as construction, torch.device("cpu"):  # the network built on the run's device alone
         build_model(cfg)
     return {"seen": trace.seen, "top1": top1, "construction": construction.seen}

@@ -1,6 +1,6 @@
 """Linear probe: a linear classifier trained on the frozen trunk's features (`swav-scale linear RUN_DIR`).
 
-The features of the whole image are computed once (`knn.split_features`, as for kNN), standardised with the
+The features of the whole image are computed once (`features.split_features`, as for kNN), standardised with the
 training set's mean and standard deviation (a BatchNorm without affine, as MoCo v3 and MAE probe), and a linear
 layer is trained on them with SGD, momentum and a cosine schedule, then scored top-1 / top-5 on the test split.
 Computing the features once instead of re-augmenting every epoch makes a 100-epoch probe cost about one
@@ -10,21 +10,32 @@ On several ranks each rank keeps the features of its own part of the data. Every
 batch (a permutation of all samples from one seed), computes the loss of the samples of it that it holds,
 divided by the global batch size, and the gradients are summed over ranks: each step is the single-process
 step, whatever the number of ranks and however unevenly the data is split.
+
+Rank 0 prints the results as a table and appends the checkpoint's to RUN_DIR/linear.jsonl, one line per probe
+(what `swav-scale report` plots).
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.table import Table
 from torch import Tensor, nn
 
+from swav_scale.checkpoint import META
 from swav_scale.config import Config, EvalConfig
 from swav_scale.distributed import all_gather_object, all_reduce, rank
-from swav_scale.knn import split_features
+from swav_scale.eval.features import Encoder, split_features
+from swav_scale.utils import console
+
+PROBE_LOG = "linear.jsonl"  # in the run directory
 
 
 @dataclass
@@ -91,9 +102,35 @@ def train_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y:
     return ProbeResult(100.0 * correct1 / n, 100.0 * correct5 / n, float(train_loss))
 
 
-def probe(cfg: Config, encoders: dict[str, Callable[[Tensor], Tensor]], device: torch.device,
+def probe(cfg: Config, encoders: dict[str, Encoder], device: torch.device,
           num_workers: int = 2) -> dict[str, ProbeResult]:
     """A linear probe per named encoder, on the train and test splits of `cfg.eval` (see `split_features`)."""
     (train, train_y), (test, test_y) = split_features(cfg, encoders, device, num_workers)
     return {name: train_linear_probe(train[name].to(device), train_y, test[name].to(device), test_y, cfg.eval,
                                      cfg.train.seed) for name in encoders}
+
+
+def print_probe_table(results: dict[str, ProbeResult], e: EvalConfig) -> None:
+    """The top-1 and top-5 of each encoder, titled with the probe's schedule (the config's eval section)."""
+    table = Table(title=f"linear probe on frozen features ({e.linear_epochs} epochs, SGD, cosine)")
+    for column in ("features", "top-1 %", "top-5 %"):
+        table.add_column(column, justify="left" if column == "features" else "right")
+    for name, r in results.items():
+        table.add_row(name, f"{r.top1:.2f}", f"{r.top5:.2f}")
+    console.print(table)
+
+
+def probe_record(results: dict[str, ProbeResult], checkpoint: Path, e: EvalConfig, world_size: int) -> dict[str, Any]:
+    """The line of linear.jsonl for one probe of `checkpoint`: the first encoder's result (the checkpoint's
+    trunk) under its step, and the others' (the baselines) by name."""
+    mine = results[next(iter(results))]
+    return {"step": json.loads((checkpoint / META).read_text())["step"], "time": round(time.time(), 3),
+            "checkpoint": str(checkpoint), "linear_top1": mine.top1, "linear_top5": mine.top5,
+            "linear_epochs": e.linear_epochs, "world_size": world_size,
+            "baselines": {n: [r.top1, r.top5] for n, r in list(results.items())[1:]}}
+
+
+def append_probe_record(run_dir: Path, record: dict[str, Any]) -> None:
+    """Add `record` to the run's linear.jsonl, earlier probes' lines kept."""
+    with open(Path(run_dir) / PROBE_LOG, "a") as f:
+        f.write(json.dumps(record) + "\n")
