@@ -18,6 +18,7 @@ from rich.table import Table
 
 from swav_scale.config import ConfigError, load_config
 from swav_scale.data.manifest import ShardError
+from swav_scale.run_dir import append_linear, load_run_config, logs_dir
 from swav_scale.utils import console
 
 
@@ -61,13 +62,13 @@ def _started_local_ranks(args: argparse.Namespace, run_dir: Path) -> bool:
     from swav_scale.launcher import run_local_ranks
 
     argv = without_option(args.argv, "--nproc")
-    run_local_ranks([sys.executable, "-m", "swav_scale.cli", *argv], args.nproc, run_dir / "logs" / args.command)
+    run_local_ranks([sys.executable, "-m", "swav_scale.cli", *argv], args.nproc, logs_dir(run_dir) / args.command)
     return True
 
 
 def _encoders(args: argparse.Namespace, cfg: Any, run_dir: Path, device: Any) -> tuple[dict[str, Any], Path | None]:
     """The encoders an evaluation compares: the checkpoint's trunk, then the baselines asked for."""
-    from swav_scale.checkpoint import newest_checkpoint
+    from swav_scale.checkpoint.layout import newest_checkpoint
     from swav_scale.knn import load_trunk, raw_pixels
 
     encoders: dict[str, Any] = {}
@@ -88,7 +89,7 @@ def _run_evaluation(args: argparse.Namespace, work: Callable[[Any, Any, dict[str
     from swav_scale.distributed import init_distributed, shutdown
 
     run_dir = Path(args.run_dir)
-    cfg = load_config(run_dir / "config.yaml", args.overrides)  # a typo fails here, before any rank starts
+    cfg = load_run_config(run_dir, args.overrides)  # a typo fails here, before any rank starts
     if _started_local_ranks(args, run_dir):
         return
     env = init_distributed(timedelta(seconds=cfg.parallel.process_group_timeout_s), cfg.parallel.socket_ifname)
@@ -114,10 +115,9 @@ def _knn(args: argparse.Namespace) -> None:
 def _linear(args: argparse.Namespace) -> None:
     """Rank 0 prints the table and appends the checkpoint's result to run_dir/linear.jsonl (what `report`
     plots)."""
-    import json
     import time
 
-    from swav_scale.checkpoint import META
+    from swav_scale.checkpoint.layout import read_meta
     from swav_scale.linear import probe
 
     def work(cfg: Any, env: Any, encoders: dict[str, Any], checkpoint: Path | None) -> None:
@@ -132,12 +132,11 @@ def _linear(args: argparse.Namespace) -> None:
         console.print(table)
         if checkpoint is not None:
             mine = results[next(iter(results))]
-            line = {"step": json.loads((checkpoint / META).read_text())["step"], "time": round(time.time(), 3),
+            line = {"step": read_meta(checkpoint)["step"], "time": round(time.time(), 3),
                     "checkpoint": str(checkpoint), "linear_top1": mine.top1, "linear_top5": mine.top5,
                     "linear_epochs": cfg.eval.linear_epochs, "world_size": env.world_size,
                     "baselines": {n: [r.top1, r.top5] for n, r in list(results.items())[1:]}}
-            with open(Path(args.run_dir) / "linear.jsonl", "a") as f:  # one line per probe, earlier ones kept
-                f.write(json.dumps(line) + "\n")
+            append_linear(args.run_dir, line)  # one line per probe, earlier ones kept
 
     _run_evaluation(args, work)
 

@@ -1,7 +1,7 @@
 """`swav-scale export RUN_DIR`: the pretrained backbone as one consolidated file that loads without swav_scale.
 
 Whatever engine and number of ranks wrote the checkpoint (DDP, FSDP2 shards, DeepSpeed ZeRO partitions), the
-trunk's weights are gathered into one state dict (checkpoint.load_model_weights) and written as safetensors
+trunk's weights are gathered into one state dict (checkpoint/manager.py's load_model_weights) and written as safetensors
 and/or a .pth of plain tensors, beside an export.json saying what it is and how to load it:
 
 * ResNet-50 / ResNet-18 at width 1 with the standard stem: torchvision's names, so
@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 
 from swav_scale.build import build_model
-from swav_scale.checkpoint import META, load_model_weights, newest_checkpoint
-from swav_scale.config import Config, load_config
+from swav_scale.checkpoint.layout import newest_checkpoint, read_meta
+from swav_scale.checkpoint.manager import load_model_weights
+from swav_scale.config import Config
+from swav_scale.run_dir import export_dir, load_run_config
 from swav_scale.utils import atomic_write_bytes, atomic_write_text, sha256_file
 
 FORMATS = ("safetensors", "pth")
@@ -45,7 +47,7 @@ def export_backbone(run_dir: str | Path, checkpoint: str | Path | None = None, o
                     formats: tuple[str, ...] = FORMATS) -> list[Path]:
     """Write the trunk of `checkpoint` (default: the run's newest complete one); returns the files written."""
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir)
     checkpoint = Path(checkpoint) if checkpoint else newest_checkpoint(run_dir, required=True)
     bad = [f for f in formats if f not in FORMATS]
     if bad:
@@ -54,8 +56,8 @@ def export_backbone(run_dir: str | Path, checkpoint: str | Path | None = None, o
     load_model_weights(model, checkpoint)
     # plain contiguous tensors: safetensors refuses strided ones, and other code expects torchvision's layout
     weights = {k: v.detach().contiguous().clone() for k, v in model.trunk.state_dict().items()}
-    step = json.loads((checkpoint / META).read_text())["step"]
-    out = Path(out) if out else run_dir / "export" / checkpoint.name
+    step = read_meta(checkpoint)["step"]
+    out = Path(out) if out else export_dir(run_dir, checkpoint.name)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for fmt in formats:

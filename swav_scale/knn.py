@@ -18,7 +18,7 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 from swav_scale.build import build_model
-from swav_scale.checkpoint import load_model_weights
+from swav_scale.checkpoint.manager import load_model_weights
 from swav_scale.config import Config, EvalConfig
 from swav_scale.data.device import normalize
 from swav_scale.data.labelled import LabelledStream, Unit, open_labelled

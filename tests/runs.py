@@ -42,7 +42,7 @@ def pretrain(shards: Path, run_dir: Path, *extra: str) -> subprocess.CompletedPr
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from swav_scale.checkpoint import load_model_weights
+    from swav_scale.checkpoint.manager import load_model_weights
     from swav_scale.config import load_config
     from swav_scale.build import build_model
 
@@ -130,7 +130,7 @@ def train_in_process(shards: Path, run_dir: Path, *extra: str) -> None:
 
     import numpy as np
 
-    from swav_scale.checkpoint import RNGState
+    from swav_scale.checkpoint.states import RNGState
     from swav_scale.config import load_config
     from swav_scale.distributed import DistEnv
     from swav_scale.train import train
