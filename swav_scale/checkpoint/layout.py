@@ -94,6 +94,12 @@ def damaged_checkpoints(root: Path) -> list[Path]:
     return sorted(root.glob(f"step-*{DAMAGED}")) if root.is_dir() else []
 
 
+def file_names(directory: Path) -> list[str]:
+    """Every file under `directory` (a checkpoint being committed), as paths relative to it, sorted: what its
+    meta.json describes."""
+    return sorted(str(f.relative_to(directory)) for f in directory.rglob("*") if f.is_file())
+
+
 def describe_files(directory: Path, names: list[str], checksums: bool) -> dict[str, dict[str, Any]]:
     """Size (and sha256) of each named file under `directory`, as recorded in meta.json."""
     out = {}

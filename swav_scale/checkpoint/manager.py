@@ -38,9 +38,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed.checkpoint as dcp
 
-from swav_scale.checkpoint.layout import (META, complete_checkpoints, describe_files, find_damage, move_aside,
-                                          newest_intact, own_files_dir, partial_dir, point_latest, rank_file,
-                                          read_meta, remove_partial, step_dir_name, without_meta, write_meta)
+from swav_scale.checkpoint.layout import (META, complete_checkpoints, describe_files, file_names, find_damage,
+                                          move_aside, newest_intact, own_files_dir, partial_dir, point_latest,
+                                          rank_file, read_meta, remove_partial, step_dir_name, without_meta,
+                                          write_meta)
 from swav_scale.checkpoint.staging import allocate_staging, stage, tensor_bytes
 from swav_scale.checkpoint.states import OwnFiles, Replicas, Reshardable, Stateful
 from swav_scale.distributed import DistEnv, all_gather_object, barrier, broadcast_object, new_group
@@ -280,8 +281,7 @@ class Checkpointer:
             obj.save_files(own_files_dir(partial, name))
         atomic_write_bytes(partial / rank_file(self.env.rank), rank_bytes)
         barrier(group)  # every rank's files are on disk
-        names = broadcast_object(sorted(str(f.relative_to(partial)) for f in partial.rglob("*") if f.is_file())
-                                 if self.env.is_main else None, group=group)
+        names = broadcast_object(file_names(partial) if self.env.is_main else None, group=group)
         mine = names[self.env.rank :: self.env.world_size]
         files = {k: v for part in all_gather_object(describe_files(partial, mine, self.checksums), group=group)
                  for k, v in part.items()}
