@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from swav_scale.checkpoint import Checkpointer, TrainProgress
+from swav_scale.checkpoint.manager import Checkpointer
+from swav_scale.checkpoint.states import TrainProgress
 from swav_scale.config import OptimConfig
 from swav_scale.distributed import DistEnv
 from swav_scale.engines.ddp import DDPEngine

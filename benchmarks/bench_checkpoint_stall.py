@@ -37,7 +37,10 @@ from rich.console import Console
 from rich.table import Table
 
 from swav_scale.build import build_model
-from swav_scale.checkpoint import META, Checkpointer, RNGState, TrainProgress, tensor_bytes
+from swav_scale.checkpoint.layout import META
+from swav_scale.checkpoint.manager import Checkpointer
+from swav_scale.checkpoint.staging import tensor_bytes
+from swav_scale.checkpoint.states import RNGState, TrainProgress
 from swav_scale.config import load_config
 from swav_scale.distributed import DistEnv
 from swav_scale.engines import build_engine

@@ -17,20 +17,20 @@ from pathlib import Path
 
 from rich.table import Table
 
-from swav_scale.checkpoint import newest_checkpoint
-from swav_scale.config import load_config
+from swav_scale.checkpoint.layout import newest_checkpoint
 from swav_scale.eval.features import RANDOM_INIT, RAW_PIXELS, build_encoders, split_features
 from swav_scale.eval.knn import knn_top1, protocol
 from swav_scale.eval.linear import train_linear_probe
+from swav_scale.run_dir import is_run_dir, load_run_config
 from swav_scale.utils import atomic_write_text, console
 
 
 def main(argv: list[str]) -> None:
     run_dir = Path(argv[0] if argv and "=" not in argv[0] else "runs/quickstart")
     overrides = [a for a in argv if "=" in a]
-    if not (run_dir / "config.yaml").is_file():
+    if not is_run_dir(run_dir):
         sys.exit(f"{run_dir} is not a run directory: run `make demo` first, or name a run directory")
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    cfg = load_run_config(run_dir, overrides)
     checkpoint = newest_checkpoint(run_dir, required=True)
     encoders = build_encoders(cfg, "cpu", {"SwAV": checkpoint, RANDOM_INIT: None}, pixels=RAW_PIXELS)
     started = time.time()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 from pathlib import Path
 from typing import Any
 

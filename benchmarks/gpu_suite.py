@@ -66,6 +66,7 @@ from typing import TextIO
 import torch
 from bench_step_shards import steps_from_shards
 
+from swav_scale.run_dir import is_run_dir
 from swav_scale.status import run_status
 from swav_scale.utils import atomic_write_text
 
@@ -410,7 +411,7 @@ def main() -> int:
                     figures[name.removesuffix(".json")] = json.loads((a.work / name).read_text())
             if step.name == "pretrain":
                 statuses["pretrain"].update(backend_seen(output))
-                if (a.work / "run" / "config.yaml").exists():
+                if is_run_dir(a.work / "run"):
                     statuses["pretrain"]["status_json"] = run_status(a.work / "run")  # `swav-scale status --json`
             summary = write_report(a.out, header, statuses, figures, device)
     print("\n" + summary)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from swav_scale.checkpoint import Checkpointer, RNGState, TrainProgress, seed_generators
+from swav_scale.checkpoint.manager import Checkpointer
+from swav_scale.checkpoint.states import RNGState, TrainProgress, seed_generators
 from swav_scale.config import Config, check_world
 from swav_scale.data.labelled import open_labelled
 from swav_scale.data.loader import MultiCropStream, ShardLoader
@@ -27,6 +27,7 @@ from swav_scale.engines import Engine, build_engine
 from swav_scale.models import build_swav_model
 from swav_scale.optim import Schedule
 from swav_scale.queue import FeatureQueue
+from swav_scale.run_dir import checkpoints_dir
 
 
 def build_multicrop(cfg: Config) -> MultiCrop:
@@ -134,7 +135,7 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
     queue = build_queue(cfg, env)
     progress = TrainProgress()
     c = cfg.checkpoint
-    checkpointer = Checkpointer(Path(cfg.train.run_dir) / "checkpoints", env, c.keep, c.checksums, c.every_steps,
+    checkpointer = Checkpointer(checkpoints_dir(cfg.train.run_dir), env, c.keep, c.checksums, c.every_steps,
                                 c.every_minutes, c.background, timedelta(seconds=cfg.parallel.process_group_timeout_s))
     return Run(loader=loader, schedule=Schedule.build(cfg.optim, loader.steps_per_epoch),
                last_step=planned_steps(cfg, loader.steps_per_epoch), engine=engine, queue=queue,

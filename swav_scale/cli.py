@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from swav_scale.config import ConfigError, load_config
 from swav_scale.data.manifest import ShardError
+from swav_scale.run_dir import append_linear, load_run_config, logs_dir
 from swav_scale.utils import console
 
 
@@ -60,7 +61,7 @@ def _started_local_ranks(args: argparse.Namespace, run_dir: Path) -> bool:
     from swav_scale.launcher import run_local_ranks
 
     argv = without_option(args.argv, "--nproc")
-    run_local_ranks([sys.executable, "-m", "swav_scale.cli", *argv], args.nproc, run_dir / "logs" / args.command)
+    run_local_ranks([sys.executable, "-m", "swav_scale.cli", *argv], args.nproc, logs_dir(run_dir) / args.command)
     return True
 
 
@@ -71,7 +72,7 @@ def _run_evaluation(args: argparse.Namespace, work: Callable[[Any, Any, dict[str
     from swav_scale.eval.features import run_encoders
 
     run_dir = Path(args.run_dir)
-    cfg = load_config(run_dir / "config.yaml", args.overrides)  # a typo fails here, before any rank starts
+    cfg = load_run_config(run_dir, args.overrides)  # a typo fails here, before any rank starts
     if _started_local_ranks(args, run_dir):
         return
     env = init_distributed(timedelta(seconds=cfg.parallel.process_group_timeout_s), cfg.parallel.socket_ifname)
@@ -98,7 +99,7 @@ def _knn(args: argparse.Namespace) -> None:
 def _linear(args: argparse.Namespace) -> None:
     """Rank 0 prints the table and appends the checkpoint's result to run_dir/linear.jsonl (what `report`
     plots)."""
-    from swav_scale.eval.linear import append_probe_record, print_probe_table, probe, probe_record
+    from swav_scale.eval.linear import print_probe_table, probe, probe_record
 
     def work(cfg: Any, env: Any, encoders: dict[str, Any], checkpoint: Path | None) -> None:
         results = probe(cfg, encoders, env.device, args.workers)
@@ -106,7 +107,7 @@ def _linear(args: argparse.Namespace) -> None:
             return
         print_probe_table(results, cfg.eval)
         if checkpoint is not None:
-            append_probe_record(Path(args.run_dir), probe_record(results, checkpoint, cfg.eval, env.world_size))
+            append_linear(args.run_dir, probe_record(results, checkpoint, cfg.eval, env.world_size))
 
     _run_evaluation(args, work)
 

@@ -258,7 +258,7 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    """When checkpoints are written and what is kept (checkpoint.Checkpointer owns the policy)."""
+    """When checkpoints are written and what is kept (checkpoint/manager.py's Checkpointer owns the policy)."""
 
     every_steps: int = 500  # 0: none in between; a checkpoint is also written at every epoch's end and on a stop
     # also save once this many minutes have passed since the last save, by rank 0's clock (0: never). A step

@@ -7,19 +7,19 @@ run.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from swav_scale.checkpoint import newest_checkpoint
+from swav_scale.checkpoint.layout import newest_checkpoint
 from swav_scale.config import load_config
 from swav_scale.eval.features import RAW_PIXELS, build_encoders
 from swav_scale.eval.knn import evaluate, print_knn_table
 from swav_scale.launcher import launch_local
+from swav_scale.run_dir import write_demo
 from swav_scale.shards.make_shards import ensure_shards
-from swav_scale.utils import atomic_write_text, console, rule
+from swav_scale.utils import console, rule
 
 
 def run_demo(config: str, overrides: list[str], nproc: int, data_dir: Path) -> dict[str, float]:
@@ -58,6 +58,5 @@ def run_demo(config: str, overrides: list[str], nproc: int, data_dir: Path) -> d
     console.print(f"{verdict}[/] (margin {margin:+.2f} points). Time: shards {timings['shards_s']:.0f} s, "
                   f"pretraining {timings['pretrain_s']:.0f} s, kNN {timings['knn_s']:.0f} s, "
                   f"total {timings['total_s']:.0f} s.")
-    atomic_write_text(run_dir / "demo.json", json.dumps({"knn_top1": results, "checkpoint": str(checkpoint),
-                                                          "timings": timings}, indent=1))
+    write_demo(run_dir, {"knn_top1": results, "checkpoint": str(checkpoint), "timings": timings})
     return results

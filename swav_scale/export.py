@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from swav_scale.build import build_model
-from swav_scale.checkpoint import META, newest_checkpoint
-from swav_scale.config import Config, load_config
+from swav_scale.checkpoint.layout import newest_checkpoint, read_meta
+from swav_scale.config import Config
 from swav_scale.eval.features import load_model_weights
+from swav_scale.run_dir import export_dir, load_run_config
 from swav_scale.utils import atomic_write_bytes, atomic_write_text, sha256_file
 
 FORMATS = ("safetensors", "pth")
@@ -46,7 +47,7 @@ def export_backbone(run_dir: str | Path, checkpoint: str | Path | None = None, o
                     formats: tuple[str, ...] = FORMATS) -> list[Path]:
     """Write the trunk of `checkpoint` (default: the run's newest complete one); returns the files written."""
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir)
     checkpoint = Path(checkpoint) if checkpoint else newest_checkpoint(run_dir, required=True)
     bad = [f for f in formats if f not in FORMATS]
     if bad:
@@ -55,8 +56,8 @@ def export_backbone(run_dir: str | Path, checkpoint: str | Path | None = None, o
     load_model_weights(model, checkpoint)
     # plain contiguous tensors: safetensors refuses strided ones, and other code expects torchvision's layout
     weights = {k: v.detach().contiguous().clone() for k, v in model.trunk.state_dict().items()}
-    step = json.loads((checkpoint / META).read_text())["step"]
-    out = Path(out) if out else run_dir / "export" / checkpoint.name
+    step = read_meta(checkpoint)["step"]
+    out = Path(out) if out else export_dir(run_dir, checkpoint.name)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for fmt in formats:

@@ -28,6 +28,7 @@ from typing import Any
 from rich.markup import escape
 
 from swav_scale.config import Config, ConfigError, from_yaml_text, load_config, to_yaml
+from swav_scale.run_dir import launch_config_file, logs_dir
 from swav_scale.utils import atomic_write_text, console
 
 EXIT_STOPPED = 3  # a rank saved and stopped on request; rerunning the same command resumes
@@ -47,7 +48,7 @@ class TrainJob:
         return from_yaml_text(self.config_yaml, "the config this job was submitted with")
 
     def __call__(self) -> int:
-        from swav_scale.checkpoint import newest_checkpoint
+        from swav_scale.checkpoint.layout import newest_checkpoint
         from swav_scale.distributed import init_distributed, shutdown
         from swav_scale.eval.knn import knn_every_epochs
         from swav_scale.preemption import StopRequested, StopSignals
@@ -141,7 +142,7 @@ def _requeue_after_failure(cfg: Config, error: Exception, started_from: Path | N
     land here. If this start completed a checkpoint, the job is requeued and resumes from it; if not, a requeue
     would most likely fail the same way, so the job ends with the error. Mistakes in the config, the data or
     the numbers (ConfigError, ShardError, a NaN loss) are never requeued."""
-    from swav_scale.checkpoint import newest_checkpoint
+    from swav_scale.checkpoint.layout import newest_checkpoint
     from swav_scale.data.manifest import ShardError
     from swav_scale.runlog import launch_ranks
 
@@ -208,9 +209,9 @@ def launch_local(cfg: Config, nproc: int) -> None:
     from swav_scale.build import preflight
 
     preflight(cfg, nproc)  # fail here, once, rather than in every rank
-    logs = Path(cfg.train.run_dir) / "logs"
+    logs = logs_dir(cfg.train.run_dir)
     logs.mkdir(parents=True, exist_ok=True)
-    config_file = logs / "launch-config.yaml"
+    config_file = launch_config_file(cfg.train.run_dir)
     atomic_write_text(config_file, to_yaml(cfg))
     run_local_ranks([sys.executable, "-m", "swav_scale.launcher", str(config_file)], nproc, logs)
 

@@ -8,14 +8,13 @@ read days later still says what went wrong and what to change.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from swav_scale.config import load_config
 from swav_scale.diagnostics import HealthCheck
-from swav_scale.status import read_json_lines, run_status
+from swav_scale.run_dir import load_run_config, read_demo, read_launches, read_linear, read_metrics, report_dir
+from swav_scale.status import run_status
 from swav_scale.utils import atomic_write_text
 
 # (file, title, [(metric key, label)], y-axis label): one PNG each, drawn when the run logged any of its keys
@@ -70,11 +69,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Plots and report.md under `out` (default RUN_DIR/report); returns the Markdown file's path."""
     run_dir = Path(run_dir)
     status = run_status(run_dir)  # also the error for a directory that is not a run
-    cfg = load_config(run_dir / "config.yaml")
-    out = Path(out) if out else run_dir / "report"
+    cfg = load_run_config(run_dir)
+    out = Path(out) if out else report_dir(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = read_json_lines(run_dir / "metrics.jsonl")
-    linear = read_json_lines(run_dir / "linear.jsonl")
+    metrics = read_metrics(run_dir)
+    linear = read_linear(run_dir)
     ln_k = math.log(cfg.model.num_prototypes)
 
     plots = []
@@ -103,8 +102,7 @@ def _last(metrics: list[dict[str, Any]], key: str) -> Any:
 
 def _markdown(run_dir: Path, cfg: Any, status: dict[str, Any], metrics: list[dict[str, Any]],
               linear: list[dict[str, Any]], plots: list[tuple[str, str]], warnings: list[str], ln_k: float) -> str:
-    meta = json.loads((run_dir / "meta.json").read_text()) if (run_dir / "meta.json").is_file() else {}
-    launches = meta.get("launches", [])
+    launches = read_launches(run_dir)
     knn = [m["knn_top1"] for m in metrics if m.get("knn_top1") is not None]
     loss = status["loss"]
     rows = [
@@ -128,9 +126,9 @@ def _markdown(run_dir: Path, cfg: Any, status: dict[str, Any], metrics: list[dic
     ]
     lines = [f"# SwAV run `{run_dir}`", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
-    demo = run_dir / "demo.json"
-    if demo.is_file():
-        results = json.loads(demo.read_text())["knn_top1"]
+    demo = read_demo(run_dir)
+    if demo is not None:
+        results = demo["knn_top1"]
         lines += ["", "## Final kNN top-1 (`make demo`)", "", "| features | top-1 % |", "|---|---:|"]
         lines += [f"| {name} | {acc:.2f} |" for name, acc in results.items()]
     lines += ["", "## Health", ""]

@@ -14,18 +14,17 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from swav_scale.config import Config, to_yaml
-from swav_scale.utils import atomic_write_text, console, git_sha
+from swav_scale.config import Config
+from swav_scale.run_dir import append_launch, ledger_file, open_metrics, read_launches, tensorboard_dir, write_config
+from swav_scale.utils import console, git_sha
 
 
 def write_run_info(run_dir: Path, cfg: Config, ranks: list[dict[str, Any]], resumed_from: str | None) -> None:
     """config.yaml (resolved) and meta.json (git SHA, versions, and one entry per launch of this run, with
     where each of its `ranks` ran: distributed.rank_record)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    meta_path = run_dir / "meta.json"
-    meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.is_file() else {"launches": []}
-    meta["launches"].append(
+    write_config(run_dir, cfg)
+    append_launch(
+        run_dir,
         {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "git_sha": git_sha(),
@@ -44,16 +43,14 @@ def write_run_info(run_dir: Path, cfg: Config, ranks: list[dict[str, Any]], resu
             "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
         }
     )
-    meta["git_sha"] = meta["launches"][-1]["git_sha"]
-    atomic_write_text(meta_path, json.dumps(meta, indent=1))
 
 
 def launch_ranks(run_dir: Path, slurm_job_id: str, restart: int) -> list[dict[str, Any]]:
     """The ranks recorded in meta.json for this start of SLURM job `slurm_job_id` (its `restart`-th), or []
     when this start has not recorded them (it failed before) or the file cannot be read."""
     try:
-        launches = json.loads((run_dir / "meta.json").read_text())["launches"]
-    except (OSError, ValueError, KeyError):
+        launches = read_launches(run_dir)
+    except (OSError, ValueError):
         return []
     for launch in reversed(launches):
         if launch.get("slurm_job_id") == slurm_job_id and launch.get("slurm_restart_count") == restart:
@@ -65,12 +62,12 @@ class MetricsLog:
     """Rank 0's metrics: one JSON object per line in metrics.jsonl, mirrored to TensorBoard if enabled."""
 
     def __init__(self, run_dir: Path, tensorboard: bool) -> None:
-        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.file = open_metrics(run_dir)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(tensorboard_dir(run_dir)))
 
     def write(self, step: int, **values: float) -> None:
         self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
@@ -92,8 +89,9 @@ class Ledger:
     step redone after a restart appears again; its last line is the one that counted."""
 
     def __init__(self, run_dir: Path, rank: int) -> None:
-        (run_dir / "ledger").mkdir(parents=True, exist_ok=True)
-        self.file = open(run_dir / "ledger" / f"rank-{rank:05d}.jsonl", "a", buffering=1)
+        path = ledger_file(run_dir, rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a", buffering=1)
 
     def write(self, step: int, epoch: int, keys: list[str]) -> None:
         self.file.write(json.dumps({"step": step, "epoch": epoch, "keys": keys}) + "\n")

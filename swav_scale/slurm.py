@@ -8,7 +8,6 @@ failure resumes from the newest complete checkpoint as well.
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import time
@@ -20,10 +19,8 @@ import submitit
 from swav_scale.build import preflight
 from swav_scale.config import Config, to_yaml
 from swav_scale.launcher import TrainJob
+from swav_scale.run_dir import append_job, slurm_dir
 from swav_scale.utils import console
-
-JOBS_FILE = "jobs.jsonl"  # one line per submission, for `swav-scale status`
-
 
 def executor_parameters(cfg: Config) -> dict[str, Any]:
     """submitit AutoExecutor parameters from cfg.slurm; empty values leave the cluster's defaults."""
@@ -50,7 +47,7 @@ def submit(cfg: Config, cluster: str | None = None) -> Any:
     nodes, tasks = cfg.slurm.nodes, cfg.slurm.ranks_per_node
     preflight(cfg, nodes * tasks)  # a typo or a missing shard fails here, not after a day in the queue
     run_dir = Path(cfg.train.run_dir)
-    log_dir = Path(cfg.slurm.log_dir or run_dir / "slurm")
+    log_dir = Path(cfg.slurm.log_dir or slurm_dir(run_dir))
     executor = submitit.AutoExecutor(folder=log_dir / "%j", cluster=cluster,
                                      slurm_max_num_timeout=cfg.slurm.max_requeues)
     executor.update_parameters(**executor_parameters(cfg))
@@ -58,8 +55,7 @@ def submit(cfg: Config, cluster: str | None = None) -> Any:
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"job_id": str(job.job_id), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ranks": nodes * tasks,
               "log_dir": str(log_dir / str(job.job_id)), "command": " ".join(shlex.quote(a) for a in sys.argv)}
-    with open(run_dir / JOBS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_job(run_dir, record)  # for `swav-scale status`
     console.print(f"submitted job [bold]{job.job_id}[/] ({nodes} node(s) x {tasks} task(s)); logs in "
                   f"{record['log_dir']}; follow it with `swav-scale status {run_dir}`", highlight=False)
     return job

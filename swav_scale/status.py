@@ -7,31 +7,16 @@ count) and jobs.jsonl (one line per `swav-scale submit`).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.table import Table
 
-from swav_scale.checkpoint import DAMAGED, META, Checkpointer
-from swav_scale.config import load_config
-from swav_scale.distributed import DistEnv
+from swav_scale.checkpoint.layout import complete_checkpoints, damaged_checkpoints, newest_intact, read_meta
+from swav_scale.run_dir import (CONFIG, checkpoints_dir, is_run_dir, load_run_config, read_jobs, read_launches,
+                                read_metrics)
 from swav_scale.utils import console
-
-
-def read_json_lines(path: Path) -> list[dict[str, Any]]:
-    """The complete lines of a JSONL file that may be in the middle of an append."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 def total_steps(run_dir: Path) -> int | None:
@@ -42,7 +27,7 @@ def total_steps(run_dir: Path) -> int | None:
     from swav_scale.data.sources import open_shard_set
 
     try:
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_run_config(run_dir)
         steps = epoch_steps(open_shard_set(cfg.data.train_shards, cfg.data.train_manifest), cfg.optim.batch_size)
     except Exception:  # status must answer even when the data is not mounted here
         return None
@@ -52,26 +37,25 @@ def total_steps(run_dir: Path) -> int | None:
 def run_status(run_dir: str | Path) -> dict[str, Any]:
     """Everything `status` prints, as a dict (also what `--json` writes)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); give the train.run_dir of a run")
-    checkpoints = Checkpointer(run_dir / "checkpoints", DistEnv(0, 1, 0, 1, torch.device("cpu")))
-    latest = checkpoints.latest()
-    meta = json.loads((latest / META).read_text()) if latest else {}
-    metrics = read_json_lines(run_dir / "metrics.jsonl")
-    launches = json.loads((run_dir / "meta.json").read_text())["launches"] if (run_dir / "meta.json").is_file() else []
-    submissions = read_json_lines(run_dir / "jobs.jsonl")
+    if not is_run_dir(run_dir):
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG}); give the train.run_dir of a run")
+    root = checkpoints_dir(run_dir)
+    latest = newest_intact(root)
+    meta = read_meta(latest) if latest else {}
+    metrics = read_metrics(run_dir)
+    launches = read_launches(run_dir)
+    submissions = read_jobs(run_dir)
     job_ids = list(dict.fromkeys([s["job_id"] for s in submissions] +
                                  [x["slurm_job_id"] for x in launches if x.get("slurm_job_id")]))
     last = next((m for m in reversed(metrics) if "loss" in m), {})  # not a kNN line (eval.every_epochs)
-    root = run_dir / "checkpoints"
     return {
         "run_dir": str(run_dir),
         "checkpoint": str(latest) if latest else None,
         "checkpoint_step": meta.get("step"),
         "checkpoint_world_size": meta.get("world_size"),
         "checkpoint_time": meta.get("time"),
-        "complete_checkpoints": len(checkpoints.complete_checkpoints()),
-        "damaged_checkpoints": sorted(p.name for p in root.glob(f"step-*{DAMAGED}")) if root.is_dir() else [],
+        "complete_checkpoints": len(complete_checkpoints(root)),
+        "damaged_checkpoints": [p.name for p in damaged_checkpoints(root)],
         "last_logged_step": last.get("step"),
         "total_steps": total_steps(run_dir),
         "epoch": last.get("epoch"),

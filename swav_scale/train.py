@@ -1,7 +1,7 @@
 """The SwAV pretraining loop, top to bottom.
 
 Setup builds every part from the config and computes the schedules up front; the loop then only indexes
-them. Parallelism lives in the engine (engines/), state persistence in the checkpointer (checkpoint.py);
+them. Parallelism lives in the engine (engines/), state persistence in the checkpointer (checkpoint/);
 the loop does not branch on either.
 """
 

@@ -130,7 +130,7 @@ def train_in_process(shards: Path, run_dir: Path, *extra: str) -> None:
 
     import numpy as np
 
-    from swav_scale.checkpoint import RNGState
+    from swav_scale.checkpoint.states import RNGState
     from swav_scale.config import load_config
     from swav_scale.distributed import DistEnv
     from swav_scale.eval.knn import knn_every_epochs

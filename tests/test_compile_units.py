@@ -20,7 +20,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from swav_scale.build import build_model
-from swav_scale.checkpoint import Checkpointer, TrainProgress
+from swav_scale.checkpoint.manager import Checkpointer
+from swav_scale.checkpoint.states import TrainProgress
 from swav_scale.config import ConfigError, OptimConfig, check_world, load_config
 from swav_scale.distributed import DistEnv
 from swav_scale.engines import build_engine, compile_units, use_sync_batchnorm

@@ -21,7 +21,8 @@ from helpers import run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 
 from swav_scale.build import build_model
-from swav_scale.checkpoint import Checkpointer, TrainProgress
+from swav_scale.checkpoint.manager import Checkpointer
+from swav_scale.checkpoint.states import TrainProgress
 from swav_scale.config import load_config
 from swav_scale.diagnostics import code_statistics
 from swav_scale.distributed import DistEnv, all_reduce_mean

@@ -13,7 +13,8 @@ import torchvision
 from safetensors.torch import load_file
 
 from swav_scale.build import build_model
-from swav_scale.checkpoint import Checkpointer, TrainProgress
+from swav_scale.checkpoint.manager import Checkpointer
+from swav_scale.checkpoint.states import TrainProgress
 from swav_scale.config import load_config, to_yaml
 from swav_scale.distributed import DistEnv
 from swav_scale.engines.ddp import DDPEngine

@@ -10,7 +10,6 @@ a few pixels in a thousand, several times faster (docs/benchmarks.md, "Data").
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch

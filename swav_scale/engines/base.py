@@ -44,7 +44,7 @@ class Engine(Protocol):
     and `step()`, which at log steps also measures the gradient norm (left on the device: `GradSquares`). The
     checkpointer treats the engine as one stateful object: `state_dict()` is in the distributed-checkpoint (DCP)
     format, so engines that shard save their shards and load at another world size. An engine whose state lives
-    partly in its own files (DeepSpeed) also implements checkpoint.py's `OwnFiles`.
+    partly in its own files (DeepSpeed) also implements checkpoint/states.py's `OwnFiles`.
     """
 
     wrapped: nn.Module  # the model as the engine runs it (DDP wrapper, DeepSpeed engine): views -> (z, scores)
@@ -78,7 +78,7 @@ class Engine(Protocol):
         ...
 
     def agree_replicas(self) -> None:
-        """Give every rank rank 0's BatchNorm statistics (collective), before a save (checkpoint.Replicas)."""
+        """Give every rank rank 0's BatchNorm statistics (collective), before a save (checkpoint/states.py's Replicas)."""
         ...
 
     def state_dict(self) -> dict[str, Any]:

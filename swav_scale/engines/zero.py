@@ -32,6 +32,7 @@ import deepspeed
 import torch
 from deepspeed.checkpoint import ds_to_universal
 from deepspeed.utils import safe_get_full_fp32_param
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -273,6 +274,13 @@ def share_master_partitions(optimizer: Any) -> None:
                 and master.untyped_storage().data_ptr() != partition.untyped_storage().data_ptr()
                 and torch.equal(master, partition)):
             master.data = partition.data
+
+
+def read_fp32_weights(directory: Path) -> dict[str, Tensor]:
+    """The trunk's and head's weights, whole and in float32, from the files `save_files` wrote into
+    `directory`: one process gathers them from every rank's ZeRO partitions, whatever number of ranks wrote
+    them (for evaluation and export)."""
+    return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
 
 
 def convert_to_universal(source: Path, target: Path) -> None:

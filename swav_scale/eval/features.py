@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from swav_scale.build import build_model
-from swav_scale.checkpoint import newest_checkpoint
+from swav_scale.checkpoint.layout import newest_checkpoint, own_files_dir
 from swav_scale.config import Config
 from swav_scale.data.device import normalize
 from swav_scale.data.labelled import LabelledStream, Unit, open_labelled
@@ -48,14 +48,12 @@ def load_model_weights(model: nn.Module, checkpoint: Path) -> None:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     weights = state["engine"]["model"]
-    deepspeed_files = checkpoint / "engine"
-    if deepspeed_files.is_dir():
-        # deepspeed takes seconds to import, and only a DeepSpeed checkpoint needs it
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    engine_files = own_files_dir(checkpoint, "engine")
+    if engine_files.is_dir():
+        # here, not at the top: only a DeepSpeed checkpoint has these files, and deepspeed is slow to import
+        from swav_scale.engines.zero import read_fp32_weights
 
-        from swav_scale.engines.zero import TAG
-
-        weights |= get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_files), tag=TAG)
+        weights |= read_fp32_weights(engine_files)
     missing = sorted(set(target) - set(weights))
     if missing:
         raise RuntimeError(f"checkpoint {checkpoint} lacks {len(missing)} model tensors ({', '.join(missing[:3])}"

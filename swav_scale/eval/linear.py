@@ -17,7 +17,6 @@ Rank 0 prints the results as a table and appends the checkpoint's to RUN_DIR/lin
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -29,13 +28,12 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch import Tensor, nn
 
-from swav_scale.checkpoint import META
+from swav_scale.checkpoint.layout import read_meta
 from swav_scale.config import Config, EvalConfig
 from swav_scale.distributed import all_gather_object, all_reduce, rank
 from swav_scale.eval.features import Encoder, split_features
 from swav_scale.utils import console
 
-PROBE_LOG = "linear.jsonl"  # in the run directory
 
 
 @dataclass
@@ -124,13 +122,7 @@ def probe_record(results: dict[str, ProbeResult], checkpoint: Path, e: EvalConfi
     """The line of linear.jsonl for one probe of `checkpoint`: the first encoder's result (the checkpoint's
     trunk) under its step, and the others' (the baselines) by name."""
     mine = results[next(iter(results))]
-    return {"step": json.loads((checkpoint / META).read_text())["step"], "time": round(time.time(), 3),
+    return {"step": read_meta(checkpoint)["step"], "time": round(time.time(), 3),
             "checkpoint": str(checkpoint), "linear_top1": mine.top1, "linear_top5": mine.top5,
             "linear_epochs": e.linear_epochs, "world_size": world_size,
             "baselines": {n: [r.top1, r.top5] for n, r in list(results.items())[1:]}}
-
-
-def append_probe_record(run_dir: Path, record: dict[str, Any]) -> None:
-    """Add `record` to the run's linear.jsonl, earlier probes' lines kept."""
-    with open(Path(run_dir) / PROBE_LOG, "a") as f:
-        f.write(json.dumps(record) + "\n")

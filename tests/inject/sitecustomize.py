@@ -8,10 +8,11 @@ if os.environ.get("SWAV_TEST_HOLD_SAVE_STEP") and os.environ.get("RANK") == "1":
     import time
     from pathlib import Path
 
-    import swav_scale.checkpoint as checkpoint
+    import swav_scale.checkpoint.manager as manager
+    from swav_scale.checkpoint.layout import step_dir_name
 
-    held = f"{checkpoint.step_dir_name(int(os.environ['SWAV_TEST_HOLD_SAVE_STEP']))}.partial"
-    write = checkpoint.atomic_write_bytes
+    held = f"{step_dir_name(int(os.environ['SWAV_TEST_HOLD_SAVE_STEP']))}.partial"
+    write = manager.atomic_write_bytes
 
     def held_write(path, data):  # type: ignore[no-untyped-def]
         if Path(path).parent.name == held:
@@ -19,4 +20,4 @@ if os.environ.get("SWAV_TEST_HOLD_SAVE_STEP") and os.environ.get("RANK") == "1":
             time.sleep(600)
         write(path, data)
 
-    checkpoint.atomic_write_bytes = held_write
+    manager.atomic_write_bytes = held_write

@@ -1,4 +1,5 @@
-"""Checkpoints: complete-or-absent directories, round trips of every state, per-rank files on real ranks."""
+"""Checkpoints (checkpoint/manager.py): complete-or-absent directories, round trips of every state, per-rank
+files on real ranks, saves in the background."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import torch
 from helpers import REPO, run_ranks
 from runs import TINY_VIT, checkpoint_contents, differences, train_in_process
 
-from swav_scale.checkpoint import DAMAGED, META, Checkpointer, RNGState, TrainProgress, find_damage, rank_file
+import swav_scale.checkpoint.manager as manager
+import swav_scale.checkpoint.staging as staging
+from swav_scale.checkpoint.layout import DAMAGED, META, find_damage, rank_file
+from swav_scale.checkpoint.manager import Checkpointer
+from swav_scale.checkpoint.states import RNGState, TrainProgress
 from swav_scale.config import OptimConfig
 from swav_scale.distributed import DistEnv, broadcast
 from swav_scale.engines.ddp import DDPEngine
@@ -194,36 +199,6 @@ def test_a_step_directory_without_meta_is_named_once_and_moved_aside(tmp_path: P
     assert (tmp_path / f"step-00000002{DAMAGED}" / rank_file(0)).is_file()
 
 
-def test_resharded_queue_keeps_every_filled_row() -> None:
-    old = []
-    for rank in range(2):
-        q = FeatureQueue(1, 6, 2)
-        q.push(0, torch.full((3, 2), float(rank)))
-        q.advance(3)  # half full
-        old.append(q.state_dict())
-    new = [FeatureQueue(1, 4, 2) for _ in range(3)]
-    for rank, q in enumerate(new):
-        q.load_resharded(old, rank, 3)
-    rows = torch.cat([q.embeddings[0, : q.filled, 0] for q in new])
-    assert sorted(rows.tolist()) == [0.0] * 3 + [1.0] * 3 and [q.filled for q in new] == [2, 2, 2]
-
-
-def test_rng_state_holds_this_ranks_gpu_generator_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A rank saves and restores the generator of its own GPU, not every visible one: on a resume where the
-    task sees another number of GPUs (SLURM's binding), the others belong to other ranks. CUDA's generator
-    calls are stood in for; a CPU run saves none."""
-    calls: list[tuple] = []
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or torch.ones(3))
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", device)))
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saved every GPU's generator"))
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("restored every GPU's"))
-    gpu = torch.device("cuda", 3)
-    state = RNGState(gpu).state_dict()
-    RNGState(gpu).load_state_dict(state)
-    assert calls == [("get", gpu), ("set", gpu)] and torch.equal(state["cuda"], torch.ones(3))
-    assert "cuda" not in RNGState(torch.device("cpu")).state_dict()
-
-
 @pytest.mark.parametrize("model", [pytest.param((), id="resnet"),
                                    pytest.param(tuple(TINY_VIT), id="vit-drop-path", marks=pytest.mark.slow)])
 def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(model: tuple[str, ...], fmnist_train_shards: Path,
@@ -300,8 +275,6 @@ def _background_save_on_rank(rank: int, world: int, root: str) -> dict:
     rank 0's."""
     import threading
 
-    import swav_scale.checkpoint as checkpoint
-
     env = DistEnv(rank, world, rank, world, torch.device("cpu"))
     engine = make_engine(world, rank)
     ckpt = Checkpointer(root, env, background=True)
@@ -317,14 +290,14 @@ def _background_save_on_rank(rank: int, world: int, root: str) -> dict:
     queue.push(0, torch.full((4, 16), float(rank))); queue.advance(4)
     g["progress"].step = 2
     release = threading.Event()
-    write = checkpoint.atomic_write_bytes
+    write = manager.atomic_write_bytes
 
     def held_write(path, data):  # type: ignore[no-untyped-def]
         if rank == 1:
             release.wait(60)
         write(path, data)
 
-    checkpoint.atomic_write_bytes = held_write
+    manager.atomic_write_bytes = held_write
     started = ckpt.save(2, g, r, blocking=False)
     in_flight = not (Path(root) / started.name).exists()  # returned while rank 1's write is held
     buffers = [b.detach().clone() for b in engine.model.buffers()]
@@ -358,8 +331,6 @@ def test_a_background_save_writes_the_staged_state_while_training_goes_on(tmp_pa
 
 def test_a_failed_background_write_is_raised_by_the_next_wait_naming_the_rank(tmp_path: Path,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import swav_scale.checkpoint as checkpoint
-
     env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
     ckpt = Checkpointer(tmp_path, env, background=True)
     g, r = states(make_engine(), FeatureQueue(2, 8, 16))
@@ -367,7 +338,7 @@ def test_a_failed_background_write_is_raised_by_the_next_wait_naming_the_rank(tm
     def full_disk(path, data):  # type: ignore[no-untyped-def]
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "atomic_write_bytes", full_disk)
+    monkeypatch.setattr(manager, "atomic_write_bytes", full_disk)
     ckpt.save(1, g, r, blocking=False)
     with pytest.raises(RuntimeError, match=r"rank 0: the checkpoint written in the background failed: OSError: "
                                            r"\[Errno 28\] No space left on device"):
@@ -381,10 +352,8 @@ def test_a_failed_background_write_is_raised_by_the_next_wait_naming_the_rank(tm
 def test_saves_by_wall_time_follow_rank_0s_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """checkpoint.every_minutes: only rank 0's clock says when (the loop agrees on it over all ranks); a save
     restarts the clock."""
-    import swav_scale.checkpoint as checkpoint
-
     now = {"t": 1000.0}
-    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: now["t"])
+    monkeypatch.setattr(manager.time, "monotonic", lambda: now["t"])
     main, other = (Checkpointer("unused", DistEnv(r, 2, r, 2, torch.device("cpu")), every_minutes=2)
                    for r in (0, 1))
     now["t"] += 119
@@ -398,12 +367,10 @@ def test_background_staging_warns_once_when_the_nodes_copies_would_not_fit(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """The staged copy is the state's tensors again, for every rank of the node: said once, with the sizes and
     the key that saves without it, when MemAvailable is smaller; the save goes on."""
-    import swav_scale.checkpoint as checkpoint
-
     env = DistEnv(0, 1, 0, 4, torch.device("cpu"))  # one of 4 ranks on this node
     g, r = states(make_engine(), FeatureQueue(2, 8, 16))
-    state_bytes = checkpoint.tensor_bytes({k: v.state_dict() for k, v in g.items()})
-    monkeypatch.setattr(checkpoint, "available_memory", lambda: 3 * state_bytes)
+    state_bytes = manager.tensor_bytes({k: v.state_dict() for k, v in g.items()})
+    monkeypatch.setattr(manager, "available_memory", lambda: 3 * state_bytes)
     ckpt = Checkpointer(tmp_path, env, background=True)
     for step in (1, 2):
         ckpt.save(step, g, r, blocking=False)
@@ -412,51 +379,11 @@ def test_background_staging_warns_once_when_the_nodes_copies_would_not_fit(
     assert said.count("warning: background checkpoints stage a copy") == 1
     assert f"{4 * state_bytes / 2**30:.1f} GiB for the 4 rank(s) of this node" in said
     assert "Set checkpoint.background=false" in said
-    monkeypatch.setattr(checkpoint, "available_memory", lambda: 5 * state_bytes)
+    monkeypatch.setattr(manager, "available_memory", lambda: 5 * state_bytes)
     quiet = Checkpointer(tmp_path / "fits", env, background=True)
     quiet.save(1, g, r, blocking=False)
     quiet.wait()
     assert "warning" not in capsys.readouterr().out
-
-
-def test_staging_reuses_every_buffer_that_still_fits_and_allocates_only_the_others(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The second save copies into the first one's buffers (same storage, new values); a state that gained a key
-    (optimizer state begun since) or changed a tensor's shape or dtype gets new buffers for those alone. On the
-    CPU the copies are plain ones and there is nothing to wait for."""
-    import swav_scale.checkpoint as checkpoint
-    from swav_scale.checkpoint import stage
-
-    copies: list[bool] = []
-    copy_ = torch.Tensor.copy_
-    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, non_blocking=False:
-                        copies.append(non_blocking) or copy_(self, src, non_blocking=non_blocking))
-    allocated: list[tuple] = []
-    host_buffer = checkpoint.host_buffer
-    monkeypatch.setattr(checkpoint, "host_buffer", lambda shape, dtype, pin_memory:
-                        allocated.append((tuple(shape), dtype, pin_memory)) or host_buffer(shape, dtype, pin_memory))
-    state = {"w": torch.ones(4), "b": torch.zeros(2), "step": 1, "opt": {"lr": [0.1, 0.2]}}
-    first, ready = stage(state)
-    assert ready is None and copies == [False, False] and len(allocated) == 2
-    assert torch.equal(first["w"], state["w"]) and first["w"].data_ptr() != state["w"].data_ptr()
-    state["w"].add_(1)
-    state["opt"]["lr"][0] = 0.5
-    assert torch.equal(first["w"], torch.ones(4))  # the staged copy is not the live tensor
-    second, _ = stage(state, first)
-    assert second["w"].data_ptr() == first["w"].data_ptr() and torch.equal(second["w"], torch.full((4,), 2.0))
-    assert second["opt"]["lr"] == [0.5, 0.2] and second["step"] == 1 and len(allocated) == 2
-    assert second["opt"] is not state["opt"] and second["opt"]["lr"] is not state["opt"]["lr"]
-    state["momentum"] = torch.full((3,), 7.0)
-    state["b"] = torch.zeros(5)  # another shape
-    state["w"] = state["w"].double()  # another dtype
-    third, _ = stage(state, second)
-    assert allocated[2:] == [((4,), torch.float64, False), ((5,), torch.float32, False), ((3,), torch.float32, False)]
-    assert set(third) == {"w", "b", "step", "opt", "momentum"} and torch.equal(third["momentum"], state["momentum"])
-    assert third["w"].dtype == torch.float64 and third["b"].shape == (5,)
-    state["w"].add_(1)
-    fourth, _ = stage(state, third)
-    assert len(allocated) == 5 and all(fourth[k].data_ptr() == third[k].data_ptr() for k in ("w", "b", "momentum"))
-    assert torch.equal(fourth["w"], torch.full((4,), 3.0, dtype=torch.float64))
 
 
 def test_prepare_maps_the_staging_memory_in_the_background_for_the_saves_to_reuse(
@@ -512,8 +439,6 @@ def test_staging_prepared_while_the_prototypes_are_frozen_is_kept_once_they_trai
     """The shipped configurations freeze the prototypes for their first iterations, so `prepare` (after the
     first step) sees no optimizer state for them. The first save after they begin to train keeps every prepared
     buffer, allocates for the prototypes' new optimizer state alone, and writes the values of its own step."""
-    import swav_scale.checkpoint as checkpoint
-
     engine = make_engine()
     train_steps(engine, 1, frozen_prototypes=True)
     g, r = states(engine, FeatureQueue(2, 8, 16))
@@ -525,8 +450,8 @@ def test_staging_prepared_while_the_prototypes_are_frozen_is_kept_once_they_trai
     prepared = tensors_by_path(ckpt._staged)
     train_steps(engine, 1, seed=1)  # the prototypes train from here on: their optimizer state begins
     allocated: list[tuple] = []
-    host_buffer = checkpoint.host_buffer
-    monkeypatch.setattr(checkpoint, "host_buffer", lambda shape, dtype, pin_memory:
+    host_buffer = staging.host_buffer
+    monkeypatch.setattr(staging, "host_buffer", lambda shape, dtype, pin_memory:
                         allocated.append(tuple(shape)) or host_buffer(shape, dtype, pin_memory))
     g["progress"].step = 2
     ckpt.save(2, g, r, blocking=False)
@@ -560,8 +485,6 @@ def test_on_a_gpu_staging_is_pinned_asynchronous_and_waited_for_once_by_the_writ
 
     import torch.distributed.checkpoint as dcp
 
-    import swav_scale.checkpoint as checkpoint
-
     gpu = torch.device("cuda", 1)
     log: list[tuple] = []
     registered: dict[int, int] = {}
@@ -584,8 +507,8 @@ def test_on_a_gpu_staging_is_pinned_asynchronous_and_waited_for_once_by_the_writ
     def never(*args: object, **kwargs: object) -> None:
         pytest.fail("a synchronisation besides the staging event's")
 
-    monkeypatch.setattr(checkpoint, "register_host_memory", register)
-    monkeypatch.setattr(checkpoint, "unregister_host_memory", lambda ptr: registered.pop(ptr))
+    monkeypatch.setattr(staging, "register_host_memory", register)
+    monkeypatch.setattr(staging, "unregister_host_memory", lambda ptr: registered.pop(ptr))
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: ("stream of", device))
@@ -631,74 +554,12 @@ def test_on_a_gpu_staging_is_pinned_asynchronous_and_waited_for_once_by_the_writ
     assert registered == {}
 
 
-def _stage_dtensors_on_rank(rank: int, world: int, root: str) -> dict:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-
-    from swav_scale.checkpoint import allocate_staging, stage
-
-    mesh = init_device_mesh("cpu", (world,))
-    whole = torch.arange(24.0).view(6, 4)
-    state = {"w": distribute_tensor(whole.clone(), mesh, [Shard(0)]), "step": torch.tensor(3)}
-    prepared = allocate_staging(state, pin_memory=False)
-    zeros = not prepared["w"].to_local().any()
-    state["w"].to_local().add_(1)
-    staged, ready = stage(state, prepared)
-    state["w"].to_local().add_(100)  # after staging: not in the checkpoint
-    dcp.save(staged, checkpoint_id=root)
-    loaded = {"w": distribute_tensor(torch.zeros(6, 4), mesh, [Shard(0)]), "step": torch.tensor(0)}
-    dcp.load(loaded, checkpoint_id=root)
-    return {"zeros": zeros, "ready": ready, "dtensor": isinstance(staged["w"], DTensor),
-            "placements": staged["w"].placements, "cpu": staged["w"].to_local().device.type,
-            "reused": staged["w"].to_local().data_ptr() == prepared["w"].to_local().data_ptr(),
-            "saved": torch.equal(loaded["w"].full_tensor(), whole + 1), "step": int(loaded["step"])}
-
-
-def test_dtensors_are_staged_shard_by_shard_keeping_their_placement(tmp_path: Path) -> None:
-    """FSDP's state is DTensors: each rank's buffer is its shard's size, wrapped with the same placement (what
-    DCP reads to place it), allocated without reading the shard and reused by the save, which writes the
-    values at staging time."""
-    from torch.distributed.tensor import Shard
-
-    for result in run_ranks(_stage_dtensors_on_rank, 2, str(tmp_path)):
-        assert result == {"zeros": True, "ready": None, "dtensor": True, "placements": (Shard(0),), "cpu": "cpu",
-                          "reused": True, "saved": True, "step": 3}
-
-
-def test_a_failed_staging_on_a_gpu_waits_for_the_copies_queued_before_it_raises(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tensor staging cannot copy (a ShardedTensor) fails the save, but only once the copies already queued
-    into buffers about to be freed have finished (CUDA's stream stood in for)."""
-    from swav_scale.checkpoint import stage
-
-    synchronized: list[object] = []
-
-    class Stream:
-        def synchronize(self) -> None:
-            synchronized.append(self)
-
-    class Sharded(torch.Tensor):
-        pass
-
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream())
-    state = {"w": torch.ones(3), "odd": torch.zeros(2).as_subclass(Sharded)}
-    with pytest.raises(TypeError, match="copies tensors and DTensors, not Sharded"):
-        stage(state)
-    assert synchronized == []  # on the CPU every copy was done on return
-    with pytest.raises(TypeError, match="not Sharded"):
-        stage(state, stage({"w": torch.ones(3)})[0], torch.device("cuda", 0))
-    assert len(synchronized) == 1
-
-
 def test_a_failed_allocation_of_the_staging_memory_is_raised_by_the_next_wait(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import swav_scale.checkpoint as checkpoint
-
     def no_memory(state, pin_memory):  # type: ignore[no-untyped-def]
         raise MemoryError("cannot allocate 787 MiB")
 
-    monkeypatch.setattr(checkpoint, "allocate_staging", no_memory)
+    monkeypatch.setattr(manager, "allocate_staging", no_memory)
     ckpt = Checkpointer(tmp_path, DistEnv(0, 1, 0, 1, torch.device("cpu")), background=True)
     ckpt.prepare(states(make_engine(), FeatureQueue(2, 8, 16))[0])
     with pytest.raises(RuntimeError, match="rank 0: allocating the staging memory failed: MemoryError: cannot "
