@@ -20,8 +20,10 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from swav_scale.errors import SwavScaleError
 
-class ConfigError(ValueError):
+
+class ConfigError(SwavScaleError, ValueError):
     """A configuration mistake, with a message that names the file and key and says what to do."""
 
 

@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from swav_scale.errors import SwavScaleError
+
 ProcessGroup = dist.ProcessGroup
 ReduceOp = dist.ReduceOp
 
@@ -51,8 +53,13 @@ class DistEnv:
         return self.rank == 0
 
 
-class DeviceError(RuntimeError):
+class DeviceError(SwavScaleError, RuntimeError):
     """A rank's device cannot be chosen: more local ranks than GPUs this process sees."""
+
+
+class RendezvousError(SwavScaleError, RuntimeError):
+    """This process cannot join the job's process group as set up: a network interface the host lacks
+    (parallel.socket_ifname), or the rendezvous address missing from the environment."""
 
 
 def _gpu_list(value: str | None) -> list[str]:
@@ -141,7 +148,7 @@ def use_socket_interface(names: str, host: str | None = None) -> None:
     present = [name for _, name in socket.if_nameindex()]
     missing = [n for n in names.split(",") if n not in present]
     if missing:
-        raise RuntimeError(f"{host or socket.gethostname()}: no network interface {', '.join(missing)} "
+        raise RendezvousError(f"{host or socket.gethostname()}: no network interface {', '.join(missing)} "
                            f"(parallel.socket_ifname={names!r}); this host has {', '.join(present)}")
     os.environ["GLOO_SOCKET_IFNAME"] = names
     os.environ["NCCL_SOCKET_IFNAME"] = names
@@ -186,7 +193,7 @@ def init_distributed(timeout: timedelta | None = None, socket_ifname: str = "") 
         else:
             missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
             if missing:
-                raise RuntimeError(f"rank {rank}: WORLD_SIZE={world_size} but {', '.join(missing)} not set")
+                raise RendezvousError(f"rank {rank}: WORLD_SIZE={world_size} but {', '.join(missing)} not set")
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 device_id=device if device.type == "cuda" else None, **options)
     return DistEnv(rank, world_size, local_rank, local_world_size, device,

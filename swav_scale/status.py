@@ -14,9 +14,14 @@ from typing import Any
 from rich.table import Table
 
 from swav_scale.checkpoint.layout import complete_checkpoints, damaged_checkpoints, newest_intact, read_meta
+from swav_scale.errors import SwavScaleError
 from swav_scale.run_dir import (CONFIG, checkpoints_dir, is_run_dir, load_run_config, read_jobs, read_launches,
                                 read_metrics)
 from swav_scale.utils import console
+
+
+class NotARunDirectory(SwavScaleError, FileNotFoundError):
+    """The directory named holds no run (no config.yaml)."""
 
 
 def total_steps(run_dir: Path) -> int | None:
@@ -38,7 +43,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     """Everything `status` prints, as a dict (also what `--json` writes)."""
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG}); give the train.run_dir of a run")
+        raise NotARunDirectory(f"{run_dir} is not a run directory (no {CONFIG}); give the train.run_dir of a run")
     root = checkpoints_dir(run_dir)
     latest = newest_intact(root)
     meta = read_meta(latest) if latest else {}

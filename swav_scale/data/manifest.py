@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from swav_scale.errors import SwavScaleError
 from swav_scale.utils import atomic_write_text, sha256_file
 
 MANIFEST = "manifest.json"
@@ -21,7 +22,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".
 IMAGE_MEMBERS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # member extensions that hold the image
 
 
-class ShardError(ValueError):
+class ShardError(SwavScaleError, ValueError):
     """A shard directory that cannot be used, with a message naming the path and what to do."""
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from swav_scale.errors import SwavScaleError
+
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "FASHION_MNIST_DIR"
@@ -23,6 +25,10 @@ _FILES = {
 }
 
 
+class FashionMNISTMissing(SwavScaleError, FileNotFoundError):
+    """The idx files are not where they were looked for; the message says where to put or get them."""
+
+
 def _open_idx(directory: Path, stem: str) -> bytes:
     for name in (stem + ".gz", stem):
         path = directory / name
@@ -30,7 +36,7 @@ def _open_idx(directory: Path, stem: str) -> bytes:
             opener = gzip.open if name.endswith(".gz") else open
             with opener(path, "rb") as f:
                 return f.read()
-    raise FileNotFoundError(f"{directory}: neither {stem}.gz nor {stem} exists")
+    raise FashionMNISTMissing(f"{directory}: neither {stem}.gz nor {stem} exists")
 
 
 def _parse_idx(raw: bytes, source: str) -> np.ndarray:
@@ -66,7 +72,7 @@ def find_dir(explicit: str | Path | None = None, download_to: str | Path | None 
         for train in (True, False):
             FashionMNIST(str(download_to), train=train, download=True)
         return Path(download_to) / "FashionMNIST" / "raw"
-    raise FileNotFoundError(
+    raise FashionMNISTMissing(
         "Fashion-MNIST idx files not found in "
         + ", ".join(str(c) for c in candidates)
         + f". Install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist), set {ENV_VAR} to a "
