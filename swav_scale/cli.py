@@ -2,11 +2,16 @@
 
 Each command imports what it runs inside its function: torch and the engines take seconds to import, and
 `swav-scale --help`, a mistyped command or `status` should answer at once.
+
+A mistake the user fixes (errors.SwavScaleError: the config, the data, the environment, a run's files) is
+reported as one line and exit status 2; any other exception keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -15,14 +20,15 @@ from typing import Any
 
 from rich.markup import escape
 
-from swav_scale.config import ConfigError, load_config
-from swav_scale.data.manifest import ShardError
+from swav_scale.config import load_config
+from swav_scale.errors import SwavScaleError
 from swav_scale.run_dir import append_linear, load_run_config, logs_dir
 from swav_scale.utils import console
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from swav_scale.launcher import EXIT_STOPPED, RunStopped, launch_local
+    from swav_scale.launch.local import RunStopped, launch_local
+    from swav_scale.preemption import EXIT_STOPPED
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -34,14 +40,12 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _submit(args: argparse.Namespace) -> None:
-    from swav_scale.slurm import submit
+    from swav_scale.launch.submit import submit
 
     submit(load_config(args.config, args.overrides), cluster=args.cluster)
 
 
 def _status(args: argparse.Namespace) -> None:
-    import json
-
     from swav_scale.status import print_status, run_status
 
     status = run_status(args.run_dir)
@@ -54,11 +58,9 @@ def _status(args: argparse.Namespace) -> None:
 def _started_local_ranks(args: argparse.Namespace, run_dir: Path) -> bool:
     """`--nproc N` outside a distributed job: run this same command as N local ranks (run_dir/logs/COMMAND/
     holds the logs of ranks 1..N-1) and return True once they are done."""
-    import os
-
     if args.nproc <= 1 or "RANK" in os.environ:
         return False
-    from swav_scale.launcher import run_local_ranks
+    from swav_scale.launch.local import run_local_ranks
 
     argv = without_option(args.argv, "--nproc")
     run_local_ranks([sys.executable, "-m", "swav_scale.cli", *argv], args.nproc, logs_dir(run_dir) / args.command)
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = argv
     try:
         args.func(args)
-    except (ConfigError, ShardError, FileNotFoundError, RuntimeError) as e:
+    except SwavScaleError as e:
         console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(2)
 

@@ -1,6 +1,6 @@
 """The demo: Fashion-MNIST -> shards -> SwAV on local ranks -> kNN beside two baselines, in one command.
 
-Every step is the real one (tools/make_shards.py, the multi-rank launcher, the kNN evaluation); the demo only
+Every step is the real one (tools/make_shards.py, the local supervisor of ranks, the kNN evaluation); the demo only
 strings them together. Rerunning it reuses the shards and resumes (or, when finished, just re-evaluates) the
 run.
 """
@@ -16,7 +16,7 @@ from swav_scale.checkpoint.layout import newest_checkpoint
 from swav_scale.config import load_config
 from swav_scale.eval.features import RAW_PIXELS, build_encoders
 from swav_scale.eval.knn import evaluate, print_knn_table
-from swav_scale.launcher import launch_local
+from swav_scale.launch.local import launch_local
 from swav_scale.run_dir import write_demo
 from swav_scale.shards.make_shards import ensure_shards
 from swav_scale.utils import console, rule

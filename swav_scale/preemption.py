@@ -5,8 +5,8 @@ SLURM warns a job before it is preempted or hits its time limit (submitit asks f
 mid-step, and submitit's own handler runs on global rank 0 only, inside the signal handler, where a
 collective save is impossible. So the handlers here only record the signal (StopSignals); after every step
 the loop posts what it recorded to a StepAgreement, which tells every rank whether any rank was signalled,
-so that all of them save the same step together and stop. Requeueing is the launcher's business
-(launcher.TrainJob), after the save.
+so that all of them save the same step together and stop, each exiting with EXIT_STOPPED. Requeueing is the
+launching code's business (launch/job.py, launch/requeue.py), after the save.
 
 The agreement is an all-reduce of a few flags on a gloo group of its own (CPU tensors: it never waits for the
 GPU stream), posted asynchronously after step s and read after step s + 1, by when it has long completed: no
@@ -30,6 +30,7 @@ from swav_scale.distributed import ReduceOp, all_reduce_async, in_group, new_gro
 
 REQUEUE_SIGNALS = (signal.SIGUSR2,)  # "save, then requeue me": SLURM's warning before preemption or time-out
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # "save, then stop": scancel, scontrol requeue, Ctrl-C
+EXIT_STOPPED = 3  # a rank saved and stopped on request; rerunning the same command resumes
 
 
 class StopRequested(Exception):

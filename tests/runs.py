@@ -104,7 +104,7 @@ def rank_processes(is_rank: Callable[[list[str], dict[str, str]], bool], rank_va
 def rank_pids(run_dir: Path) -> dict[int, int]:
     """The training process of each rank of the local run in `run_dir`."""
     config = str(run_dir / "logs" / "launch-config.yaml")
-    return rank_processes(lambda cmd, env: config in cmd and "swav_scale.launcher" in cmd, "RANK")
+    return rank_processes(lambda cmd, env: config in cmd and "swav_scale.launch.job" in cmd, "RANK")
 
 
 def assert_same_weights(run_dir: Path, reference: Path) -> None:

@@ -1,5 +1,6 @@
 """Stops, kills and damage on real ranks (processes) without SLURM: every interrupted run ends with the weights
-of the uninterrupted one, bit for bit. (The same through a real SLURM cluster: test_slurm.py.)"""
+of the uninterrupted one, bit for bit (the same through a real SLURM cluster: test_slurm.py); and the signal
+handling and step agreement all of it rests on, on real ranks."""
 
 from __future__ import annotations
 
@@ -14,11 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, run_ranks
 from runs import (TINY, assert_same_weights, pretrain, pretrain_command, rank_pids, swav_scale, wait_for_step)
-from swav_scale.launcher import EXIT_STOPPED
-
-pytestmark = pytest.mark.slow
+from swav_scale.preemption import EXIT_STOPPED, StepAgreement, StopSignals
 
 
 def _stop_at(run_dir: Path, shards: Path, step: int, signalled: str, sig: int) -> int:
@@ -39,6 +38,7 @@ def _stop_at(run_dir: Path, shards: Path, step: int, signalled: str, sig: int) -
     return saved[0]
 
 
+@pytest.mark.slow
 def test_signals_on_any_rank_save_one_step_everywhere_and_resume_exactly(fmnist_train_shards: Path,
                                                                           tiny_full_run: Path, tmp_path: Path) -> None:
     """SIGUSR2 (SLURM's warning) to rank 1 only, SIGTERM to rank 0 only, SIGINT (Ctrl-C) to the launcher: each
@@ -56,6 +56,7 @@ def test_signals_on_any_rank_save_one_step_everywhere_and_resume_exactly(fmnist_
     assert_same_weights(run_dir, tiny_full_run)
 
 
+@pytest.mark.slow
 def test_sigkill_of_one_rank_mid_step_loses_nothing(fmnist_train_shards: Path, tiny_full_run: Path,
                                                      tmp_path: Path) -> None:
     """SIGKILL rank 1 mid-epoch: the surviving rank fails in its next collective instead of hanging, the launcher
@@ -72,6 +73,7 @@ def test_sigkill_of_one_rank_mid_step_loses_nothing(fmnist_train_shards: Path, t
     assert_same_weights(run_dir, tiny_full_run)
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_save_falls_back_to_the_previous_one(fmnist_train_shards: Path,
                                                                          tiny_full_run: Path, tmp_path: Path) -> None:
     """Rank 1's background write of step 12 is held (its DCP shard written, its per-rank file not yet; see
@@ -101,6 +103,7 @@ def test_sigkill_during_a_checkpoint_save_falls_back_to_the_previous_one(fmnist_
     assert_same_weights(run_dir, tiny_full_run)
 
 
+@pytest.mark.slow
 def test_synchronous_saves_by_wall_time_give_the_weights_of_background_ones(fmnist_train_shards: Path,
                                                                             tiny_full_run: Path,
                                                                             tmp_path: Path) -> None:
@@ -120,6 +123,7 @@ def test_synchronous_saves_by_wall_time_give_the_weights_of_background_ones(fmni
     assert_same_weights(run_dir, tiny_full_run)
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_used(fmnist_train_shards: Path,
                                                                             tiny_full_run: Path,
                                                                             tmp_path: Path) -> None:
@@ -148,46 +152,8 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_used(fmni
     assert table.returncode == 0 and "step 38 of 38" in table.stdout, table.stdout + table.stderr
 
 
-def test_torchrun_runs_the_same_config_and_hands_over_to_the_local_launcher(fmnist_train_shards: Path,
-                                                                            tiny_full_run: Path,
-                                                                            tmp_path: Path) -> None:
-    """`torchrun -m swav_scale.launcher CONFIG key=value ...` trains the same run: 10 steps under torchrun, the
-    rest under `swav-scale pretrain`, the same weights as the uninterrupted run."""
-    if shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None:
-        pytest.skip("torchrun is not installed beside this Python")
-    run_dir = tmp_path / "torchrun"
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
-           "-m", "swav_scale.launcher", str(REPO / "configs" / "quickstart.yaml"), *TINY,
-           f"data.train_shards={fmnist_train_shards}", f"train.run_dir={run_dir}", "train.max_steps=10"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (run_dir / "checkpoints" / "step-00000010" / "meta.json").is_file()
-    pretrain(fmnist_train_shards, run_dir)
-    assert_same_weights(run_dir, tiny_full_run)
-
-
-def test_submit_runs_through_submitit_without_slurm(fmnist_train_shards: Path, tmp_path: Path) -> None:
-    """`swav-scale submit --cluster local`: the submitit path (JobEnvironment -> torch.distributed, TrainJob)
-    on this machine, two tasks; the job is recorded for `status`."""
-    run_dir = tmp_path / "local-submit"
-    proc = swav_scale("submit", str(REPO / "configs" / "quickstart.yaml"), *TINY, "slurm.gpus_per_node=0",
-                      "slurm.tasks_per_node=2", "slurm.cpus_per_task=1", "slurm.time_min=30", "train.max_steps=6",
-                      f"data.train_shards={fmnist_train_shards}", f"train.run_dir={run_dir}", "--cluster", "local")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    final = run_dir / "checkpoints" / "step-00000006" / "meta.json"
-    deadline = time.time() + 300
-    while not final.is_file():
-        assert time.time() < deadline, "the local submitit job did not finish"
-        time.sleep(0.2)
-    assert json.loads(final.read_text())["world_size"] == 2
-    status = json.loads(swav_scale("status", str(run_dir), "--json").stdout)
-    assert status["checkpoint_step"] == 6 and len(status["job_ids"]) == 1
-
-
 def _agreement_traced(rank: int, world: int) -> tuple[dict[str, list[str]], list[list[bool]]]:
     from device_trace import DeviceTrace
-
-    from swav_scale.preemption import StepAgreement
 
     agree, agreed = StepAgreement(), []
     with DeviceTrace() as trace:
@@ -197,13 +163,74 @@ def _agreement_traced(rank: int, world: int) -> tuple[dict[str, list[str]], list
     return trace.seen, agreed
 
 
+@pytest.mark.slow
 def test_the_step_agreement_stays_on_the_host() -> None:
     """The flags each rank posts after every step are host tensors reduced on a host group of their own
     (distributed.new_group("gloo")): no read of the device, no copy to it, and no host tensor given to a
     collective that communicates on the device (tests/device_trace.py), while every rank learns each flag
     one step later."""
-    from helpers import run_ranks
-
     for seen, agreed in run_ranks(_agreement_traced, 2):
         assert seen == {"reads": [], "copies": [], "mixes": []}
         assert agreed == [[False, False, False], [True, False, False], [False, False, True]]
+
+
+def _agree(rank: int, world: int, signalled_rank: int, sig: int) -> list[tuple[bool, bool, bool]]:
+    """Three flags a step, as the loop posts them: requeue, stop, and a third only rank 0 raises (the
+    checkpointer's clock), after its second step."""
+    stops, agree = StopSignals(), StepAgreement()
+    try:
+        seen = [tuple(agree([stops.requeue, stops.stop, False]))]
+        if rank == signalled_rank:
+            os.kill(os.getpid(), sig)
+        for step in range(3):
+            seen.append(tuple(agree([stops.requeue, stops.stop, rank == 0 and step == 0])))
+        agree.settle()
+        return seen
+    finally:
+        stops.restore()
+
+
+@pytest.mark.parametrize("sig, expected", [(signal.SIGUSR2, (True, False)), (signal.SIGTERM, (False, True))])
+def test_a_signal_on_one_rank_is_seen_by_every_rank_at_the_same_step_one_step_later(sig: int,
+                                                                                     expected: tuple) -> None:
+    """The agreement is read one call after it is posted (it never holds a step up): rank 2 is signalled
+    after step 1, every rank posts it after step 2 and all read it after step 3, and from then on. Rank 0's
+    own flag, posted at step 2 only, is read by all at step 3 only."""
+    results = run_ranks(_agree, 3, 2, sig)
+    assert results == [[(False, False, False), (False, False, False), (*expected, True), (*expected, False)]] * 3
+
+
+def test_a_lone_process_sees_its_own_signal_at_once() -> None:
+    stops, agree = StopSignals(), StepAgreement()
+    try:
+        assert agree([stops.requeue, stops.stop]) == [False, False]
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert agree([stops.requeue, stops.stop]) == [True, False]
+    finally:
+        stops.restore()
+
+
+def test_handlers_are_put_back() -> None:
+    """While installed, the signals are recorded (and the previous handler not called); afterwards the previous
+    handler is back and gets them."""
+    got: list[int] = []
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: got.append(signum))
+    try:
+        stops = StopSignals()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stops.requeue and got == []
+        stops.restore()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert got == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
+def test_each_rank_knows_which_signals_it_received_itself() -> None:
+    stops = StopSignals()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stops.received == ["SIGUSR2", "SIGUSR2"] and stops.requeue and not stops.stop
+    finally:
+        stops.restore()

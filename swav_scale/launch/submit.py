@@ -1,9 +1,9 @@
 """`swav-scale submit`: a pretraining run as a SLURM job through submitit, requeued until it finishes.
 
-The job is `launcher.TrainJob` in every task (one per GPU), the same callable the local launcher and torchrun
-end in. SLURM sends SIGUSR2 `slurm.signal_delay_s` before the time limit or a preemption; the ranks save
-together and the job requeues itself (preemption.py, launcher.py). Resubmitting the same command after a
-failure resumes from the newest complete checkpoint as well.
+The job is `job.TrainJob` in every task (one per GPU), the same callable the local supervisor and torchrun end
+in. SLURM sends SIGUSR2 `slurm.signal_delay_s` before the time limit or a preemption; the ranks save together
+and the job requeues itself (preemption.py, requeue.py). Resubmitting the same command after a failure
+resumes from the newest complete checkpoint as well.
 """
 
 from __future__ import annotations
@@ -18,9 +18,16 @@ import submitit
 
 from swav_scale.build import preflight
 from swav_scale.config import Config, to_yaml
-from swav_scale.launcher import TrainJob
+from swav_scale.errors import SwavScaleError
+from swav_scale.launch.job import TrainJob
 from swav_scale.run_dir import append_job, slurm_dir
 from swav_scale.utils import console
+
+
+class SubmissionRefused(SwavScaleError):
+    """sbatch refused the job (an unknown partition or account, a request the cluster cannot grant); the
+    message is sbatch's own."""
+
 
 def executor_parameters(cfg: Config) -> dict[str, Any]:
     """submitit AutoExecutor parameters from cfg.slurm; empty values leave the cluster's defaults."""
@@ -51,7 +58,10 @@ def submit(cfg: Config, cluster: str | None = None) -> Any:
     executor = submitit.AutoExecutor(folder=log_dir / "%j", cluster=cluster,
                                      slurm_max_num_timeout=cfg.slurm.max_requeues)
     executor.update_parameters(**executor_parameters(cfg))
-    job = executor.submit(TrainJob(to_yaml(cfg)))
+    try:
+        job = executor.submit(TrainJob(to_yaml(cfg)))
+    except submitit.core.utils.FailedJobError as e:  # what submitit raises when sbatch exits with an error
+        raise SubmissionRefused(str(e)) from e
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"job_id": str(job.job_id), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ranks": nodes * tasks,
               "log_dir": str(log_dir / str(job.job_id)), "command": " ".join(shlex.quote(a) for a in sys.argv)}
