@@ -1,11 +1,11 @@
 """Typed configuration: OmegaConf structured configs over dataclasses, one section per thing configured.
 
 A run is described by one YAML file under configs/ plus `key=value` overrides. Every key is checked against
-the schema below before anything starts: a misspelled key is an error naming the closest valid key, a key
-that moved to another section an error naming its new place, a value of the wrong type or outside its
-choices (the Enums) an error naming the key. Then each section checks its own values (`check`), and Config
-the ones that span sections; check_world adds those that need the number of ranks. Every config check is
-here, so a mistake is found on loading, in the launching shell, not by one rank half-way through a start.
+the schema below before anything starts: a misspelled key is an error naming the closest valid key, a value
+of the wrong type or outside its choices (the Enums) an error naming the key. Then each section checks its own
+values (`check`), and Config the ones that span sections; check_world adds those that need the number of
+ranks. Every config check is here, so a mistake is found on loading, in the launching shell, not by one rank
+half-way through a start.
 """
 
 from __future__ import annotations
@@ -418,20 +418,6 @@ class Config:
                               f"use e.g. {max(1, q // b) * b}")
 
 
-# Keys that moved to a section of their own: a file or override with the old name gets an error naming the new.
-MOVED = {
-    **{f"train.{k}": f"parallel.{k}" for k in (
-        "engine", "zero_stage", "zero_bucket_elements", "fsdp_reshard_after_forward", "compile", "sync_batchnorm",
-        "sync_batchnorm_group", "precision", "channels_last", "cudnn_benchmark", "process_group_timeout_s",
-        "socket_ifname")},
-    "train.checkpoint_every": "checkpoint.every_steps",
-    "train.keep_checkpoints": "checkpoint.keep",
-    "train.checkpoint_checksums": "checkpoint.checksums",
-    "train.log_every": "logging.every_steps",
-    "train.tensorboard": "logging.tensorboard",
-}
-
-
 def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[tuple[str, list[str]]]:
     """Keys of `node` that `schema` lacks, each with its valid siblings (for the suggestion)."""
     if not isinstance(node, dict):
@@ -454,9 +440,6 @@ def _check_keys(node: DictConfig, source: str) -> None:
     if bad:
         lines = []
         for path, valid in bad:
-            if path in MOVED:
-                lines.append(f"  '{path}' is now '{MOVED[path]}': rename it there")
-                continue
             close = difflib.get_close_matches(path, valid, n=1, cutoff=0.5)
             hint = f"did you mean '{close[0]}'?" if close else "valid keys here: " + ", ".join(valid)
             lines.append(f"  unknown key '{path}': {hint}")

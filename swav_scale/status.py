@@ -51,7 +51,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     launches = read_launches(run_dir)
     submissions = read_jobs(run_dir)
     job_ids = list(dict.fromkeys([s["job_id"] for s in submissions] +
-                                 [x["slurm_job_id"] for x in launches if x.get("slurm_job_id")]))
+                                 [x["slurm_job_id"] for x in launches if x["slurm_job_id"]]))
     last = next((m for m in reversed(metrics) if "loss" in m), {})  # not a kNN line (eval.every_epochs)
     return {
         "run_dir": str(run_dir),
@@ -69,7 +69,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "images_per_s": last.get("images_per_s"),
         "last_metrics_time": last.get("time"),
         "starts": len(launches),
-        "requeues": sum(1 for x in launches if x.get("slurm_restart_count")),
+        "requeues": sum(1 for x in launches if x["slurm_restart_count"]),
         "job_ids": job_ids,
         "launches": [_launch_summary(x) for x in launches],
     }
@@ -77,12 +77,11 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
 
 def _launch_summary(launch: dict[str, Any]) -> dict[str, Any]:
     """One start of the run: when, which job, where its ranks ran (hosts in rank order) and what it resumed."""
-    # a start recorded before ranks were: one host, holding them all
-    per_node = Counter(r["host"] for r in launch.get("ranks", [])) or Counter({launch["host"]: launch["world_size"]})
-    return {"time": launch["time"], "slurm_job_id": launch.get("slurm_job_id"),
-            "slurm_restart_count": launch.get("slurm_restart_count", 0), "world_size": launch["world_size"],
+    per_node = Counter(r["host"] for r in launch["ranks"])
+    return {"time": launch["time"], "slurm_job_id": launch["slurm_job_id"],
+            "slurm_restart_count": launch["slurm_restart_count"], "world_size": launch["world_size"],
             "nodes": list(per_node), "ranks_per_node": list(per_node.values()),
-            "master": launch.get("master"), "resumed_from": launch.get("resumed_from")}
+            "master": launch["master"], "resumed_from": launch["resumed_from"]}
 
 
 def print_status(status: dict[str, Any]) -> None:

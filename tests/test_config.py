@@ -104,34 +104,8 @@ def test_choices_are_enums_that_read_and_write_as_the_words_of_the_yaml() -> Non
     assert from_yaml_text(text).parallel.engine is Engine.fsdp
 
 
-# every key that left `train`, with the section it lives in now
-MOVED_KEYS = {"train.engine": "parallel.engine", "train.zero_stage": "parallel.zero_stage",
-              "train.precision": "parallel.precision", "train.compile": "parallel.compile",
-              "train.sync_batchnorm": "parallel.sync_batchnorm", "train.channels_last": "parallel.channels_last",
-              "train.socket_ifname": "parallel.socket_ifname", "train.checkpoint_every": "checkpoint.every_steps",
-              "train.keep_checkpoints": "checkpoint.keep", "train.checkpoint_checksums": "checkpoint.checksums",
-              "train.log_every": "logging.every_steps", "train.tensorboard": "logging.tensorboard"}
-
-
-@pytest.mark.parametrize("old,new", MOVED_KEYS.items())
-def test_an_old_key_is_refused_naming_its_new_place(old: str, new: str, tmp_path: Path) -> None:
-    value = {"parallel.engine": "fsdp", "parallel.precision": "fp32", "parallel.socket_ifname": "eth0"}.get(new, "1")
-    with pytest.raises(ConfigError, match=rf"command-line overrides:\n  '{old}' is now '{new}': rename it there"):
-        load_config(None, ["data.train_shards=x", f"{old}={value}"])
-    section, key = old.split(".")
-    old_file = tmp_path / "old.yaml"
-    old_file.write_text(f"{section}:\n  run_dir: runs/old\n  {key}: {value}\n")
-    with pytest.raises(ConfigError, match=rf"{old_file}:\n  '{old}' is now '{new}'"):
-        load_config(old_file, ["data.train_shards=x"])
-    new_section, new_key = new.split(".")
-    assert str(getattr(getattr(load_config(None, ["data.train_shards=x", f"{new}={value}"]), new_section),
-                       new_key)).lower() in (value, "true")
-
-
 def test_from_yaml_text_checks_as_load_config_does() -> None:
     text = to_yaml(load_config(None, ["data.train_shards=x"]))
-    with pytest.raises(ConfigError, match=r"run config.yaml:\n  '.*' is now 'parallel.engine'"):
-        from_yaml_text(text.replace("train:\n", "train:\n  engine: fsdp\n"), "run config.yaml")
     with pytest.raises(ConfigError, match="unknown key 'optim.base_lrr'"):
         from_yaml_text(text.replace("  base_lr:", "  base_lrr:"))
     with pytest.raises(ConfigError, match="key 'optim.epochs'"):

@@ -410,14 +410,6 @@ def test_moving_a_batch_to_the_device_waits_for_nothing_there(fmnist_train_shard
     assert len(views) == sum(s.count for s in SPECS)
 
 
-def test_a_data_position_from_before_exact_resume_still_loads(fmnist_train_shards: Path,
-                                                             capsys: pytest.CaptureFixture) -> None:
-    data = loader(fmnist_train_shards, 0, 2, 16, 1)
-    data.load_state_dict({"epoch": 1, "batches_done": 5})
-    assert data.state_dict()["segments"] == [[2, 1, 16, 5]] and data.epoch == 1
-    assert "may repeat and skip some samples" in capsys.readouterr().err
-
-
 def test_crop_aspect_ratio_is_configurable() -> None:
     from swav_scale.build import build_multicrop
     from swav_scale.config import ConfigError, load_config

@@ -13,12 +13,12 @@ from swav_scale.utils import console
 
 
 def test_each_start_lists_its_nodes_with_their_ranks(tmp_path: Path) -> None:
-    """A start records its ranks' hosts (two per node here); a meta.json written before ranks were recorded
-    still reads, by its one host."""
+    """A start records its ranks' hosts (one rank on one host; two per node)."""
     (tmp_path / "config.yaml").write_text(to_yaml(load_config(REPO / "configs" / "quickstart.yaml")))
     ranks = [{"rank": r, "host": f"gpu-{r // 2}"} for r in range(4)]
     launches = [
-        {"time": "2026-12-01T10:00:00+0000", "host": "login", "world_size": 1, "resumed_from": None},
+        {"time": "2026-12-01T10:00:00+0000", "host": "login", "world_size": 1, "ranks": [{"rank": 0, "host": "login"}],
+         "nodes": ["login"], "master": None, "slurm_job_id": None, "slurm_restart_count": 0, "resumed_from": None},
         {"time": "2026-12-02T10:00:00+0000", "host": "gpu-0", "world_size": 4, "ranks": ranks,
          "nodes": ["gpu-0", "gpu-1"], "master": "gpu-0:20042", "slurm_job_id": "42", "slurm_restart_count": 1,
          "resumed_from": "runs/x/checkpoints/step-00000500"},

@@ -22,7 +22,6 @@ import itertools
 import signal
 import sys
 from collections.abc import Iterator
-from dataclasses import astuple
 from typing import Any, NamedTuple
 
 import torch
@@ -181,11 +180,6 @@ class ShardLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the saved segment if the layout is unchanged, else start a new one from where it stopped."""
-        if "segments" not in state:  # written before exact resharding: same layout, another sample order
-            print(f"rank {self.stream.rank}: the checkpoint's data position predates exact resume; epoch "
-                  f"{state['epoch']} continues after {state['batches_done']} steps of today's plan, so this "
-                  "epoch may repeat and skip some samples", file=sys.stderr)
-            state = {**state, "segments": [[*astuple(self.layout), int(state["batches_done"])]]}
         segments = [Segment(Layout(*seg[:3]), seg[3]) for seg in state["segments"]]
         saved = segments[0].layout.global_batch
         if saved != self.layout.global_batch:
@@ -198,10 +192,10 @@ class ShardLoader:
                 segments.pop()
             segments.append(Segment(self.layout))
         self.epoch, self.segments = int(state["epoch"]), segments
-        self.bad_samples = int(state.get("bad_samples", 0))
+        self.bad_samples = int(state["bad_samples"])
 
     def load_resharded(self, states: list[dict[str, Any]], rank: int, world_size: int) -> None:
         """Every old rank saved the same position; the epoch's bad-sample count (summed over the ranks when
         checked) goes to new rank 0 whole."""
         self.load_state_dict(states[0])
-        self.bad_samples = sum(int(s.get("bad_samples", 0)) for s in states) if rank == 0 else 0
+        self.bad_samples = sum(int(s["bad_samples"]) for s in states) if rank == 0 else 0
