@@ -43,7 +43,7 @@ from swav_scale.checkpoint.staging import tensor_bytes
 from swav_scale.checkpoint.states import RNGState, TrainProgress
 from swav_scale.config import load_config
 from swav_scale.distributed import DistEnv
-from swav_scale.engines import build_engine
+from swav_scale.engines.assemble import build_engine
 from swav_scale.train import swav_step
 
 from benchlib.ranks import add_engine_arguments, chosen_engines, engine_overrides, run_ranks

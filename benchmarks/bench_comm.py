@@ -34,7 +34,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from swav_scale.build import build_model
 from swav_scale.config import load_config
 from swav_scale.distributed import DistEnv
-from swav_scale.engines import build_engine
+from swav_scale.engines.assemble import build_engine
 from swav_scale.queue import FeatureQueue
 from swav_scale.train import swav_step
 

@@ -52,7 +52,7 @@ from torch.distributed.tensor import DTensor
 from swav_scale.build import build_model
 from swav_scale.config import load_config
 from swav_scale.distributed import DistEnv
-from swav_scale.engines import build_engine
+from swav_scale.engines.assemble import build_engine
 from swav_scale.train import swav_step
 
 from benchlib.ranks import add_engine_arguments, chosen_engines, engine_overrides, run_ranks

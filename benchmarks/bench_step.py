@@ -5,8 +5,9 @@ rank) on one core, in fp32 and bf16 autocast: NCHW (the textbook default); chann
 (channels-last inputs, contiguous weights: build.build_model); and channels-last weights too (the layout
 FSDP2 and ZeRO cannot shard, which DDP would hold otherwise). bf16 channels-last is swav_scale's default where
 the CPU has native bf16. With --compile, swav_scale's channels-last variants again with each trunk stage
-compiled (parallel.compile, engines.compile_units; the compilation itself is left out of the timing). Prints ms
-per step and each variant's speed relative to NCHW in the first precision asked for (fp32 by default).
+compiled (parallel.compile, engines.assemble.compile_units; the compilation itself is left out of the timing).
+Prints ms per step and each variant's speed relative to NCHW in the first precision asked for (fp32 by
+default).
 
     .venv/bin/python benchmarks/bench_step.py [--widths 0.25 0.5 --batch 128 --steps 4 --compile --precisions fp32]
 """
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from swav_scale.engines import compile_units
+from swav_scale.engines.assemble import compile_units
 from swav_scale.engines.base import cpu_has_native_bf16
 from swav_scale.models import build_swav_model
 

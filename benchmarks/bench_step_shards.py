@@ -50,7 +50,7 @@ from swav_scale.config import load_config
 from swav_scale.data.device import CopyStream, device_views
 from swav_scale.data.loader import Batch, ShardLoader
 from swav_scale.distributed import shutdown
-from swav_scale.engines import build_engine
+from swav_scale.engines.assemble import build_engine
 from swav_scale.engines.base import autocast_dtype
 from swav_scale.train import swav_step
 

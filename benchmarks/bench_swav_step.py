@@ -63,7 +63,7 @@ from rich.table import Table
 from swav_scale.build import build_model
 from swav_scale.config import load_config
 from swav_scale.distributed import shutdown
-from swav_scale.engines import build_engine
+from swav_scale.engines.assemble import build_engine
 from swav_scale.engines.base import autocast_dtype, keep_freed_cpu_memory
 from swav_scale.train import swav_step
 

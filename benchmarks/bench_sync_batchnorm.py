@@ -30,7 +30,7 @@ from rich.table import Table
 from swav_scale.build import build_model
 from swav_scale.config import load_config
 from swav_scale.distributed import DistEnv
-from swav_scale.engines import build_engine
+from swav_scale.engines.assemble import build_engine
 from swav_scale.engines.base import cpu_has_native_bf16
 from swav_scale.train import swav_step
 

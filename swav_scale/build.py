@@ -23,7 +23,8 @@ from swav_scale.data.multicrop import CropSpec, MultiCrop
 from swav_scale.data.plan import Layout, Planner, epoch_steps
 from swav_scale.data.sources import open_shard_set
 from swav_scale.distributed import DistEnv
-from swav_scale.engines import Engine, build_engine
+from swav_scale.engines.assemble import build_engine
+from swav_scale.engines.base import Engine
 from swav_scale.models import build_swav_model
 from swav_scale.optim import Schedule
 from swav_scale.queue import FeatureQueue

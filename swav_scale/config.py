@@ -45,7 +45,7 @@ class Arch(StrEnum):
         return self.startswith("vit_")
 
 
-class Engine(StrEnum):
+class EngineKind(StrEnum):
     """How the model is spread over the ranks (engines/): replicated (DDP), sharded by torch FSDP2, or by
     DeepSpeed ZeRO at parallel.zero_stage."""
     ddp = "ddp"
@@ -205,7 +205,7 @@ class ParallelConfig:
     """How the run is spread over ranks and computed on each: the engine, its sharding, BatchNorm's groups,
     precision, kernels, and how ranks reach each other."""
 
-    engine: Engine = Engine.ddp  # ZeRO's stage: parallel.zero_stage
+    engine: EngineKind = EngineKind.ddp  # ZeRO's stage: parallel.zero_stage
     zero_stage: int = 2  # DeepSpeed ZeRO stage 1 | 2 | 3 (parallel.engine=deepspeed only)
     # ZeRO's gradient-reduction and parameter-gather buckets, in elements. DeepSpeed's default (5e8) exceeds
     # most models, so the whole gradient would sit in one bucket beside its partitions (docs/benchmarks.md
@@ -215,9 +215,9 @@ class ParallelConfig:
     # two all-gathers of the trunk a step, or one, for the memory of the whole unsharded trunk from forward
     # to backward (docs/scaling.md and docs/benchmarks.md measure both).
     fsdp_reshard_after_forward: bool = True
-    # torch.compile each trunk unit (ResNet stage, ViT block) in place; engines.compile_units says how and why.
-    # Compiling costs a minute or more at start-up and again on each resume. Not with ZeRO-3 (its hooks on
-    # every layer would be traced into the graphs).
+    # torch.compile each trunk unit (ResNet stage, ViT block) in place; engines.assemble.compile_units says how
+    # and why. Compiling costs a minute or more at start-up and again on each resume. Not with ZeRO-3 (its
+    # hooks on every layer would be traced into the graphs).
     compile: bool = False
     # BatchNorm statistics over the global batch on 2+ ranks, GPU or CPU, as SwAV (engines/sync_batchnorm.py)
     sync_batchnorm: bool = True
@@ -246,7 +246,7 @@ class ParallelConfig:
         if self.zero_bucket_elements < 1:
             raise ConfigError(f"parallel.zero_bucket_elements={self.zero_bucket_elements}: a bucket holds at least "
                               "one element (25000000 is the default)")
-        if self.compile and self.engine == Engine.deepspeed and self.zero_stage == 3:
+        if self.compile and self.engine == EngineKind.deepspeed and self.zero_stage == 3:
             raise ConfigError("parallel.compile=true with ZeRO-3: DeepSpeed gathers each layer's parameters in hooks "
                               "that torch.compile would trace into the graph. Use parallel.engine=fsdp (which "
                               "compiles per unit, outside its gathers), ZeRO-1/2, or parallel.compile=false")
@@ -404,7 +404,7 @@ class Config:
         for i in self.swav.crops_for_assign:
             if not 0 <= i < total_crops:
                 raise ConfigError(f"swav.crops_for_assign names crop {i}, but crops.counts gives {total_crops} crops")
-        if self.parallel.engine == Engine.deepspeed and self.optim.name == Optimizer.lars:
+        if self.parallel.engine == EngineKind.deepspeed and self.optim.name == Optimizer.lars:
             raise ConfigError(
                 "optim.name=lars with parallel.engine=deepspeed: ZeRO steps the optimizer on flat shards that cut "
                 "through layers, so LARS's per-layer trust ratio would be computed on the wrong tensors "

@@ -26,8 +26,7 @@ from swav_scale.data.manifest import ShardError
 from swav_scale.diagnostics import HealthCheck, code_figures, code_statistics_of, code_sums
 from swav_scale.distributed import (DistEnv, ProcessGroup, all_gather_object, all_reduce, all_reduce_mean,
                                     rank_record, world_size)
-from swav_scale.engines import Engine
-from swav_scale.engines.base import GradSquares
+from swav_scale.engines.base import Engine, GradSquares
 from swav_scale.preemption import StepAgreement, StopRequested, StopSignals
 from swav_scale.queue import FeatureQueue
 from swav_scale.runlog import Ledger, MetricsLog, TrainProgressBar, write_run_info

@@ -24,7 +24,7 @@ from swav_scale.checkpoint.manager import Checkpointer
 from swav_scale.checkpoint.states import TrainProgress
 from swav_scale.config import ConfigError, OptimConfig, check_world, load_config
 from swav_scale.distributed import DistEnv
-from swav_scale.engines import build_engine, compile_units, use_sync_batchnorm
+from swav_scale.engines.assemble import build_engine, compile_units, use_sync_batchnorm
 from swav_scale.engines.base import GradSquares
 from swav_scale.engines.ddp import DDPEngine, OptimizerFactory
 from swav_scale.engines.fsdp import FSDPEngine

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from swav_scale.config import ConfigError, Engine, check_world, from_yaml_text, load_config, to_yaml
+from swav_scale.config import ConfigError, EngineKind, check_world, from_yaml_text, load_config, to_yaml
 from helpers import REPO
 
 
@@ -98,10 +98,10 @@ def test_engine_and_optimizer_choices_are_checked() -> None:
 
 def test_choices_are_enums_that_read_and_write_as_the_words_of_the_yaml() -> None:
     cfg = load_config(None, ["data.train_shards=x", "parallel.engine=fsdp"])
-    assert cfg.parallel.engine is Engine.fsdp and cfg.parallel.engine == "fsdp"
+    assert cfg.parallel.engine is EngineKind.fsdp and cfg.parallel.engine == "fsdp"
     text = to_yaml(cfg)
     assert "  engine: fsdp\n" in text and "  precision: auto\n" in text and "  name: lars\n" in text
-    assert from_yaml_text(text).parallel.engine is Engine.fsdp
+    assert from_yaml_text(text).parallel.engine is EngineKind.fsdp
 
 
 def test_from_yaml_text_checks_as_load_config_does() -> None:

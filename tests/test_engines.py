@@ -26,7 +26,7 @@ from swav_scale.checkpoint.states import TrainProgress
 from swav_scale.config import load_config
 from swav_scale.diagnostics import code_statistics
 from swav_scale.distributed import DistEnv, all_reduce_mean
-from swav_scale.engines import build_engine
+from swav_scale.engines.assemble import build_engine
 from swav_scale.engines.fsdp import local_rows, parallelize, shard_units
 from swav_scale.optim import build_optimizer
 from swav_scale.queue import FeatureQueue

@@ -18,7 +18,8 @@ from device_trace import DeviceTrace
 from helpers import run_ranks
 from torch import nn
 
-from swav_scale.engines import batchnorm_group, sync_batchnorm
+from swav_scale.engines import sync_batchnorm
+from swav_scale.engines.assemble import batchnorm_group
 from swav_scale.engines.sync_batchnorm import CudaKernels, SyncBatchNorm, convert_sync_batchnorm
 
 SIZES = {2: [3, 5], 3: [2, 3, 5]}  # samples per rank: unequal, so that counts are weighed, not assumed equal
@@ -258,7 +259,7 @@ def ddp_buffers_after_steps(rank: int, world: int) -> tuple[bool, list[torch.Ten
     from swav_scale.build import build_model
     from swav_scale.config import load_config
     from swav_scale.distributed import DistEnv, all_gather
-    from swav_scale.engines import build_engine
+    from swav_scale.engines.assemble import build_engine
     from swav_scale.train import swav_step
 
     cfg = load_config(None, ["data.train_shards=unused", "model.arch=resnet18", "model.width=0.125",

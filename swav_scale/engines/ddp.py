@@ -22,8 +22,8 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 class TorchEngine(Autocast):
     """What DDP and FSDP2 share: one torch optimizer over the (possibly sharded) model, state in DCP format."""
 
-    module: nn.Module
     model: nn.Module
+    wrapped: nn.Module
     optimizer: torch.optim.Optimizer
 
     def set_lr(self, lr: float) -> None:

@@ -120,15 +120,15 @@ class FSDPEngine(TorchEngine):
         # Shard wherever there is a process group, a one-rank one too (always on a GPU): a single-GPU run takes
         # the path of the cluster's. A lone CPU process runs the plain model, and still loads and saves DCP
         # checkpoints that sharded runs read and write.
-        self.sharded = in_group()
-        if self.sharded:
+        sharded = in_group()
+        if sharded:
             if bf16_params is None:
                 bf16_params = env.device.type == "cuda" and self.dtype == torch.bfloat16
             parallelize(self.model, init_device_mesh(env.device.type, (world_size(),)), bf16_params,
                         reshard_after_forward)
         self.wrapped = self.model
         # what FSDP left whole on every rank (replicated_norms), whose gradients the engine averages itself
-        self.replicated = [p for p in self.model.parameters() if self.sharded and not isinstance(p, DTensor)]
+        self.replicated = [p for p in self.model.parameters() if sharded and not isinstance(p, DTensor)]
         self.optimizer = make_optimizer(self.model.parameters())
         if self.replicated:
             step_with_implicit_replication(self.optimizer)

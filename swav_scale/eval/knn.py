@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from swav_scale.build import build_model
 from swav_scale.config import Config, EvalConfig
 from swav_scale.distributed import DistEnv, all_gather, all_gather_object, broadcast, in_group
-from swav_scale.engines import Engine
+from swav_scale.engines.base import Engine
 from swav_scale.eval.features import Encoder, split_features
 from swav_scale.utils import console
 

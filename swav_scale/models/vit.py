@@ -61,8 +61,8 @@ class TensorDropPath(nn.Module):
 
 def uniform_drop_paths(blocks: nn.Sequential) -> None:
     """Give every block a TensorDropPath with its own probability (0 for timm's first, an Identity), so that all
-    blocks have the same structure and one compiled graph serves them all (engines.compile_units). Without
-    stochastic depth every block has Identities already."""
+    blocks have the same structure and one compiled graph serves them all (engines.assemble.compile_units).
+    Without stochastic depth every block has Identities already."""
     if not any(isinstance(m, DropPath) for m in blocks.modules()):
         return
     for block in blocks:
