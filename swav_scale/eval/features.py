@@ -28,6 +28,7 @@ from swav_scale.data.labelled import LabelledStream, Unit, open_labelled
 from swav_scale.data.multicrop import EvalTransform
 from swav_scale.distributed import all_gather_object, in_group, rank, world_size
 from swav_scale.engines.base import autocast_dtype
+from swav_scale.errors import SwavScaleError
 from swav_scale.eval.precise_bn import calibration_batches, precise_batchnorms
 from swav_scale.utils import console, progress_bar
 
@@ -35,6 +36,10 @@ Encoder = Callable[[Tensor], Tensor]  # normalised images (N, C, H, W) -> featur
 
 RANDOM_INIT = "random init"
 RAW_PIXELS = "raw pixels"
+
+
+class CheckpointMismatch(SwavScaleError, RuntimeError):
+    """A checkpoint that lacks tensors of the model the config builds (written for another model config)."""
 
 
 def load_model_weights(model: nn.Module, checkpoint: Path) -> None:
@@ -56,7 +61,7 @@ def load_model_weights(model: nn.Module, checkpoint: Path) -> None:
         weights |= read_fp32_weights(engine_files)
     missing = sorted(set(target) - set(weights))
     if missing:
-        raise RuntimeError(f"checkpoint {checkpoint} lacks {len(missing)} model tensors ({', '.join(missing[:3])}"
+        raise CheckpointMismatch(f"checkpoint {checkpoint} lacks {len(missing)} model tensors ({', '.join(missing[:3])}"
                            f"{', ...' if len(missing) > 3 else ''}); was it written for another model config?")
     model.load_state_dict(weights)
 
