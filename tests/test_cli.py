@@ -12,7 +12,7 @@ import pytest
 from helpers import REPO
 from swav_scale import status
 from swav_scale.cli import main
-from swav_scale.config import ConfigError
+from swav_scale.config import ConfigError, load_config, to_yaml
 from swav_scale.errors import SwavScaleError
 
 
@@ -22,6 +22,15 @@ def test_a_users_mistake_is_one_line_and_exit_status_2(tmp_path: Path, capsys: p
     assert exit_.value.code == 2
     out = " ".join(capsys.readouterr().out.split())
     assert f"error: {tmp_path} is not a run directory (no config.yaml)" in out and "Traceback" not in out
+
+
+def test_a_run_without_a_checkpoint_is_told_to_train_first(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config(REPO / "configs" / "quickstart.yaml")))
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", str(tmp_path)])
+    assert exit_.value.code == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "holds no complete checkpoint; train first" in out and "Traceback" not in out
 
 
 @pytest.mark.parametrize("error", [ConfigError("a typo"), SwavScaleError("any user error")])

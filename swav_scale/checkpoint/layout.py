@@ -22,6 +22,7 @@ from typing import Any
 
 from rich.markup import escape
 
+from swav_scale.errors import SwavScaleError
 from swav_scale.run_dir import checkpoints_dir
 from swav_scale.utils import atomic_write_text, console, sha256_file
 
@@ -150,13 +151,17 @@ def newest_intact(root: Path) -> Path | None:
     return None
 
 
+class NoCheckpoint(SwavScaleError, FileNotFoundError):
+    """A run asked for its newest checkpoint has none complete yet."""
+
+
 def newest_checkpoint(run_dir: str | Path, required: bool = False) -> Path | None:
     """The newest complete checkpoint of a run (`newest_intact` of its checkpoints folder). With `required`,
     finding none is an error that says to train first."""
     checkpoints = checkpoints_dir(run_dir)
     path = newest_intact(checkpoints)
     if path is None and required:
-        raise FileNotFoundError(f"{checkpoints} holds no complete checkpoint; train first")
+        raise NoCheckpoint(f"{checkpoints} holds no complete checkpoint; train first")
     return path
 
 
