@@ -1,4 +1,5 @@
-"""The package's arrows point one way: no module imports one that imports it back, directly or around a circle,
+"""The package's arrows point one way: every module belongs to one of the README's layers and imports only from
+its own layer or the layers below, and no module imports one that imports it back, directly or around a circle,
 whether at the top of a file or inside a function."""
 
 from __future__ import annotations
@@ -52,6 +53,57 @@ def test_no_module_imports_one_that_imports_it_back() -> None:
     graph = _imports()
     assert "swav_scale.train" in graph and "swav_scale.build" in graph["swav_scale.train"]
     assert _circles(graph) == []
+
+
+# The README's layer map, lowest first: a module (or a package's modules, by prefix) -> its layer. A module in
+# no row fails the test, so the map stays complete.
+LAYERS: list[tuple[str, list[str]]] = [
+    ("base", ["errors", "utils", "config", "distributed", "run_dir"]),
+    ("data", ["data"]),
+    ("shards", ["shards"]),
+    ("parts", ["models", "swav", "queue", "optim", "diagnostics", "engines", "checkpoint"]),
+    ("assembly", ["build"]),
+    ("runs", ["train", "runlog", "preemption"]),
+    ("eval", ["eval"]),
+    ("views", ["status", "report", "export"]),
+    ("launching", ["launch"]),
+    ("commands", ["cli", "demo"]),
+]
+
+
+def layer_of(module: str) -> int | None:
+    """The index in LAYERS of a swav_scale module's layer (the package itself: None)."""
+    name = module.removeprefix("swav_scale").removeprefix(".")
+    for index, (_, prefixes) in enumerate(LAYERS):
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            return index
+    return None
+
+
+def test_every_module_has_a_layer() -> None:
+    assert [m for m in _imports() if m != "swav_scale" and layer_of(m) is None] == []
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    """Each import of `graph` that points to a higher layer, said as the test failure says it."""
+    upward = []
+    for module, deps in sorted(graph.items()):
+        mine = layer_of(module)
+        for dep in sorted(deps):
+            theirs = layer_of(dep)
+            if mine is not None and theirs is not None and theirs > mine:
+                upward.append(f"{module} -> {dep}: layer {LAYERS[mine][0]} imports layer {LAYERS[theirs][0]} above it")
+    return upward
+
+
+def test_the_layer_check_finds_an_upward_import() -> None:
+    graph = {"swav_scale.checkpoint.layout": {"swav_scale.config", "swav_scale.train"}}
+    assert _upward(graph) == ["swav_scale.checkpoint.layout -> swav_scale.train: layer parts imports layer runs "
+                              "above it"]
+
+
+def test_no_module_imports_from_a_layer_above_its_own() -> None:
+    assert _upward(_imports()) == []
 
 
 BENCHMARKS = PACKAGE.parent / "benchmarks"

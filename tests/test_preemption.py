@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from helpers import REPO, run_ranks
-from runs import (TINY, assert_same_weights, pretrain, pretrain_command, rank_pids, swav_scale, wait_for_step)
+from runs import (assert_same_weights, pretrain, pretrain_command, rank_pids, swav_scale, wait_for_step)
 from swav_scale.preemption import EXIT_STOPPED, StepAgreement, StopSignals
 
 
