@@ -23,9 +23,9 @@ from torchvision.io import ImageReadMode, decode_image
 from swav_scale.data.manifest import IMAGE_MEMBERS, ShardError
 from swav_scale.data.plan import Span
 
-# torchvision 0.29 deprecates its image codecs in favour of TorchCodec (not a dependency here). They remain the
-# fastest decoders available (measured: PNG 13 vs 50 us, JPEG 500x375 1.66 vs 1.94 ms for PIL), so the notice,
-# printed once per decoded image otherwise, is silenced for them only.
+# torchvision deprecates its image codecs in favour of TorchCodec (not a dependency here). They remain faster
+# than PIL for the PNGs and JPEGs of shards, so the notice, printed once per decoded image otherwise, is silenced
+# for them only.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 

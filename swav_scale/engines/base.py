@@ -178,7 +178,7 @@ def gpu_has_native_bf16() -> bool:
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `parallel.precision`: `auto` is bf16 where the device computes it natively (GPUs
-    from Ampere on; CPUs with AVX512-BF16 or AMX, 1.4x to 1.8x faster for small ResNets on a Zen 4 core),
+    from Ampere on; CPUs with AVX512-BF16 or AMX; docs/benchmarks.md times both),
     fp32 elsewhere, where bf16 is emulated and much slower."""
     if precision == "bf16":
         return torch.bfloat16

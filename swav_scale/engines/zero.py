@@ -9,8 +9,8 @@ a partitioned C. C is K x 128 (0.4M parameters for K = 3000): replicating it cos
 Precision: parameters and ZeRO's partitions stay fp32 and the forward runs under torch.autocast, as in the
 other engines. DeepSpeed's own bf16 mode would cast BatchNorm weights to bf16 beside fp32 running
 statistics, which torch's batch_norm refuses. With fp32 partitions ZeRO-3 means its fp32 master partition
-to be the partition itself (stage3.py: "we don't need another copy of the weights"), but DeepSpeed 0.19.8
-compares a torch.device with a str there, which is never equal, and keeps a second copy;
+to be the partition itself (stage3.py: "we don't need another copy of the weights"), but DeepSpeed compares a
+torch.device with a str there, which is never equal, and keeps a second copy;
 `share_master_partitions` restores the intended sharing.
 
 Checkpoints: DeepSpeed's files (`save_checkpoint`) for its part, DCP for the prototypes. Resumed on another
@@ -81,7 +81,7 @@ def deepspeed_config(stage: int, batch_per_rank: int, world_size: int, bucket_el
 
     On a GPU every stage reduces each gradient bucket on a stream of its own while backward goes on
     (`overlap_comm`, for a second bucket's worth of memory at stages 1 and 2), at the price of one host wait
-    per step. In DeepSpeed 0.19.8:
+    per step. In DeepSpeed's sources:
     - ZeRO-1/2 (stage_1_and_2.py): under overlap_comm `independent_gradient_partition_epilogue`, which runs
       once after each backward, calls `get_accelerator().synchronize()` (torch.cuda.synchronize: the whole
       device) once the last bucket's reduction is enqueued. The buckets themselves are ordered by stream waits
@@ -259,11 +259,10 @@ def share_master_partitions(optimizer: Any) -> None:
     it is a copy of, where both are fp32 on one device.
 
     That sharing is what DeepSpeed's stage 3 does when the model trains in fp32 under torch.autocast: its step
-    then updates the master partition and copies it onto the parameter partition, a copy onto itself. In
-    DeepSpeed 0.19.8 the check that chooses it (`partition.device == self.device`, a torch.device against the
-    str of `current_device_name()`) is never true, so each rank holds its parameter partition twice: 0.63x
-    DDP's per-rank state instead of 0.5x at 2 ranks (docs/benchmarks.md). Reassigning `.data` keeps the master
-    tensors themselves, which the inner optimizer's param_groups and state are keyed by. A master partition
+    then updates the master partition and copies it onto the parameter partition, a copy onto itself. The
+    check that chooses it (`partition.device == self.device`, a torch.device against the str of
+    `current_device_name()`) is never true, so each rank would hold its parameter partition twice
+    (docs/benchmarks.md, "Per-rank memory of the engines"). Reassigning `.data` keeps the master tensors themselves, which the inner optimizer's param_groups and state are keyed by. A master partition
     that is not an exact copy (another dtype, offloading) is left alone.
     """
     low = getattr(optimizer, "fp16_partitioned_groups_flat", [])
