@@ -262,8 +262,9 @@ def share_master_partitions(optimizer: Any) -> None:
     then updates the master partition and copies it onto the parameter partition, a copy onto itself. The
     check that chooses it (`partition.device == self.device`, a torch.device against the str of
     `current_device_name()`) is never true, so each rank would hold its parameter partition twice
-    (docs/benchmarks.md, "Per-rank memory of the engines"). Reassigning `.data` keeps the master tensors themselves, which the inner optimizer's param_groups and state are keyed by. A master partition
-    that is not an exact copy (another dtype, offloading) is left alone.
+    (docs/benchmarks.md, "Per-rank memory of the engines"). Reassigning `.data` keeps the master tensors
+    themselves, which the inner optimizer's param_groups and state are keyed by. A master partition that is not
+    an exact copy (another dtype, offloading) is left alone.
     """
     low = getattr(optimizer, "fp16_partitioned_groups_flat", [])
     masters = getattr(optimizer, "fp32_partitioned_groups_flat", [])
