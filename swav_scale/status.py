@@ -7,6 +7,7 @@ count) and jobs.jsonl (one line per `swav-scale submit`).
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,6 @@ def _launch_summary(launch: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_status(status: dict[str, Any]) -> None:
-    import time
-
     def when(t: float | None) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
