@@ -9,7 +9,6 @@ process, whichever engine and number of ranks wrote it, for evaluation and for e
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -49,9 +48,7 @@ def load_model_weights(model: nn.Module, checkpoint: Path) -> None:
     saved = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     target = model.state_dict()
     state = {"engine": {"model": {k: v for k, v in target.items() if f"engine.model.{k}" in saved}}}
-    with warnings.catch_warnings():  # torch warns on every no_dist load; reading every shard alone is the point
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # every shard read here, in this one process
     weights = state["engine"]["model"]
     engine_files = own_files_dir(checkpoint, "engine")
     if engine_files.is_dir():

@@ -619,3 +619,31 @@ def test_one_background_thread_serves_the_staging_and_every_save(tmp_path: Path)
         assert ckpt.wait() == tmp_path / f"step-{step:08d}"
         assert ckpt._thread is thread and thread.is_alive()
     assert set(threading.enumerate()) - before == {thread}
+
+
+SAVE_AND_LOAD_ALONE = """
+import sys
+from pathlib import Path
+sys.path[:0] = [{tests!r}, {here!r}]
+from test_manager import FeatureQueue, states, make_engine, train_steps
+from swav_scale.checkpoint.manager import Checkpointer
+from swav_scale.distributed import DistEnv
+import torch
+engine = make_engine(); train_steps(engine, 1)
+g, r = states(engine, FeatureQueue(2, 8, 16))
+ckpt = Checkpointer(Path({root!r}), DistEnv(0, 1, 0, 1, torch.device("cpu")))
+ckpt.load(ckpt.save(1, g, r), g, r)
+"""
+
+
+def test_a_one_process_save_and_load_print_no_warning(tmp_path: Path) -> None:
+    """DCP's "assuming the intent is to save in a single process", at every save and load of a one-process
+    run, is nothing a user can act on: the checkpoint package silences it (and only it). Run as a user runs
+    it, in a fresh process, where pytest's own warning capture does not reset the filters."""
+    import subprocess
+    import sys
+
+    code = SAVE_AND_LOAD_ALONE.format(tests=str(REPO / "tests"), here=str(Path(__file__).parent), root=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr, done.stderr
