@@ -56,7 +56,7 @@ default = faults()
 kept = keep_freed_cpu_memory()
 for _ in range(4):  # the heap grows to its peak: a small allocation may take the front of a freed block once
     faults()
-print(default, sum(faults() for _ in range(4)), kept)
+print(default, min(faults() for _ in range(8)), kept)  # min: a reclaim by the kernel meanwhile is not malloc's
 """
 
 
@@ -64,7 +64,9 @@ print(default, sum(faults() for _ in range(4)), kept)
 def test_freed_cpu_memory_is_kept_for_the_next_tensor() -> None:
     """A large CPU tensor made again after its memory was freed costs the kernel no page faults (zeroing its
     pages afresh) once build_engine has called keep_freed_cpu_memory and the heap has grown to the peak, as
-    a training step's allocations do after the first steps. In a fresh process: the setting is process-wide."""
+    a training step's allocations do after the first steps. In a fresh process: the setting is process-wide. The
+    fewest faults of several rounds count: a kernel that reclaims idle memory on its own (DAMON, swap) may fault
+    a round's pages in again, whatever malloc does."""
     out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_FRESH_TENSOR], capture_output=True, text=True, check=True)
     default, kept_faults, kept = out.stdout.split()
     assert kept == "True"

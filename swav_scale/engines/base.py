@@ -156,9 +156,9 @@ def keep_freed_cpu_memory() -> bool:
 
     torch's CPU tensors come straight from malloc, which serves a block of 32 MiB or more (one ResNet-50
     activation of 32 images at 224 px: 100 MiB) from an mmap of its own and unmaps it when freed. Every step
-    then maps its activations afresh, and the kernel faults in and zeroes them page by page: about 15% of the CPU
-    time of a ResNet-50 trunk pass over 2x224 + 6x96 crops of 16 images (float32, NCHW), and more for the
-    larger batches of one pass per crop resolution than for one pass per crop. Served from the heap and never
+    then maps its activations afresh, and the kernel faults in and zeroes them page by page: a sizeable share of
+    a CPU step's time, larger for the batches of one pass per crop resolution than for one pass per crop
+    (docs/benchmarks.md, "The SwAV step against the original's and lightly's"). Served from the heap and never
     trimmed, the memory of the first step's peak is reused by every step after, as CUDA's caching allocator
     does for GPU tensors. Process-wide; returns False where the C library is not glibc (nothing is changed)."""
     try:
