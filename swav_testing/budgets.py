@@ -53,6 +53,8 @@ class BudgetReport:
         self.tests[kind].add(report.nodeid)
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if not any(self.tests.values()):  # --collect-only, or every test deselected
+            return
         wall = (time.monotonic() - self.started) / 60
         terminalreporter.section("time against the budgets (pyproject.toml; a report, never a failure)")
         for kind, budget in (("fast", _budget(self.config, FAST_BUDGET)), ("slow", None)):
