@@ -45,8 +45,9 @@ from swav_scale.config import load_config
 from swav_scale.distributed import DistEnv
 from swav_scale.engines.assemble import build_engine
 from swav_scale.train import swav_step
+from swav_testing.ranks import run_ranks
 
-from benchlib.ranks import add_engine_arguments, chosen_engines, engine_overrides, run_ranks
+from benchlib.ranks import add_engine_arguments, chosen_engines, engine_overrides
 
 MODES = ("none", "sync", "background")
 WARMUP = 2  # steps left out of the step times (first-step allocations)
@@ -136,7 +137,7 @@ def main() -> None:
                 where = root / f"{engine}-{mode}"
                 shutil.rmtree(where, ignore_errors=True)
                 runs[mode].append(run_ranks(measure, a.world, overrides_for(engine, a), mode, a.steps, a.every,
-                                            str(where), a.batch))
+                                            str(where), a.batch, exit_failure_ok=True))
                 shutil.rmtree(where, ignore_errors=True)
         results[engine] = {mode: summarise(runs[mode]) for mode in MODES}
     if a.dir is None:

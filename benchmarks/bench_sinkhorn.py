@@ -1,5 +1,5 @@
 """Sinkhorn-Knopp cost, side by side in one run: swav_scale's `sinkhorn` against facebookresearch/swav's
-`distributed_sinkhorn` and lightly's `sinkhorn` (tests/references.py), on the same scores.
+`distributed_sinkhorn` and lightly's `sinkhorn` (swav_testing/references.py), on the same scores.
 
 Each case is a batch of B rows (plus a queue of earlier embeddings, as SwAV uses with small batches) against
 K prototypes: the scores are cosines of random unit vectors, ε = 0.05, 3 iterations, one process. Prints the
@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from swav_scale.swav import sinkhorn
+from swav_testing.references import lightly_sinkhorn, original_sinkhorn
 
-from benchlib.references import lightly_sinkhorn, original_sinkhorn
 from benchlib.timing import device_name, interleaved_medians, write_json
 
 CASES = ["256x3000", "1024x3000", "4096x3000", "256+3840x3000"]

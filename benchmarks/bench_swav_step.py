@@ -1,5 +1,5 @@
 """SwAV training-step throughput, side by side in one run: swav_scale's step against lightly's SwAV
-components and a step written the way facebookresearch/swav takes it (tests/references.py).
+components and a step written the way facebookresearch/swav takes it (swav_testing/references.py).
 
 Same network (one of swav_scale's trunks with the 2-layer projection head and K prototypes, the same initial
 weights), same multi-crop batch (synthetic crops already in memory, so only the step is timed), same
@@ -66,9 +66,9 @@ from swav_scale.distributed import shutdown
 from swav_scale.engines.assemble import build_engine
 from swav_scale.engines.base import autocast_dtype, keep_freed_cpu_memory
 from swav_scale.train import swav_step
+from swav_testing.references import LightlyStep, OriginalStep
 
 from benchlib.ranks import ENGINES, lone_rank
-from benchlib.references import LightlyStep, OriginalStep
 from benchlib.timing import checked_after, device_name, host_sync_mode, interleaved_medians, write_json
 
 WARMUP = 2  # untimed steps per variant (interleaved_medians' default)

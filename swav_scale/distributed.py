@@ -154,6 +154,13 @@ def use_socket_interface(names: str, host: str | None = None) -> None:
     os.environ["NCCL_SOCKET_IFNAME"] = names
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now: the rendezvous port of ranks started on this machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def node_rank_from(environ: Mapping[str, str], rank: int, local_world_size: int) -> int:
     """The index of this rank's node: SLURM's SLURM_NODEID, torchrun's GROUP_RANK, else the launch layout
     (ranks numbered node by node)."""

@@ -14,7 +14,6 @@ import pytest
 import timm
 import torch
 import torch.distributed as dist
-from helpers import run_ranks
 from timm.layers import DropPath
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -33,6 +32,7 @@ from swav_scale.models.vit import TensorDropPath
 from swav_scale.optim import build_optimizer
 from swav_scale.queue import FeatureQueue
 from swav_scale.train import swav_step
+from swav_testing.ranks import run_ranks
 
 CPU = torch.device("cpu")
 STEPS = 3

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 from device_trace import DeviceTrace
-from helpers import run_ranks
 
 from swav_scale import distributed
 from swav_scale.data.pixels import blur
+from swav_testing.ranks import run_ranks
 
 
 def test_it_sees_values_read_back_from_the_device() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-from helpers import run_ranks
 
 from swav_scale.diagnostics import HealthCheck, code_statistics
 from swav_scale.swav import assign_codes, swapped_prediction_loss
+from swav_testing.ranks import run_ranks
 
 K = 50
 

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import run_ranks
 
 import swav_scale
 from swav_scale import distributed
 from swav_scale.distributed import DeviceError, check_local_ranks, rank_device
+from swav_testing.ranks import run_ranks
 
 COLLECTIVES = {
     "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor", "broadcast",

@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from device_trace import DeviceTrace, optimizer_step_counters
-from helpers import run_ranks
 
 from torch.distributed.device_mesh import init_device_mesh
 
@@ -32,6 +31,7 @@ from swav_scale.optim import build_optimizer
 from swav_scale.queue import FeatureQueue
 from swav_scale.swav import assign_codes, normalize_prototypes_, swapped_prediction_loss
 from swav_scale.train import StepLog, swav_step
+from swav_testing.ranks import run_ranks
 
 STEPS = 4
 FREEZE = 2  # the prototypes start moving at step 2: both regimes are compared

@@ -107,17 +107,34 @@ def test_no_module_imports_from_a_layer_above_its_own() -> None:
 
 
 BENCHMARKS = PACKAGE.parent / "benchmarks"
+TESTS = PACKAGE.parent / "tests"
+SUPPORT = PACKAGE.parent / "swav_testing"
 
 
-def test_the_tests_import_no_benchmark() -> None:
-    """The benchmarks build on the tests' reference implementations (tests/references.py), never the reverse:
-    a test passes or fails on swav_scale and its references alone."""
-    benchmark_modules = {p.stem for p in BENCHMARKS.glob("*.py")} | {"benchlib"}
-    assert {"bench_sinkhorn", "gpu_suite", "benchlib"} <= benchmark_modules
+def _imported(folder: Path) -> list[tuple[str, str]]:
+    """(file name, module name) of every import in the Python files under `folder`."""
     found = []
-    for path in (PACKAGE.parent / "tests").rglob("*.py"):
+    for path in folder.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module else
                      [a.name for a in node.names] if isinstance(node, ast.Import) else [])
-            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in benchmark_modules]
+            found += [(path.name, n) for n in names]
+    return found
+
+
+def test_the_tests_import_no_benchmark() -> None:
+    """The benchmarks build on the tests' support (swav_testing: the ranks, the reference implementations),
+    never the reverse: a test passes or fails on swav_scale and its references alone."""
+    benchmark_modules = {p.stem for p in BENCHMARKS.glob("*.py")} | {"benchlib"}
+    assert {"bench_sinkhorn", "gpu_suite", "benchlib"} <= benchmark_modules
+    found = [f"{file}: {n}" for folder in (TESTS, SUPPORT) for file, n in _imported(folder)
+             if n.split(".")[0] in benchmark_modules]
     assert found == []
+
+
+def test_the_package_imports_no_test_support_and_the_support_no_test() -> None:
+    """swav_scale runs without its tests; swav_testing, which the benchmarks import too, without tests/."""
+    test_modules = {p.stem for p in TESTS.rglob("*.py")}
+    assert {"helpers", "runs", "conftest"} <= test_modules
+    assert [f"{file}: {n}" for file, n in _imported(PACKAGE) if n.split(".")[0] == "swav_testing"] == []
+    assert [f"{file}: {n}" for file, n in _imported(SUPPORT) if n.split(".")[0] in test_modules] == []

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, run_ranks
+from helpers import REPO
 from runs import (assert_same_weights, pretrain, pretrain_command, rank_pids, swav_scale, wait_for_step)
 from swav_scale.preemption import EXIT_STOPPED, StepAgreement, StopSignals
+from swav_testing.ranks import run_ranks
 
 
 def _stop_at(run_dir: Path, shards: Path, step: int, signalled: str, sig: int) -> int:

@@ -1,4 +1,4 @@
-"""The reference implementations (references.py) compute what swav_scale computes, so that the benchmarks that
+"""The reference implementations (swav_testing/references.py) compute what swav_scale computes, so that the benchmarks that
 time swav_scale against them compare like with like: the same codes, the same loss, the same step."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import copy
 import torch
 import torch.nn.functional as F
 from lightly.loss import SwaVLoss
-from references import OriginalStep, lightly_sinkhorn, original_sinkhorn
 
 from swav_scale.models import build_swav_model
 from swav_scale.swav import assign_codes, normalize_prototypes_, sinkhorn, swapped_prediction_loss
+from swav_testing.references import OriginalStep, lightly_sinkhorn, original_sinkhorn
 
 
 def scores(n: int, k: int, seed: int) -> torch.Tensor:

@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import free_port
 from test_data import multicrop
 
 from swav_scale.data.loader import MultiCropStream, ShardLoader
 from swav_scale.data.manifest import Manifest, ShardError
 from swav_scale.data.plan import Layout, Planner
 from swav_scale.data.sources import open_shard_set
+from swav_scale.distributed import free_port
 
 PATTERN = "train-{000000..000006}.tar"
 

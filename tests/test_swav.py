@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from helpers import run_ranks
-from references import original_sinkhorn
 
 from swav_scale.models import build_swav_model
 from swav_scale.queue import FeatureQueue
 from swav_scale.swav import assign_codes, normalize_prototypes_, sinkhorn, swapped_prediction_loss
+from swav_testing.ranks import run_ranks
+from swav_testing.references import original_sinkhorn
 
 
 def cosine_scores(n: int, k: int, d: int = 16, seed: int = 0) -> torch.Tensor:

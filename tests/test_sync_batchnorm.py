@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from device_trace import DeviceTrace
-from helpers import run_ranks
 from torch import nn
 
 from swav_scale.engines import sync_batchnorm
 from swav_scale.engines.assemble import batchnorm_group
 from swav_scale.engines.sync_batchnorm import CudaKernels, SyncBatchNorm, convert_sync_batchnorm
+from swav_testing.ranks import run_ranks
 
 SIZES = {2: [3, 5], 3: [2, 3, 5]}  # samples per rank: unequal, so that counts are weighed, not assumed equal
 

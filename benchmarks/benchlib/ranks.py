@@ -1,60 +1,16 @@
-"""Real gloo ranks for the multi-process benchmarks: `run_ranks(fn, world, *args)` runs fn(rank, world, *args)
-in `world` fresh processes (so that no measurement sees another's memory or state) and returns each rank's
-JSON-serialisable result. `lone_rank` is the one-process benchmarks' rank: the group a lone training
-process has."""
+"""The ranks and engines of the benchmarks: `lone_rank` is the one-process benchmarks' rank, the group a lone
+training process has; ENGINES and the argument helpers are the per-engine benchmarks' choice of engines. The
+multi-process benchmarks start their ranks with swav_testing.ranks.run_ranks, as the tests do."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
-import tempfile
-import traceback
-import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from rich.console import Console
-from rich.markup import escape
 
 from swav_scale.distributed import DistEnv, ensure_process_group, init_distributed
-
-
-def _entry(rank: int, world: int, port: int, out: str, fn: Callable[..., Any], args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's deprecated collectives, in ZeRO
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        (Path(out) / f"{rank}.json").write_text(json.dumps(fn(rank, world, *args)))
-    except BaseException:
-        (Path(out) / f"{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
-    """Each rank's result, or RuntimeError with the ranks' tracebacks."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out:
-        try:
-            mp.spawn(_entry, args=(world, port, out, fn, args), nprocs=world, join=True)
-        except Exception as e:
-            errors = "\n".join(p.read_text() for p in sorted(Path(out).glob("*.err"))) or str(e)
-            if errors != str(e) or len(list(Path(out).glob("*.json"))) < world:
-                raise RuntimeError(errors) from e
-            # every rank measured, then one died on the way out (DeepSpeed's threads, at times): keep the numbers
-            Console(stderr=True).print(f"[yellow]a rank exited abnormally after measuring: {escape(str(e))}[/]")
-        return [json.loads((Path(out) / f"{r}.json").read_text()) for r in range(world)]
 
 
 # The engines the per-engine benchmarks compare, as config overrides. fsdp-keep keeps each trunk unit gathered

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from rich.markup import escape
 
 from swav_scale.build import preflight
 from swav_scale.config import Config, to_yaml
-from swav_scale.distributed import check_local_ranks
+from swav_scale.distributed import check_local_ranks, free_port
 from swav_scale.errors import SwavScaleError
 from swav_scale.preemption import EXIT_STOPPED
 from swav_scale.run_dir import launch_config_file, logs_dir
@@ -56,7 +55,7 @@ def run_local_ranks(command: list[str], nproc: int, logs: Path) -> None:
     base_env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "WORLD_SIZE": str(nproc),
         "LOCAL_WORLD_SIZE": str(nproc),
         "PYTHONUNBUFFERED": "1",
@@ -86,12 +85,6 @@ def run_local_ranks(command: list[str], nproc: int, logs: Path) -> None:
     finally:
         for sig, handler in forward.items():
             signal.signal(sig, handler)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _forward_signals(procs: list[subprocess.Popen]) -> dict[int, Any]:

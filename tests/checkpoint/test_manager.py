@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, run_ranks
+from helpers import REPO
 from runs import TINY_VIT, checkpoint_contents, differences, train_in_process
 
 import swav_scale.checkpoint.manager as manager
@@ -23,6 +23,7 @@ from swav_scale.engines.ddp import DDPEngine
 from swav_scale.models import build_swav_model
 from swav_scale.optim import build_optimizer
 from swav_scale.queue import FeatureQueue
+from swav_testing.ranks import run_ranks
 
 
 def make_engine(world: int = 1, rank: int = 0) -> DDPEngine:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_ranks
 
 import swav_scale.checkpoint.staging as staging
 from swav_scale.checkpoint.staging import allocate_staging, stage
+from swav_testing.ranks import run_ranks
 
 
 def test_staging_reuses_every_buffer_that_still_fits_and_allocates_only_the_others(

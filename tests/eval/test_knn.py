@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import image_folder_of, run_ranks
+from helpers import image_folder_of
 
 from swav_scale.config import load_config
 from swav_scale.data.labelled import open_labelled
@@ -16,6 +16,7 @@ from swav_scale.data.multicrop import EvalTransform
 from swav_scale.eval.features import extract_features, raw_pixels, split_features
 from swav_scale.eval.knn import knn_top1
 from swav_scale.models.resnet import build_trunk
+from swav_testing.ranks import run_ranks
 
 MEAN, STD = (0.286,) * 3, (0.353,) * 3
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import run_ranks
 
 from swav_scale.config import EvalConfig
 from swav_scale.eval.linear import ProbeResult, train_linear_probe
+from swav_testing.ranks import run_ranks
 
 PROBE = EvalConfig(linear_epochs=4, linear_batch_size=32, linear_lr=0.5)
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from helpers import run_ranks
 
 from swav_scale.data.labelled import open_labelled
 from swav_scale.data.multicrop import EvalTransform
 from swav_scale.models.resnet import build_trunk
 from swav_scale.eval.precise_bn import batchnorm_layers, calibration_batches, precise_batchnorm, precise_batchnorms
+from swav_testing.ranks import run_ranks
 
 MEAN, STD = (0.286,) * 3, (0.353,) * 3
 
