@@ -118,13 +118,16 @@ def extract_features(
     description: str = "features",
     dtype: torch.dtype | None = None,
     show_progress: bool = True,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """({encoder name: L2-normalised features (N, D)}, labels (N,)) for every image of `units` (a rank's part
     of a LabelledImages set, or all of it), on `device`: the kNN scores them there.
 
     Every encoder sees the same decoded batch, so the images are read and decoded once however many encoders
     (the trained network and its baselines) are compared. `dtype` runs the encoders under autocast (bf16 for a
-    network trained in bf16: the features it was trained to produce, at up to twice the speed)."""
+    network trained in bf16: the features it was trained to produce, at up to twice the speed); `memory_format`
+    lays the images out for the convolutions (channels-last: oneDNN's fast kernels; the features are equal to
+    float rounding)."""
     device = torch.device(device)
     workers = min(num_workers, len(units))
     loader = DataLoader(LabelledStream(units, transform, batch_size), batch_size=None, num_workers=workers,
@@ -134,7 +137,7 @@ def extract_features(
     bar = progress_bar(description, sum(u.count for u in units)) if show_progress else nullcontext(lambda n: None)
     with bar as advance:
         for x, y in loader:
-            x = normalize(x.to(device, non_blocking=True), mean, std)
+            x = normalize(x.to(device, non_blocking=True), mean, std).contiguous(memory_format=memory_format)
             for name, encode in encoders.items():
                 with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
                     out = encode(x)
@@ -174,6 +177,7 @@ def split_features(
     transform = EvalTransform(e.resize, e.crop)
     mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
     dtype = autocast_dtype(cfg.parallel.precision, torch.device(device))  # the precision the network trained in
+    layout = torch.channels_last if cfg.parallel.channels_last else torch.contiguous_format  # as it trained
     networks = {name: enc for name, enc in encoders.items() if isinstance(enc, nn.Module)}
     if e.precise_bn_images and networks:  # the same images and batches on any number of ranks (precise_bn.py)
         if e.precise_bn_images > bank_set.total and this_rank == 0:  # the tables will name the configured number
@@ -181,13 +185,13 @@ def split_features(
                           f"holds {bank_set.total} images: BatchNorm statistics come from all {bank_set.total}",
                           highlight=False)
         batches = calibration_batches(bank_set.units, transform, mean, std, e.precise_bn_images, e.batch_size,
-                                      device)
+                                      device, layout)
         encoders = {**encoders, **precise_batchnorms(networks, batches, dtype)}
     bank, bank_y = extract_features(encoders, bank_set.part(this_rank, world), transform, mean, std,
-                                    e.batch_size, num_workers, device, "bank (train split)", dtype, show_progress)
+                                    e.batch_size, num_workers, device, "bank (train split)", dtype, show_progress, layout)
     queries, query_y = extract_features(encoders, query_set.part(this_rank, world), transform, mean, std,
                                         e.batch_size, num_workers, device, "queries (test split)", dtype,
-                                        show_progress)
+                                        show_progress, layout)
     if in_group():
         bank, queries = _same_width_everywhere(bank), _same_width_everywhere(queries)
     return (bank, bank_y), (queries, query_y)

@@ -92,13 +92,14 @@ def precise_batchnorms(models: dict[str, nn.Module], batches: Iterable[Tensor],
 
 
 def calibration_batches(units: list[Unit], transform: Callable[[Tensor], Tensor], mean: tuple[float, ...],
-                        std: tuple[float, ...], images: int, batch_size: int,
-                        device: torch.device | str = "cpu") -> Iterator[Tensor]:
+                        std: tuple[float, ...], images: int, batch_size: int, device: torch.device | str = "cpu",
+                        memory_format: torch.memory_format = torch.contiguous_format) -> Iterator[Tensor]:
     """The first `images` images of a split (its units in stored order) in batches of `batch_size` (the last
     one holds what is left), transformed and normalised as the features will be. Under torch.distributed,
     every world_size-th of those batches, from this rank's: any number of ranks computes the statistics of
     the same batches, so they are the same to float rounding however many ranks evaluate (bf16 convolutions
-    may carry that rounding to a few queries of a kNN; in fp32 its figures are equal). Read in this process,
+    may carry that rounding to a few queries of a kNN; in fp32 its figures are equal). `memory_format`: as
+    extract_features'. Read in this process,
     since the order must not depend on DataLoader workers (10,000 small images take seconds)."""
     this_rank, world = rank(), world_size()
     batch: list[Tensor] = []
@@ -109,9 +110,9 @@ def calibration_batches(units: list[Unit], transform: Callable[[Tensor], Tensor]
                 batch.append(transform(load()))
             taken += 1
             if len(batch) == batch_size or (taken == images and batch):
-                yield normalize(torch.stack(batch).to(device), mean, std)
+                yield normalize(torch.stack(batch).to(device), mean, std).contiguous(memory_format=memory_format)
                 batch = []
             if taken == images:
                 return
     if batch:  # the split ran out first
-        yield normalize(torch.stack(batch).to(device), mean, std)
+        yield normalize(torch.stack(batch).to(device), mean, std).contiguous(memory_format=memory_format)

@@ -125,6 +125,36 @@ def test_bf16_features_stay_close_to_fp32(fmnist_test_shards: Path) -> None:
     assert (fp32["t"] * bf16["t"]).sum(dim=1).min() > 0.99  # cosine similarity of unit vectors
 
 
+def test_split_features_feed_the_layout_the_network_trained_in(fmnist_test_shards: Path) -> None:
+    """Under parallel.channels_last the encoders get channels-last images, PreciseBN's batches included (oneDNN's
+    fast convolutions); the features equal the contiguous layout's to float rounding."""
+    seen: list[bool] = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self, trunk: torch.nn.Module) -> None:
+            super().__init__()
+            self.trunk = trunk
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            return self.trunk(x)
+
+    torch.manual_seed(0)
+    trunk = build_trunk("resnet18", 0.125, small_stem=True).eval()
+    features = {}
+    for channels_last in (True, False):
+        cfg = load_config(None, [f"data.train_shards={fmnist_test_shards}", f"eval.test_shards={fmnist_test_shards}",
+                                 "eval.resize=28", "eval.crop=28", "eval.precise_bn_images=100",
+                                 "parallel.precision=fp32", f"parallel.channels_last={channels_last}"])
+        seen.clear()
+        (bank, _), _ = split_features(cfg, {"t": Recording(trunk)}, num_workers=0, show_progress=False)
+        assert seen and all(s == channels_last for s in seen), (channels_last, seen)
+        features[channels_last] = bank["t"]
+    # unit vectors; the convolutions sum in another order, and PreciseBN's statistics carry that rounding on
+    assert (features[True] * features[False]).sum(dim=1).min() > 1 - 1e-6
+    torch.testing.assert_close(features[True], features[False], rtol=0, atol=5e-4)
+
+
 def test_eval_transform_matches_resize_then_centre_crop() -> None:
     from torchvision.transforms import v2
 
