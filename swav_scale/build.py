@@ -2,7 +2,8 @@
 
 Pretraining, kNN, the linear probe, export, the benchmarks and the tests all build through here, so a part
 built for an evaluation or a measurement is the part training uses. `preflight` holds the checks that need no
-process group; the launchers run it once before starting ranks.
+process group; the launchers run it once before starting ranks, and in a run rank 0 alone runs it again and
+hands its result to the other ranks (`build_loader`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from swav_scale.data.manifest import Manifest
 from swav_scale.data.multicrop import CropSpec, MultiCrop
 from swav_scale.data.plan import Layout, Planner, epoch_steps
 from swav_scale.data.sources import open_shard_set
-from swav_scale.distributed import DistEnv
+from swav_scale.distributed import DistEnv, decided_on_main
 from swav_scale.engines.assemble import build_engine
 from swav_scale.engines.base import Engine
 from swav_scale.models import build_swav_model
@@ -95,8 +96,10 @@ def preflight(cfg: Config, world_size: int) -> tuple[Manifest, int]:
 
 def build_loader(cfg: Config, rank: int, world_size: int, pin_memory: bool = False) -> ShardLoader:
     """Rank `rank`'s multi-crop batches of the training shards: every rank the same number of steps per epoch,
-    each epoch's samples once over all ranks and workers (data/plan.py)."""
-    manifest, batch_per_rank = preflight(cfg, world_size)
+    each epoch's samples once over all ranks and workers (data/plan.py). Collective in a process group: rank 0
+    alone runs `preflight` (it reads the manifest and looks at every shard) and hands the manifest to the
+    others, whose workers then open only the shards the plan gives them."""
+    manifest, batch_per_rank = decided_on_main(lambda: preflight(cfg, world_size))
     planner = Planner(manifest, cfg.train.seed, cfg.data.open_shards, cfg.data.shuffle_buffer)
     layout = Layout(world_size, max(1, cfg.data.num_workers), batch_per_rank)
     stream = MultiCropStream(planner, build_multicrop(cfg), rank, layout)

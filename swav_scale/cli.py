@@ -167,7 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="submitit executor (default: slurm where sbatch exists, else local)")
     sm.set_defaults(func=_submit)
 
-    st = sub.add_parser("status", help="a run's progress, last complete checkpoint, requeues and SLURM job ids")
+    st = sub.add_parser("status", help="a run's progress, last complete checkpoint, requeues and SLURM job ids",
+                        description="A run's progress, last complete checkpoint, requeues and SLURM job ids, from "
+                                    "its directory. The training data is described from its manifest (shards, "
+                                    "samples, bytes) without opening or checking a shard file: check those with "
+                                    "`swav-scale verify-shards DIR`.")
     st.add_argument("run_dir")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_status)

@@ -14,7 +14,10 @@ the package for direct torch.distributed calls). They
   the CPU under gloo) and raise naming the caller, rather than let NCCL fail later with a message about
   neither, or gloo copy silently;
 * place plain numbers on that device themselves (`all_reduce_numbers`), so a caller never builds a
-  communication tensor on the wrong device.
+  communication tensor on the wrong device;
+* let rank 0 alone read what every rank needs from the shared file system (`decided_on_main`,
+  `dealt_by_main`) and raise its error on every rank, so that what a rank reads at start does not grow with
+  the number of ranks (docs/scaling.md).
 
 The engines' own libraries (DDP, FSDP2, DeepSpeed) communicate inside those libraries.
 """
@@ -22,12 +25,13 @@ The engines' own libraries (DDP, FSDP2, DeepSpeed) communicate inside those libr
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -37,6 +41,7 @@ from swav_scale.errors import SwavScaleError
 
 ProcessGroup = dist.ProcessGroup
 ReduceOp = dist.ReduceOp
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -338,6 +343,61 @@ def all_gather_object(obj: Any, group: ProcessGroup | None = None) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)  # pickled onto the group's device (this rank's GPU under NCCL)
     return out
+
+
+def decided_on_main(decide: Callable[[], T], group: ProcessGroup | None = None) -> T:
+    """`decide()` run by rank 0 of `group` alone, its result on every rank (collective): the checks of shared
+    files that one rank makes for all. What `decide` raises on rank 0 is raised on every rank, the same
+    exception with the same message, rather than leaving the others waiting in the broadcast."""
+    if not in_group():
+        return decide()
+    error, box = None, None
+    if rank(group) == 0:
+        try:
+            box = (True, decide())
+        except Exception as e:  # noqa: BLE001 (raised on every rank below)
+            error, box = e, (False, _portable(e))
+    ok, value = broadcast_object(box, group=group)
+    if error is not None:
+        raise error
+    if not ok:
+        raise value
+    return value
+
+
+def dealt_by_main(deal: Callable[[], Sequence[T]], group: ProcessGroup | None = None) -> T:
+    """`deal()` run by rank 0 of `group` alone, one item per rank, and each rank's item on that rank
+    (collective: a scatter, so no rank receives the others' items). Errors as `decided_on_main`."""
+    if not in_group():
+        return deal()[0]
+    n = world_size(group)
+    error, boxes = None, None
+    if rank(group) == 0:
+        try:
+            items = list(deal())
+            if len(items) != n:
+                raise ValueError(f"{_caller()}: dealt {len(items)} items to {n} ranks")
+            boxes = [(True, item) for item in items]
+        except Exception as e:  # noqa: BLE001 (raised on every rank below)
+            error, boxes = e, [(False, _portable(e))] * n
+    out: list[Any] = [None]
+    dist.scatter_object_list(out, boxes, group=group, group_src=0)  # on the group's device, as all_gather_object
+    ok, value = out[0]
+    if error is not None:
+        raise error
+    if not ok:
+        raise value
+    return value
+
+
+def _portable(error: Exception) -> Exception:
+    """`error` itself if it survives pickling (the other ranks raise a copy), else a RuntimeError with its
+    type and message."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:  # noqa: BLE001 (an exception whose class cannot be rebuilt from its arguments)
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
 
 
 def barrier(group: ProcessGroup | None = None) -> None:

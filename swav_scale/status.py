@@ -2,7 +2,8 @@
 
 A run restarted many times by SLURM leaves its story in files: checkpoints/ (what is safe), metrics.jsonl
 (how far it got and how it is doing), meta.json (one entry per start, with the SLURM job id and restart
-count) and jobs.jsonl (one line per `swav-scale submit`).
+count) and jobs.jsonl (one line per `swav-scale submit`). The training data is described from its manifest
+alone, without a look at each shard file.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from swav_scale.checkpoint.layout import complete_checkpoints, damaged_checkpoints, newest_intact, read_meta
@@ -25,8 +27,11 @@ class NotARunDirectory(SwavScaleError, FileNotFoundError):
     """The directory named holds no run (no config.yaml)."""
 
 
-def total_steps(run_dir: Path) -> int | None:
-    """The run's last step, from its config and shard manifest (None when the shards are out of reach)."""
+def training_data(run_dir: Path) -> dict[str, Any] | None:
+    """The run's training shard set as its manifest describes it (shards, samples, bytes) and the run's last
+    step, or None when the manifest is out of reach. The shard files are not looked at: a shard set of a
+    million shards on a shared file system would cost a million stat calls (`swav-scale verify-shards DIR`
+    checks them)."""
     # here, not at the top: build imports the engines, which status does not need and which are slow to import
     from swav_scale.build import planned_steps
     from swav_scale.data.plan import epoch_steps
@@ -34,10 +39,12 @@ def total_steps(run_dir: Path) -> int | None:
 
     try:
         cfg = load_run_config(run_dir)
-        steps = epoch_steps(open_shard_set(cfg.data.train_shards, cfg.data.train_manifest), cfg.optim.batch_size)
+        manifest = open_shard_set(cfg.data.train_shards, cfg.data.train_manifest, check_files=False)
+        steps = epoch_steps(manifest, cfg.optim.batch_size)
     except Exception:  # status must answer even when the data is not mounted here
         return None
-    return planned_steps(cfg, steps)
+    return {"shards": cfg.data.train_shards, "shard_count": len(manifest.shards), "samples": manifest.total,
+            "bytes": sum(s.bytes for s in manifest.shards), "total_steps": planned_steps(cfg, steps)}
 
 
 def run_status(run_dir: str | Path) -> dict[str, Any]:
@@ -54,6 +61,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     job_ids = list(dict.fromkeys([s["job_id"] for s in submissions] +
                                  [x["slurm_job_id"] for x in launches if x["slurm_job_id"]]))
     last = next((m for m in reversed(metrics) if "loss" in m), {})  # not a kNN line (eval.every_epochs)
+    data = training_data(run_dir) or {}
     return {
         "run_dir": str(run_dir),
         "checkpoint": str(latest) if latest else None,
@@ -63,7 +71,8 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "complete_checkpoints": len(complete_checkpoints(root)),
         "damaged_checkpoints": [p.name for p in damaged_checkpoints(root)],
         "last_logged_step": last.get("step"),
-        "total_steps": total_steps(run_dir),
+        "total_steps": data.get("total_steps"),
+        "data": {k: v for k, v in data.items() if k != "total_steps"} or None,
         "epoch": last.get("epoch"),
         "loss": last.get("loss"),
         "lr": last.get("lr"),
@@ -99,6 +108,10 @@ def print_status(status: dict[str, Any]) -> None:
     loss = status["loss"]
     table.add_row("last loss", "-" if loss is None else f"{loss:.4f} (lr {status['lr']:.4g}, "
                                                         f"{status['images_per_s']} images/s)")
+    data = status["data"]
+    table.add_row("training data", "manifest out of reach" if not data else
+                  f"{data['shard_count']} shards, {data['samples']} samples, {data['bytes'] / 2**30:.2f} GiB in "
+                  f"{escape(data['shards'])} (from its manifest; `swav-scale verify-shards DIR` checks the files)")
     ckpt = status["checkpoint"]
     table.add_row("last complete checkpoint", "none yet" if not ckpt else
                   f"{ckpt} (step {status['checkpoint_step']}, {status['checkpoint_world_size']} ranks, "

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 import swav_scale
 from swav_scale import distributed
+from swav_scale.data.manifest import ShardError
 from swav_scale.distributed import DeviceError, check_local_ranks, rank_device
 from swav_testing.ranks import run_ranks
 
@@ -107,6 +108,52 @@ def test_every_collective_of_the_api_on_real_ranks() -> None:
                      "objects": [0, 10, 20], "rank": rank, "world": 3, "device": "cpu"}
 
 
+class Unrebuildable(Exception):
+    """An exception whose class cannot be rebuilt from its message (pickling would fail on the receivers)."""
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(f"{path}: {what}")
+
+
+def _decided_on_rank_0(rank: int, world: int, missing: str) -> dict[str, Any]:
+    calls: list[int] = []
+
+    def decide() -> str:
+        calls.append(rank)
+        return f"decided by rank {rank}"
+
+    def fail() -> list[str]:
+        raise ShardError(f"shard {missing} is listed in manifest.json but absent; copy it again")
+
+    def fail_unpicklably() -> None:
+        raise Unrebuildable(missing, "unreadable")
+
+    out: dict[str, Any] = {"decided": distributed.decided_on_main(decide), "calls": calls,
+                           "dealt": distributed.dealt_by_main(lambda: [f"item {r}" for r in range(world)])}
+    for name, check in (("broadcast", lambda: distributed.decided_on_main(fail)),
+                        ("scatter", lambda: distributed.dealt_by_main(fail)),
+                        ("unpicklable", lambda: distributed.decided_on_main(fail_unpicklably))):
+        try:
+            check()
+        except Exception as e:  # noqa: BLE001 (what each rank raised is the result)
+            out[name] = (type(e).__name__, str(e))
+    return out
+
+
+def test_rank_0_decides_for_all_and_its_error_is_raised_on_every_rank() -> None:
+    """`decided_on_main` runs on rank 0 alone and every rank gets its result; `dealt_by_main` gives each rank
+    its own item. What rank 0 raises, every rank raises with the same message (a class that cannot travel as
+    itself arrives as a RuntimeError naming it), rather than the others waiting for a broadcast."""
+    results = run_ranks(_decided_on_rank_0, 3, "/data/train-000004.tar")
+    error = ("ShardError", "shard /data/train-000004.tar is listed in manifest.json but absent; copy it again")
+    for rank, r in enumerate(results):
+        assert r["decided"] == "decided by rank 0" and r["calls"] == ([0] if rank == 0 else [])
+        assert r["dealt"] == f"item {rank}"
+        assert r["broadcast"] == r["scatter"] == error
+        assert r["unpicklable"] == (("Unrebuildable", "/data/train-000004.tar: unreadable") if rank == 0 else
+                                    ("RuntimeError", "Unrebuildable: /data/train-000004.tar: unreadable"))
+
+
 def test_a_lone_process_without_a_group_keeps_its_own_values() -> None:
     assert not distributed.in_group()
     t = torch.tensor([3.0])
@@ -114,6 +161,7 @@ def test_a_lone_process_without_a_group_keeps_its_own_values() -> None:
     assert distributed.all_reduce_numbers([2, 5]) == [2.0, 5.0]
     assert [x.tolist() for x in distributed.all_gather(t)] == [[3.0]]
     assert distributed.broadcast_object("x") == "x" and distributed.all_gather_object(1) == [1]
+    assert distributed.decided_on_main(lambda: "x") == "x" and distributed.dealt_by_main(lambda: ["y"]) == "y"
     assert (distributed.rank(), distributed.world_size()) == (0, 1)
 
 

@@ -84,3 +84,14 @@ def test_missing_remote_shards_and_manifests_are_named(served: tuple[str, Path],
         open_shard_set(f"{url}/nothing")
     with pytest.raises(ShardError, match=r"train-000008.tar \(from .*\) names no shard listed in"):
         open_shard_set(f"{url}/train/train-{{000008..000009}}.tar")
+
+
+def test_without_the_file_check_only_the_manifest_is_read(fmnist_train_shards: Path, tmp_path: Path) -> None:
+    """A shard set whose files are absent (not mounted here) is refused by default, naming the first missing
+    shard, and described from its manifest with `check_files=False` (`swav-scale status`), directory or
+    pattern alike."""
+    (tmp_path / "manifest.json").write_bytes((fmnist_train_shards / "manifest.json").read_bytes())
+    for spec in (str(tmp_path), str(tmp_path / PATTERN)):
+        with pytest.raises(ShardError, match="train-000000.tar is listed in .* but absent"):
+            open_shard_set(spec)
+        assert open_shard_set(spec, check_files=False).total == 637

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import pytest
 from helpers import REPO
 
+from swav_scale.cli import build_parser
 from swav_scale.config import load_config, to_yaml
+from swav_scale.data.manifest import MANIFEST
 from swav_scale.status import print_status, run_status
 from swav_scale.utils import console
 
@@ -33,3 +37,29 @@ def test_each_start_lists_its_nodes_with_their_ranks(tmp_path: Path) -> None:
     assert "2026-12-01T10:00:00+0000: 1 rank(s) on login; from the start" in text
     assert ("2026-12-02T10:00:00+0000, job 42 (restart 1): 4 rank(s) on gpu-0 (2 ranks), gpu-1 (2 ranks); from "
             "step-00000500") in text
+
+
+def test_the_training_data_is_described_from_its_manifest_without_a_look_at_any_shard(
+        fmnist_train_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`status` reads the manifest alone: here the shard files are not even there, and the data, its size and the
+    run's last step are reported all the same (a million shards would otherwise cost a million stat calls).
+    Its help says what checks the files."""
+    manifest_only = tmp_path / "shards"
+    manifest_only.mkdir()
+    shutil.copy(fmnist_train_shards / MANIFEST, manifest_only / MANIFEST)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", [f"data.train_shards={manifest_only}",
+                                                             "optim.batch_size=100", "optim.epochs=3"])
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    status = run_status(run_dir)
+    listed = json.loads((manifest_only / MANIFEST).read_text())["shards"]
+    assert status["data"] == {"shards": str(manifest_only), "shard_count": 7, "samples": 637,
+                              "bytes": sum(s["bytes"] for s in listed)}
+    assert status["total_steps"] == 3 * (637 // 100)
+    with console.capture() as captured:
+        print_status(status)
+    assert "7 shards, 637 samples" in " ".join(captured.get().split())
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["status", "--help"])
+    assert "swav-scale verify-shards DIR" in " ".join(capsys.readouterr().out.split())

@@ -4,8 +4,8 @@ A save writes `step-N.partial/`; once every rank has finished, rank 0 writes the
 renames the directory to `step-N/` and only then moves the `latest` pointer. So a `step-N/` with its meta.json
 is complete, a `step-N.partial/` is a save that never finished, and a `step-N/` without meta.json was damaged
 after its save. `meta.json` lists every file of the checkpoint with its size and sha256: a checkpoint damaged
-after the fact (a truncated copy, a disk error) is found by `find_damage`, and a resume moves it aside to
-`step-N.damaged/`.
+after the fact (a truncated copy, a disk error) is found by `find_damage` (or, shared out over ranks, by
+`check_files` on the shares `deal_files` makes), and a resume moves it aside to `step-N.damaged/`.
 
 Plain functions of a directory, for one process: no process group. The manager (manager.py) builds its
 collective protocol on them; `status`, the evaluations, export and the launchers list a run's checkpoints
@@ -110,20 +110,30 @@ def describe_files(directory: Path, names: list[str], checksums: bool) -> dict[s
     return out
 
 
-def find_damage(path: Path, checksums: bool, share: tuple[int, int] = (0, 1)) -> list[str]:
-    """What is wrong with a checkpoint directory that has its meta.json: files missing, of the wrong size or
-    (with `checksums`) content. Checks the files `share` = (index, count) selects, so ranks split the work."""
+def listed_files(path: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The files a checkpoint's meta.json lists (name -> its recorded size and sha256), and what is wrong with
+    meta.json itself: unreadable, or listing no files (then it lists none)."""
     try:
         meta = json.loads((path / META).read_text())
     except (OSError, ValueError) as e:
-        return [f"{META} is unreadable ({e})"] if share[0] == 0 else []
+        return {}, [f"{META} is unreadable ({e})"]
     files = meta.get("files")
     if not isinstance(files, dict):
-        return [f"{META} lists no files"] if share[0] == 0 else []
+        return {}, [f"{META} lists no files"]
+    return files, []
+
+
+def deal_files(files: dict[str, dict[str, Any]], count: int) -> list[dict[str, dict[str, Any]]]:
+    """`files` (as `listed_files` gives them) in `count` shares of nearly equal size, for ranks to check."""
+    ordered = sorted(files.items())
+    return [dict(ordered[k::count]) for k in range(count)]
+
+
+def check_files(path: Path, files: dict[str, dict[str, Any]], checksums: bool) -> list[str]:
+    """What is wrong with the listed `files` of the checkpoint `path`: missing, of the wrong size or (with
+    `checksums`) content."""
     damage = []
-    for i, (name, info) in enumerate(sorted(files.items())):
-        if i % share[1] != share[0]:
-            continue
+    for name, info in sorted(files.items()):
         f = path / name
         if not f.is_file():
             damage.append(f"{name} is missing")
@@ -132,6 +142,13 @@ def find_damage(path: Path, checksums: bool, share: tuple[int, int] = (0, 1)) ->
         elif checksums and "sha256" in info and sha256_file(f) != info["sha256"]:
             damage.append(f"{name} does not match the sha256 recorded when it was written")
     return damage
+
+
+def find_damage(path: Path, checksums: bool) -> list[str]:
+    """What is wrong with a checkpoint directory that has its meta.json, checked by one process: meta.json
+    itself, then every file it lists (`check_files`)."""
+    files, damage = listed_files(path)
+    return damage + check_files(path, files, checksums)
 
 
 def newest_intact(root: Path) -> Path | None:

@@ -11,8 +11,12 @@ Everything saved is gathered in two dicts of states (states.py):
 A save commits by the protocol of layout.py: write into `step-N.partial/`, rank 0 writes meta.json once every
 rank has finished, renames the directory to `step-N/` and only then moves the `latest` pointer. A run killed at
 any moment leaves either the previous checkpoint or the new one, never a half-written directory that looks
-valid. Every listing goes through layout.py; this module adds what needs the ranks: each rank verifies a share
-of the files on resume, and a damaged checkpoint is moved aside, with a warning, for the previous complete one.
+valid. Every listing goes through layout.py; this module adds what needs the ranks. On resume rank 0 alone lists
+the checkpoints, reads meta.json and makes every decision on shared files (which checkpoint, what to move aside,
+what to clean up), and hands the result to the others (distributed.decided_on_main); each rank verifies a
+share of the files, and reads only its own file and its part of DCP (resumed on as many ranks as saved), so
+what a rank other than 0 reads at start does not grow with the number of ranks (docs/scaling.md). A damaged checkpoint is moved aside, with a warning,
+for the previous complete one.
 
 Periodic saves run in the background: each rank copies its states to host memory (staging.py), training goes
 on, and a thread of its own writes, hashes and commits them by the same protocol, on a gloo group of its own
@@ -37,13 +41,14 @@ from typing import Any, Callable
 import torch
 import torch.distributed.checkpoint as dcp
 
-from swav_scale.checkpoint.layout import (META, complete_checkpoints, describe_files, file_names, find_damage,
-                                          move_aside, newest_intact, own_files_dir, partial_dir, point_latest,
-                                          rank_file, read_meta, remove_partial, step_dir_name, without_meta,
-                                          write_meta)
+from swav_scale.checkpoint.layout import (META, check_files, complete_checkpoints, deal_files, describe_files,
+                                          file_names, find_damage, listed_files, move_aside, newest_intact,
+                                          own_files_dir, partial_dir, point_latest, rank_file, read_meta,
+                                          remove_partial, step_dir_name, without_meta, write_meta)
 from swav_scale.checkpoint.staging import allocate_staging, stage, tensor_bytes
 from swav_scale.checkpoint.states import OwnFiles, Replicas, Reshardable, Stateful
-from swav_scale.distributed import DistEnv, all_gather_object, barrier, broadcast_object, new_group
+from swav_scale.distributed import (DistEnv, all_gather_object, barrier, broadcast_object, dealt_by_main,
+                                    decided_on_main, new_group)
 from swav_scale.utils import atomic_write_bytes, available_memory, console, fsync_dir
 
 
@@ -92,26 +97,38 @@ class Checkpointer:
         return newest_intact(self.root)
 
     def resume_point(self) -> Path | None:
-        """The newest complete, undamaged checkpoint (collective). Each rank verifies a share of the files (sizes
-        and, with checksums, sha256); a damaged checkpoint is moved to `step-N.damaged/`, with a warning, and the
-        previous one is tried. Nothing is deleted: the damaged files stay there for inspection. A `step-N/`
-        without meta.json is moved aside the same way, before anything else (a later save of step N would
-        otherwise replace it without a word)."""
-        if self.env.is_main:
-            for path in without_meta(self.root):
-                move_aside(path, f"it has no {META}, so it is not a complete checkpoint and is not resumed")
-        names = broadcast_object([p.name for p in complete_checkpoints(self.root)] if self.env.is_main else None)
-        share = (self.env.rank, self.env.world_size)
-        for name in reversed(names):
+        """The newest complete, undamaged checkpoint (collective). Rank 0 alone lists the checkpoints and reads
+        each candidate's meta.json, and deals its files out: each rank verifies its share (sizes and, with
+        checksums, sha256), so no rank but rank 0 lists a directory or reads the file list, whose length grows
+        with the ranks. A damaged checkpoint is moved to `step-N.damaged/`, with a warning, and the previous one
+        is tried. Nothing is deleted: the damaged files stay there for inspection. A `step-N/` without
+        meta.json is moved aside the same way, before anything else (a later save of step N would otherwise
+        replace it without a word)."""
+        for name in reversed(decided_on_main(self._candidates)):
             path = self.root / name
-            damage = [d for part in all_gather_object(find_damage(path, self.checksums, share)) for d in part]
+            mine, damage = dealt_by_main(lambda: self._deal(path))
+            damage += check_files(path, mine, self.checksums)
+            damage = [d for part in all_gather_object(damage) for d in part]
             if not damage:
                 return path
-            if self.env.is_main:
-                move_aside(path, f"it is damaged ({'; '.join(damage[:3])}{'; ...' if len(damage) > 3 else ''}), "
-                                 "trying the previous one")
-            barrier()
+            why = (f"it is damaged ({'; '.join(damage[:3])}{'; ...' if len(damage) > 3 else ''}), "
+                   "trying the previous one")
+            decided_on_main(lambda: move_aside(path, why))
         return None
+
+    def _candidates(self) -> list[str]:
+        """Rank 0's part of `resume_point`: `step-N/` without meta.json moved aside, and the names of the
+        complete checkpoints, oldest first."""
+        for path in without_meta(self.root):
+            move_aside(path, f"it has no {META}, so it is not a complete checkpoint and is not resumed")
+        return [p.name for p in complete_checkpoints(self.root)]
+
+    def _deal(self, path: Path) -> list[tuple[dict[str, dict[str, Any]], list[str]]]:
+        """Rank 0's part of `resume_point` for one checkpoint: each rank's share of its listed files, and for
+        rank 0 what is wrong with its meta.json."""
+        files, damage = listed_files(path)
+        shares = deal_files(files, self.env.world_size)
+        return [(share, damage if r == 0 else []) for r, share in enumerate(shares)]
 
     def prepare(self, global_states: dict[str, Stateful]) -> None:
         """Ready this start's saves (collective; the loop calls it after every step, and all but the first call
@@ -279,13 +296,10 @@ class Checkpointer:
         return final
 
     def load(self, path: Path, global_states: dict[str, Stateful], rank_states: dict[str, Stateful]) -> dict:
-        """Restore every state from `path`. Saved by another number of ranks, the global states reshard through
-        DCP and each per-rank state is rebuilt from all old ranks' files by its `load_resharded`."""
-        damage = find_damage(path, checksums=False)
-        if damage:
-            raise RuntimeError(f"checkpoint {path} is damaged ({'; '.join(damage[:3])}): move it away to resume "
-                               "from the previous one")
-        meta = read_meta(path)
+        """Restore every state from `path` (collective: rank 0 checks the files' sizes and reads meta.json for
+        all). Saved by another number of ranks, the global states reshard through DCP and each per-rank state is
+        rebuilt from all old ranks' files by its `load_resharded`. Returns meta.json less its file list."""
+        meta = decided_on_main(lambda: self._intact_meta(path))
         old_world = int(meta["world_size"])
         self.newest = path
         self._load_global(path, global_states)
@@ -305,6 +319,16 @@ class Checkpointer:
                                    "resharded; resume with the same number of ranks")
             obj.load_resharded([o[key] for o in old], self.env.rank, self.env.world_size)
         return meta
+
+    @staticmethod
+    def _intact_meta(path: Path) -> dict[str, Any]:
+        """Rank 0's part of `load`: the checkpoint's meta.json less its file list, once its files have their
+        recorded sizes."""
+        damage = find_damage(path, checksums=False)
+        if damage:
+            raise RuntimeError(f"checkpoint {path} is damaged ({'; '.join(damage[:3])}): move it away to resume "
+                               "from the previous one")
+        return {k: v for k, v in read_meta(path).items() if k != "files"}
 
     @staticmethod
     def _load_global(path: Path, global_states: dict[str, Stateful]) -> None:
@@ -329,10 +353,8 @@ class Checkpointer:
             obj.load_state_dict(targets[name])
 
     def clean_partial(self) -> None:
-        """Remove directories of saves that never finished (rank 0, before the first save)."""
-        if self.env.is_main:
-            remove_partial(self.root)
-        barrier()
+        """Remove directories of saves that never finished (rank 0, before the first save; collective)."""
+        decided_on_main(lambda: remove_partial(self.root))
 
     def _prune(self) -> None:
         for old in complete_checkpoints(self.root)[: -self.keep]:

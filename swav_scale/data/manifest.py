@@ -83,13 +83,14 @@ def require_samples(shards: list[ShardInfo], where: str) -> None:
         raise ShardError(f"{where} lists no samples; recreate the shards from a non-empty source")
 
 
-def read_manifest(directory: str | Path, verify_checksums: bool = False) -> Manifest:
-    """The manifest of a shard directory, checked against the files present; errors say what to do."""
+def read_manifest(directory: str | Path, verify_checksums: bool = False, check_files: bool = True) -> Manifest:
+    """The manifest of a shard directory, checked against the files present (not with `check_files=False`,
+    which reads the manifest alone); errors say what to do."""
     directory = Path(directory)
     shards, classes, _ = parse_manifest(directory)
     path = directory / MANIFEST
     require_samples(shards, str(path))
-    for s in shards:
+    for s in shards if check_files else []:
         f = directory / s.name
         if not f.is_file():
             raise ShardError(f"shard {f} is listed in {path} but absent; copy it again or recreate the shards")

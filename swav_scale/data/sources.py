@@ -45,10 +45,12 @@ def is_remote(spec: str) -> bool:
     return spec.startswith(REMOTE_PREFIXES)
 
 
-def open_shard_set(spec: str, manifest: str = "") -> Manifest:
-    """The shard set named by `spec` (see the module docstring), checked against its manifest."""
+def open_shard_set(spec: str, manifest: str = "", check_files: bool = True) -> Manifest:
+    """The shard set named by `spec` (see the module docstring), checked against its manifest: every local
+    shard it lists is there (with the listed size, for a shard directory). `check_files=False` reads the
+    manifest alone and looks at no shard (`swav-scale status`)."""
     if not manifest and "{" not in spec and not is_remote(spec):
-        return read_manifest(spec)
+        return read_manifest(spec, check_files=check_files)
     if spec.startswith("pipe:") and not manifest:
         raise ShardError(f"data shards {spec!r} come from a command: name their manifest.json with "
                          "data.train_manifest=PATH_OR_URL (tools/make_shards.py writes one beside the shards)")
@@ -65,7 +67,7 @@ def open_shard_set(spec: str, manifest: str = "") -> Manifest:
     else:
         mapping = _match(urls, shards, spec, manifest)
         shards = [s for s in shards if s.name in mapping]
-    if not is_remote(spec):
+    if check_files and not is_remote(spec):
         for s in shards:
             if not Path(mapping[s.name]).is_file():
                 raise ShardError(f"shard {mapping[s.name]} is listed in {manifest} but absent; copy it again")

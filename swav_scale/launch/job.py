@@ -25,7 +25,7 @@ from rich.markup import escape
 
 from swav_scale.checkpoint.layout import newest_checkpoint
 from swav_scale.config import Config, from_yaml_text, load_config, to_yaml
-from swav_scale.distributed import init_distributed, shutdown
+from swav_scale.distributed import decided_on_main, init_distributed, shutdown
 from swav_scale.errors import SwavScaleError
 from swav_scale.eval.knn import knn_every_epochs
 from swav_scale.launch.requeue import requeue_after_failure, requeue_after_stop, requeues_spent
@@ -56,8 +56,8 @@ class TrainJob:
         console.print(f"rank {env.rank} of {env.world_size} on {socket.gethostname()} (node {env.node_rank}, local "
                       f"rank {env.local_rank} of {env.local_world_size}); rendezvous "
                       f"{os.environ.get('MASTER_ADDR', '-')}:{os.environ.get('MASTER_PORT', '-')}", highlight=False)
+        started_from = decided_on_main(lambda: newest_checkpoint(cfg.train.run_dir))  # rank 0 lists, for all
         stops = StopSignals()
-        started_from = newest_checkpoint(cfg.train.run_dir)
         try:
             return train(cfg, env, stops, knn_every_epochs(cfg, env)).steps
         except StopRequested as stop:
