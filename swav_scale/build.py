@@ -1,9 +1,8 @@
 """Where a run is assembled from its config: model, multi-crop, loader, engine, queue, checkpointer, schedule.
 
 Pretraining, kNN, the linear probe, export, the benchmarks and the tests all build through here, so a part
-built for an evaluation or a measurement is the part training uses. `preflight` holds the checks that need no
-process group; the launchers run it once before starting ranks, and in a run rank 0 alone runs it again and
-hands its result to the other ranks (`build_loader`).
+built for an evaluation or a measurement is the part training uses. In a run, rank 0 alone runs the data's
+preflight (data/preflight.py) and hands its result to the other ranks (`build_loader`).
 """
 
 from __future__ import annotations
@@ -16,13 +15,11 @@ import torch
 
 from swav_scale.checkpoint.manager import Checkpointer
 from swav_scale.checkpoint.states import RNGState, TrainProgress, seed_generators
-from swav_scale.config import Config, check_world
-from swav_scale.data.labelled import open_labelled
+from swav_scale.config import Config
 from swav_scale.data.loader import MultiCropStream, ShardLoader
-from swav_scale.data.manifest import Manifest
 from swav_scale.data.multicrop import CropSpec, MultiCrop
-from swav_scale.data.plan import Layout, Planner, epoch_steps
-from swav_scale.data.sources import open_shard_set
+from swav_scale.data.plan import Layout, Planner
+from swav_scale.data.preflight import preflight
 from swav_scale.distributed import DistEnv, decided_on_main
 from swav_scale.engines.assemble import build_engine
 from swav_scale.engines.base import Engine
@@ -77,21 +74,6 @@ def planned_steps(cfg: Config, steps_per_epoch: int) -> int:
     """The step the run ends at: all epochs, or train.max_steps if that comes first."""
     total = cfg.optim.epochs * steps_per_epoch
     return min(cfg.train.max_steps, total) if cfg.train.max_steps else total
-
-
-def preflight(cfg: Config, world_size: int) -> tuple[Manifest, int]:
-    """Checks that need no process group: the batch splits over the ranks, the shards exist and hold at least
-    one global batch, and the evaluation sets that kNN during pretraining reads exist (found now rather than
-    after the first epoch). The launcher runs them once before starting ranks, so a mistake is reported once,
-    and in this order, so the first message names the first thing to fix."""
-    batch_per_rank = check_world(cfg, world_size)
-    manifest = open_shard_set(cfg.data.train_shards, cfg.data.train_manifest)
-    epoch_steps(manifest, world_size * batch_per_rank)
-    if cfg.eval.every_epochs > 0:
-        open_labelled(cfg.eval.test_split())
-        if cfg.eval.train_shards:
-            open_labelled(cfg.eval.train_shards)
-    return manifest, batch_per_rank
 
 
 def build_loader(cfg: Config, rank: int, world_size: int, pin_memory: bool = False) -> ShardLoader:

@@ -69,14 +69,15 @@ def _started_local_ranks(args: argparse.Namespace, run_dir: Path) -> bool:
 
 def _run_evaluation(args: argparse.Namespace, work: Callable[[Any, Any, dict[str, Any], Path | None], None]) -> None:
     """What `knn` and `linear` share: one process, `--nproc N` local ranks, or one rank of a job torchrun (or
-    SLURM) started. Each rank builds the encoders and calls `work(cfg, env, encoders, checkpoint)`."""
-    from swav_scale.distributed import init_distributed, shutdown
-    from swav_scale.eval.features import run_encoders
-
+    SLURM) started. Each rank builds the encoders and calls `work(cfg, env, encoders, checkpoint)`. The
+    process that starts local ranks imports none of the evaluation (the ranks do)."""
     run_dir = Path(args.run_dir)
     cfg = load_run_config(run_dir, args.overrides)  # a typo fails here, before any rank starts
     if _started_local_ranks(args, run_dir):
         return
+    from swav_scale.distributed import init_distributed, shutdown
+    from swav_scale.eval.features import run_encoders
+
     env = init_distributed(timedelta(seconds=cfg.parallel.process_group_timeout_s), cfg.parallel.socket_ifname)
     try:
         encoders, checkpoint = run_encoders(cfg, run_dir, env.device, args.checkpoint,
@@ -88,9 +89,9 @@ def _run_evaluation(args: argparse.Namespace, work: Callable[[Any, Any, dict[str
 
 def _knn(args: argparse.Namespace) -> None:
     """Each rank extracts the features of its part of the bank and the queries; rank 0 prints the table."""
-    from swav_scale.eval.knn import evaluate, print_knn_table
-
     def work(cfg: Any, env: Any, encoders: dict[str, Any], checkpoint: Path | None) -> None:
+        from swav_scale.eval.knn import evaluate, print_knn_table
+
         results = evaluate(cfg, encoders, env.device, args.workers)
         if env.is_main:
             print_knn_table(results, cfg.eval)
@@ -101,9 +102,9 @@ def _knn(args: argparse.Namespace) -> None:
 def _linear(args: argparse.Namespace) -> None:
     """Rank 0 prints the table and appends the checkpoint's result to run_dir/linear.jsonl (what `report`
     plots)."""
-    from swav_scale.eval.linear import print_probe_table, probe, probe_record
-
     def work(cfg: Any, env: Any, encoders: dict[str, Any], checkpoint: Path | None) -> None:
+        from swav_scale.eval.linear import print_probe_table, probe, probe_record
+
         results = probe(cfg, encoders, env.device, args.workers)
         if not env.is_main:
             return

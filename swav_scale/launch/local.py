@@ -18,7 +18,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from swav_scale.build import preflight
+from swav_scale.data.preflight import preflight
 from swav_scale.config import Config, to_yaml
 from swav_scale.distributed import check_local_ranks, free_port
 from swav_scale.errors import SwavScaleError

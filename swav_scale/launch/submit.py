@@ -16,7 +16,7 @@ from typing import Any
 
 import submitit
 
-from swav_scale.build import preflight
+from swav_scale.data.preflight import preflight
 from swav_scale.config import Config, to_yaml
 from swav_scale.errors import SwavScaleError
 from swav_scale.launch.job import TrainJob

@@ -1,0 +1,32 @@
+"""The checks of a run's data that need no process group and no torch: the global batch splits over the ranks,
+the training shards exist and hold at least one global batch, and the evaluation sets that kNN during
+pretraining reads exist (found at the start rather than after the first epoch).
+
+The launchers (`swav-scale pretrain --nproc`, `swav-scale submit`) run them once before starting any rank, so
+a mistake is reported once, and in this order, so the first message names the first thing to fix; in a run,
+rank 0 runs them again and hands the manifest to the other ranks (build.build_loader). This module imports no
+torch, so that a launcher answers before the seconds torch, torchvision and the engines take to import.
+"""
+
+from __future__ import annotations
+
+from swav_scale.config import Config, check_world
+from swav_scale.data.manifest import Manifest
+from swav_scale.data.plan import epoch_steps
+from swav_scale.data.sources import open_shard_set
+
+
+def preflight(cfg: Config, world_size: int) -> tuple[Manifest, int]:
+    """The training set's manifest and the batch per rank, after the checks above (each raises a
+    SwavScaleError naming what to fix)."""
+    batch_per_rank = check_world(cfg, world_size)
+    manifest = open_shard_set(cfg.data.train_shards, cfg.data.train_manifest)
+    epoch_steps(manifest, world_size * batch_per_rank)
+    if cfg.eval.every_epochs > 0:
+        # the labelled sets' reader decodes with torchvision: imported only for a run that evaluates
+        from swav_scale.data.labelled import open_labelled
+
+        open_labelled(cfg.eval.test_split())
+        if cfg.eval.train_shards:
+            open_labelled(cfg.eval.train_shards)
+    return manifest, batch_per_rank
