@@ -163,8 +163,8 @@ def newest_intact(root: Path) -> Path | None:
         damage = find_damage(path, checksums=False)
         if not damage:
             return path
-        console.print(f"[yellow]warning:[/] skipping damaged checkpoint {escape(str(path))}: {escape('; '.join(damage[:3]))}",
-                      highlight=False)
+        console.print(f"[yellow]warning:[/] skipping damaged checkpoint {escape(str(path))}: "
+                      f"{escape('; '.join(damage[:3]))}", highlight=False)
     return None
 
 

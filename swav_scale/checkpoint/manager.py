@@ -15,8 +15,8 @@ valid. Every listing goes through layout.py; this module adds what needs the ran
 the checkpoints, reads meta.json and makes every decision on shared files (which checkpoint, what to move aside,
 what to clean up), and hands the result to the others (distributed.decided_on_main); each rank verifies a
 share of the files, and reads only its own file and its part of DCP (resumed on as many ranks as saved), so
-what a rank other than 0 reads at start does not grow with the number of ranks (docs/scaling.md). A damaged checkpoint is moved aside, with a warning,
-for the previous complete one.
+what a rank other than 0 reads at start does not grow with the number of ranks (docs/scaling.md). A damaged
+checkpoint is moved aside, with a warning, for the previous complete one.
 
 Periodic saves run in the background: each rank copies its states to host memory (staging.py), training goes
 on, and a thread of its own writes, hashes and commits them by the same protocol, on a gloo group of its own

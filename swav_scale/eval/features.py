@@ -188,7 +188,8 @@ def split_features(
                                       device, layout)
         encoders = {**encoders, **precise_batchnorms(networks, batches, dtype)}
     bank, bank_y = extract_features(encoders, bank_set.part(this_rank, world), transform, mean, std,
-                                    e.batch_size, num_workers, device, "bank (train split)", dtype, show_progress, layout)
+                                    e.batch_size, num_workers, device, "bank (train split)", dtype, show_progress,
+                                    layout)
     queries, query_y = extract_features(encoders, query_set.part(this_rank, world), transform, mean, std,
                                         e.batch_size, num_workers, device, "queries (test split)", dtype,
                                         show_progress, layout)
