@@ -5,7 +5,8 @@ pretraining reads exist (found at the start rather than after the first epoch).
 The launchers (`swav-scale pretrain --nproc`, `swav-scale submit`) run them once before starting any rank, so
 a mistake is reported once, and in this order, so the first message names the first thing to fix; in a run,
 rank 0 runs them again and hands the manifest to the other ranks (build.build_loader). This module imports no
-torch, so that a launcher answers before the seconds torch, torchvision and the engines take to import.
+torch: a launcher checks a run before starting its ranks without importing torchvision, the engines or DCP,
+which take seconds (the ranks import them).
 """
 
 from __future__ import annotations
