@@ -3,6 +3,7 @@ request make a resumable stop."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,3 +32,13 @@ def test_ranks_that_saved_and_stopped_make_a_resumable_stop(tmp_path: Path) -> N
     stopping = f"import sys; sys.exit({EXIT_STOPPED})"
     with pytest.raises(RunStopped, match=r"stopped on request after saving a checkpoint \(ranks \[0, 1, 2\]\)"):
         run_local_ranks([sys.executable, "-c", stopping], 3, tmp_path)
+
+
+def test_the_local_launcher_imports_none_of_what_only_the_ranks_need() -> None:
+    """`pretrain --nproc` and the evaluations' `--nproc` check the run and start ranks; importing torchvision,
+    the engines or DCP there would delay every launch by seconds before a rank starts."""
+    heavy = ["torchvision", "torch.distributed.checkpoint", "deepspeed", "swav_scale.build", "swav_scale.engines"]
+    probe = ("import sys, swav_scale.cli, swav_scale.launch.local, swav_scale.data.preflight; "
+             f"print([m for m in {heavy!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
