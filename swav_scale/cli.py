@@ -231,7 +231,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args = build_parser().parse_args(argv[:1])
         args.rest = argv[1:]
         return args
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides after an option (`knn RUN --baselines eval.resize=36`): argparse stops filling a
+    # positional list at the first option, so they come back unparsed; they are overrides all the same
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def without_option(argv: list[str], option: str) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 
 from helpers import REPO
 from swav_scale import status
-from swav_scale.cli import main
+from swav_scale.cli import main, parse
 from swav_scale.config import ConfigError, load_config, to_yaml
 from swav_scale.errors import SwavScaleError
 
@@ -67,3 +67,16 @@ def test_any_other_exception_exits_non_zero_with_its_traceback() -> None:
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback (most recent call last)" in proc.stderr and 'in run_status' in proc.stderr
     assert proc.stderr.rstrip().endswith("RuntimeError: a bug inside a command") and "error:" not in proc.stdout
+
+
+def test_overrides_may_follow_options() -> None:
+    """argparse stops filling a positional list at the first option; overrides after one still count."""
+    args = parse(["knn", "runs/x", "eval.crop=32", "--baselines", "eval.resize=36", "--nproc", "2", "eval.k=10"])
+    assert args.baselines and args.nproc == 2 and args.run_dir == "runs/x"
+    assert args.overrides == ["eval.crop=32", "eval.resize=36", "eval.k=10"]
+    assert parse(["pretrain", "--nproc", "2", "configs/quickstart.yaml", "optim.epochs=1"]).overrides == [
+        "optim.epochs=1"]
+    for wrong in (["knn", "runs/x", "--baselines", "--bogus"], ["status", "runs/x", "eval.k=10"]):
+        with pytest.raises(SystemExit) as exit_:
+            parse(wrong)
+        assert exit_.value.code == 2, wrong
