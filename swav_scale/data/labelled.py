@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
-from swav_scale.data.manifest import IMAGE_EXTENSIONS, MANIFEST, ShardError
+from swav_scale.data.manifest import IMAGE_EXTENSIONS, MANIFEST, Manifest, ShardError
 from swav_scale.data.reader import decode, label_of, shard_samples
 from swav_scale.data.sources import is_remote, open_shard_set
 
@@ -73,13 +73,25 @@ class LabelledImages:
         return self.units[rank::world_size]
 
 
+def require_labels(spec: str, shards: Manifest) -> None:
+    """Raise, naming `spec` and what to give instead, if the shard set's manifest lists no classes."""
+    if not shards.classes:
+        raise ShardError(f"{spec}: its manifest lists no classes, so its images have no labels, and kNN and the "
+                         "linear probe need labelled images: give a labelled set (eval.train_shards for the bank, "
+                         "eval.test_shards for the queries: shards tools/make_shards.py wrote from an image folder "
+                         "or a file list, or an ImageFolder), or eval.every_epochs=0 to pretrain without kNN")
+
+
 def open_labelled(spec: str, manifest: str = "") -> LabelledImages:
     """A shard set (a directory with manifest.json, a brace pattern or URL: see sources.py) or an ImageFolder
-    tree (root/<class>/<image>, classes sorted by name as torchvision's ImageFolder numbers them)."""
+    tree (root/<class>/<image>, classes sorted by name as torchvision's ImageFolder numbers them). A shard set
+    without classes (unlabelled images, as web-scale pretraining sets are) is refused: a kNN bank or a probe's
+    data without labels would score nothing."""
     root = Path(spec)
     shard_set = manifest or is_remote(spec) or "{" in spec or (root / MANIFEST).is_file()
     if shard_set or not (root.is_dir() and any(d.is_dir() for d in root.iterdir())):
         shards = open_shard_set(spec, manifest)  # also the error for a directory that is neither
+        require_labels(spec, shards)
         return LabelledImages([Unit(shards.path(s), s.samples) for s in shards.shards], list(shards.classes))
     items, classes = list_image_folder(root)
     files = [(os.path.join(root, path), label) for path, label in items]

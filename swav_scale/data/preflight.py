@@ -25,9 +25,11 @@ def preflight(cfg: Config, world_size: int) -> tuple[Manifest, int]:
     epoch_steps(manifest, world_size * batch_per_rank)
     if cfg.eval.every_epochs > 0:
         # the labelled sets' reader decodes with torchvision: imported only for a run that evaluates
-        from swav_scale.data.labelled import open_labelled
+        from swav_scale.data.labelled import open_labelled, require_labels
 
         open_labelled(cfg.eval.test_split())
         if cfg.eval.train_shards:
             open_labelled(cfg.eval.train_shards)
+        else:  # the bank is the training set: it needs labels too
+            require_labels(cfg.data.train_shards, manifest)
     return manifest, batch_per_rank

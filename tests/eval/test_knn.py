@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,9 @@ from helpers import image_folder_of
 
 from swav_scale.config import load_config
 from swav_scale.data.labelled import open_labelled
+from swav_scale.data.manifest import MANIFEST, ShardError
 from swav_scale.data.multicrop import EvalTransform
+from swav_scale.data.preflight import preflight
 from swav_scale.eval.features import extract_features, raw_pixels, split_features
 from swav_scale.eval.knn import knn_top1
 from swav_scale.models.resnet import build_trunk
@@ -153,6 +157,24 @@ def test_split_features_feed_the_layout_the_network_trained_in(fmnist_test_shard
     # unit vectors; the convolutions sum in another order, and PreciseBN's statistics carry that rounding on
     assert (features[True] * features[False]).sum(dim=1).min() > 1 - 1e-6
     torch.testing.assert_close(features[True], features[False], rtol=0, atol=5e-4)
+
+
+def test_an_unlabelled_shard_set_is_refused_as_an_evaluation_set(fmnist_test_shards: Path, tmp_path: Path) -> None:
+    """Web-scale pretraining shards may carry no labels; as a kNN bank (eval.train_shards unset: the training
+    set) or as queries they are refused at the start, naming the set and what to give instead."""
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(fmnist_test_shards, unlabelled)
+    manifest = json.loads((unlabelled / MANIFEST).read_text())
+    (unlabelled / MANIFEST).write_text(json.dumps({**manifest, "classes": []}))
+    with pytest.raises(ShardError, match=rf"{unlabelled}: its manifest lists no classes.*eval.train_shards"):
+        open_labelled(str(unlabelled))
+    cfg = load_config(None, [f"data.train_shards={unlabelled}", f"eval.test_shards={fmnist_test_shards}",
+                             "eval.every_epochs=1", "optim.batch_size=32"])
+    with pytest.raises(ShardError, match="lists no classes"):
+        preflight(cfg, 2)
+    preflight(load_config(None, [f"data.train_shards={unlabelled}", f"eval.test_shards={fmnist_test_shards}",
+                                 f"eval.train_shards={fmnist_test_shards}", "eval.every_epochs=1",
+                                 "optim.batch_size=32"]), 2)  # a labelled bank of its own: accepted
 
 
 def test_eval_transform_matches_resize_then_centre_crop() -> None:
