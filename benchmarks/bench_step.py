@@ -7,7 +7,10 @@ FSDP2 and ZeRO cannot shard, which DDP would hold otherwise). bf16 channels-last
 the CPU has native bf16. With --compile, swav_scale's channels-last variants again with each trunk stage
 compiled (parallel.compile, engines.assemble.compile_units; the compilation itself is left out of the timing).
 Prints ms per step and each variant's speed relative to NCHW in the first precision asked for (fp32 by
-default).
+default); and, as a floor for any kernel work, the step's floating-point operations (torch's FlopCounterMode,
+forward + backward) against the rate of a plain fp32 matrix multiply on the same core: a step cannot run
+faster than its operations at that rate, so the last column says how much a better convolution could still
+win.
 
     .venv/bin/python benchmarks/bench_step.py [--widths 0.25 0.5 --batch 128 --steps 4 --compile --precisions fp32]
 """
@@ -19,6 +22,7 @@ import contextlib
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from swav_scale.engines.assemble import compile_units
 from swav_scale.engines.base import cpu_has_native_bf16
@@ -39,6 +43,30 @@ def step_ms(model: torch.nn.Module, crops: list[torch.Tensor], bf16: bool, steps
     return (time.perf_counter() - start) / steps * 1000
 
 
+def step_flops(model: torch.nn.Module, crops: list[torch.Tensor]) -> int:
+    """Floating-point operations of one fp32 step, forward and backward (a multiply-add counts 2)."""
+    with FlopCounterMode(display=False) as counter:
+        _, scores = model(crops)
+        sum(s.logsumexp(dim=1).mean() for s in scores).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_gflops(rounds: int = 5, repeats: int = 10) -> float:
+    """This core's best fp32 rate on a matrix multiply of a convolution's shape (an im2col of 3x3x256 inputs),
+    the best of a few rounds: the floor it gives is then a floor on a core at its fastest."""
+    a, b = torch.randn(2048, 2304), torch.randn(2304, 256)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] * repeats / best / 1e9
+
+
 def demo_model(width: float) -> torch.nn.Module:
     """The demo's SwAV model at `width`, the same initial weights every time."""
     torch.manual_seed(0)
@@ -57,8 +85,9 @@ def main() -> None:
     torch.set_num_threads(1)
     crops = [torch.randn(args.batch, 3, 28, 28) for _ in range(4)]
     nhwc_crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+    ceiling = matmul_gflops()
     print(f"SwAV step, ResNet-18 small stem, 4x28 px crops, batch {args.batch}, 1 core; "
-          f"native bf16: {cpu_has_native_bf16()}")
+          f"native bf16: {cpu_has_native_bf16()}; fp32 matrix multiply: {ceiling:.0f} GFLOP/s")
     for width in args.widths:
         model, nhwc_weights = demo_model(width), demo_model(width).to(memory_format=torch.channels_last)
         results = {}
@@ -72,9 +101,12 @@ def main() -> None:
             compile_units(compiled.trunk)  # one model per precision: autocast changes the graphs
             results[f"{precision} channels-last, compiled"] = step_ms(compiled, nhwc_crops, bf16, args.steps)
         base = results[f"{args.precisions[0]} NCHW"]
-        print(f"  width {width}")
+        gflop = step_flops(demo_model(width), crops) / 1e9
+        floor_ms = gflop / ceiling * 1000
+        print(f"  width {width}: {gflop:.1f} GFLOP a step, {floor_ms:.0f} ms at the matrix-multiply rate")
         for name, ms in results.items():
-            print(f"    {name:30s} {ms:7.0f} ms/step  {base / ms:4.2f}x")
+            fp32 = "" if not name.startswith("fp32") else f"  {floor_ms / ms:4.0%} of that rate"
+            print(f"    {name:30s} {ms:7.0f} ms/step  {base / ms:4.2f}x{fp32}")
 
 
 if __name__ == "__main__":
