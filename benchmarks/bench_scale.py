@@ -1,5 +1,15 @@
-"""Start-up costs at many ranks, measured on the real objects: the training set's manifest that rank 0 reads and
-sends to every rank (build.build_loader, distributed.decided_on_main).
+"""Costs that grow with the ranks, measured on the real objects at many simulated ranks.
+
+**The stop agreement** (preemption.StepAgreement), the one collective the loop adds to the training's own: the
+real class, driven step by step against a simulated ring all-reduce (swav_testing.ring) whose latency is gloo's
+2(N - 1) hops at N ranks (--hop-us a hop: an assumption, 30-50 us for TCP inside a data centre). Printed per
+rank count and step time: the lag it measures, the time every rank waits for it in the first steps, the wait
+per step after them against the target (1% of the step), reductions posted per 100 steps, and the steps (and
+seconds) from a signal to the step every rank saves; beside it the same with a reduction read one step after
+its post (parallel.agreement_lag=1), which waits for the ring at every step.
+
+**The training set's manifest** that rank 0 reads and sends to every rank at start (build.build_loader,
+distributed.decided_on_main).
 
 For each shard count, a real `Manifest` (one ShardInfo per shard: name, samples, bytes, sha256) is built in a
 fresh process and measured there: its size in memory (the growth of the process's resident set), its pickled
@@ -12,7 +22,8 @@ printed at 512 and 4096 ranks, with the stated assumptions:
 - each rank holds the manifest, and so may each of its data workers (forked, so they share the pages until
   Python's reference counting writes to them): host memory per node between 8 and 8 x (1 + workers) copies.
 
-    .venv/bin/python benchmarks/bench_scale.py [--shards 100000 1000000 --workers 10]
+    .venv/bin/python benchmarks/bench_scale.py [--ranks 512 4096 --step-ms 8 16 --hop-us 40
+                                                 --shards 100000 1000000 --workers 10]
 """
 
 from __future__ import annotations
@@ -24,6 +35,9 @@ import sys
 
 from rich.console import Console
 from rich.table import Table
+
+from swav_scale.preemption import StepAgreement
+from swav_testing.ring import SimulatedRing
 
 MEASURE = r"""
 import gc, hashlib, json, os, pickle, sys, time
@@ -53,6 +67,46 @@ print(json.dumps({"shards": n, "in_memory_mib": in_memory, "pickled_mib": len(bl
 """
 
 
+def agreement(ranks: int, step_s: float, hop_s: float, lag: int, steps: int = 3000,
+              signal_at: int = 2011) -> dict[str, float]:
+    """The real StepAgreement over `steps` steps of `step_s` against a ring of `ranks` ranks; a signal raised
+    at step `signal_at` and kept (as StopSignals keeps it). The wait per step is over the last third of the
+    run, after any calibration."""
+    ring = SimulatedRing.of_ranks(ranks, hop_s)
+    agree = StepAgreement(lag=lag, max_delay_s=6.0, post=ring.post, clock=ring.clock)
+    first_wait = read_at = posted_before = waited_before = None
+    for step in range(steps):
+        if step == 2 * steps // 3:
+            posted_before, waited_before = ring.posted, agree.waited_s
+        ring.step(step_s)
+        if agree([step >= signal_at])[0] and read_at is None:
+            read_at = step
+        if first_wait is None and not agree.calibrating:
+            first_wait = agree.waited_s
+    tail = steps - 2 * steps // 3
+    assert read_at is not None and posted_before is not None and waited_before is not None
+    return {"lag": agree.lag, "ring_ms": ring.latency_s * 1e3, "start_wait_s": first_wait or 0.0,
+            "wait_per_step_ms": (agree.waited_s - waited_before) / tail * 1e3,
+            "posted_per_100": (ring.posted - posted_before) / tail * 100, "signal_steps": read_at - signal_at}
+
+
+def agreement_table(ranks: list[int], steps_ms: list[float], hop_us: float) -> Table:
+    table = Table(title=f"the stop agreement: the real StepAgreement against a ring of {hop_us:g} us a hop")
+    for column in ("ranks", "ring", "step", "lag", "waits at start", "wait a step after", "target",
+                   "reductions / 100 steps", "signal to agreed step", "at lag 1: wait a step"):
+        table.add_column(column, justify="right")
+    for n in ranks:
+        for step_ms in steps_ms:
+            auto = agreement(n, step_ms / 1e3, hop_us / 1e6, lag=0)
+            fixed = agreement(n, step_ms / 1e3, hop_us / 1e6, lag=1)
+            table.add_row(f"{n:,}", f"{auto['ring_ms']:.0f} ms", f"{step_ms:g} ms", str(auto["lag"]),
+                          f"{auto['start_wait_s']:.2f} s", f"{auto['wait_per_step_ms']:.3f} ms",
+                          f"<= {step_ms / 100:.2f} ms", f"{auto['posted_per_100']:.1f}",
+                          f"{auto['signal_steps']} steps, {auto['signal_steps'] * step_ms / 1e3:.2f} s",
+                          f"{fixed['wait_per_step_ms']:.1f} ms ({fixed['wait_per_step_ms'] / step_ms:.0%})")
+    return table
+
+
 def measure(shards: int) -> dict[str, float]:
     """The manifest of `shards` shards, measured in a process of its own (so that no earlier allocation hides
     its resident memory)."""
@@ -62,10 +116,15 @@ def measure(shards: int) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", type=int, nargs="+", default=[512, 4096])
+    p.add_argument("--step-ms", type=float, nargs="+", default=[8, 16], help="a training step's time")
+    p.add_argument("--hop-us", type=float, default=40, help="one hop of gloo's ring (an assumption)")
     p.add_argument("--shards", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--workers", type=int, default=10, help="data workers per rank, for the memory bound")
     p.add_argument("--gpus-per-node", type=int, default=8)
     a = p.parse_args()
+    console = Console(width=170)
+    console.print(agreement_table(a.ranks, a.step_ms, a.hop_us))
     table = Table(title="the training manifest at start: rank 0 reads it, every rank receives it")
     for column in ("shards", "in memory (per process)", "sent to each rank", "rank 0 pickles", "a rank unpickles",
                    "host memory per node", "received in all: 512 ranks", "4096 ranks"):
@@ -77,7 +136,7 @@ def main() -> None:
                       f"{m['pickle_s']:.1f} s",
                       f"{m['unpickle_s']:.1f} s", f"{low / 1024:.2f}-{high / 1024:.2f} GiB",
                       f"{512 * m['pickled_mib'] / 1024:.1f} GiB", f"{4096 * m['pickled_mib'] / 1024:.1f} GiB")
-    Console(width=170).print(table)
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -235,6 +235,11 @@ class ParallelConfig:
     # change of world size, checksums of a large checkpoint, pruning old ones on slow storage. NCCL's own
     # default (10 min) is shorter than a universal conversion of a wide ResNet can take.
     process_group_timeout_s: int = 3600
+    # Steps between posting the ranks' stop flags (a signal, the save clock) and reading their reduction
+    # (preemption.StepAgreement). 0: measured over the first steps, 1 where the reduction completes within a
+    # step (a few nodes), more where a ring over thousands of ranks takes longer than a step; bounded so that a
+    # signal waits at most slurm.signal_delay_s / 20 for the agreed step.
+    agreement_lag: int = 0
     # The network interface(s) the ranks talk over, comma-separated (sets GLOO_SOCKET_IFNAME and
     # NCCL_SOCKET_IFNAME). Empty: gloo takes the address the hostname resolves to, NCCL its own choice. Set it
     # where the hostname resolves to the wrong network (a management LAN, loopback) or to pick InfiniBand's IPoIB.
@@ -256,6 +261,9 @@ class ParallelConfig:
         if self.process_group_timeout_s <= 0:
             raise ConfigError(f"parallel.process_group_timeout_s={self.process_group_timeout_s}: give the seconds a "
                               "collective may wait for the slowest rank (3600, say)")
+        if self.agreement_lag < 0:
+            raise ConfigError(f"parallel.agreement_lag={self.agreement_lag}: give the steps between posting the stop "
+                              "flags and reading them, or 0 to measure them at the start")
 
 
 @dataclass

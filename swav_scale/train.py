@@ -147,13 +147,13 @@ Evaluate = Callable[[int, Engine], float | None]
 class StepLog:
     """What the run reports: every step the progress bar, every log step (logging.every_steps, the last step of an
     epoch and of the run) the loss averaged over ranks, throughput, unreadable samples, the code and prediction
-    statistics, the gradient norm and health warnings, to metrics.jsonl (rank 0). Every rank takes part in the
-    log step's one all-reduce, and reads its result once (`log_figures`). Files and the bar close with
-    `stack`."""
+    statistics, the gradient norm and health warnings, and the stop agreement's lag and rank 0's total wait for
+    it, to metrics.jsonl (rank 0). Every rank takes part in the log step's one all-reduce, and reads its result
+    once (`log_figures`). Files and the bar close with `stack`."""
 
-    def __init__(self, cfg: Config, env: DistEnv, run: Run, stack: ExitStack) -> None:
+    def __init__(self, cfg: Config, env: DistEnv, run: Run, stack: ExitStack, agree: StepAgreement) -> None:
         run_dir = Path(cfg.train.run_dir)
-        self.cfg, self.env, self.run = cfg, env, run
+        self.cfg, self.env, self.run, self.agree = cfg, env, run, agree
         self.metrics = (stack.enter_context(closing(MetricsLog(run_dir, cfg.logging.tensorboard))) if env.is_main
                         else None)
         self.bar = stack.enter_context(TrainProgressBar(run.last_step, run.progress.step)) if env.is_main else None
@@ -196,7 +196,8 @@ class StepLog:
         if self.metrics:
             self.metrics.write(done, epoch=epoch, loss=loss, lr=lr, images_per_s=round(ips, 1),
                                bad_samples=bad_samples, loss_over_ln_k=round(loss / self.health.ln_k, 4),
-                               grad_norm=figures.grad_norm, **stats)
+                               grad_norm=figures.grad_norm, agreement_lag=self.agree.lag,
+                               agreement_wait_s=round(self.agree.waited_s, 4), **stats)
         if self.bar:
             self.bar.update(done, epoch, loss, lr, ips)
 
@@ -231,11 +232,12 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None,
     run = build_run(cfg, env)
     resume(cfg, env, run)
     progress, loader, engine, checkpointer = run.progress, run.loader, run.engine, run.checkpointer
-    agree = StepAgreement(timedelta(seconds=cfg.parallel.process_group_timeout_s))
+    agree = StepAgreement(timedelta(seconds=cfg.parallel.process_group_timeout_s), cfg.parallel.agreement_lag,
+                          max_delay_s=cfg.slurm.signal_delay_s / 20)
     mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
     copy = CopyStream(env.device)
     with ExitStack() as stack:
-        log = StepLog(cfg, env, run, stack)
+        log = StepLog(cfg, env, run, stack, agree)
         while progress.step < run.last_step:
             epoch = loader.epoch
             queue = run.queue if run.queue is not None and epoch >= cfg.swav.queue_start_epoch else None

@@ -15,8 +15,9 @@ import pytest
 
 from helpers import REPO
 from runs import (assert_same_weights, pretrain, pretrain_command, rank_pids, swav_scale, wait_for_step)
-from swav_scale.preemption import EXIT_STOPPED, StepAgreement, StopSignals
+from swav_scale.preemption import EXIT_STOPPED, StepAgreement, StopSignals, lag_for
 from swav_testing.ranks import run_ranks
+from swav_testing.ring import SimulatedRing
 
 
 def _stop_at(run_dir: Path, shards: Path, step: int, signalled: str, sig: int) -> int:
@@ -109,9 +110,11 @@ def test_synchronous_saves_by_wall_time_give_the_weights_of_background_ones(fmni
     """The same run with every save synchronous (checkpoint.background=false) ends with the weights of the
     uninterrupted run, whose periodic saves were written in the background. Its saves go by wall time alone
     (checkpoint.every_minutes shorter than a step): rank 0's clock asks after every step, both ranks read it one
-    step later, so both save every step from step 2 on, one collective save each (or the run would hang)."""
+    step later (parallel.agreement_lag=1), so both save every step from step 2 on, one collective save each (or
+    the run would hang)."""
     run_dir = tmp_path / "synchronous"
-    pretrain(fmnist_train_shards, run_dir, "checkpoint.background=false", "checkpoint.every_steps=0",
+    pretrain(fmnist_train_shards, run_dir, "parallel.agreement_lag=1", "checkpoint.background=false",
+             "checkpoint.every_steps=0",
              "checkpoint.every_minutes=0.0001", "checkpoint.keep=50")
     saved = sorted((run_dir / "checkpoints").glob("step-*"))
     assert [p.name for p in saved] == [f"step-{s:08d}" for s in range(2, 39)]
@@ -197,6 +200,59 @@ def test_a_signal_on_one_rank_is_seen_by_every_rank_at_the_same_step_one_step_la
     own flag, posted at step 2 only, is read by all at step 3 only."""
     results = run_ranks(_agree, 3, 2, sig)
     assert results == [[(False, False, False), (False, False, False), (*expected, True), (*expected, False)]] * 3
+
+
+def test_the_lag_covers_the_reduction_and_stays_within_the_delay_bound() -> None:
+    """1 where nothing waited (or too little to matter beside a step); else the power of two that covers 1.5x
+    the reduction's time in steps; never so long that 2 x lag steps exceed the bound."""
+    assert lag_for(0.0, 0.008, 6.0) == 1
+    assert lag_for(0.00005, 0.008, 6.0) == 1  # 50 us against an 8 ms step
+    assert lag_for(0.137, 0.008, 6.0) == 32  # a 145 ms ring against an 8 ms step: 1.5 x 145 / 8 = 27.2 steps
+    assert lag_for(2.0, 0.5, 6.0) == 6  # 8 would let a signal wait 8 s
+    assert lag_for(5.0, 10.0, 6.0) == 1  # at least 1, however slow the steps
+    assert lag_for(1.0, 0.0, 6.0) == 1  # no step time known yet
+
+
+@pytest.mark.parametrize("latency_s, step_s, lag", [(0.145, 0.008, 32), (0.0002, 0.1, 1), (0.3, 0.016, 32)])
+def test_after_the_first_reads_no_step_waits_for_the_agreement(latency_s: float, step_s: float, lag: int) -> None:
+    """The real StepAgreement against a simulated ring that takes longer than a step: the first reads, one step
+    after their post, wait; then the lag covers the ring and no read waits again; one reduction is posted per
+    lag steps; a flag raised at any step is read within 2 x lag steps, and every step in between reads none."""
+    ring = SimulatedRing(latency_s)
+    agree = StepAgreement(post=ring.post, clock=ring.clock)
+    read: list[int] = []
+    for step in range(400):
+        ring.step(step_s)
+        if step == 300:
+            waited_before, posted_before = agree.waited_s, ring.posted
+        if agree([step >= 333])[0]:
+            read.append(step)
+    assert agree.lag == lag and not agree.calibrating
+    assert agree.waited_s == waited_before  # no wait in the last 100 steps
+    assert ring.posted - posted_before == pytest.approx(100 / lag, abs=1)
+    assert read and read[0] - 333 <= 2 * lag and all(b - a == lag for a, b in zip(read, read[1:]))
+
+
+def _agree_with_a_slow_rank(rank: int, world: int) -> tuple[int, list[int]]:
+    """Calls a step apart, rank 1's steps 30 ms longer than the others' (which then wait for its posts); rank
+    2 raises a flag from call 20 on."""
+    agree, seen = StepAgreement(), []
+    for call in range(40):
+        time.sleep(0.035 if rank == 1 else 0.005)
+        if agree([rank == 2 and call >= 20])[0]:
+            seen.append(call)
+    agree.settle()
+    return agree.lag, seen
+
+
+@pytest.mark.slow
+def test_every_rank_measures_the_same_lag_and_reads_at_the_same_steps() -> None:
+    """On real ranks, where one rank's slower steps make the others wait at the reads during the first steps:
+    all three set the same lag (more than 1), and read the flag at the same calls, within 2 x lag calls."""
+    results = run_ranks(_agree_with_a_slow_rank, 3)
+    lag, seen = results[0]
+    assert all(r == (lag, seen) for r in results), results
+    assert lag > 1 and seen and seen[0] - 20 <= 2 * lag
 
 
 def test_a_lone_process_sees_its_own_signal_at_once() -> None:
