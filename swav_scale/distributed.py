@@ -175,6 +175,19 @@ def node_rank_from(environ: Mapping[str, str], rank: int, local_world_size: int)
     return rank // max(1, local_world_size)
 
 
+def connect_gloo_lazily(environ: dict[str, str] | os._Environ = os.environ) -> None:
+    """Let every gloo group of this process connect a pair of ranks at their first exchange, not all pairs at
+    its creation (torch's TORCH_GLOO_LAZY_INIT; a value already set is kept, 0 restores the full mesh).
+
+    Why: a gloo group made eagerly connects every rank to every other one, N - 1 sockets per rank and group,
+    and each rank reads every other's address from the rendezvous store: at 4096 ranks 65k sockets per node of
+    8 ranks and O(N^2) bytes through rank 0's store, per group and start. Made lazily, a rank holds what its
+    collectives use: a ring all-reduce its 2 neighbours, a barrier a few more, a gather's root (DCP's
+    coordinator, rank 0) every rank (docs/scaling.md counts them). Call it before the first group, in the main
+    thread, before any other thread could read the environment."""
+    environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
+
+
 def init_distributed(timeout: timedelta | None = None, socket_ifname: str = "") -> DistEnv:
     """Join the process group described by RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
 
@@ -190,6 +203,7 @@ def init_distributed(timeout: timedelta | None = None, socket_ifname: str = "") 
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     torch.set_num_threads(threads_per_rank(local_world_size))
     use_socket_interface(socket_ifname)
+    connect_gloo_lazily()
     if torch.cuda.is_available():
         visible = torch.cuda.device_count()
         device = rank_device(local_rank, local_world_size, visible, task_has_own_gpus(os.environ, visible),

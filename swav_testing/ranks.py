@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 from rich.console import Console
 from rich.markup import escape
 
-from swav_scale.distributed import free_port
+from swav_scale.distributed import connect_gloo_lazily, free_port
 
 
 class RankFailed(AssertionError):
@@ -54,6 +54,7 @@ def _entry(rank: int, world: int, port: int, out: str, call: bytes, environ: dic
     fn, args = pickle.loads(call)
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's deprecated collectives, in ZeRO
     torch.set_num_threads(1)
+    connect_gloo_lazily()  # as init_distributed does for the package's own ranks
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.save(fn(rank, world, *args), Path(out) / f"{rank}.pt")

@@ -108,6 +108,51 @@ def test_every_collective_of_the_api_on_real_ranks() -> None:
                      "objects": [0, 10, 20], "rank": rank, "world": 3, "device": "cpu"}
 
 
+def _sockets() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:  # closed since listed
+            pass
+    return count
+
+
+def _host_group_sockets(rank: int, world: int, checkpoint: str) -> tuple[int, int, int]:
+    """The sockets a host group adds on this rank: once made, after a ring all-reduce, after a DCP save (its
+    plans gathered into rank 0, which scatters them back)."""
+    import torch.distributed.checkpoint as dcp
+
+    before = _sockets()
+    group = distributed.new_group("gloo", own=True)
+    made = _sockets() - before
+    distributed.all_reduce(torch.zeros(3), group=group)
+    reduced = _sockets() - before
+    dcp.save({"w": torch.full((4,), float(rank))}, checkpoint_id=checkpoint, process_group=group)
+    return made, reduced, _sockets() - before
+
+
+@pytest.mark.slow
+def test_a_host_group_connects_only_the_ranks_its_collectives_use(tmp_path: Path) -> None:
+    """gloo groups connect lazily (distributed.connect_gloo_lazily): on 8 ranks, where a full mesh gives each
+    rank 8 sockets per group at its creation (7 peers and its listener), a new group holds at most 2; a ring
+    all-reduce adds the 2 neighbours; a DCP save connects every rank to rank 0, its coordinator, and the
+    others to a few peers (its barrier), not to all."""
+    results = run_ranks(_host_group_sockets, 8, str(tmp_path / "checkpoint"))
+    assert all(made <= 2 and reduced <= made + 2 for made, reduced, _ in results), results
+    assert results[0][2] >= 7 + 1, results  # rank 0: every other rank, and its listener
+    assert all(saved <= 6 for _, _, saved in results[1:]), results
+
+
+def test_gloo_connects_lazily_unless_told_otherwise() -> None:
+    environ: dict[str, str] = {}
+    distributed.connect_gloo_lazily(environ)
+    assert environ == {"TORCH_GLOO_LAZY_INIT": "1"}
+    environ = {"TORCH_GLOO_LAZY_INIT": "0"}  # the full mesh, asked for
+    distributed.connect_gloo_lazily(environ)
+    assert environ == {"TORCH_GLOO_LAZY_INIT": "0"}
+
+
 class Unrebuildable(Exception):
     """An exception whose class cannot be rebuilt from its message (pickling would fail on the receivers)."""
 
