@@ -359,6 +359,17 @@ def all_gather_object(obj: Any, group: ProcessGroup | None = None) -> list[Any]:
     return out
 
 
+def gathered_on_main(obj: Any, group: ProcessGroup | None = None) -> list[Any] | None:
+    """Every rank's picklable `obj`, in rank order, on rank 0 of `group` alone (None elsewhere): what only rank 0
+    reads, so that no other rank receives O(ranks) bytes (as each would from `all_gather_object`)."""
+    if not in_group():
+        return [obj]
+    is_root = rank(group) == 0
+    out: list[Any] | None = [None] * dist.get_world_size(group) if is_root else None
+    dist.gather_object(obj, out, group=group, group_dst=0)
+    return out
+
+
 def decided_on_main(decide: Callable[[], T], group: ProcessGroup | None = None) -> T:
     """`decide()` run by rank 0 of `group` alone, its result on every rank (collective): the checks of shared
     files that one rank makes for all. What `decide` raises on rank 0 is raised on every rank, the same

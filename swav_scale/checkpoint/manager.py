@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import queue
 import shutil
 import threading
@@ -40,6 +41,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from swav_scale.checkpoint.layout import (META, check_files, complete_checkpoints, deal_files, describe_files,
                                           file_names, find_damage, listed_files, move_aside, newest_intact,
@@ -47,9 +49,12 @@ from swav_scale.checkpoint.layout import (META, check_files, complete_checkpoint
                                           remove_partial, step_dir_name, without_meta, write_meta)
 from swav_scale.checkpoint.staging import allocate_staging, stage, tensor_bytes
 from swav_scale.checkpoint.states import OwnFiles, Replicas, Reshardable, Stateful
-from swav_scale.distributed import (DistEnv, all_gather_object, barrier, broadcast_object, dealt_by_main,
-                                    decided_on_main, new_group)
+from swav_scale.distributed import (DistEnv, all_gather_object, barrier, dealt_by_main, decided_on_main,
+                                    gathered_on_main, new_group)
 from swav_scale.utils import atomic_write_bytes, available_memory, console, fsync_dir
+
+
+_CHECKPOINTERS = itertools.count()
 
 
 class Checkpointer:
@@ -67,6 +72,7 @@ class Checkpointer:
         self.timeout = timeout  # of the saves' collectives: the training group's (parallel.process_group_timeout_s)
         self.newest: Path | None = None  # the newest complete checkpoint this run resumed from or saved
         self._group: Any = None  # the saves' own gloo group, made by `prepare` or the first save (on every rank)
+        self._plans_key = f"swav_scale.checkpointer.{next(_CHECKPOINTERS)}"  # DCP's plan cache, for this one
         self._worker: threading.Event | None = None  # set once the work in flight (a write, the staging) is done
         self._thread: threading.Thread | None = None  # the one background thread, started by the first work
         self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -154,6 +160,17 @@ class Checkpointer:
         if self._group is None:
             self._group = new_group("gloo", own=True, timeout=self.timeout)
         return self._group
+
+    def _planner(self) -> DefaultSavePlanner:
+        """DCP's default planner with its plan cache, keyed by this checkpointer. Why: at every save DCP
+        gathers each rank's plan into rank 0 and scatters the global plan back; under DDP every rank's plan
+        lists the whole replicated state, so rank 0 would receive ranks x (a plan of every tensor) each time
+        (docs/scaling.md). Cached, a rank sends its plan only when it changed (the first save, and the save
+        that first holds the prototypes' optimizer state), an empty one otherwise, and rank 0 reuses the
+        global plan and metadata it made from them."""
+        planner = DefaultSavePlanner(enable_plan_caching=True)
+        planner._cached_plans_key = self._plans_key  # DCP's cache is per planner class otherwise
+        return planner
 
     def _allocate_staging(self, states: dict[str, Any]) -> None:
         self._staged = allocate_staging(states, pin_memory=self.env.device.type == "cuda")
@@ -265,19 +282,22 @@ class Checkpointer:
             partial.mkdir(parents=True)
         barrier(group)
         if stall is None:
-            dcp.save(states, checkpoint_id=str(partial), process_group=group)
+            dcp.save(states, checkpoint_id=str(partial), process_group=group, planner=self._planner())
         else:
             dcp.save(states, storage_writer=dcp.FileSystemWriter(str(partial), per_thread_copy_ahead=0),
-                     process_group=group)
+                     process_group=group, planner=self._planner())
         for name, obj in own_files.items():
             obj.save_files(own_files_dir(partial, name))
         atomic_write_bytes(partial / rank_file(self.env.rank), rank_bytes)
         barrier(group)  # every rank's files are on disk
-        names = broadcast_object(file_names(partial) if self.env.is_main else None, group=group)
-        mine = names[self.env.rank :: self.env.world_size]
-        files = {k: v for part in all_gather_object(describe_files(partial, mine, self.checksums), group=group)
-                 for k, v in part.items()}
-        if self.env.is_main:
+        n = self.env.world_size
+        # rank 0 lists the directory and deals the names out; each rank describes (sizes, sha256) its share
+        # and rank 0 alone gathers the descriptions: no rank but 0 receives O(ranks) names or descriptions
+        mine = dealt_by_main(lambda: [names[r::n] for names in [file_names(partial)] for r in range(n)],
+                             group=group)
+        parts = gathered_on_main(describe_files(partial, mine, self.checksums), group=group)
+        if parts is not None:
+            files = {k: v for part in parts for k, v in part.items()}
             meta = {"step": step, "world_size": self.env.world_size, "time": time.time(),
                     "save_seconds": round(time.time() - started, 3),
                     # how long training waited for this save: all of it, or (in the background) the staging,

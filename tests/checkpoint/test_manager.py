@@ -139,6 +139,48 @@ def test_per_rank_state_is_saved_per_rank_on_real_ranks(tmp_path: Path) -> None:
         Checkpointer(tmp_path, env).load(tmp_path / "step-00000002", g, r)
 
 
+def _plans_sent_on_rank(rank: int, world: int, root: str) -> list[list[tuple[int, bool]]]:
+    """Three saves, a step of training before each; for each save, the DCP plans this rank sent to rank 0
+    (how many items each lists, and whether it is usable or an empty one that says "unchanged")."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.planner import SavePlan
+
+    sent: list[tuple[int, bool]] = []
+    gather = dist.gather_object
+
+    def spy(obj, *args, **kwargs):
+        if isinstance(obj, SavePlan):
+            sent.append((len(obj.items), obj.usable))
+        return gather(obj, *args, **kwargs)
+
+    dist.gather_object = spy
+    env = DistEnv(rank, world, rank, world, torch.device("cpu"))
+    engine = make_engine(world, rank)
+    g, r = states(engine, FeatureQueue(2, 4, 16))
+    checkpointer, per_save = Checkpointer(root, env, keep=5), []
+    for step in (1, 2, 3):
+        train_steps(engine, 1, seed=step)
+        checkpointer.save(step, g, r)
+        per_save.append(sent[:])
+        sent.clear()
+    dist.gather_object = gather
+    return per_save
+
+
+def test_each_rank_sends_its_plan_to_rank_0_only_when_it_changed(tmp_path: Path) -> None:
+    """DCP's plan cache (Checkpointer._planner): at the first save each rank sends rank 0 a plan of every
+    tensor it holds; at the next ones, its state unchanged in structure, an empty plan, so that what rank 0
+    gathers per save no longer grows with ranks x tensors; the checkpoints still load (the last one here)."""
+    results = run_ranks(_plans_sent_on_rank, 2, str(tmp_path))
+    for per_save in results:
+        (first,), second, third = per_save
+        assert first[0] > 10 and first[1]
+        assert second == third == [(0, False)]
+    env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
+    g, r = states(make_engine(), FeatureQueue(2, 8, 16))
+    Checkpointer(tmp_path, env).load(tmp_path / "step-00000003", g, r)
+
+
 def _resume_point_on_rank(rank: int, world: int, root: str) -> str | None:
     env = DistEnv(rank, world, rank, world, torch.device("cpu"))
     engine = make_engine(world, rank)
