@@ -8,6 +8,12 @@ per step after them against the target (1% of the step), reductions posted per 1
 seconds) from a signal to the step every rank saves; beside it the same with a reduction read one step after
 its post (parallel.agreement_lag=1), which waits for the ring at every step.
 
+**What rank 0 receives at a save** (checkpoint.manager, through torch's DCP): DCP's real planner on the state of
+a SwAV RN50w5 with its LARS momentum (tensors on the meta device: a plan needs their shapes only, as DDP's
+replicated state, which every rank plans in full): the plan a rank sends rank 0 at the first save, and at the
+next ones with the plan cache (Checkpointer._planner); then what rank 0 receives per save at 512 and 4096
+ranks, plans plus the write results (one per tensor, whichever rank wrote it), against the target of 10 MB.
+
 **The training set's manifest** that rank 0 reads and sends to every rank at start (build.build_loader,
 distributed.decided_on_main).
 
@@ -107,6 +113,55 @@ def agreement_table(ranks: list[int], steps_ms: list[float], hop_us: float) -> T
     return table
 
 
+def save_messages() -> dict[str, float]:
+    """DCP's planner, for real, on one rank of a world whose every rank holds the same replicated state: the
+    pickled size of its local plan at a first save and at the next (the plan cache), and of the write results
+    of all tensors (what rank 0 gathers at the end of each save, whatever the ranks)."""
+    import pickle
+
+    import torch
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    from swav_scale.models import build_swav_model
+
+    with torch.device("meta"):
+        model = build_swav_model("resnet50w5", None, False, 8192, 128, 3000)
+    params = dict(model.named_parameters())
+    state = {"engine": {"model": model.state_dict(), "optim": {
+        "state": {name: {"momentum_buffer": p} for name, p in params.items()},
+        "param_groups": [{"lr": 0.1, "weight_decay": 1e-6, "params": list(params)}]}}}
+    sizes = []
+    for _ in range(2):  # a first save, then the next, as the checkpointer's planner makes them
+        planner = DefaultSavePlanner(enable_plan_caching=True)
+        planner._cached_plans_key = "bench_scale"
+        planner.set_up_planner(state, is_coordinator=True)
+        local = planner.create_local_plan()
+        sizes.append(len(pickle.dumps(local)))
+        global_plans, _ = planner.create_global_plan([local])
+        planner.finish_plan(global_plans[0])
+    results = [WriteResult(item.index, 1 << 20, _StorageInfo(f"__{i % 4096}_0.distcp", i << 20, 1 << 20))
+               for i, item in enumerate(planner.plan.items)]
+    return {"tensors": len(planner.plan.items), "first_plan": sizes[0], "later_plan": sizes[1],
+            "write_results": len(pickle.dumps(results))}
+
+
+def save_table(ranks: list[int]) -> Table:
+    m = save_messages()
+    table = Table(title=f"a save's messages into rank 0: DCP's planner on RN50w5 + LARS ({m['tensors']} tensors)")
+    for column in ("a rank's plan: first save", "later saves", "write results (all ranks)",
+                   *(f"rank 0 receives at {n:,} ranks: first save / later" for n in ranks), "target, later saves"):
+        table.add_column(column, justify="right")
+    cells = []
+    for n in ranks:
+        first, later = n * m["first_plan"] + m["write_results"], n * m["later_plan"] + m["write_results"]
+        cells.append(f"{first / 2**20:.0f} MiB / {later / 2**20:.1f} MiB")
+    table.add_row(f"{m['first_plan'] / 1024:.0f} KiB", f"{m['later_plan']} B", f"{m['write_results'] / 1024:.0f} KiB",
+                  *cells, "<= 10 MB")
+    return table
+
+
 def measure(shards: int) -> dict[str, float]:
     """The manifest of `shards` shards, measured in a process of its own (so that no earlier allocation hides
     its resident memory)."""
@@ -125,6 +180,7 @@ def main() -> None:
     a = p.parse_args()
     console = Console(width=170)
     console.print(agreement_table(a.ranks, a.step_ms, a.hop_us))
+    console.print(save_table(a.ranks))
     table = Table(title="the training manifest at start: rank 0 reads it, every rank receives it")
     for column in ("shards", "in memory (per process)", "sent to each rank", "rank 0 pickles", "a rank unpickles",
                    "host memory per node", "received in all: 512 ranks", "4096 ranks"):

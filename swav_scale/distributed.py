@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import resource
 import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -188,6 +189,22 @@ def connect_gloo_lazily(environ: dict[str, str] | os._Environ = os.environ) -> N
     environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's limit on open files to its hard limit; returns (soft, hard) as they now are.
+
+    Why: gloo's gather connects its root to every rank, so rank 0 holds a socket per rank for the saves' group
+    (DCP gathers into it): about 4,100 at 4096 ranks, above the soft limit of 1024 many systems start a process
+    with, and SLURM passes the submitting shell's limits on to the job. The hard limit is the administrator's."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20  # Linux caps it at fs.nr_open (2^20 by default)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):  # a kernel with a lower fs.nr_open: keep the soft limit as it was
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
 def init_distributed(timeout: timedelta | None = None, socket_ifname: str = "") -> DistEnv:
     """Join the process group described by RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
 
@@ -204,6 +221,7 @@ def init_distributed(timeout: timedelta | None = None, socket_ifname: str = "") 
     torch.set_num_threads(threads_per_rank(local_world_size))
     use_socket_interface(socket_ifname)
     connect_gloo_lazily()
+    raise_open_files_limit()
     if torch.cuda.is_available():
         visible = torch.cuda.device_count()
         device = rank_device(local_rank, local_world_size, visible, task_has_own_gpus(os.environ, visible),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -142,6 +144,15 @@ def test_a_host_group_connects_only_the_ranks_its_collectives_use(tmp_path: Path
     assert all(made <= 2 and reduced <= made + 2 for made, reduced, _ in results), results
     assert results[0][2] >= 7 + 1, results  # rank 0: every other rank, and its listener
     assert all(saved <= 6 for _, _, saved in results[1:]), results
+
+
+def test_a_rank_may_open_as_many_files_as_the_hard_limit_allows() -> None:
+    """Run in a process of its own, started with a soft limit below the hard one, as SLURM may pass it on."""
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit("
+            "resource.RLIMIT_NOFILE)[1])); from swav_scale.distributed import raise_open_files_limit; "
+            "soft, hard = raise_open_files_limit(); print(soft, hard)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == out[1] and int(out[0]) > 256
 
 
 def test_gloo_connects_lazily_unless_told_otherwise() -> None:
