@@ -49,8 +49,8 @@ from swav_scale.checkpoint.layout import (META, check_files, complete_checkpoint
                                           remove_partial, step_dir_name, without_meta, write_meta)
 from swav_scale.checkpoint.staging import allocate_staging, stage, tensor_bytes
 from swav_scale.checkpoint.states import OwnFiles, Replicas, Reshardable, Stateful
-from swav_scale.distributed import (DistEnv, all_gather_object, barrier, dealt_by_main, decided_on_main,
-                                    gathered_on_main, new_group)
+from swav_scale.distributed import (DistEnv, all_gather_object, barrier, broadcast, comm_device, dealt_by_main,
+                                    decided_on_main, gathered_on_main, new_group, rank, world_size)
 from swav_scale.utils import atomic_write_bytes, available_memory, console, fsync_dir
 
 
@@ -368,7 +368,7 @@ class Checkpointer:
             present = {key[len(prefix):].rsplit(".", 1)[0] for key in saved if key.startswith(prefix)}
             for fqn in [f for f in optim_state if f not in present]:
                 del optim_state[fqn]
-        dcp.load(targets, checkpoint_id=str(path))
+        read_replicated_once(targets, path)
         for name, obj in global_states.items():
             obj.load_state_dict(targets[name])
 
@@ -379,3 +379,59 @@ class Checkpointer:
     def _prune(self) -> None:
         for old in complete_checkpoints(self.root)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def read_replicated_once(targets: dict[str, Any], path: Path) -> None:
+    """dcp.load of `targets` (in place), with each replicated tensor read from the file system by one rank and
+    broadcast to the others (collective).
+
+    Why: a plain tensor in a DCP state dict is held whole by every rank (DDP's weights and optimizer state), and
+    dcp.load has every rank read all of them: at 4096 ranks the file system serves the model 4096 times per
+    resume. Here each plain tensor is read by one rank, the tensors dealt out largest first to the rank with the
+    fewest bytes so far (every rank computes the same deal from the same shapes), then sent to all by one
+    broadcast per tensor: the bytes read per rank are about the replicated state / ranks, the broadcasts as many
+    as the tensors. Sharded tensors (FSDP2's DTensors) are read by their owners as before, and whatever is not a
+    tensor (the optimizer's hyper-parameters) by every rank."""
+    world = world_size()
+    plain = sorted(_plain_tensors(targets), key=lambda item: (-item[1].numel() * item[1].element_size(), item[0]))
+    if world == 1 or not plain:
+        dcp.load(targets, checkpoint_id=str(path))
+        return
+    loads, owner = [0] * world, {}
+    for key, tensor in plain:
+        r = min(range(world), key=lambda k: (loads[k], k))
+        owner[key] = r
+        loads[r] += tensor.numel() * tensor.element_size()
+    me = rank()
+    dcp.load(_pruned(targets, {key for key, r in owner.items() if r != me}), checkpoint_id=str(path))
+    device = comm_device()
+    for key, tensor in sorted(plain, key=lambda item: item[0]):
+        box = tensor if tensor.device == device and tensor.is_contiguous() else tensor.contiguous().to(device)
+        broadcast(box, src=owner[key])
+        if box is not tensor:
+            tensor.copy_(box)
+
+
+def _plain_tensors(tree: dict[str, Any], path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+    """The plain (not DTensor) tensors in the nested dicts of `tree`, by their path of keys; tensors inside
+    lists are left to every rank's own read."""
+    from torch.distributed.tensor import DTensor
+
+    found = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            found += _plain_tensors(value, (*path, key))
+        elif isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
+            found.append(((*path, key), value))
+    return found
+
+
+def _pruned(tree: dict[str, Any], drop: set[tuple[str, ...]], path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`tree` without the tensors whose path is in `drop` (the same objects otherwise, loaded in place)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out[key] = _pruned(value, drop, (*path, key))
+        elif (*path, key) not in drop:
+            out[key] = value
+    return out

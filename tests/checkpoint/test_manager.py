@@ -181,6 +181,49 @@ def test_each_rank_sends_its_plan_to_rank_0_only_when_it_changed(tmp_path: Path)
     Checkpointer(tmp_path, env).load(tmp_path / "step-00000003", g, r)
 
 
+def _replicated_load_on_rank(rank: int, world: int, root: str) -> dict:
+    """A DDP run on 3 ranks saves; fresh engines load it. Returns the replicated tensors' paths this rank asked
+    DCP to read, their bytes, and whether every loaded tensor equals the saved one."""
+    env = DistEnv(rank, world, rank, world, torch.device("cpu"))
+    engine = make_engine(world, rank)
+    train_steps(engine, 2, seed=rank)
+    g, r = states(engine, FeatureQueue(2, 4, 16))
+    g["progress"].step = 2
+    path = Checkpointer(root, env).save(2, g, r)
+    saved = {k: v.clone() for k, v in engine.state_dict()["model"].items()}
+    read: list[tuple[str, ...]] = []
+    load = manager.dcp.load
+
+    def spy(state, **kwargs):
+        read.extend(key for key, _ in manager._plain_tensors(state))
+        return load(state, **kwargs)
+
+    manager.dcp.load = spy
+    fresh = make_engine(world, rank)
+    g2, r2 = states(fresh, FeatureQueue(2, 4, 16))
+    Checkpointer(root, env).load(path, g2, r2)
+    manager.dcp.load = load
+    tensors = dict(manager._plain_tensors({name: obj.state_dict() for name, obj in g2.items()}))
+    loaded = fresh.state_dict()["model"]
+    return {"read": read, "bytes": sum(tensors[k].numel() * tensors[k].element_size() for k in read),
+            "all": sorted(tensors), "equal": all(torch.equal(saved[k], loaded[k]) for k in saved),
+            "step": g2["progress"].step}
+
+
+@pytest.mark.slow
+def test_a_replicated_state_is_read_once_across_the_ranks_and_broadcast(tmp_path: Path) -> None:
+    """DDP's weights and optimizer state, whole on every rank: at a resume each tensor is read from the files
+    by one rank only (the ranks' shares are disjoint, cover everything, and are of similar bytes) and every rank
+    ends with the saved values (checkpoint.manager.read_replicated_once)."""
+    results = run_ranks(_replicated_load_on_rank, 3, str(tmp_path))
+    shares = [set(r["read"]) for r in results]
+    assert set().union(*shares) == set(results[0]["all"])
+    assert sum(len(s) for s in shares) == len(results[0]["all"])  # disjoint
+    total = sum(r["bytes"] for r in results)
+    assert all(r["bytes"] < total / 3 * 1.5 for r in results), [r["bytes"] for r in results]
+    assert all(r["equal"] and r["step"] == 2 for r in results)
+
+
 def _resume_point_on_rank(rank: int, world: int, root: str) -> str | None:
     env = DistEnv(rank, world, rank, world, torch.device("cpu"))
     engine = make_engine(world, rank)
