@@ -14,6 +14,10 @@ replicated state, which every rank plans in full): the plan a rank sends rank 0 
 next ones with the plan cache (Checkpointer._planner); then what rank 0 receives per save at 512 and 4096
 ranks, plans plus the write results (one per tensor, whichever rank wrote it), against the target of 10 MB.
 
+**What a rank reads at a DDP resume** (checkpoint.manager.read_replicated_once): the real deal of the same state's
+tensors over the ranks, each read by one rank and broadcast: the most bytes any rank reads, against the state
+over the ranks and the largest tensor, and what each rank read when every rank loaded everything.
+
 **The training set's manifest** that rank 0 reads and sends to every rank at start (build.build_loader,
 distributed.decided_on_main).
 
@@ -113,25 +117,50 @@ def agreement_table(ranks: list[int], steps_ms: list[float], hop_us: float) -> T
     return table
 
 
-def save_messages() -> dict[str, float]:
-    """DCP's planner, for real, on one rank of a world whose every rank holds the same replicated state: the
-    pickled size of its local plan at a first save and at the next (the plan cache), and of the write results
-    of all tensors (what rank 0 gathers at the end of each save, whatever the ranks)."""
-    import pickle
-
+def rn50w5_state() -> dict:
+    """A SwAV RN50w5's model and LARS momentum, as DDP's state dict holds them, on the meta device."""
     import torch
-    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.storage import WriteResult
 
     from swav_scale.models import build_swav_model
 
     with torch.device("meta"):
         model = build_swav_model("resnet50w5", None, False, 8192, 128, 3000)
     params = dict(model.named_parameters())
-    state = {"engine": {"model": model.state_dict(), "optim": {
+    return {"engine": {"model": model.state_dict(), "optim": {
         "state": {name: {"momentum_buffer": p} for name, p in params.items()},
         "param_groups": [{"lr": 0.1, "weight_decay": 1e-6, "params": list(params)}]}}}
+
+
+def resume_reads(ranks: list[int]) -> Table:
+    from swav_scale.checkpoint.manager import _plain_tensors, replicated_readers
+
+    tensors = _plain_tensors(rn50w5_state())
+    size = {key: t.numel() * t.element_size() for key, t in tensors}
+    total, largest = sum(size.values()), max(size.values())
+    table = Table(title=f"a DDP resume: what a rank reads of RN50w5 + LARS ({total / 2**30:.2f} GiB, "
+                        f"{len(tensors)} tensors, the largest {largest / 2**20:.0f} MiB)")
+    for column in ("ranks", "most read by a rank", "state / ranks", "before: every rank read", "read in all"):
+        table.add_column(column, justify="right")
+    for n in ranks:
+        per_rank = [0] * n
+        for key, r in replicated_readers(tensors, n).items():
+            per_rank[r] += size[key]
+        table.add_row(f"{n:,}", f"{max(per_rank) / 2**20:.1f} MiB", f"{total / n / 2**20:.1f} MiB",
+                      f"{total / 2**30:.2f} GiB", f"{sum(per_rank) / 2**30:.2f} GiB (not {n * total / 2**30:,.0f} GiB)")
+    return table
+
+
+def save_messages() -> dict[str, float]:
+    """DCP's planner, for real, on one rank of a world whose every rank holds the same replicated state: the
+    pickled size of its local plan at a first save and at the next (the plan cache), and of the write results
+    of all tensors (what rank 0 gathers at the end of each save, whatever the ranks)."""
+    import pickle
+
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    state = rn50w5_state()
     sizes = []
     for _ in range(2):  # a first save, then the next, as the checkpointer's planner makes them
         planner = DefaultSavePlanner(enable_plan_caching=True)
@@ -181,6 +210,7 @@ def main() -> None:
     console = Console(width=170)
     console.print(agreement_table(a.ranks, a.step_ms, a.hop_us))
     console.print(save_table(a.ranks))
+    console.print(resume_reads(a.ranks))
     table = Table(title="the training manifest at start: rank 0 reads it, every rank receives it")
     for column in ("shards", "in memory (per process)", "sent to each rank", "rank 0 pickles", "a rank unpickles",
                    "host memory per node", "received in all: 512 ranks", "4096 ranks"):

@@ -29,6 +29,7 @@ main thread only) is saved synchronously.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import io
 import itertools
 import queue
@@ -386,22 +387,20 @@ def read_replicated_once(targets: dict[str, Any], path: Path) -> None:
     broadcast to the others (collective).
 
     Why: a plain tensor in a DCP state dict is held whole by every rank (DDP's weights and optimizer state), and
-    dcp.load has every rank read all of them: at 4096 ranks the file system serves the model 4096 times per
-    resume. Here each plain tensor is read by one rank, the tensors dealt out largest first to the rank with the
-    fewest bytes so far (every rank computes the same deal from the same shapes), then sent to all by one
-    broadcast per tensor: the bytes read per rank are about the replicated state / ranks, the broadcasts as many
-    as the tensors. Sharded tensors (FSDP2's DTensors) are read by their owners as before, and whatever is not a
-    tensor (the optimizer's hyper-parameters) by every rank."""
+    dcp.load has every rank read all of them: at 4096 ranks the file system serves the state 4096 times per
+    resume. Here each plain tensor is read by one rank (`replicated_readers`), then sent to all by one broadcast
+    per tensor: the state is read once in all, and no rank reads more than about the state / ranks or its
+    largest tensor, whichever is larger; the broadcasts are as many as the tensors. Whole tensors, not slices:
+    a tensor written in slices by every rank would make DCP's metadata, which every rank reads, and the write
+    results gathered into rank 0 at every save grow as ranks x tensors. Sharded tensors (FSDP2's DTensors) are
+    read by their owners as before, and whatever is not a tensor (the optimizer's hyper-parameters) by every
+    rank."""
     world = world_size()
-    plain = sorted(_plain_tensors(targets), key=lambda item: (-item[1].numel() * item[1].element_size(), item[0]))
+    plain = _plain_tensors(targets)
     if world == 1 or not plain:
         dcp.load(targets, checkpoint_id=str(path))
         return
-    loads, owner = [0] * world, {}
-    for key, tensor in plain:
-        r = min(range(world), key=lambda k: (loads[k], k))
-        owner[key] = r
-        loads[r] += tensor.numel() * tensor.element_size()
+    owner = replicated_readers(plain, world)
     me = rank()
     dcp.load(_pruned(targets, {key for key, r in owner.items() if r != me}), checkpoint_id=str(path))
     device = comm_device()
@@ -410,6 +409,17 @@ def read_replicated_once(targets: dict[str, Any], path: Path) -> None:
         broadcast(box, src=owner[key])
         if box is not tensor:
             tensor.copy_(box)
+
+
+def replicated_readers(tensors: list[tuple[tuple[str, ...], torch.Tensor]], world: int) -> dict[tuple[str, ...], int]:
+    """The rank that reads each tensor: largest first, each to the rank with the fewest bytes so far (ties to
+    the lowest rank); the same deal on every rank, from the same shapes."""
+    loads, owner = [(0, r) for r in range(world)], {}  # a heap of (bytes so far, rank)
+    for key, tensor in sorted(tensors, key=lambda item: (-item[1].numel() * item[1].element_size(), item[0])):
+        load, r = heapq.heappop(loads)
+        owner[key] = r
+        heapq.heappush(loads, (load + tensor.numel() * tensor.element_size(), r))
+    return owner
 
 
 def _plain_tensors(tree: dict[str, Any], path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], torch.Tensor]]:
