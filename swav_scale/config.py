@@ -221,9 +221,11 @@ class ParallelConfig:
     compile: bool = False
     # BatchNorm statistics over the global batch on 2+ ranks, GPU or CPU, as SwAV (engines/sync_batchnorm.py)
     sync_batchnorm: bool = True
-    # Ranks per SyncBatchNorm group (0: all ranks). The original's syncbn_process_group_size: 8 keeps
-    # BatchNorm's per-layer collectives inside a node of 8 GPUs (docs/scaling.md).
-    sync_batchnorm_group: int = 0
+    # Ranks per SyncBatchNorm group: 0, all ranks; N, blocks of N consecutive ranks (the original's
+    # syncbn_process_group_size; 8 keeps BatchNorm's per-layer collectives inside a node of 8 GPUs); -1, the
+    # default, all ranks up to 64 and a node's ranks beyond, where collectives over all ranks at every BatchNorm
+    # layer would cost more than the statistics of a larger batch give (engines/assemble.py, docs/scaling.md).
+    sync_batchnorm_group: int = -1
     precision: Precision = Precision.auto
     channels_last: bool = True  # NHWC convolutions: faster on CPU (oneDNN), the fast path on GPU
     # GPU: cuDNN times its convolution algorithms for each shape on first use and keeps the fastest, as the
@@ -255,9 +257,10 @@ class ParallelConfig:
             raise ConfigError("parallel.compile=true with ZeRO-3: DeepSpeed gathers each layer's parameters in hooks "
                               "that torch.compile would trace into the graph. Use parallel.engine=fsdp (which "
                               "compiles per unit, outside its gathers), ZeRO-1/2, or parallel.compile=false")
-        if self.sync_batchnorm_group < 0:
+        if self.sync_batchnorm_group < -1:
             raise ConfigError(f"parallel.sync_batchnorm_group={self.sync_batchnorm_group}: give the ranks per "
-                              "group (8 = one node of 8 GPUs), or 0 for all ranks")
+                              "group (8 = one node of 8 GPUs), 0 for all ranks, or -1 for all up to 64 ranks and "
+                              "a node's beyond")
         if self.process_group_timeout_s <= 0:
             raise ConfigError(f"parallel.process_group_timeout_s={self.process_group_timeout_s}: give the seconds a "
                               "collective may wait for the slowest rank (3600, say)")
@@ -270,10 +273,13 @@ class ParallelConfig:
 class CheckpointConfig:
     """When checkpoints are written and what is kept (checkpoint/manager.py's Checkpointer owns the policy)."""
 
-    every_steps: int = 500  # 0: none in between; a checkpoint is also written at every epoch's end and on a stop
-    # also save once this many minutes have passed since the last save, by rank 0's clock (0: never). A step
-    # count means a different wall time on every cluster; a time bounds the work a preemption can lose.
-    every_minutes: float = 0.0
+    # Save once this many minutes have passed since the start or the last save, by rank 0's clock (0: never),
+    # the default: a step count means a different wall time on every cluster and scale (500 RN50 steps are an
+    # hour on 8 GPUs and seconds at 4096 ranks, less than a save takes); a time bounds the work a preemption
+    # can lose and the time spent saving, whatever the scale. A checkpoint is also written at every epoch's end
+    # and on a stop.
+    every_minutes: float = 30.0
+    every_steps: int = 0  # also every this many steps (0: none by steps), for runs whose step time is known
     keep: int = 3  # the newest N complete ones; never fewer than 1
     checksums: bool = True  # sha256 of every file, checked on resume (each rank hashes a share)
     # Periodic saves in the background: each rank copies its state to host memory (one more copy of it, kept) and
@@ -507,7 +513,7 @@ def _parse_yaml(text: str, source: str) -> DictConfig:
 def check_world(cfg: Config, world_size: int) -> int:
     """The checks that need the number of ranks; returns the per-rank batch size."""
     b, p = cfg.optim.batch_size, cfg.parallel
-    if p.sync_batchnorm_group and world_size % p.sync_batchnorm_group:
+    if p.sync_batchnorm_group > 0 and world_size % p.sync_batchnorm_group:
         raise ConfigError(f"parallel.sync_batchnorm_group={p.sync_batchnorm_group} does not divide the {world_size} "
                           f"ranks into whole groups; use a divisor of {world_size} (the GPUs of a node), or 0 for all "
                           "ranks")

@@ -71,7 +71,7 @@ REFUSED = [
     (["parallel.zero_bucket_elements=0"], "parallel.zero_bucket_elements=0: a bucket holds at least one element"),
     (["parallel.engine=deepspeed", "optim.name=adamw", "parallel.zero_stage=3", "parallel.compile=true"],
      "parallel.compile=true with ZeRO-3: DeepSpeed gathers"),
-    (["parallel.sync_batchnorm_group=-1"], "parallel.sync_batchnorm_group=-1: give the ranks per group"),
+    (["parallel.sync_batchnorm_group=-2"], "parallel.sync_batchnorm_group=-2: give the ranks per group"),
     (["optim.name=lamb"], r"key 'optim.name': Invalid value 'lamb', expected one of \[lars, sgd, adamw\]"),
     (["parallel.precision=fp16"],
      r"key 'parallel.precision': Invalid value 'fp16', expected one of \[auto, bf16, fp32\]"),
