@@ -368,7 +368,9 @@ class SlurmConfig:
     constraint: str = ""
     time_min: int = 4320  # the job's time limit; the run requeues itself when it is reached
     signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: one step plus a checkpoint must fit
-    max_requeues: int = 100  # after this many restarts (preemptions and time-outs) the job stops requeueing
+    max_requeues: int = 100  # after this many restarts on a preemption or the time limit the job ends
+    # after this many failed starts (a rank died or hung; counted apart from preemptions) the job ends
+    max_failures: int = 3
     job_name: str = "swav"
     # rank 0's rendezvous port; 0 = derived from the job id (20000 + id % 40000), so that two jobs sharing a
     # node never pick the same one, and a requeued job keeps its port
@@ -380,6 +382,8 @@ class SlurmConfig:
     def check(self) -> None:
         if self.nodes < 1:
             raise ConfigError(f"slurm.nodes={self.nodes}: a job runs on 1 node or more")
+        if self.max_requeues < 0 or self.max_failures < 0:
+            raise ConfigError("slurm.max_requeues and slurm.max_failures count restarts: 0 or more")
         if self.gpus_per_node < 0 or self.tasks_per_node < 0:
             raise ConfigError("slurm.gpus_per_node and slurm.tasks_per_node count GPUs and ranks: 0 or more")
         if self.gpus_per_node == 0 and self.tasks_per_node == 0:

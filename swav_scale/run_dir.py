@@ -11,6 +11,7 @@ rank files, a checkpoint's meta.json) belong to checkpoint/layout.py.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,6 +32,7 @@ LEDGER = "ledger"  # one JSONL file per rank: the samples of every step (data.le
 REPORT = "report"  # `swav-scale report`'s plots and report.md
 EXPORT = "export"  # `swav-scale export`, one folder per checkpoint
 SLURM = "slurm"  # submitit's job folders, unless slurm.log_dir names another place
+FAILURES = "failures"  # one JSON file per SLURM start that failed: "JOB.RESTART.json" (claim_failure)
 
 
 def config_file(run_dir: str | Path) -> Path:
@@ -73,6 +75,41 @@ def append_launch(run_dir: str | Path, launch: dict[str, Any]) -> None:
     meta["launches"].append(launch)
     meta["git_sha"] = launch["git_sha"]
     atomic_write_text(meta_file(run_dir), json.dumps(meta, indent=1))
+
+
+def claim_failure(run_dir: str | Path, job: str, restart: int) -> bool:
+    """Claim the failure of start `restart` of SLURM job `job`: True for the one process that creates its file
+    (an exclusive create, atomic on a shared file system), which alone requeues the job or ends it and
+    records why (`record_failure`); False for every other rank that saw the same failure."""
+    path = Path(run_dir) / FAILURES / f"{job}.{restart}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        return False
+    return True
+
+
+def record_failure(run_dir: str | Path, job: str, restart: int, record: dict[str, Any]) -> None:
+    """What the claimer of a failure decided (its summary, the hosts lost, requeued or not, and why)."""
+    atomic_write_text(Path(run_dir) / FAILURES / f"{job}.{restart}.json", json.dumps(record, indent=1))
+
+
+def failed_starts(run_dir: str | Path, job: str | None = None) -> list[dict[str, Any]]:
+    """The failed starts recorded, of SLURM job `job` or of all jobs, oldest first: {"job", "restart"} and what
+    the claimer recorded (nothing yet while it decides)."""
+    folder = Path(run_dir) / FAILURES
+    out = []
+    for path in folder.glob("*.json") if folder.is_dir() else []:
+        name_job, _, restart = path.stem.rpartition(".")
+        if not restart.isdigit() or (job is not None and name_job != job):
+            continue
+        try:
+            recorded = json.loads(path.read_text() or "{}")
+        except ValueError:  # being replaced
+            recorded = {}
+        out.append({**recorded, "job": name_job, "restart": int(restart)})
+    return sorted(out, key=lambda r: (r["job"], r["restart"]))
 
 
 def read_json_lines(path: Path) -> list[dict[str, Any]]:

@@ -18,8 +18,8 @@ from rich.table import Table
 
 from swav_scale.checkpoint.layout import complete_checkpoints, damaged_checkpoints, newest_intact, read_meta
 from swav_scale.errors import SwavScaleError
-from swav_scale.run_dir import (CONFIG, checkpoints_dir, is_run_dir, load_run_config, read_jobs, read_launches,
-                                read_metrics)
+from swav_scale.run_dir import (CONFIG, checkpoints_dir, failed_starts, is_run_dir, load_run_config, read_jobs,
+                                read_launches, read_metrics)
 from swav_scale.utils import console
 
 
@@ -80,6 +80,8 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "last_metrics_time": last.get("time"),
         "starts": len(launches),
         "requeues": sum(1 for x in launches if x["slurm_restart_count"]),
+        "failed_starts": [{k: f.get(k) for k in ("job", "restart", "summary", "requeued", "why_not")}
+                          for f in failed_starts(run_dir)],
         "job_ids": job_ids,
         "launches": [_launch_summary(x) for x in launches],
     }
@@ -120,6 +122,11 @@ def print_status(status: dict[str, Any]) -> None:
         table.add_row("damaged, moved aside", ", ".join(status["damaged_checkpoints"]))
     table.add_row("starts", f"{status['starts']} ({status['requeues']} after a SLURM requeue)")
     table.add_row("SLURM job ids", ", ".join(status["job_ids"]) or "- (not run under SLURM)")
+    for failure in status["failed_starts"][-LAUNCHES_SHOWN:]:
+        requeued, why_not = failure["requeued"], failure["why_not"]
+        outcome = {True: "requeued", None: "being decided"}.get(requeued, f"not requeued: {why_not}")
+        table.add_row(f"failed: job {failure['job']}, restart {failure['restart']}",
+                      escape(f"{failure['summary'] or '-'}; {outcome}"))
     shown = status["launches"][-LAUNCHES_SHOWN:]
     for i, launch in enumerate(shown, len(status["launches"]) - len(shown) + 1):
         table.add_row(f"start {i}", _describe_launch(launch))

@@ -5,9 +5,11 @@ then hands over to submitit's own SIGUSR2 handler, which requeues the job throug
 (job.py), at most slurm.max_requeues times.
 
 After a failure: a rank that died (the OOM killer, a crashed node) makes its peers fail in their next
-collective. The survivors requeue the job if this start completed a checkpoint, and otherwise end it with the
-error, naming the ranks and hosts they lost (`failure_summary`). Mistakes the user fixes (a SwavScaleError: the
-config, the data) and a NaN loss are never requeued: the next start would fail the same way.
+collective. One survivor claims the failure (a file of its own in the run's `failures/`) and requeues the job
+if this start completed a checkpoint and the job has not failed more than slurm.max_failures times, and
+otherwise ends it with the error, naming the ranks and hosts lost (`failure_summary`). Failed starts are
+counted apart from preemptions (slurm.max_requeues). Mistakes the user fixes (a SwavScaleError: the config,
+the data) and a NaN loss are never requeued: the next start would fail the same way.
 """
 
 from __future__ import annotations
@@ -27,15 +29,20 @@ from swav_scale.config import Config
 from swav_scale.distributed import barrier
 from swav_scale.errors import SwavScaleError
 from swav_scale.preemption import StopSignals
+from swav_scale.run_dir import claim_failure, failed_starts, record_failure
 from swav_scale.runlog import launch_ranks
 from swav_scale.utils import console
 
 
 def requeues_spent(cfg: Config) -> str | None:
-    """Why the job may not requeue again (it restarted slurm.max_requeues times), or None."""
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    """Why the job may not requeue again after a stop (it restarted slurm.max_requeues times on a preemption or
+    its time limit; its failed starts count apart, slurm.max_failures), or None."""
+    job = os.environ.get("SLURM_JOB_ID")
+    failed = len(failed_starts(cfg.train.run_dir, job)) if job else 0
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0)) - failed
     if restarts >= cfg.slurm.max_requeues:
-        return f"the job has restarted {restarts} times (slurm.max_requeues={cfg.slurm.max_requeues})"
+        return (f"the job has restarted {restarts} times on a preemption or its time limit "
+                f"(slurm.max_requeues={cfg.slurm.max_requeues})")
     return None
 
 
@@ -61,20 +68,31 @@ def requeue_after_stop(stops: StopSignals, is_main: bool) -> None:
 
 
 def requeue_after_failure(cfg: Config, error: Exception, started_from: Path | None, rank: int) -> None:
-    """A SLURM job whose rank died: its peers fail in their next collective and land here. If this start
-    completed a checkpoint, the job is requeued and resumes from it; if not, a requeue would most likely fail
-    the same way, so the job ends with the error. Mistakes the user fixes (SwavScaleError) and a NaN loss are
-    never requeued."""
+    """A SLURM job whose rank died: its peers fail in their next collective and land here. One of them claims
+    the failure (run_dir.claim_failure: the first to create its record; the others return at once, so a
+    job of 512 nodes asks slurmctld once, not once per rank). If this start completed a checkpoint and the job
+    has failed at most slurm.max_failures times, it is requeued and resumes from it; otherwise it ends with the
+    error. Mistakes the user fixes (SwavScaleError) and a NaN loss are never requeued."""
     job = os.environ.get("SLURM_JOB_ID")
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or not job:
         return
     if isinstance(error, (SwavScaleError, FloatingPointError)):
         return
-    newest = newest_checkpoint(cfg.train.run_dir)
-    ranks = launch_ranks(Path(cfg.train.run_dir), job, int(os.environ.get("SLURM_RESTART_COUNT", 0)))
-    why = failure_summary(error, ranks, rank)
-    progress = newest is not None and newest != started_from
-    reason = requeues_spent(cfg) or (None if progress else "no checkpoint completed since this start")
+    run_dir, restart = Path(cfg.train.run_dir), int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    if not claim_failure(run_dir, job, restart):
+        return
+    newest = newest_checkpoint(run_dir)
+    why = failure_summary(error, launch_ranks(run_dir, job, restart), rank)
+    failed = len(failed_starts(run_dir, job))  # this one included
+    if failed > cfg.slurm.max_failures:
+        reason: str | None = f"its starts failed {failed} times (slurm.max_failures={cfg.slurm.max_failures})"
+    elif newest is None or newest == started_from:
+        reason = "no checkpoint completed since this start"
+    else:
+        reason = None
+    record_failure(run_dir, job, restart, {"rank": rank, "host": socket.gethostname(), "summary": why,
+                                           "requeued": reason is None, "why_not": reason,
+                                           "resume_from": str(newest) if newest else None})
     if reason:
         console.print(f"[red]{escape(why)}[/]; job {job} not requeued: {reason}", highlight=False)
         return
@@ -95,7 +113,8 @@ def failure_summary(error: BaseException, ranks: list[dict[str, Any]], rank: int
     head = f"rank {rank}" + (f" on {me['host']}" if me else "")
     others = [r for r in ranks if r["rank"] != rank]
     named = set(re.findall(r"\[([0-9A-Fa-f.:]+)\]:\d+", text))
-    lost = [r for r in others if named and _address(r["host"]) in named]
+    addresses = {host: _address(host) for host in {r["host"] for r in others}} if named else {}  # once a host
+    lost = [r for r in others if named and addresses[r["host"]] in named]
     if not lost and "timed out" in text.lower():
         lost, verb = others, "waited in vain for one of"
     else:

@@ -13,6 +13,7 @@ from swav_scale.data.manifest import ShardError
 from swav_scale.launch import requeue
 from swav_scale.launch.job import TrainJob
 from swav_scale.launch.requeue import failure_summary, requeue_after_failure
+from swav_scale.run_dir import claim_failure, failed_starts
 
 
 def test_requeue_is_the_same_job_until_max_requeues(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -28,25 +29,48 @@ def test_requeue_is_the_same_job_until_max_requeues(monkeypatch: pytest.MonkeyPa
 def test_a_failure_requeues_after_a_new_checkpoint_only_and_never_for_the_users_mistakes(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A rank's failure requeues its SLURM job when this start completed a checkpoint; a config or data mistake
-    or a NaN loss would fail the same way again, and ends the job."""
-    cfg = load_config("configs/quickstart.yaml", [f"train.run_dir={tmp_path}", "slurm.max_requeues=3"])
+    or a NaN loss would fail the same way again, and ends the job. One rank per failed start decides (the
+    others return at once), and records what it decided; after slurm.max_failures failed starts the job ends."""
+    cfg = load_config("configs/quickstart.yaml", [f"train.run_dir={tmp_path}", "slurm.max_failures=2"])
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     monkeypatch.setenv("SLURM_JOB_ID", "42")
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     newest = tmp_path / "checkpoints" / "step-00000012"
     monkeypatch.setattr(requeue, "newest_checkpoint", lambda run_dir: newest)
     requeued: list[list[str]] = []
     monkeypatch.setattr(requeue.subprocess, "run", lambda command, **kwargs: requeued.append(command))
     started_from = tmp_path / "checkpoints" / "step-00000006"
+    reset = RuntimeError("Connection reset by peer")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     for mistake in (ConfigError("a typo"), ShardError("a missing shard"), FloatingPointError("loss is nan")):
         requeue_after_failure(cfg, mistake, started_from, 0)
-    requeue_after_failure(cfg, RuntimeError("Connection reset by peer"), newest, 0)  # nothing saved since
+    assert failed_starts(tmp_path) == []  # a mistake is not a failed start to count
+    requeue_after_failure(cfg, reset, newest, 0)  # nothing saved since this start
     assert requeued == []
-    requeue_after_failure(cfg, RuntimeError("Connection reset by peer"), started_from, 0)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    requeue_after_failure(cfg, reset, started_from, 3)
+    for other_rank in (0, 1, 2):  # the same failure, seen by the other ranks
+        requeue_after_failure(cfg, reset, started_from, other_rank)
     assert requeued == [["scontrol", "requeue", "42"]]
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")  # slurm.max_requeues spent
-    requeue_after_failure(cfg, RuntimeError("Connection reset by peer"), started_from, 0)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # a third failed start: more than slurm.max_failures
+    requeue_after_failure(cfg, reset, started_from, 0)
     assert len(requeued) == 1
+    records = failed_starts(tmp_path, "42")
+    assert [(r["restart"], r["requeued"], r["rank"]) for r in records] == [(0, False, 0), (1, True, 3), (2, False, 0)]
+    assert records[0]["why_not"] == "no checkpoint completed since this start"
+    assert records[2]["why_not"] == "its starts failed 3 times (slurm.max_failures=2)"
+
+
+def test_preemptions_and_failures_are_counted_apart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """slurm.max_requeues counts the restarts on a preemption or the time limit, not the failed starts."""
+    job = TrainJob(to_yaml(load_config("configs/quickstart.yaml", [f"train.run_dir={tmp_path}",
+                                                                    "slurm.max_requeues=2"])))
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    assert job.checkpoint() is None  # 3 restarts, none of them after a failure
+    for restart in (0, 2):
+        assert claim_failure(tmp_path, "42", restart)
+    assert not claim_failure(tmp_path, "42", 2)
+    assert isinstance(job.checkpoint(), submitit.helpers.DelayedSubmission)  # 1 preemption, 2 failed starts
 
 
 RANKS = [{"rank": 0, "host": "localhost"}, {"rank": 1, "host": "gpu-b"}, {"rank": 2, "host": "gpu-b"},
