@@ -78,7 +78,8 @@ def _run_evaluation(args: argparse.Namespace, work: Callable[[Any, Any, dict[str
     from swav_scale.distributed import init_distributed, shutdown
     from swav_scale.eval.features import run_encoders
 
-    env = init_distributed(timedelta(seconds=cfg.parallel.process_group_timeout_s), cfg.parallel.socket_ifname)
+    env = init_distributed(timedelta(seconds=cfg.parallel.collective_timeout_s), cfg.parallel.socket_ifname,
+                           timedelta(seconds=cfg.parallel.wait_timeout_s))
     try:
         encoders, checkpoint = run_encoders(cfg, run_dir, env.device, args.checkpoint,
                                             random_init=args.random_init, baselines=args.baselines)

@@ -232,11 +232,15 @@ class ParallelConfig:
     # original sets cudnn.benchmark. The crop sizes never change, so that costs only the first steps. false:
     # the same algorithms run to run (with deterministic inputs, the same results).
     cudnn_benchmark: bool = True
-    # How long a collective may wait for the slowest rank before the job fails (s). Longer than the longest
-    # phase one rank works through while the others wait at a barrier: DeepSpeed's universal conversion on a
-    # change of world size, checksums of a large checkpoint, pruning old ones on slow storage. NCCL's own
-    # default (10 min) is shorter than a universal conversion of a wide ResNet can take.
-    process_group_timeout_s: int = 3600
+    # How long a training collective may wait for the slowest rank before the job fails (s). A rank that hangs
+    # rather than dies (a stuck file system, a GPU fault) holds every rank this long, so it is minutes, not an
+    # hour; it must exceed a step and an epoch end's evaluation.
+    collective_timeout_s: int = 600
+    # How long the ranks may wait while one of them works alone (s): rank 0's checks of the data and the
+    # checkpoints at start, DeepSpeed's universal conversion on a change of world size (distributed
+    # .waiting_for_one_rank), and every collective of the saves (checksums of a large checkpoint, pruning on slow
+    # storage). NCCL's own default (10 min) is shorter than a universal conversion of a wide ResNet can take.
+    wait_timeout_s: int = 3600
     # Steps between posting the ranks' stop flags (a signal, the save clock) and reading their reduction
     # (preemption.StepAgreement). 0: measured over the first steps, 1 where the reduction completes within a
     # step (a few nodes), more where a ring over thousands of ranks takes longer than a step; bounded so that a
@@ -261,9 +265,10 @@ class ParallelConfig:
             raise ConfigError(f"parallel.sync_batchnorm_group={self.sync_batchnorm_group}: give the ranks per "
                               "group (8 = one node of 8 GPUs), 0 for all ranks, or -1 for all up to 64 ranks and "
                               "a node's beyond")
-        if self.process_group_timeout_s <= 0:
-            raise ConfigError(f"parallel.process_group_timeout_s={self.process_group_timeout_s}: give the seconds a "
-                              "collective may wait for the slowest rank (3600, say)")
+        if self.collective_timeout_s <= 0 or self.wait_timeout_s <= 0:
+            raise ConfigError(f"parallel.collective_timeout_s={self.collective_timeout_s} and parallel.wait_timeout_s="
+                              f"{self.wait_timeout_s}: give the seconds a collective may wait for the slowest rank "
+                              "(600 and 3600, say)")
         if self.agreement_lag < 0:
             raise ConfigError(f"parallel.agreement_lag={self.agreement_lag}: give the steps between posting the stop "
                               "flags and reading them, or 0 to measure them at the start")

@@ -24,12 +24,13 @@ The engines' own libraries (DDP, FSDP2, DeepSpeed) communicate inside those libr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import resource
 import socket
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -205,15 +206,50 @@ def raise_open_files_limit() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
-def init_distributed(timeout: timedelta | None = None, socket_ifname: str = "") -> DistEnv:
+# the default group's timeouts, by `use_timeouts`: "collective" and "wait"
+_TIMEOUTS: dict[str, timedelta] = {}
+
+
+def use_timeouts(collective: timedelta, wait: timedelta) -> None:
+    """The default group's collectives fail after `collective` (parallel.collective_timeout_s), except while
+    one rank works alone and the others wait for it (`waiting_for_one_rank`), after `wait`
+    (parallel.wait_timeout_s).
+
+    Why two: a rank that hangs rather than dies (a stuck file system, a GPU fault) holds every rank in its next
+    collective until the timeout, so the training's must be short; but a few phases legitimately keep all ranks
+    waiting on one (rank 0's checks of the data and the checkpoints at start, DeepSpeed's universal conversion)
+    and need a long one."""
+    _TIMEOUTS.update(collective=collective, wait=wait)
+    if in_group():
+        dist.set_timeout(collective)
+
+
+@contextlib.contextmanager
+def waiting_for_one_rank(group: ProcessGroup | None = None) -> Iterator[None]:
+    """Within: the default group's collectives wait up to the long timeout (`use_timeouts`), for a phase in
+    which one rank works alone and the others wait for it. Every rank enters it around the same collectives.
+    Other groups keep their own timeouts (the saves' group has the long one)."""
+    if group is not None or not in_group() or not _TIMEOUTS:
+        yield
+        return
+    dist.set_timeout(_TIMEOUTS["wait"])
+    try:
+        yield
+    finally:
+        dist.set_timeout(_TIMEOUTS["collective"])
+
+
+def init_distributed(timeout: timedelta | None = None, socket_ifname: str = "",
+                     wait_timeout: timedelta | None = None) -> DistEnv:
     """Join the process group described by RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
 
     NCCL on GPU, gloo on CPU. On the CPU a lone process (no WORLD_SIZE, or 1) runs without a process group,
     so that single-process tools and tests need no rendezvous; on a GPU it joins a one-rank group of its own
-    (module docstring). `timeout` bounds how long a collective may wait for the slowest rank: it must exceed
-    the longest phase that one rank works through alone while the others wait (parallel.process_group_timeout_s).
-    Each rank gets its share of the host's cores for intra-op threads, GPU or not (data workers, colour, kNN
-    votes and checkpoint staging run there too). `socket_ifname`: see `use_socket_interface`."""
+    (module docstring). `timeout` bounds how long a collective may wait for the slowest rank
+    (parallel.collective_timeout_s), `wait_timeout` how long the ranks may wait while one of them works alone
+    (parallel.wait_timeout_s, `use_timeouts`). Each rank gets its share of the host's cores for intra-op
+    threads, GPU or not (data workers, colour, kNN votes and checkpoint staging run there too). `socket_ifname`:
+    see `use_socket_interface`."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -240,6 +276,8 @@ def init_distributed(timeout: timedelta | None = None, socket_ifname: str = "") 
                 raise RendezvousError(f"rank {rank}: WORLD_SIZE={world_size} but {', '.join(missing)} not set")
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 device_id=device if device.type == "cuda" else None, **options)
+    if timeout is not None and wait_timeout is not None:
+        use_timeouts(timeout, wait_timeout)
     return DistEnv(rank, world_size, local_rank, local_world_size, device,
                    node_rank_from(os.environ, rank, local_world_size))
 
@@ -395,12 +433,13 @@ def decided_on_main(decide: Callable[[], T], group: ProcessGroup | None = None) 
     if not in_group():
         return decide()
     error, box = None, None
-    if rank(group) == 0:
-        try:
-            box = (True, decide())
-        except Exception as e:  # noqa: BLE001 (raised on every rank below)
-            error, box = e, (False, _portable(e))
-    ok, value = broadcast_object(box, group=group)
+    with waiting_for_one_rank(group):
+        if rank(group) == 0:
+            try:
+                box = (True, decide())
+            except Exception as e:  # noqa: BLE001 (raised on every rank below)
+                error, box = e, (False, _portable(e))
+        ok, value = broadcast_object(box, group=group)
     if error is not None:
         raise error
     if not ok:
@@ -415,16 +454,17 @@ def dealt_by_main(deal: Callable[[], Sequence[T]], group: ProcessGroup | None = 
         return deal()[0]
     n = world_size(group)
     error, boxes = None, None
-    if rank(group) == 0:
-        try:
-            items = list(deal())
-            if len(items) != n:
-                raise ValueError(f"{_caller()}: dealt {len(items)} items to {n} ranks")
-            boxes = [(True, item) for item in items]
-        except Exception as e:  # noqa: BLE001 (raised on every rank below)
-            error, boxes = e, [(False, _portable(e))] * n
     out: list[Any] = [None]
-    dist.scatter_object_list(out, boxes, group=group, group_src=0)  # on the group's device, as all_gather_object
+    with waiting_for_one_rank(group):
+        if rank(group) == 0:
+            try:
+                items = list(deal())
+                if len(items) != n:
+                    raise ValueError(f"{_caller()}: dealt {len(items)} items to {n} ranks")
+                boxes = [(True, item) for item in items]
+            except Exception as e:  # noqa: BLE001 (raised on every rank below)
+                error, boxes = e, [(False, _portable(e))] * n
+        dist.scatter_object_list(out, boxes, group=group, group_src=0)  # on the group's device, as all_gather_object
     ok, value = out[0]
     if error is not None:
         raise error
@@ -457,7 +497,7 @@ def new_group(backend: str | None = None, own: bool = False,
     tools can tell the groups meant for the host from those that communicate on the device.
     `own`: a group apart from the default one even on the same backend, for collectives that another thread
     runs while the main thread runs its own (two threads on one group could pair their collectives wrongly).
-    `timeout`: as the default group's (parallel.process_group_timeout_s); torch's own default otherwise."""
+    `timeout`: parallel.collective_timeout_s or wait_timeout_s, as the group's use; torch's own default otherwise."""
     if not in_group():
         return None
     if backend == "gloo":
@@ -473,3 +513,4 @@ def shutdown() -> None:
     if in_group():
         dist.destroy_process_group()
     _HOST_GROUPS.clear()
+    _TIMEOUTS.clear()

@@ -232,7 +232,7 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None,
     run = build_run(cfg, env)
     resume(cfg, env, run)
     progress, loader, engine, checkpointer = run.progress, run.loader, run.engine, run.checkpointer
-    agree = StepAgreement(timedelta(seconds=cfg.parallel.process_group_timeout_s), cfg.parallel.agreement_lag,
+    agree = StepAgreement(timedelta(seconds=cfg.parallel.collective_timeout_s), cfg.parallel.agreement_lag,
                           max_delay_s=cfg.slurm.signal_delay_s / 20)
     mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
     copy = CopyStream(env.device)

@@ -82,8 +82,8 @@ REFUSED = [
     (["slurm.gpus_per_node=0"], "slurm.gpus_per_node=0 needs slurm.tasks_per_node"),
     (["slurm.master_port=80"], "slurm.master_port=80: give a port from 1024 to 65535"),
     (["eval.precise_bn_images=-1"], "eval.precise_bn_images=-1: give the number of training images"),
-    (["parallel.process_group_timeout_s=0"],
-     "parallel.process_group_timeout_s=0: give the seconds a collective may wait"),
+    (["parallel.collective_timeout_s=0"],
+     "parallel.collective_timeout_s=0 and parallel.wait_timeout_s=3600: give the seconds a collective may wait"),
 ]
 
 

@@ -19,7 +19,7 @@ import swav_scale
 from swav_scale import distributed
 from swav_scale.data.manifest import ShardError
 from swav_scale.distributed import DeviceError, check_local_ranks, rank_device
-from swav_testing.ranks import run_ranks
+from swav_testing.ranks import RankFailed, run_ranks
 
 COLLECTIVES = {
     "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor", "broadcast",
@@ -153,6 +153,31 @@ def test_a_rank_may_open_as_many_files_as_the_hard_limit_allows() -> None:
             "soft, hard = raise_open_files_limit(); print(soft, hard)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == out[1] and int(out[0]) > 256
+
+
+def _waits(rank: int, world: int, plain: bool) -> list[str]:
+    """The default group's collectives time out after 1 s, waits for one rank after 60 s; rank 0 works 3 s
+    alone inside `decided_on_main` and `dealt_by_main`, or (`plain`) before a plain broadcast."""
+    import time
+
+    distributed.use_timeouts(timedelta(seconds=1), timedelta(seconds=60))
+    if plain:
+        if rank == 0:
+            time.sleep(3)
+        return [distributed.broadcast_object("late")]
+    decided = distributed.decided_on_main(lambda: time.sleep(3) or "decided by rank 0")
+    dealt = distributed.dealt_by_main(lambda: time.sleep(3) or [f"dealt to {r}" for r in range(world)])
+    return [decided, dealt, distributed.broadcast_object("on time")]  # the short timeout is back, and enough
+
+
+@pytest.mark.slow
+def test_ranks_wait_long_for_one_rank_only_where_it_works_alone() -> None:
+    """distributed.use_timeouts: rank 0's work inside decided_on_main and dealt_by_main may outlast the
+    training's collective timeout (the others wait up to the long one), while a plain collective fails after
+    the short one: a rank that hangs holds the others that long at most."""
+    assert run_ranks(_waits, 2, False) == [["decided by rank 0", f"dealt to {r}", "on time"] for r in range(2)]
+    with pytest.raises(RankFailed, match="(?i)timed out"):
+        run_ranks(_waits, 2, True)
 
 
 def test_gloo_connects_lazily_unless_told_otherwise() -> None:

@@ -114,13 +114,13 @@ def test_preemption_signal_reaches_every_node_and_the_run_resumes_bitwise(
 def test_node_lost_mid_step_fails_fast_and_the_job_resumes_from_its_checkpoint(
         cluster: None, fmnist_train_shards: Path, tiny_full_run: Path, tmp_path: Path) -> None:
     """The second node drops off the network mid-run (its link down: no reset, no answer, as a crashed host):
-    rank 0 does not hang but fails once parallel.process_group_timeout_s has passed, naming the host it waited
+    rank 0 does not hang but fails once parallel.collective_timeout_s has passed, naming the host it waited
     for, and requeues the job, which resumes from the last complete checkpoint and ends bit for bit as the
     uninterrupted run (the node is back by then, as after a reboot)."""
     timeout_s = 15
     run_dir = tmp_path / "node-lost"
     job = submit(run_dir, fmnist_train_shards, *ONE_PER_NODE, "slurm.nodes=2",
-                 f"parallel.process_group_timeout_s={timeout_s}")
+                 f"parallel.collective_timeout_s={timeout_s}")
     wait_for_step(run_dir, 8, timeout=300)  # a checkpoint (every 6 steps) is complete
     lost = _hosts(run_dir)[1]
     _cut_off(lost, down=True)

@@ -36,7 +36,8 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from swav_scale.distributed import DistEnv, all_reduce, barrier, ensure_process_group, in_group, world_size
+from swav_scale.distributed import (DistEnv, all_reduce, barrier, ensure_process_group, in_group,
+                                    waiting_for_one_rank, world_size)
 from swav_scale.engines.base import (Autocast, GradSquares, autocast_dtype, broadcast_buffers, drop_grads,
                                      local_sum_of_squares, set_lr)
 from swav_scale.engines.ddp import OptimizerFactory, load_dcp_state
@@ -234,10 +235,11 @@ class DeepSpeedEngine(Autocast):
                 f"KeyError 'exp_avg'). Resume on {saved_world_size} ranks, or train with optim.name=adamw"
             )
         universal = directory.parent / f".{directory.parent.name}-universal"
-        if self.env.is_main:
-            shutil.rmtree(universal, ignore_errors=True)
-            convert_to_universal(directory / TAG, universal / TAG)
-        barrier()
+        with waiting_for_one_rank():  # rank 0 converts, the others wait for it
+            if self.env.is_main:
+                shutil.rmtree(universal, ignore_errors=True)
+                convert_to_universal(directory / TAG, universal / TAG)
+            barrier()
         # DeepSpeed reads this option from its config only; it affects loading alone, so the engine keeps it
         self._initialize(load_universal=True)
         try:

@@ -52,7 +52,8 @@ class TrainJob:
             # What the submitting shell passed on (a torchrun's MASTER_PORT, say) is not this job's: overwrite.
             # CUDA_VISIBLE_DEVICES stays as SLURM set it: init_distributed picks the GPU by LOCAL_RANK.
             job_env.export(set_cuda_visible_devices=False, overwrite=True)
-        env = init_distributed(timedelta(seconds=cfg.parallel.process_group_timeout_s), cfg.parallel.socket_ifname)
+        env = init_distributed(timedelta(seconds=cfg.parallel.collective_timeout_s), cfg.parallel.socket_ifname,
+                           timedelta(seconds=cfg.parallel.wait_timeout_s))
         console.print(f"rank {env.rank} of {env.world_size} on {socket.gethostname()} (node {env.node_rank}, local "
                       f"rank {env.local_rank} of {env.local_world_size}); rendezvous "
                       f"{os.environ.get('MASTER_ADDR', '-')}:{os.environ.get('MASTER_PORT', '-')}", highlight=False)
