@@ -30,6 +30,7 @@ from swav_scale.engines.fsdp import local_rows, parallelize, shard_units
 from swav_scale.optim import build_optimizer
 from swav_scale.queue import FeatureQueue
 from swav_scale.swav import assign_codes, normalize_prototypes_, swapped_prediction_loss
+from swav_scale.preemption import StepAgreement
 from swav_scale.train import StepLog, swav_step
 from swav_testing.ranks import run_ranks
 
@@ -236,7 +237,7 @@ def device_trace_per_step(rank: int, world: int, overrides: list[str]) -> dict[s
     progress.step = FREEZE + 2
     run = SimpleNamespace(loader=loader, progress=progress, last_step=10, schedule=SimpleNamespace(warmup_steps=0))
     with ExitStack() as stack:
-        log = StepLog(cfg, env, run, stack)  # type: ignore[arg-type]
+        log = StepLog(cfg, env, run, stack, StepAgreement())  # type: ignore[arg-type]
         with DeviceTrace(host=optimizer_step_counters(optimizers)) as trace:
             log.step(0, cfg.optim.base_lr, result, True, None)
     seen.append(trace.seen)
