@@ -215,6 +215,12 @@ class ParallelConfig:
     # two all-gathers of the trunk a step, or one, for the memory of the whole unsharded trunk from forward
     # to backward (docs/scaling.md and docs/benchmarks.md measure both).
     fsdp_reshard_after_forward: bool = True
+    # FSDP2: shard within groups of this many consecutive ranks and replicate across the groups (HSDP, torchtitan's
+    # data_parallel_shard_degree); 0 shards over all ranks; -1, the default, over all ranks up to 64 and over a
+    # node's ranks beyond (as sync_batchnorm_group). A node's GPUs keep every all-gather and reduce-scatter on
+    # NVLink, and only the replicas' gradient all-reduce crosses nodes: at 4096 ranks a 1-D mesh makes every
+    # gather a ring over all of them (docs/scaling.md).
+    fsdp_shard_group: int = -1
     # torch.compile each trunk unit (ResNet stage, ViT block) in place; engines.assemble.compile_units says how
     # and why. Compiling costs a minute or more at start-up and again on each resume. Not with ZeRO-3 (its
     # hooks on every layer would be traced into the graphs).
@@ -261,6 +267,10 @@ class ParallelConfig:
             raise ConfigError("parallel.compile=true with ZeRO-3: DeepSpeed gathers each layer's parameters in hooks "
                               "that torch.compile would trace into the graph. Use parallel.engine=fsdp (which "
                               "compiles per unit, outside its gathers), ZeRO-1/2, or parallel.compile=false")
+        if self.fsdp_shard_group < -1:
+            raise ConfigError(f"parallel.fsdp_shard_group={self.fsdp_shard_group}: give the ranks each shard group "
+                              "holds (8 = a node of 8 GPUs), 0 to shard over all ranks, or -1 for all up to 64 ranks "
+                              "and a node's beyond")
         if self.sync_batchnorm_group < -1:
             raise ConfigError(f"parallel.sync_batchnorm_group={self.sync_batchnorm_group}: give the ranks per "
                               "group (8 = one node of 8 GPUs), 0 for all ranks, or -1 for all up to 64 ranks and "
@@ -526,6 +536,9 @@ def check_world(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"parallel.sync_batchnorm_group={p.sync_batchnorm_group} does not divide the {world_size} "
                           f"ranks into whole groups; use a divisor of {world_size} (the GPUs of a node), or 0 for all "
                           "ranks")
+    if p.engine == EngineKind.fsdp and p.fsdp_shard_group > 0 and world_size % p.fsdp_shard_group:
+        raise ConfigError(f"parallel.fsdp_shard_group={p.fsdp_shard_group} does not divide the {world_size} ranks "
+                          f"into whole shard groups; use a divisor of {world_size} (the GPUs of a node), or 0")
     if b % world_size:
         raise ConfigError(
             f"optim.batch_size={b} (global) does not split evenly over {world_size} ranks; "

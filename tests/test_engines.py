@@ -113,6 +113,33 @@ def test_fsdp_trains_like_ddp(optim: str) -> None:
     assert_prototypes_frozen_then_trained(fsdp[0].snapshots)
 
 
+def hsdp_layout(rank: int, world: int, overrides: list[str]) -> tuple[tuple[int, ...], list[str], list[int]]:
+    """The mesh of the prototypes' weight, its placements, and the ranks this rank shares its shards with."""
+    cfg = load_config(None, overrides)
+    engine = build_engine(cfg, build_model(cfg), DistEnv(rank, world, rank, world, torch.device("cpu")))
+    weight = engine.model.prototypes.weight
+    mesh = weight.device_mesh
+    return tuple(mesh.shape), [str(p) for p in weight.placements], dist.get_process_group_ranks(mesh.get_group(1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optim", ["lars", "sgd"])
+def test_hsdp_trains_like_ddp_on_2x2_ranks(optim: str) -> None:
+    """parallel.fsdp_shard_group=2 on 4 ranks: parameters sharded within ranks 0-1 and 2-3 and replicated across
+    the two groups (a 2 x 2 mesh), and the same training as DDP on 4 ranks: weights, and gradient norms (each
+    shard counted once, not once per replica). (AdamW is left out: on 4 ranks it turns the reduction order's
+    rounding in near-zero gradients into steps of size lr, under 1-D FSDP as under HSDP.)"""
+    hsdp_config = small_config("fsdp", optim, **{"parallel.fsdp_shard_group": "2"})
+    layouts = run_ranks(hsdp_layout, 4, hsdp_config)
+    assert [layout[2] for layout in layouts] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert all(layout[:2] == ((2, 2), ["R", "S(0)"]) for layout in layouts), layouts
+    ddp = run_ranks(train_ranks, 4, small_config("ddp", optim))
+    hsdp = run_ranks(train_ranks, 4, hsdp_config)
+    for rank in range(4):
+        assert_same(ddp[0].snapshots[-1], hsdp[rank].snapshots[-1], atol=1e-5)
+        assert_same_grad_norms(ddp[0].grad_norms, hsdp[rank].grad_norms)
+
+
 def trunk_gathers_per_step(rank: int, world: int, overrides: list[str]) -> tuple[int, int]:
     """(FSDP all-gathers in one step after the first, FSDP units in the trunk)."""
     cfg = load_config(None, overrides)
@@ -403,6 +430,21 @@ def test_checkpoint_saved_on_2_ranks_resumes_on_1_and_3(tmp_path: Path, engine: 
             assert_same(saved[0]["next"], r["next"], atol=1e-5)
         # the queue is resharded, not cut: every old row is in the new ranks' queues, in order
         assert torch.equal(filled_rows([s["queue"] for s in saved]), filled_rows([r["queue"] for r in resumed]))
+
+
+@pytest.mark.slow
+def test_an_hsdp_checkpoint_resumes_on_another_mesh_shape(tmp_path: Path) -> None:
+    """Saved by HSDP on 4 ranks as 2 x 2, resumed by FSDP over 2 ranks (1-D) and by DDP on 1: the same weights,
+    and the same next step."""
+    queue = ["swav.queue_length=48"]  # a multiple of the global batch of 4 ranks (16)
+    saved = run_ranks(save_on_ranks, 4, reshard_config("fsdp", "adamw", 2, 4) + ["parallel.fsdp_shard_group=2"]
+                      + queue, str(tmp_path))
+    for engine, world in (("fsdp", 2), ("ddp", 1)):
+        resumed = run_ranks(resume_on_ranks, world, reshard_config(engine, "adamw", 2, world) + queue,
+                            str(tmp_path))
+        for r in resumed:
+            assert_same(saved[0]["params"], r["params"], atol=0.0)
+            assert_same(saved[0]["next"], r["next"], atol=1e-5)
 
 
 def test_zero_with_sgd_refuses_another_world_size_clearly(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from device_trace import DeviceTrace
 from torch import nn
 
 from swav_scale.engines import sync_batchnorm
-from swav_scale.engines.assemble import batchnorm_group, batchnorm_group_size
+from swav_scale.engines.assemble import batchnorm_group, group_size
 from swav_scale.engines.sync_batchnorm import CudaKernels, SyncBatchNorm, convert_sync_batchnorm
 from swav_testing.ranks import run_ranks
 
@@ -208,13 +208,13 @@ def test_sync_batchnorm_groups_are_blocks_of_consecutive_ranks() -> None:
 
 
 def test_the_default_syncs_all_ranks_up_to_64_and_a_nodes_ranks_beyond() -> None:
-    """parallel.sync_batchnorm_group=-1: every rank in a job of up to 64 ranks (the groups of 8 nodes of 8), each
-    node's ranks beyond; 0 and explicit sizes as given."""
-    assert batchnorm_group_size(-1, 4, 2) == 0
-    assert batchnorm_group_size(-1, 64, 8) == 0
-    assert batchnorm_group_size(-1, 128, 8) == 8
-    assert batchnorm_group_size(-1, 4096, 8) == 8
-    assert batchnorm_group_size(0, 4096, 8) == 0 and batchnorm_group_size(64, 4096, 8) == 64
+    """parallel.sync_batchnorm_group=-1 (and fsdp_shard_group=-1): every rank in a job of up to 64 ranks (8
+    nodes of 8), each node's ranks beyond; 0 and explicit sizes as given."""
+    assert group_size(-1, 4, 2) == 0
+    assert group_size(-1, 64, 8) == 0
+    assert group_size(-1, 128, 8) == 8
+    assert group_size(-1, 4096, 8) == 8
+    assert group_size(0, 4096, 8) == 0 and group_size(64, 4096, 8) == 64
 
 
 def traced_step(rank: int, world: int, kernels: str) -> dict[str, list[str]]:

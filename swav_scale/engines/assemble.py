@@ -18,18 +18,19 @@ from swav_scale.engines.sync_batchnorm import convert_sync_batchnorm
 from swav_scale.optim import build_optimizer
 
 
-# The most ranks whose BatchNorm statistics are synchronised over all of them by default (parallel.sync_batchnorm_group
-# = -1): SEER's groups of 64 GPUs. Beyond, each layer's collectives over all ranks are latency-bound rings of
-# thousands of hops, twice per layer and trunk pass, while a node's 8 GPUs already give BatchNorm 64-512 samples.
-SYNC_ALL_RANKS_UP_TO = 64
+# The most ranks the default groups span (parallel.sync_batchnorm_group and fsdp_shard_group = -1): SEER's
+# SyncBatchNorm groups of 64 GPUs. Beyond, a collective over all ranks is a latency-bound ring or tree over
+# thousands of them (SyncBatchNorm: twice per layer and trunk pass; FSDP: every gather and reduce-scatter),
+# while a node's 8 GPUs already give BatchNorm 64-512 samples and FSDP an 8-fold cut of the state.
+ALL_RANKS_UP_TO = 64
 
 
-def batchnorm_group_size(setting: int, world_size: int, local_world_size: int) -> int:
-    """parallel.sync_batchnorm_group as it applies to this run: -1 is 0 (all ranks) up to SYNC_ALL_RANKS_UP_TO
-    ranks and a node's ranks (LOCAL_WORLD_SIZE) beyond; any other value is itself."""
+def group_size(setting: int, world_size: int, local_world_size: int) -> int:
+    """parallel.sync_batchnorm_group or fsdp_shard_group as it applies to this run: -1 is 0 (all ranks) up to
+    ALL_RANKS_UP_TO ranks and a node's ranks (LOCAL_WORLD_SIZE) beyond; any other value is itself."""
     if setting != -1:
         return setting
-    return 0 if world_size <= SYNC_ALL_RANKS_UP_TO else local_world_size
+    return 0 if world_size <= ALL_RANKS_UP_TO else local_world_size
 
 
 def batchnorm_group(world_size: int, group_size: int) -> dist.ProcessGroup | None:
@@ -95,14 +96,15 @@ def build_engine(cfg: Config, model: nn.Module, env: DistEnv) -> Engine:
         keep_freed_cpu_memory()
     if use_sync_batchnorm(p, env.world_size):
         # batch statistics over the global batch (or a group of ranks), as in SwAV
-        size = batchnorm_group_size(p.sync_batchnorm_group, env.world_size, env.local_world_size)
+        size = group_size(p.sync_batchnorm_group, env.world_size, env.local_world_size)
         model = convert_sync_batchnorm(model, batchnorm_group(env.world_size, size))
     if p.compile:
         compile_units(model.trunk)
     if p.engine == EngineKind.ddp:
         return DDPEngine(model, make_optimizer, env, p.precision)
     if p.engine == EngineKind.fsdp:
-        return FSDPEngine(model, make_optimizer, env, p.precision, p.fsdp_reshard_after_forward)
+        return FSDPEngine(model, make_optimizer, env, p.precision, p.fsdp_reshard_after_forward,
+                          shard_group=group_size(p.fsdp_shard_group, env.world_size, env.local_world_size))
     from swav_scale.engines.zero import DeepSpeedEngine  # deepspeed takes seconds to import
 
     return DeepSpeedEngine(model, make_optimizer, env, p.precision, p.zero_stage,

@@ -2,7 +2,10 @@
 
 Each rank keeps 1/world of every parameter as a DTensor row shard; a residual stage or transformer block
 is gathered just before its forward and freed after it (and again in backward). The optimizer steps on the
-shards; DTensor norms are global, so LARS's per-layer trust ratio is the same as under DDP.
+shards; DTensor norms are global, so LARS's per-layer trust ratio is the same as under DDP. With
+parallel.fsdp_shard_group (HSDP), the shards are 1/group of every parameter, replicated across the world / group
+groups (a 2-D mesh: replicate x shard): gathers and reduce-scatters stay within a group, and the groups'
+gradients are all-reduced (`fsdp_mesh`).
 
 When the trunk is gathered in bf16 (GPUs), its BatchNorm parameters stay whole, in fp32, outside the units
 (replicated_norms): the engine averages their gradients itself, in one collective after backward.
@@ -99,10 +102,20 @@ def step_with_implicit_replication(optimizer: torch.optim.Optimizer) -> None:
     optimizer.step = replicated_step  # type: ignore[method-assign]
 
 
+def fsdp_mesh(device_type: str, world: int, shard_group: int) -> DeviceMesh:
+    """The mesh FSDP2 shards over: 1-D over all ranks, or (HSDP, `shard_group` of 1 to world - 1) 2-D, world /
+    shard_group replicas of groups of `shard_group` consecutive ranks (a node's, as SLURM numbers them)."""
+    if shard_group in (0, world):
+        return init_device_mesh(device_type, (world,))
+    return init_device_mesh(device_type, (world // shard_group, shard_group), mesh_dim_names=("replicate", "shard"))
+
+
 def local_rows(weight: Tensor) -> Tensor:
-    """This rank's whole rows of a replicated or row-sharded matrix (FSDP2 shards every parameter on dim 0)."""
+    """This rank's whole rows of a replicated or row-sharded matrix (FSDP2 shards every parameter on dim 0,
+    over the last dimension of its mesh; HSDP replicates the shards over the first)."""
     if isinstance(weight, DTensor):
-        if tuple(weight.placements) != (Shard(0),):
+        *outer, inner = weight.placements
+        if inner != Shard(0) or any(not p.is_replicate() for p in outer):
             raise ValueError(f"expected a matrix sharded by rows, got placements {weight.placements}")
         return weight.to_local()
     return weight
@@ -113,7 +126,7 @@ class FSDPEngine(TorchEngine):
     force it on the CPU)."""
 
     def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, env: DistEnv, precision: str,
-                 reshard_after_forward: bool = True, bf16_params: bool | None = None) -> None:
+                 reshard_after_forward: bool = True, bf16_params: bool | None = None, shard_group: int = 0) -> None:
         self.device = env.device
         self.dtype = autocast_dtype(precision, env.device)
         self.model = model.to(env.device)
@@ -121,11 +134,13 @@ class FSDPEngine(TorchEngine):
         # the path of the cluster's. A lone CPU process runs the plain model, and still loads and saves DCP
         # checkpoints that sharded runs read and write.
         sharded = in_group()
+        self.replicas = 1  # the ranks that hold each shard (HSDP's replica groups), whose sums of squares all count it
         if sharded:
             if bf16_params is None:
                 bf16_params = env.device.type == "cuda" and self.dtype == torch.bfloat16
-            parallelize(self.model, init_device_mesh(env.device.type, (world_size(),)), bf16_params,
-                        reshard_after_forward)
+            mesh = fsdp_mesh(env.device.type, world_size(), shard_group)
+            parallelize(self.model, mesh, bf16_params, reshard_after_forward)
+            self.replicas = mesh.size(0) if mesh.ndim == 2 else 1
         self.wrapped = self.model
         # what FSDP left whole on every rank (replicated_norms), whose gradients the engine averages itself
         self.replicated = [p for p in self.model.parameters() if sharded and not isinstance(p, DTensor)]
@@ -148,12 +163,15 @@ class FSDPEngine(TorchEngine):
 
     def grad_squares(self) -> GradSquares:
         """Each rank squares and sums its own gradient shards (`summed`: the log step's one all-reduce adds the
-        ranks' parts; a DTensor's own norm would cost one collective per parameter). Whole gradients (a lone
-        process's, replicated_norms') are the same on every rank, and are added once, after the reduction."""
+        ranks' parts; a DTensor's own norm would cost one collective per parameter), divided by the ranks that
+        hold the same shard (HSDP's replicas), which all add it. Whole gradients (a lone process's,
+        replicated_norms') are the same on every rank, and are added once, after the reduction."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         shards = [g.to_local() for g in grads if isinstance(g, DTensor)]
         whole = [g for g in grads if not isinstance(g, DTensor)]
-        return GradSquares(local_sum_of_squares(shards, self.device), local_sum_of_squares(whole, self.device))
+        summed = local_sum_of_squares(shards, self.device)
+        return GradSquares(summed / self.replicas if self.replicas > 1 else summed,
+                           local_sum_of_squares(whole, self.device))
 
     def full_parameters(self) -> dict[str, Tensor]:
         """Every parameter whole, on every rank (all-gathered from the shards)."""
