@@ -390,6 +390,16 @@ def all_gather(tensor: Tensor, group: ProcessGroup | None = None) -> list[Tensor
     return parts
 
 
+def all_to_all(parts: Sequence[Tensor], group: ProcessGroup | None = None) -> list[Tensor]:
+    """`parts[s]` sent to rank s, for every s; returns what each rank sent this one, in rank order (collective).
+    Every part has the same shape and dtype on every rank (gloo's all-to-all takes no other; pad to the most)."""
+    if not in_group():
+        return [parts[0]]
+    out = [torch.empty_like(parts[0]) for _ in parts]
+    dist.all_to_all(out, [_checked(p.contiguous(), group) for p in parts], group=group)
+    return out
+
+
 def broadcast(tensor: Tensor, src: int = 0, group: ProcessGroup | None = None) -> Tensor:
     """Rank `src`'s `tensor` on every rank, in place."""
     if in_group():

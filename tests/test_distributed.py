@@ -98,6 +98,9 @@ def _every_collective(rank: int, world: int) -> dict[str, Any]:
         "broadcast": distributed.broadcast(torch.tensor([rank + 5])).tolist(),
         "object": distributed.broadcast_object({"from": rank}),
         "objects": distributed.all_gather_object(rank * 10),
+        "exchanged": [t.tolist() for t in distributed.all_to_all([torch.tensor([10 * rank + to])
+                                                                   for to in range(world)])],
+        "on_main": distributed.gathered_on_main(rank * 100),
         "rank": distributed.rank(), "world": distributed.world_size(), "device": str(distributed.comm_device()),
     }
 
@@ -107,7 +110,8 @@ def test_every_collective_of_the_api_on_real_ranks() -> None:
     for rank, r in enumerate(results):
         assert r == {"sum": [6.0], "max": [2.0], "mean": [2.0], "numbers": [3.0, 3.0],
                      "gather": [[0, 0], [1, -1], [2, -2]], "broadcast": [5], "object": {"from": 0},
-                     "objects": [0, 10, 20], "rank": rank, "world": 3, "device": "cpu"}
+                     "objects": [0, 10, 20], "exchanged": [[rank], [10 + rank], [20 + rank]],
+                     "on_main": [0, 100, 200] if rank == 0 else None, "rank": rank, "world": 3, "device": "cpu"}
 
 
 def _sockets() -> int:

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from swav_scale.build import build_model
 from swav_scale.config import Config, EvalConfig
-from swav_scale.distributed import DistEnv, all_gather, all_gather_object, broadcast, in_group
+from swav_scale.distributed import (DistEnv, all_gather, all_gather_object, all_reduce, all_to_all, broadcast,
+                                    in_group, rank)
 from swav_scale.engines.base import Engine
 from swav_scale.eval.features import Encoder, split_features
 from swav_scale.utils import console
@@ -47,26 +48,60 @@ def knn_top1(
     """Top-1 accuracy (in %) of the exp(s/T)-weighted k-NN vote; features must be L2-normalised.
 
     Under torch.distributed each rank passes its own part of the bank and of the queries, and all get the
-    same figure. The bank never moves: every rank scores all queries against its part and keeps its k best,
-    then the ranks' candidates are merged (an ImageNet bank, 1.28M x 2048 in fp32, is 10 GB: gathering it on
-    every rank is what limits DINO's kNN). Only the queries and k candidates per query and rank travel. All of
-    it runs where the features are (the GPU in a GPU run), `chunk` queries at a time, so that the similarity
-    matrix of a chunk against the rank's bank bounds the memory; the count is read back once, at the end."""
-    several = in_group()
-    if several:
-        queries, query_labels = _gather_rows(queries), _gather_rows(query_labels)
-    top = max(int(bank_labels.max()) if len(bank_labels) else -1, int(query_labels.max()))
-    num_classes = max(all_gather_object(top)) + 1
+    same figure. The bank never moves (an ImageNet bank, 1.28M x 2048 in fp32, is 10 GB: gathering it on every
+    rank is what limits DINO's kNN): every rank receives all queries, scores them against its part and keeps
+    its k best per query, and sends each query's candidates to the rank that owns the query (an all-to-all),
+    which merges every rank's into the k best and votes. A rank thus receives the queries and k candidates per
+    query it owns from each rank: O(queries) bytes whatever the number of ranks, where sending every rank all
+    candidates would be O(ranks x queries) (docs/scaling.md). The queries are taken in rounds of about `chunk`,
+    a share of each rank's, so that the similarity matrix of a round against the rank's bank bounds the memory;
+    all of it runs where the features are (the GPU in a GPU run), and the count is read back once, at the end."""
+    num_classes = _num_classes(bank_labels, query_labels)
+    if not in_group():
+        correct = sum(_votes_correct(*_local_top_k(queries[start : start + chunk], bank, bank_labels, k),
+                                     query_labels[start : start + chunk], num_classes, temperature, chunk)
+                      for start in range(0, len(queries), chunk))
+        return 100.0 * int(correct) / len(queries)
+    sizes = all_gather_object(len(queries))
+    everyone, me = _gather_rows(queries), rank()
+    starts = [sum(sizes[:s]) for s in range(len(sizes))]
+    per_rank = max(1, -(-chunk // len(sizes)))  # each rank's queries a round
     correct = torch.zeros((), dtype=torch.long, device=queries.device)
-    for start in range(0, len(queries), chunk):
-        q = queries[start : start + chunk]
+    for first in range(0, max(sizes), per_rank):
+        rows = [max(0, min(per_rank, n - first)) for n in sizes]  # each rank's queries in this round
+        q = torch.cat([everyone[start + first : start + first + n] for start, n in zip(starts, rows)])
         sim, labels = _local_top_k(q, bank, bank_labels, k)
-        if several:  # the k best of every rank's part of the bank -> the k best overall
-            sim, best = torch.cat(all_gather(sim), dim=1).topk(k, dim=1)
-            labels = torch.cat(all_gather(labels), dim=1).gather(1, best)
-        votes = torch.zeros(len(q), num_classes, device=q.device).scatter_add_(1, labels, (sim / temperature).exp())
-        correct += (votes.argmax(dim=1) == query_labels[start : start + chunk]).sum()
-    return 100.0 * correct.item() / len(queries)
+        mine, most = rows[me], max(rows)  # this rank's queries of the round get every rank's candidates
+        sim = torch.cat([part[:mine] for part in all_to_all(_padded(sim.split(rows), most))], dim=1)
+        labels = torch.cat([part[:mine] for part in all_to_all(_padded(labels.split(rows), most))], dim=1)
+        sim, best = sim.topk(k, dim=1)
+        correct += _votes_correct(sim, labels.gather(1, best), query_labels[first : first + mine], num_classes,
+                                  temperature, chunk)
+    return 100.0 * int(all_reduce(correct)) / sum(sizes)
+
+
+def _padded(parts: tuple[Tensor, ...], rows: int) -> list[Tensor]:
+    """Each part padded with zero rows to `rows` (an all-to-all moves parts of one shape)."""
+    return [torch.cat([p, p.new_zeros((rows - len(p), *p.shape[1:]))]) if len(p) < rows else p for p in parts]
+
+
+def _num_classes(bank_labels: Tensor, query_labels: Tensor) -> int:
+    """The classes of both sets, as every rank sees them (collective)."""
+    top = max(int(bank_labels.max()) if len(bank_labels) else -1,
+              int(query_labels.max()) if len(query_labels) else -1)
+    return max(all_gather_object(top)) + 1
+
+
+def _votes_correct(sim: Tensor, labels: Tensor, truth: Tensor, num_classes: int, temperature: float,
+                   chunk: int) -> Tensor:
+    """How many queries the exp(s/T)-weighted vote of their k candidates (sim, labels: (Q, k)) gets right,
+    `chunk` queries at a time (the vote matrix is queries x classes)."""
+    correct = torch.zeros((), dtype=torch.long, device=sim.device)
+    for start in range(0, len(sim), chunk):
+        s, lab = sim[start : start + chunk], labels[start : start + chunk]
+        votes = torch.zeros(len(s), num_classes, device=s.device).scatter_add_(1, lab, (s / temperature).exp())
+        correct += (votes.argmax(dim=1) == truth[start : start + chunk]).sum()
+    return correct
 
 
 def _local_top_k(queries: Tensor, bank: Tensor, bank_labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
