@@ -18,6 +18,12 @@ ranks, plans plus the write results (one per tensor, whichever rank wrote it), a
 tensors over the ranks, each read by one rank and broadcast: the most bytes any rank reads, against the state
 over the ranks and the largest tensor, and what each rank read when every rank loaded everything.
 
+**What a rank receives in a kNN evaluation** (eval.knn.knn_top1): the real function on 2 and 4 gloo ranks with
+random features, counting the bytes each rank receives (the queries, gathered by every rank, and the candidates
+of the queries it owns, from every rank); the same counts from the messages' shapes; and these
+shapes at 512 and 4096 ranks for 50,000 queries of 2048 dimensions, k = 20, beside the candidates every rank
+would receive if every rank got every query's candidates.
+
 **The training set's manifest** that rank 0 reads and sends to every rank at start (build.build_loader,
 distributed.decided_on_main).
 
@@ -191,6 +197,66 @@ def save_table(ranks: list[int]) -> Table:
     return table
 
 
+def _knn_received(rank: int, world: int, queries: int, dim: int, k: int) -> dict[str, int]:
+    """Run knn_top1 on this rank's share of random features; the bytes this rank received, by kind."""
+    import torch
+    import torch.nn.functional as F
+
+    import swav_scale.eval.knn as knn
+
+    g = torch.Generator().manual_seed(0)
+    bank = F.normalize(torch.randn(4 * queries, dim, generator=g), dim=1)
+    bank_y, query = torch.randint(0, 10, (4 * queries,), generator=g), F.normalize(torch.randn(queries, dim, generator=g), dim=1)
+    query_y = torch.randint(0, 10, (queries,), generator=g)
+    got = {"queries": 0, "candidates": 0}
+    gather, exchange = knn.all_gather, knn.all_to_all
+
+    def counted(kind, fn):
+        def call(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            got[kind] += sum(t.numel() * t.element_size() for t in out)
+            return out
+        return call
+
+    knn.all_gather, knn.all_to_all = counted("queries", gather), counted("candidates", exchange)
+    try:
+        b, q = [len(bank) * r // world for r in range(world + 1)], [queries * r // world for r in range(world + 1)]
+        knn.knn_top1(bank[b[rank]:b[rank + 1]], bank_y[b[rank]:b[rank + 1]], query[q[rank]:q[rank + 1]],
+                     query_y[q[rank]:q[rank + 1]], k=k)
+    finally:
+        knn.all_gather, knn.all_to_all = gather, exchange
+    return got
+
+
+def knn_shapes(ranks: int, queries: int, dim: int, k: int) -> dict[str, float]:
+    """The bytes a rank receives in knn_top1 from its messages' shapes, queries dealt evenly: every rank's
+    queries (fp32 features, padded to the largest share; the labels stay with their owner) and k candidates
+    (fp32 similarity, int64 label) from every rank for each query it owns."""
+    share = -(-queries // ranks)
+    return {"queries": ranks * share * dim * 4, "candidates": ranks * share * k * 12,
+            "every_rank_all": ranks * queries * k * 12}
+
+
+def knn_table(ranks: list[int]) -> Table:
+    from swav_testing.ranks import run_ranks
+
+    table = Table(title="a kNN evaluation: what a rank receives")
+    for column in ("ranks", "queries x dim", "queries (measured / from shapes)", "candidates (measured / shapes)",
+                   "if every rank got all candidates"):
+        table.add_column(column, justify="right")
+    for world in (2, 4):
+        got = run_ranks(_knn_received, world, 2000, 64, 20)[0]
+        shapes = knn_shapes(world, 2000, 64, 20)
+        table.add_row(str(world), "2,000 x 64", f"{got['queries'] / 2**20:.2f} / {shapes['queries'] / 2**20:.2f} MiB",
+                      f"{got['candidates'] / 2**20:.2f} / {shapes['candidates'] / 2**20:.2f} MiB",
+                      f"{shapes['every_rank_all'] / 2**20:.1f} MiB")
+    for world in ranks:
+        shapes = knn_shapes(world, 50_000, 2048, 20)
+        table.add_row(f"{world:,}", "50,000 x 2048", f"- / {shapes['queries'] / 2**20:.0f} MiB",
+                      f"- / {shapes['candidates'] / 2**20:.1f} MiB", f"{shapes['every_rank_all'] / 2**30:.1f} GiB")
+    return table
+
+
 def measure(shards: int) -> dict[str, float]:
     """The manifest of `shards` shards, measured in a process of its own (so that no earlier allocation hides
     its resident memory)."""
@@ -211,6 +277,7 @@ def main() -> None:
     console.print(agreement_table(a.ranks, a.step_ms, a.hop_us))
     console.print(save_table(a.ranks))
     console.print(resume_reads(a.ranks))
+    console.print(knn_table(a.ranks))
     table = Table(title="the training manifest at start: rank 0 reads it, every rank receives it")
     for column in ("shards", "in memory (per process)", "sent to each rank", "rank 0 pickles", "a rank unpickles",
                    "host memory per node", "received in all: 512 ranks", "4096 ranks"):
