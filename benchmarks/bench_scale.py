@@ -28,9 +28,10 @@ would receive if every rank got every query's candidates.
 distributed.decided_on_main).
 
 For each shard count, a real `Manifest` (one ShardInfo per shard: name, samples, bytes, sha256) is built in a
-fresh process and measured there: its size in memory (the growth of the process's resident set), its pickled
-size (what `broadcast_object` sends each rank), the time rank 0 takes to pickle it and the time each rank takes
-to unpickle it. The manifest's cost per rank does not depend on the number of ranks; what the job pays in all is
+fresh process and measured there: its size in memory (its live objects, by tracemalloc: rank 0 reads it
+whole), its pickled size without the checksums (what `broadcast_object` sends each rank) and the time rank 0
+takes to pickle it; then, in another fresh process, what a rank holds once it has unpickled it, and how long
+that takes. The manifest's cost per rank does not depend on the number of ranks; what the job pays in all is
 printed at 512 and 4096 ranks, with the stated assumptions:
 
 - a broadcast moves the pickled manifest to every rank once (NCCL and gloo's binomial tree alike): bytes
@@ -48,6 +49,8 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -56,30 +59,36 @@ from swav_scale.preemption import StepAgreement
 from swav_testing.ring import SimulatedRing
 
 MEASURE = r"""
-import gc, hashlib, json, os, pickle, sys, time
+import hashlib, json, pickle, sys, time, tracemalloc
 from pathlib import Path
 from swav_scale.data.manifest import Manifest, ShardInfo
 
-def rss_mib():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-n = int(sys.argv[1])
-gc.collect()
-before = rss_mib()
+n, blob_path = int(sys.argv[1]), sys.argv[2]
+tracemalloc.start()
 manifest = Manifest(Path("/shards"), [ShardInfo(f"train-{i:07d}.tar", 1000, 120_000_000,
                                                 hashlib.sha256(str(i).encode()).hexdigest()) for i in range(n)],
                     [str(c) for c in range(1000)])
-in_memory = rss_mib() - before
+in_memory = tracemalloc.get_traced_memory()[0] / 2**20
+tracemalloc.stop()
 start = time.perf_counter()
-blob = pickle.dumps(manifest)
+blob = pickle.dumps(manifest.without_checksums())  # as build_loader sends it
 pickle_s = time.perf_counter() - start
-del manifest
-gc.collect()
+open(blob_path, "wb").write(blob)
+print(json.dumps({"shards": n, "rank_0_mib": in_memory, "pickled_mib": len(blob) / 2**20, "pickle_s": pickle_s}))
+"""
+
+RECEIVE = r"""
+import json, pickle, sys, time, tracemalloc
+import swav_scale.data.manifest
+
+blob = open(sys.argv[1], "rb").read()
 start = time.perf_counter()
-pickle.loads(blob)
+manifest = pickle.loads(blob)
 unpickle_s = time.perf_counter() - start
-print(json.dumps({"shards": n, "in_memory_mib": in_memory, "pickled_mib": len(blob) / 2**20,
-                  "pickle_s": pickle_s, "unpickle_s": unpickle_s}))
+del blob
+tracemalloc.start()
+manifest = pickle.loads(open(sys.argv[1], "rb").read())  # again, traced: the live objects a rank keeps
+print(json.dumps({"rank_mib": tracemalloc.get_traced_memory()[0] / 2**20, "unpickle_s": unpickle_s}))
 """
 
 
@@ -258,10 +267,14 @@ def knn_table(ranks: list[int]) -> Table:
 
 
 def measure(shards: int) -> dict[str, float]:
-    """The manifest of `shards` shards, measured in a process of its own (so that no earlier allocation hides
-    its resident memory)."""
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(shards)], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """The manifest of `shards` shards, measured in processes of their own (so that no earlier allocation hides
+    their resident memory): rank 0's, which reads it whole, and a rank's, which unpickles what rank 0 sent."""
+    with tempfile.TemporaryDirectory() as tmp:
+        blob = str(Path(tmp) / "manifest.pickle")
+        sent = subprocess.run([sys.executable, "-c", MEASURE, str(shards), blob], capture_output=True, text=True,
+                              check=True)
+        got = subprocess.run([sys.executable, "-c", RECEIVE, blob], capture_output=True, text=True, check=True)
+    return json.loads(sent.stdout.strip().splitlines()[-1]) | json.loads(got.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -279,16 +292,16 @@ def main() -> None:
     console.print(resume_reads(a.ranks))
     console.print(knn_table(a.ranks))
     table = Table(title="the training manifest at start: rank 0 reads it, every rank receives it")
-    for column in ("shards", "in memory (per process)", "sent to each rank", "rank 0 pickles", "a rank unpickles",
-                   "host memory per node", "received in all: 512 ranks", "4096 ranks"):
+    for column in ("shards", "rank 0 holds", "sent to each rank", "a rank holds", "rank 0 pickles",
+                   "a rank unpickles", "host memory per node", "received in all: 512 ranks", "4096 ranks"):
         table.add_column(column, justify="right")
     for n in a.shards:
         m = measure(n)
-        low, high = a.gpus_per_node * m["in_memory_mib"], a.gpus_per_node * (1 + a.workers) * m["in_memory_mib"]
-        table.add_row(f"{n:,}", f"{m['in_memory_mib']:.1f} MiB", f"{m['pickled_mib']:.1f} MiB",
-                      f"{m['pickle_s']:.1f} s",
-                      f"{m['unpickle_s']:.1f} s", f"{low / 1024:.2f}-{high / 1024:.2f} GiB",
-                      f"{512 * m['pickled_mib'] / 1024:.1f} GiB", f"{4096 * m['pickled_mib'] / 1024:.1f} GiB")
+        low, high = a.gpus_per_node * m["rank_mib"], a.gpus_per_node * (1 + a.workers) * m["rank_mib"]
+        table.add_row(f"{n:,}", f"{m['rank_0_mib']:.1f} MiB", f"{m['pickled_mib']:.1f} MiB",
+                      f"{m['rank_mib']:.1f} MiB", f"{m['pickle_s']:.1f} s", f"{m['unpickle_s']:.1f} s",
+                      f"{low / 1024:.2f}-{high / 1024:.2f} GiB", f"{512 * m['pickled_mib'] / 1024:.1f} GiB",
+                      f"{4096 * m['pickled_mib'] / 1024:.1f} GiB")
     console.print(table)
 
 

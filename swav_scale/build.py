@@ -17,6 +17,7 @@ from swav_scale.checkpoint.manager import Checkpointer
 from swav_scale.checkpoint.states import RNGState, TrainProgress, seed_generators
 from swav_scale.config import Config
 from swav_scale.data.loader import MultiCropStream, ShardLoader
+from swav_scale.data.manifest import Manifest
 from swav_scale.data.multicrop import CropSpec, MultiCrop
 from swav_scale.data.plan import Layout, Planner
 from swav_scale.data.preflight import preflight
@@ -81,7 +82,11 @@ def build_loader(cfg: Config, rank: int, world_size: int, pin_memory: bool = Fal
     each epoch's samples once over all ranks and workers (data/plan.py). Collective in a process group: rank 0
     alone runs `preflight` (it reads the manifest and looks at every shard) and hands the manifest to the
     others, whose workers then open only the shards the plan gives them."""
-    manifest, batch_per_rank = decided_on_main(lambda: preflight(cfg, world_size))
+    def checked() -> tuple[Manifest, int]:
+        manifest, batch_per_rank = preflight(cfg, world_size)
+        return manifest.without_checksums(), batch_per_rank  # what the ranks use: no sha256
+
+    manifest, batch_per_rank = decided_on_main(checked)
     planner = Planner(manifest, cfg.train.seed, cfg.data.open_shards, cfg.data.shuffle_buffer)
     layout = Layout(world_size, max(1, cfg.data.num_workers), batch_per_rank)
     stream = MultiCropStream(planner, build_multicrop(cfg), rank, layout)
