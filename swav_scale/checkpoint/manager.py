@@ -74,6 +74,10 @@ class Checkpointer:
         self.newest: Path | None = None  # the newest complete checkpoint this run resumed from or saved
         self._group: Any = None  # the saves' own gloo group, made by `prepare` or the first save (on every rank)
         self._plans_key = f"swav_scale.checkpointer.{next(_CHECKPOINTERS)}"  # DCP's plan cache, for this one
+        # the whole (plain) tensors this rank held at the last save, and those of them DCP had it write: the
+        # others are another rank's to write, and later saves neither stage nor plan them here (`_states`)
+        self._held: set[str] = set()
+        self._written: set[str] | None = None
         self._worker: threading.Event | None = None  # set once the work in flight (a write, the staging) is done
         self._thread: threading.Thread | None = None  # the one background thread, started by the first work
         self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -152,7 +156,7 @@ class Checkpointer:
         self._saves_group()
         if not self.background or any(isinstance(obj, OwnFiles) for obj in global_states.values()):
             return
-        states = {name: obj.state_dict() for name, obj in global_states.items()}
+        states, _ = self._states(global_states)
         self._check_memory(states)
         self._start_worker("allocating the staging memory", self._allocate_staging, states)
 
@@ -172,6 +176,23 @@ class Checkpointer:
         planner = DefaultSavePlanner(enable_plan_caching=True)
         planner._cached_plans_key = self._plans_key  # DCP's cache is per planner class otherwise
         return planner
+
+    def _states(self, global_states: dict[str, Stateful]) -> tuple[dict[str, Any], set[str]]:
+        """The global states' state dicts as this rank gives them to DCP, and the whole tensors it holds.
+
+        Why: DCP writes a whole (replicated) tensor once, from the rank its plan picks (balanced by size), so
+        under DDP a rank writes about 1 / ranks of the weights and optimizer state, yet a background save would
+        stage all of it on every rank. From the second save of a start on, the tensors another rank wrote last
+        time are left out here: they are neither staged nor planned on this rank, and each is still written by
+        its writer (every rank holds the same values: `Replicas` agrees them before a save). A tensor that is
+        new since (the prototypes' optimizer state once they train) is given by every rank, and DCP picks its
+        writer. Sharded tensors (DTensors) are each rank's own and always given."""
+        states = {name: obj.state_dict() for name, obj in global_states.items()}
+        held = {".".join(path) for path, _ in _plain_tensors(states)}
+        if self._written is None:
+            return states, held
+        others = self._held - self._written
+        return _pruned(states, {path for path, _ in _plain_tensors(states) if ".".join(path) in others}), held
 
     def _allocate_staging(self, states: dict[str, Any]) -> None:
         self._staged = allocate_staging(states, pin_memory=self.env.device.type == "cuda")
@@ -193,17 +214,17 @@ class Checkpointer:
         own_files = {name: obj for name, obj in global_states.items() if isinstance(obj, OwnFiles)}
         buf = io.BytesIO()
         torch.save({k: v.state_dict() for k, v in rank_states.items()}, buf)
+        states, held = self._states(global_states)
         if blocking or not self.background or own_files:
-            return self._write(step, global_states, buf.getvalue(), own_files, started)
-        states = {name: obj.state_dict() for name, obj in global_states.items()}
+            return self._write(step, states, held, buf.getvalue(), own_files, started)
         self._check_memory(states)
         buffers, self._staged = self._staged, None  # the new copy holds every buffer still used, and only those
         staged, copied = stage(states, buffers, self.env.device)
         del buffers
         self._staged = staged
         stall = time.time() - started
-        self._start_worker("the checkpoint written in the background", self._write, step, staged, buf.getvalue(),
-                           {}, started, stall, copied)
+        self._start_worker("the checkpoint written in the background", self._write, step, staged, held,
+                           buf.getvalue(), {}, started, stall, copied)
         return self.root / step_dir_name(step)
 
     def wait(self) -> Path | None:
@@ -263,10 +284,12 @@ class Checkpointer:
                           f"with {have / 2**30:.1f} GiB available. Set checkpoint.background=false to save "
                           "without the copy (training then waits for each save)", highlight=False)
 
-    def _write(self, step: int, states: dict[str, Any], rank_bytes: bytes, own_files: dict[str, OwnFiles],
-               started: float, stall: float | None = None, copied: Any = None) -> Path:
-        """Write `states` (Stateful objects, or staged state dicts) and this rank's file into `step-N.partial/`,
-        then commit it as `step-N/`; every collective on the saves' own group.
+    def _write(self, step: int, states: dict[str, Any], held: set[str], rank_bytes: bytes,
+               own_files: dict[str, OwnFiles], started: float, stall: float | None = None,
+               copied: Any = None) -> Path:
+        """Write `states` (the state dicts of `_states`, or their staged copy) and this rank's file into
+        `step-N.partial/`, then commit it as `step-N/`; every collective on the saves' own group. `held`: the
+        whole tensors this rank held (`_states`), for the next save to leave out those another rank writes.
 
         Staged states (`stall` given) are first waited for (`copied`: the event after their copies from the GPU,
         see `stage`), then written by a DCP writer that copies nothing ahead: by default it moves the next 10 MB
@@ -282,11 +305,13 @@ class Checkpointer:
                 shutil.rmtree(partial)  # a save of this step that died earlier
             partial.mkdir(parents=True)
         barrier(group)
+        planner = self._planner()
         if stall is None:
-            dcp.save(states, checkpoint_id=str(partial), process_group=group, planner=self._planner())
+            dcp.save(states, checkpoint_id=str(partial), process_group=group, planner=planner)
         else:
             dcp.save(states, storage_writer=dcp.FileSystemWriter(str(partial), per_thread_copy_ahead=0),
-                     process_group=group, planner=self._planner())
+                     process_group=group, planner=planner)
+        self._held, self._written = held, {item.index.fqn for item in planner.plan.items}
         for name, obj in own_files.items():
             obj.save_files(own_files_dir(partial, name))
         atomic_write_bytes(partial / rank_file(self.env.rank), rank_bytes)

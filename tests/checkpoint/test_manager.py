@@ -139,9 +139,10 @@ def test_per_rank_state_is_saved_per_rank_on_real_ranks(tmp_path: Path) -> None:
         Checkpointer(tmp_path, env).load(tmp_path / "step-00000002", g, r)
 
 
-def _plans_sent_on_rank(rank: int, world: int, root: str) -> list[list[tuple[int, bool]]]:
-    """Three saves, a step of training before each; for each save, the DCP plans this rank sent to rank 0
-    (how many items each lists, and whether it is usable or an empty one that says "unchanged")."""
+def _plans_sent_on_rank(rank: int, world: int, root: str) -> dict:
+    """Four background saves, a step of training before each; for each save, the DCP plans this rank sent to
+    rank 0 (how many items each lists, and whether it is usable or an empty one that says "unchanged"), and the
+    bytes it staged; the whole state's bytes; and whether the last checkpoint loads the weights saved."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.planner import SavePlan
 
@@ -157,28 +158,41 @@ def _plans_sent_on_rank(rank: int, world: int, root: str) -> list[list[tuple[int
     env = DistEnv(rank, world, rank, world, torch.device("cpu"))
     engine = make_engine(world, rank)
     g, r = states(engine, FeatureQueue(2, 4, 16))
-    checkpointer, per_save = Checkpointer(root, env, keep=5), []
-    for step in (1, 2, 3):
+    checkpointer, per_save, staged = Checkpointer(root, env, keep=5, background=True), [], []
+    for step in (1, 2, 3, 4):
         train_steps(engine, 1, seed=step)
-        checkpointer.save(step, g, r)
+        checkpointer.save(step, g, r, blocking=False)
+        checkpointer.wait()
         per_save.append(sent[:])
+        staged.append(staging.tensor_bytes(checkpointer._staged))
         sent.clear()
     dist.gather_object = gather
-    return per_save
+    saved = {k: v.clone() for k, v in engine.state_dict()["model"].items()}
+    fresh = make_engine(world, rank)
+    g2, r2 = states(fresh, FeatureQueue(2, 4, 16))
+    Checkpointer(root, env).load(Path(root) / "step-00000004", g2, r2)
+    loaded = fresh.state_dict()["model"]
+    whole = staging.tensor_bytes({name: obj.state_dict() for name, obj in g.items()})
+    return {"plans": per_save, "staged": staged, "whole": whole,
+            "loads": all(torch.equal(saved[k], loaded[k]) for k in saved)}
 
 
-def test_each_rank_sends_its_plan_to_rank_0_only_when_it_changed(tmp_path: Path) -> None:
-    """DCP's plan cache (Checkpointer._planner): at the first save each rank sends rank 0 a plan of every
-    tensor it holds; at the next ones, its state unchanged in structure, an empty plan, so that what rank 0
-    gathers per save no longer grows with ranks x tensors; the checkpoints still load (the last one here)."""
+def test_a_rank_stages_and_plans_only_what_it_writes_and_resends_its_plan_only_when_it_changed(
+        tmp_path: Path) -> None:
+    """Under DDP every rank holds the whole state, and DCP writes each tensor from one rank. The first save of
+    a start gives DCP every tensor on every rank; from the second on, a rank leaves out those another rank wrote
+    (Checkpointer._states), so it stages about half of the state on 2 ranks, and its plan, changed once, is
+    sent to rank 0 once more; after that DCP's plan cache (Checkpointer._planner) sends an empty plan. The
+    last checkpoint loads the weights saved."""
     results = run_ranks(_plans_sent_on_rank, 2, str(tmp_path))
-    for per_save in results:
-        (first,), second, third = per_save
-        assert first[0] > 10 and first[1]
-        assert second == third == [(0, False)]
-    env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
-    g, r = states(make_engine(), FeatureQueue(2, 8, 16))
-    Checkpointer(tmp_path, env).load(tmp_path / "step-00000003", g, r)
+    for result in results:
+        (first,), (second,), third, fourth = result["plans"]
+        assert first[0] > 10 and first[1] and second[1] and second[0] < first[0]
+        assert third == fourth == [(0, False)]
+        assert result["staged"][0] == result["whole"]
+        assert all(b < 0.7 * result["whole"] for b in result["staged"][1:]), result["staged"]
+        assert result["loads"]
+    assert sum(r["staged"][-1] for r in results) >= results[0]["whole"] * 0.99  # every tensor staged by a writer
 
 
 def _replicated_load_on_rank(rank: int, world: int, root: str) -> dict:
