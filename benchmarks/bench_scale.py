@@ -215,7 +215,8 @@ def _knn_received(rank: int, world: int, queries: int, dim: int, k: int) -> dict
 
     g = torch.Generator().manual_seed(0)
     bank = F.normalize(torch.randn(4 * queries, dim, generator=g), dim=1)
-    bank_y, query = torch.randint(0, 10, (4 * queries,), generator=g), F.normalize(torch.randn(queries, dim, generator=g), dim=1)
+    bank_y = torch.randint(0, 10, (4 * queries,), generator=g)
+    query = F.normalize(torch.randn(queries, dim, generator=g), dim=1)
     query_y = torch.randint(0, 10, (queries,), generator=g)
     got = {"queries": 0, "candidates": 0}
     gather, exchange = knn.all_gather, knn.all_to_all

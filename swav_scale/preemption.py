@@ -88,10 +88,11 @@ class StepAgreement:
     and is read after step s + lag, then the next is posted. With `lag` fixed (> 0) that is all. With `lag` 0
     (the default) the first `CALIBRATION_READS` reads come one step after their post, and each reduction
     carries, besides the flags, the longest this rank has waited at a read and its mean step time since the
-    last post; at the last of them every rank has read the same maxima over all ranks and sets the same lag: 1 where no rank waited
-    for more than 1% of the slowest step, else the power of two that covers 1.5x the reduction's measured
-    time (a step plus the wait) in steps, bounded so that 2 x lag steps stay within `max_delay_s`, the most a
-    signal may wait for the agreed step. The steps between reads make no collective of this kind at all.
+    last post; at the last of them every rank has read the same maxima over all ranks and sets the same lag:
+    1 where no rank waited for more than 1% of the slowest step, else the power of two that covers 1.5x the
+    reduction's measured time (a step plus the wait) in steps, bounded so that 2 x lag steps stay within
+    `max_delay_s`, the most a signal may wait for the agreed step. The steps between reads make no collective
+    of this kind at all.
     """
 
     CALIBRATION_READS = 8
