@@ -235,12 +235,14 @@ def test_after_the_first_reads_no_step_waits_for_the_agreement(latency_s: float,
 
 def _agree_with_a_slow_rank(rank: int, world: int) -> tuple[int, list[int]]:
     """Calls a step apart, rank 1's steps 30 ms longer than the others' (which then wait for its posts); rank
-    2 raises a flag from call 20 on."""
-    agree, seen = StepAgreement(), []
-    for call in range(40):
+    2 raises a flag from call 20 on. The lag is set by call 9, the same on every rank, so every rank makes
+    the same number of calls: enough for the flag to be read (2 x lag after call 20)."""
+    agree, seen, call = StepAgreement(max_delay_s=2.0), [], 0
+    while call < 20 or call <= 20 + 2 * agree.lag:
         time.sleep(0.035 if rank == 1 else 0.005)
         if agree([rank == 2 and call >= 20])[0]:
             seen.append(call)
+        call += 1
     agree.settle()
     return agree.lag, seen
 
