@@ -91,7 +91,7 @@ def claim_failure(run_dir: str | Path, job: str, restart: int) -> bool:
 
 
 def record_failure(run_dir: str | Path, job: str, restart: int, record: dict[str, Any]) -> None:
-    """What the claimer of a failure decided (its summary, the hosts lost, requeued or not, and why)."""
+    """What the claimer of a failure decided: its summary (naming the hosts lost), requeued or not, and why."""
     atomic_write_text(Path(run_dir) / FAILURES / f"{job}.{restart}.json", json.dumps(record, indent=1))
 
 
