@@ -141,11 +141,12 @@ def _host_group_sockets(rank: int, world: int, checkpoint: str) -> tuple[int, in
 @pytest.mark.slow
 def test_a_host_group_connects_only_the_ranks_its_collectives_use(tmp_path: Path) -> None:
     """gloo groups connect lazily (distributed.connect_gloo_lazily): on 8 ranks, where a full mesh gives each
-    rank 8 sockets per group at its creation (7 peers and its listener), a new group holds at most 2; a ring
-    all-reduce adds the 2 neighbours; a DCP save connects every rank to rank 0, its coordinator, and the
-    others to a few peers (its barrier), not to all."""
+    rank 8 sockets per group at its creation (7 peers and its listener), a new group holds 1-3 (its listener,
+    and at times a peer that has begun to connect); a ring all-reduce adds at most the 2 neighbours; a DCP
+    save connects every rank to rank 0, its coordinator, and the others to a few peers (its barrier), not to
+    all."""
     results = run_ranks(_host_group_sockets, 8, str(tmp_path / "checkpoint"))
-    assert all(made <= 2 and reduced <= made + 2 for made, reduced, _ in results), results
+    assert all(made <= 3 and reduced <= made + 2 for made, reduced, _ in results), results
     assert results[0][2] >= 7 + 1, results  # rank 0: every other rank, and its listener
     assert all(saved <= 6 for _, _, saved in results[1:]), results
 

@@ -64,6 +64,10 @@ def test_http_shards_stream_like_local_ones(served: tuple[str, Path], fmnist_tra
     by_pattern = open_shard_set(f"{url}/train/{PATTERN}")
     assert by_dir.path(by_dir.shards[0]) == f"{url}/train/train-000000.tar"
     assert keys(by_dir) == keys(by_pattern) == keys(open_shard_set(str(fmnist_train_shards)))
+    # as rank 0 sends it to the other ranks (build.build_loader): the same source, without the checksums
+    sent = by_dir.without_checksums()
+    assert type(sent) is type(by_dir) and sent.path(sent.shards[0]) == by_dir.path(by_dir.shards[0])
+    assert all(s.sha256 == "" for s in sent.shards) and keys(sent) == keys(by_dir)
 
 
 def test_pipe_commands_need_and_use_a_manifest(fmnist_train_shards: Path) -> None:

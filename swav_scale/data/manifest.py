@@ -50,7 +50,7 @@ class Manifest:
     def without_checksums(self) -> Manifest:
         """The manifest as the training ranks use it: names, sizes and sample counts, no sha256 (only
         `verify-shards` and a checked read compare them), which is half of its bytes on the wire."""
-        return Manifest(self.directory, [replace(s, sha256="") for s in self.shards], self.classes)
+        return replace(self, shards=[replace(s, sha256="") for s in self.shards])  # a SourceManifest stays one
 
 
 def parse_manifest(directory: str | Path) -> tuple[list[ShardInfo], list[str], dict[str, Any]]:

@@ -61,7 +61,7 @@ def knn_top1(
         correct = sum(_votes_correct(*_local_top_k(queries[start : start + chunk], bank, bank_labels, k),
                                      query_labels[start : start + chunk], num_classes, temperature, chunk)
                       for start in range(0, len(queries), chunk))
-        return 100.0 * int(correct) / len(queries)
+        return 100.0 * correct.item() / len(queries)
     sizes = all_gather_object(len(queries))
     everyone, me = _gather_rows(queries), rank()
     starts = [sum(sizes[:s]) for s in range(len(sizes))]
@@ -77,7 +77,7 @@ def knn_top1(
         sim, best = sim.topk(k, dim=1)
         correct += _votes_correct(sim, labels.gather(1, best), query_labels[first : first + mine], num_classes,
                                   temperature, chunk)
-    return 100.0 * int(all_reduce(correct)) / sum(sizes)
+    return 100.0 * all_reduce(correct).item() / sum(sizes)
 
 
 def _padded(parts: tuple[Tensor, ...], rows: int) -> list[Tensor]:
