@@ -247,14 +247,14 @@ def knn_shapes(ranks: int, queries: int, dim: int, k: int) -> dict[str, float]:
             "every_rank_all": ranks * queries * k * 12}
 
 
-def knn_table(ranks: list[int]) -> Table:
+def knn_table(ranks: list[int], measured: list[int]) -> Table:
     from swav_testing.ranks import run_ranks
 
     table = Table(title="a kNN evaluation: what a rank receives")
     for column in ("ranks", "queries x dim", "queries (measured / from shapes)", "candidates (measured / shapes)",
                    "if every rank got all candidates"):
         table.add_column(column, justify="right")
-    for world in (2, 4):
+    for world in measured:
         got = run_ranks(_knn_received, world, 2000, 64, 20)[0]
         shapes = knn_shapes(world, 2000, 64, 20)
         table.add_row(str(world), "2,000 x 64", f"{got['queries'] / 2**20:.2f} / {shapes['queries'] / 2**20:.2f} MiB",
@@ -283,6 +283,7 @@ def main() -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[512, 4096])
     p.add_argument("--step-ms", type=float, nargs="+", default=[8, 16], help="a training step's time")
     p.add_argument("--hop-us", type=float, default=40, help="one hop of gloo's ring (an assumption)")
+    p.add_argument("--knn-ranks", type=int, nargs="+", default=[2, 4], help="gloo ranks the kNN bytes are counted on")
     p.add_argument("--shards", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--workers", type=int, default=10, help="data workers per rank, for the memory bound")
     p.add_argument("--gpus-per-node", type=int, default=8)
@@ -291,7 +292,7 @@ def main() -> None:
     console.print(agreement_table(a.ranks, a.step_ms, a.hop_us))
     console.print(save_table(a.ranks))
     console.print(resume_reads(a.ranks))
-    console.print(knn_table(a.ranks))
+    console.print(knn_table(a.ranks, a.knn_ranks))
     table = Table(title="the training manifest at start: rank 0 reads it, every rank receives it")
     for column in ("shards", "rank 0 holds", "sent to each rank", "a rank holds", "rank 0 pickles",
                    "a rank unpickles", "host memory per node", "received in all: 512 ranks", "4096 ranks"):
