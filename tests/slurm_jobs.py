@@ -7,7 +7,7 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from helpers import REPO
@@ -32,6 +32,23 @@ def slurm_missing(nodes: int = 1) -> str | None:
         return f"needs {nodes} nodes node1..node{nodes} (found {states}): start the many-node test cluster with " \
                f"`tools/slurm_cluster.sh start --nodes {max(nodes, 3)}` (as root; `make test` does)"
     return None
+
+
+def queued_test_jobs() -> set[str]:
+    """The ids of the jobs the tests submitted (slurm.job_name=swav-scale-test) that SLURM still holds."""
+    proc = subprocess.run(["squeue", "-h", "-n", "swav-scale-test", "-o", "%i"], capture_output=True, text=True,
+                          timeout=30)
+    return set(proc.stdout.split()) if proc.returncode == 0 else set()
+
+
+def no_job_left_behind() -> Iterator[None]:
+    """Around a test: cancel the test jobs it left queued or running (a test that fails while its job runs),
+    so that the next test finds the nodes free rather than waiting behind it."""
+    before = queued_test_jobs() if shutil.which("squeue") else set()
+    yield
+    left = queued_test_jobs() - before if shutil.which("squeue") else set()
+    if left:
+        subprocess.run(["scancel", *sorted(left)], check=False, timeout=30)
 
 
 def job_ids(run_dir: Path) -> list[str]:

@@ -27,11 +27,17 @@ from runs import (
     swav_scale,
     wait_for_step,
 )
-from slurm_jobs import job_processes, resumed_step, slurm_missing, starts, submit, task_log, wait, wait_done
+from slurm_jobs import (job_processes, no_job_left_behind, resumed_step, slurm_missing, starts, submit, task_log,
+                        wait, wait_done)
 
 pytestmark = pytest.mark.slow
 
 ONE_PER_NODE = ["slurm.tasks_per_node=1"]
+
+
+@pytest.fixture(autouse=True)
+def _no_job_left_behind() -> Iterator[None]:
+    yield from no_job_left_behind()
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,24 @@ import json
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from helpers import REPO
 from runs import TINY, assert_same_weights, logged_steps, pretrain, swav_scale, wait_for_step
-from slurm_jobs import CPU_JOB, in_queue, job_ids, job_processes, resumed_step, slurm_missing, starts, submit, wait
+from slurm_jobs import (CPU_JOB, in_queue, job_ids, job_processes, no_job_left_behind, resumed_step, slurm_missing,
+                        starts, submit, wait)
 
 pytestmark = pytest.mark.slow
 
 SLURM_JOB = ["slurm.tasks_per_node=2"]  # one node of two ranks
+
+
+@pytest.fixture(autouse=True)
+def _no_job_left_behind() -> Iterator[None]:
+    yield from no_job_left_behind()
 
 
 @pytest.fixture(scope="module")
