@@ -127,7 +127,7 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
     progress = TrainProgress()
     c = cfg.checkpoint
     checkpointer = Checkpointer(checkpoints_dir(cfg.train.run_dir), env, c.keep, c.checksums, c.every_steps,
-                                c.every_minutes, c.background, timedelta(seconds=cfg.parallel.wait_timeout_s))
+                                c.every_minutes, c.background, timedelta(seconds=cfg.parallel.collective_timeout_s))
     return Run(loader=loader, schedule=Schedule.build(cfg.optim, loader.steps_per_epoch),
                last_step=planned_steps(cfg, loader.steps_per_epoch), engine=engine, queue=queue,
                progress=progress, checkpointer=checkpointer,

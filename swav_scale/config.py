@@ -244,8 +244,9 @@ class ParallelConfig:
     collective_timeout_s: int = 600
     # How long the ranks may wait while one of them works alone (s): rank 0's checks of the data and the
     # checkpoints at start, DeepSpeed's universal conversion on a change of world size (distributed
-    # .waiting_for_one_rank), and every collective of the saves (checksums of a large checkpoint, pruning on slow
-    # storage). NCCL's own default (10 min) is shorter than a universal conversion of a wide ResNet can take.
+    # .waiting_for_one_rank). NCCL's own default (10 min) is shorter than a universal conversion of a wide ResNet
+    # can take. The saves' collectives keep collective_timeout_s (their ranks work alike: each hashes a share; rank
+    # 0 prunes old checkpoints after the last one), so a node lost during a background save fails it as fast.
     wait_timeout_s: int = 3600
     # Steps between posting the ranks' stop flags (a signal, the save clock) and reading their reduction
     # (preemption.StepAgreement). 0: measured over the first steps, 1 where the reduction completes within a

@@ -70,7 +70,7 @@ class Checkpointer:
         self.every = every
         self.every_minutes = every_minutes
         self.background = background
-        self.timeout = timeout  # of the saves' collectives (parallel.wait_timeout_s)
+        self.timeout = timeout  # of the saves' collectives (parallel.collective_timeout_s)
         self.newest: Path | None = None  # the newest complete checkpoint this run resumed from or saved
         self._group: Any = None  # the saves' own gloo group, made by `prepare` or the first save (on every rank)
         self._plans_key = f"swav_scale.checkpointer.{next(_CHECKPOINTERS)}"  # DCP's plan cache, for this one
@@ -336,8 +336,9 @@ class Checkpointer:
             partial.rename(final)
             fsync_dir(self.root)
             point_latest(self.root, final)
-            self._prune()
         barrier(group)
+        if self.env.is_main:  # after the barrier: no rank waits on rank 0's deletions (slow storage, many files)
+            self._prune()
         self.newest = final
         return final
 
