@@ -5,9 +5,9 @@ then hands over to submitit's own SIGUSR2 handler, which requeues the job throug
 (job.py), at most slurm.max_requeues times.
 
 After a failure: a rank that died (the OOM killer, a crashed node) makes its peers fail in their next
-collective. One survivor claims the failure (a file of its own in the run's `failures/`) and requeues the job
-if this start completed a checkpoint and the job has not failed more than slurm.max_failures times, and
-otherwise ends it with the error, naming the ranks and hosts lost (`failure_summary`). Failed starts are
+collective. The survivors requeue the job if this start completed a checkpoint and the job has not failed more
+than slurm.max_failures times, and otherwise end it with the error, naming the ranks and hosts lost
+(`failure_summary`); the first records the decision in the run's `failures/`. Failed starts are
 counted apart from preemptions (slurm.max_requeues). Mistakes the user fixes (a SwavScaleError: the config,
 the data) and a NaN loss are never requeued: the next start would fail the same way.
 """
@@ -68,19 +68,20 @@ def requeue_after_stop(stops: StopSignals, is_main: bool) -> None:
 
 
 def requeue_after_failure(cfg: Config, error: Exception, started_from: Path | None, rank: int) -> None:
-    """A SLURM job whose rank died: its peers fail in their next collective and land here. One of them claims
-    the failure (run_dir.claim_failure: the first to create its record; the others return at once, so a
-    job of 512 nodes asks slurmctld once, not once per rank). If this start completed a checkpoint and the job
-    has failed at most slurm.max_failures times, it is requeued and resumes from it; otherwise it ends with the
-    error. Mistakes the user fixes (SwavScaleError) and a NaN loss are never requeued."""
+    """A SLURM job whose rank died: its peers fail in their next collective and land here (two ranks per node,
+    job.py). The first to create the failure's record (run_dir.claim_failure) records the decision; each
+    decides alike. If this start completed a checkpoint and the job has failed at most slurm.max_failures
+    times, it is requeued and resumes from it; otherwise it ends with the error. Mistakes the user fixes
+    (SwavScaleError) and a NaN loss are never requeued."""
     job = os.environ.get("SLURM_JOB_ID")
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or not job:
         return
     if isinstance(error, (SwavScaleError, FloatingPointError)):
         return
     run_dir, restart = Path(cfg.train.run_dir), int(os.environ.get("SLURM_RESTART_COUNT", 0))
-    if not claim_failure(run_dir, job, restart):
-        return
+    # Every rank that asks requeues: the one that claims the record may be the rank cut off from the network
+    # (its collectives fail too), whose scontrol cannot reach slurmctld.
+    claimed = claim_failure(run_dir, job, restart)
     newest = newest_checkpoint(run_dir)
     why = failure_summary(error, launch_ranks(run_dir, job, restart), rank)
     failed = len(failed_starts(run_dir, job))  # this one included
@@ -90,9 +91,10 @@ def requeue_after_failure(cfg: Config, error: Exception, started_from: Path | No
         reason = "no checkpoint completed since this start"
     else:
         reason = None
-    record_failure(run_dir, job, restart, {"rank": rank, "host": socket.gethostname(), "summary": why,
-                                           "requeued": reason is None, "why_not": reason,
-                                           "resume_from": str(newest) if newest else None})
+    if claimed:
+        record_failure(run_dir, job, restart, {"rank": rank, "host": socket.gethostname(), "summary": why,
+                                               "requeued": reason is None, "why_not": reason,
+                                               "resume_from": str(newest) if newest else None})
     if reason:
         console.print(f"[red]{escape(why)}[/]; job {job} not requeued: {reason}", highlight=False)
         return

@@ -29,8 +29,9 @@ def test_requeue_is_the_same_job_until_max_requeues(monkeypatch: pytest.MonkeyPa
 def test_a_failure_requeues_after_a_new_checkpoint_only_and_never_for_the_users_mistakes(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A rank's failure requeues its SLURM job when this start completed a checkpoint; a config or data mistake
-    or a NaN loss would fail the same way again, and ends the job. One rank per failed start decides (the
-    others return at once), and records what it decided; after slurm.max_failures failed starts the job ends."""
+    or a NaN loss would fail the same way again, and ends the job. The first rank to see a failed start records
+    what was decided (each rank that sees it decides alike); after slurm.max_failures failed starts the job
+    ends."""
     cfg = load_config("configs/quickstart.yaml", [f"train.run_dir={tmp_path}", "slurm.max_failures=2"])
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     monkeypatch.setenv("SLURM_JOB_ID", "42")
@@ -48,12 +49,12 @@ def test_a_failure_requeues_after_a_new_checkpoint_only_and_never_for_the_users_
     assert requeued == []
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     requeue_after_failure(cfg, reset, started_from, 3)
-    for other_rank in (0, 1, 2):  # the same failure, seen by the other ranks
+    for other_rank in (0, 1, 2):  # the same failure, seen by the other ranks: each requeues, rank 3 records
         requeue_after_failure(cfg, reset, started_from, other_rank)
-    assert requeued == [["scontrol", "requeue", "42"]]
+    assert requeued == [["scontrol", "requeue", "42"]] * 4
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # a third failed start: more than slurm.max_failures
     requeue_after_failure(cfg, reset, started_from, 0)
-    assert len(requeued) == 1
+    assert len(requeued) == 4
     records = failed_starts(tmp_path, "42")
     assert [(r["restart"], r["requeued"], r["rank"]) for r in records] == [(0, False, 0), (1, True, 3), (2, False, 0)]
     assert records[0]["why_not"] == "no checkpoint completed since this start"
