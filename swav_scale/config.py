@@ -387,6 +387,10 @@ class SlurmConfig:
     max_requeues: int = 100  # after this many restarts on a preemption or the time limit the job ends
     # after this many failed starts (a rank died or hung; counted apart from preemptions) the job ends
     max_failures: int = 3
+    # after a failure, the hosts that failed (their connections reset, or after a time-out those that do not
+    # answer on the network) are left out of the requeued job's next start, while the partition keeps enough
+    # other nodes for it
+    exclude_lost_hosts: bool = True
     job_name: str = "swav"
     # rank 0's rendezvous port; 0 = derived from the job id (20000 + id % 40000), so that two jobs sharing a
     # node never pick the same one, and a requeued job keeps its port

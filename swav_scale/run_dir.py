@@ -32,7 +32,7 @@ LEDGER = "ledger"  # one JSONL file per rank: the samples of every step (data.le
 REPORT = "report"  # `swav-scale report`'s plots and report.md
 EXPORT = "export"  # `swav-scale export`, one folder per checkpoint
 SLURM = "slurm"  # submitit's job folders, unless slurm.log_dir names another place
-FAILURES = "failures"  # one JSON file per SLURM start that failed: "JOB.RESTART.json" (claim_failure)
+FAILURES = "failures"  # per failed SLURM start: "JOB.RESTART.json" (claim_failure), "JOB.RESTART.requeue-K.json"
 
 
 def config_file(run_dir: str | Path) -> Path:
@@ -77,11 +77,9 @@ def append_launch(run_dir: str | Path, launch: dict[str, Any]) -> None:
     atomic_write_text(meta_file(run_dir), json.dumps(meta, indent=1))
 
 
-def claim_failure(run_dir: str | Path, job: str, restart: int) -> bool:
-    """Claim the failure of start `restart` of SLURM job `job`: True for the one process that creates its file
-    (an exclusive create, atomic on a shared file system), which alone requeues the job or ends it and
-    records why (`record_failure`); False for every other rank that saw the same failure."""
-    path = Path(run_dir) / FAILURES / f"{job}.{restart}.json"
+def _claim(path: Path) -> bool:
+    """Create `path` empty if nobody has: True for the one process whose exclusive create succeeds (atomic on a
+    shared file system), False for every other."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
@@ -90,25 +88,71 @@ def claim_failure(run_dir: str | Path, job: str, restart: int) -> bool:
     return True
 
 
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A claimed record: None if unclaimed, {} while its claimer decides, else what it wrote."""
+    try:
+        return json.loads(path.read_text() or "{}")
+    except FileNotFoundError:
+        return None
+    except ValueError:  # being replaced
+        return {}
+
+
+def _failure_file(run_dir: str | Path, job: str, restart: int) -> Path:
+    return Path(run_dir) / FAILURES / f"{job}.{restart}.json"
+
+
+def _requeue_file(run_dir: str | Path, job: str, restart: int, attempt: int) -> Path:
+    return Path(run_dir) / FAILURES / f"{job}.{restart}.requeue-{attempt}.json"
+
+
+def claim_failure(run_dir: str | Path, job: str, restart: int) -> bool:
+    """Claim the failure of start `restart` of SLURM job `job`: True for the one process that creates its file,
+    which records what was decided and why (`record_failure`); False for every other rank that saw the same
+    failure."""
+    return _claim(_failure_file(run_dir, job, restart))
+
+
 def record_failure(run_dir: str | Path, job: str, restart: int, record: dict[str, Any]) -> None:
     """What the claimer of a failure decided: its summary (naming the hosts lost), requeued or not, and why."""
-    atomic_write_text(Path(run_dir) / FAILURES / f"{job}.{restart}.json", json.dumps(record, indent=1))
+    atomic_write_text(_failure_file(run_dir, job, restart), json.dumps(record, indent=1))
+
+
+def claim_requeue(run_dir: str | Path, job: str, restart: int, attempt: int) -> bool:
+    """Claim attempt `attempt` (0, 1, ...) at requeueing a failed start: one process per attempt calls scontrol
+    (launch/requeue.py), the next attempt is claimed only once this one has failed."""
+    return _claim(_requeue_file(run_dir, job, restart, attempt))
+
+
+def record_requeue(run_dir: str | Path, job: str, restart: int, attempt: int, outcome: dict[str, Any]) -> None:
+    """How attempt `attempt` ended: {"ok": bool, "rank", "host", ...}."""
+    atomic_write_text(_requeue_file(run_dir, job, restart, attempt), json.dumps(outcome, indent=1))
+
+
+def read_requeue(run_dir: str | Path, job: str, restart: int, attempt: int) -> dict[str, Any] | None:
+    """Attempt `attempt`'s outcome: None if unclaimed, {} while its claimer is at it."""
+    return _read_record(_requeue_file(run_dir, job, restart, attempt))
 
 
 def failed_starts(run_dir: str | Path, job: str | None = None) -> list[dict[str, Any]]:
-    """The failed starts recorded, of SLURM job `job` or of all jobs, oldest first: {"job", "restart"} and what
-    the claimer recorded (nothing yet while it decides)."""
+    """The failed starts recorded, of SLURM job `job` or of all jobs, oldest first: {"job", "restart"}, what
+    the claimer recorded (nothing yet while it decides), and under "requeue" the attempt that requeued the job
+    (or the last one tried)."""
     folder = Path(run_dir) / FAILURES
-    out = []
-    for path in folder.glob("*.json") if folder.is_dir() else []:
-        name_job, _, restart = path.stem.rpartition(".")
-        if not restart.isdigit() or (job is not None and name_job != job):
+    out, attempts = [], {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        name, _, tail = path.stem.partition(".")
+        restart, _, attempt = tail.partition(".requeue-")
+        if not restart.isdigit() or (job is not None and name != job):
             continue
-        try:
-            recorded = json.loads(path.read_text() or "{}")
-        except ValueError:  # being replaced
-            recorded = {}
-        out.append({**recorded, "job": name_job, "restart": int(restart)})
+        if attempt.isdigit():
+            attempts.setdefault((name, int(restart)), []).append((int(attempt), _read_record(path) or {}))
+        else:
+            out.append({**(_read_record(path) or {}), "job": name, "restart": int(restart)})
+    for record in out:
+        tried = sorted(attempts.get((record["job"], record["restart"]), []), key=lambda a: a[0])
+        done = [outcome for _, outcome in tried if outcome.get("ok")] or [outcome for _, outcome in tried[-1:]]
+        record["requeue"] = done[0] if done else None
     return sorted(out, key=lambda r: (r["job"], r["restart"]))
 
 

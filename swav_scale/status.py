@@ -80,7 +80,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         "last_metrics_time": last.get("time"),
         "starts": len(launches),
         "requeues": sum(1 for x in launches if x["slurm_restart_count"]),
-        "failed_starts": [{k: f.get(k) for k in ("job", "restart", "summary", "requeued", "why_not")}
+        "failed_starts": [{k: f.get(k) for k in ("job", "restart", "summary", "requeued", "why_not", "requeue")}
                           for f in failed_starts(run_dir)],
         "job_ids": job_ids,
         "launches": [_launch_summary(x) for x in launches],
@@ -125,6 +125,11 @@ def print_status(status: dict[str, Any]) -> None:
     for failure in status["failed_starts"][-LAUNCHES_SHOWN:]:
         requeued, why_not = failure["requeued"], failure["why_not"]
         outcome = {True: "requeued", None: "being decided"}.get(requeued, f"not requeued: {why_not}")
+        tried = failure["requeue"] or {}
+        if requeued and tried:
+            outcome = (f"requeued by rank {tried['rank']} on {tried['host']}" if tried.get("ok") else
+                       f"requeue failed: {tried.get('detail')}") + (f"; {tried['exclusion']}" if "exclusion" in tried
+                                                                    else "")
         table.add_row(f"failed: job {failure['job']}, restart {failure['restart']}",
                       escape(f"{failure['summary'] or '-'}; {outcome}"))
     shown = status["launches"][-LAUNCHES_SHOWN:]

@@ -163,9 +163,12 @@ def test_a_rank_may_open_as_many_files_as_the_hard_limit_allows() -> None:
 def _waits(rank: int, world: int, plain: bool) -> list[str]:
     """The default group's collectives time out after 2 s, waits for one rank after 60 s; rank 0 works 3 s
     alone inside `decided_on_main` and `dealt_by_main`, or (`plain`) before a plain broadcast. (2 s, not less:
-    on a loaded machine the ranks may come to the last broadcast a second apart.)"""
+    on a loaded machine the ranks may come to the last broadcast a second apart.) The ranks meet once first,
+    as in training: gloo connects lazily, and a first collective waits for its peer's address under the
+    store's timeout instead."""
     import time
 
+    distributed.barrier()
     distributed.use_timeouts(timedelta(seconds=2), timedelta(seconds=60))
     if plain:
         if rank == 0:

@@ -29,6 +29,7 @@ from runs import (
 )
 from slurm_jobs import (job_processes, no_job_left_behind, resumed_step, slurm_missing, starts, submit, task_log,
                         wait, wait_done)
+from swav_scale.run_dir import failed_starts
 
 pytestmark = pytest.mark.slow
 
@@ -120,9 +121,11 @@ def test_preemption_signal_reaches_every_node_and_the_run_resumes_bitwise(
 def test_node_lost_mid_step_fails_fast_and_the_job_resumes_from_its_checkpoint(
         cluster: None, fmnist_train_shards: Path, tiny_full_run: Path, tmp_path: Path) -> None:
     """The second node drops off the network mid-run (its link down: no reset, no answer, as a crashed host):
-    rank 0 does not hang but fails once parallel.collective_timeout_s has passed, naming the host it waited
-    for, and requeues the job, which resumes from the last complete checkpoint and ends bit for bit as the
-    uninterrupted run (the node is back by then, as after a reboot)."""
+    rank 0 does not hang but fails once parallel.collective_timeout_s has passed, and one rank requeues the job
+    (rank 1, cut off, may try first and fail: rank 0 then takes its turn), naming the host it waited for, which
+    does not answer, and leaving it out of the next start (the node is back once the job is requeued). The
+    job resumes on the other two nodes from the last complete checkpoint and ends bit for bit as the
+    uninterrupted run."""
     timeout_s = 15
     run_dir = tmp_path / "node-lost"
     job = submit(run_dir, fmnist_train_shards, *ONE_PER_NODE, "slurm.nodes=2",
@@ -134,13 +137,18 @@ def test_node_lost_mid_step_fails_fast_and_the_job_resumes_from_its_checkpoint(
     try:
         wait(lambda: "requeueing job" in task_log(run_dir, job, 0), "rank 0 to fail and requeue", 120)
         failed_after = time.time() - cut
+        # rank 1, cut off, may try first: its scontrol fails, and rank 0 takes its turn
+        wait(lambda: ((failed_starts(run_dir, job) or [{}])[0].get("requeue") or {}).get("ok"), "the requeue", 300)
     finally:
         _cut_off(lost, down=False)
-    log = task_log(run_dir, job, 0)
-    assert f"waited in vain for one of rank 1 on {lost}" in log and "Timed out" in log, log[-2000:]
-    # the time-out, plus the step in flight and the requeue call; without it, a collective waits forever
+    # the time-out, plus the step in flight; without it, a collective waits forever
     assert failed_after < timeout_s + 30, failed_after
     wait(lambda: len(starts(run_dir)) == 2, "the job to restart", 300)
+    requeued = failed_starts(run_dir, job)[0]["requeue"]
+    assert requeued["ok"] and requeued["host"] == _hosts(run_dir)[0], requeued
+    assert f"waited in vain for one of rank 1 on {lost}" in requeued["summary"], requeued
+    assert "Timed out" in requeued["summary"] and requeued["excluded"] == [lost], requeued
+    assert lost not in _hosts(run_dir, 1) and len(set(_hosts(run_dir, 1))) == 2
     assert resumed_step(run_dir, 1) >= 6
     wait_done(job, 300)
     assert_same_weights(run_dir, tiny_full_run)

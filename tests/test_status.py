@@ -12,7 +12,7 @@ from helpers import REPO
 from swav_scale.cli import build_parser
 from swav_scale.config import load_config, to_yaml
 from swav_scale.data.manifest import MANIFEST
-from swav_scale.run_dir import claim_failure, record_failure
+from swav_scale.run_dir import claim_failure, claim_requeue, record_failure, record_requeue
 from swav_scale.status import print_status, run_status
 from swav_scale.utils import console
 
@@ -42,19 +42,24 @@ def test_each_start_lists_its_nodes_with_their_ranks(tmp_path: Path) -> None:
 
 
 def test_failed_starts_are_listed_with_what_was_decided(tmp_path: Path) -> None:
-    """The failed starts a run's ranks recorded (launch/requeue.py), with the summary and whether the job was
-    requeued; a failure whose claimer has not written yet shows as being decided."""
+    """The failed starts a run's ranks recorded (launch/requeue.py), with the summary, whether the job was
+    requeued, by whom and which host it left out; a failure whose claimer has not written yet shows as being
+    decided."""
     (tmp_path / "config.yaml").write_text(to_yaml(load_config(REPO / "configs" / "quickstart.yaml")))
     assert claim_failure(tmp_path, "42", 0) and claim_failure(tmp_path, "42", 1)
     record_failure(tmp_path, "42", 0, {"summary": "rank 3 on gpu-c lost rank 0 on gpu-a: RuntimeError: reset",
                                        "requeued": True, "why_not": None})
+    assert claim_requeue(tmp_path, "42", 0, 0)
+    record_requeue(tmp_path, "42", 0, 0, {"ok": True, "rank": 3, "host": "gpu-c",
+                                          "exclusion": "excluded gpu-a from the job's next start"})
     status = run_status(tmp_path)
     assert [(f["job"], f["restart"], f["requeued"]) for f in status["failed_starts"]] == [("42", 0, True),
                                                                                           ("42", 1, None)]
     with console.capture() as captured:
         print_status(status)
     text = " ".join(captured.get().split())
-    assert "rank 3 on gpu-c lost rank 0 on gpu-a: RuntimeError: reset; requeued" in text
+    assert ("rank 3 on gpu-c lost rank 0 on gpu-a: RuntimeError: reset; requeued by rank 3 on gpu-c; excluded "
+            "gpu-a from the job's next start") in text
     assert "being decided" in text
 
 
