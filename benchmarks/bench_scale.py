@@ -8,21 +8,27 @@ per step after them against the target (1% of the step), reductions posted per 1
 seconds) from a signal to the step every rank saves; beside it the same with a reduction read one step after
 its post (parallel.agreement_lag=1), which waits for the ring at every step.
 
-**What rank 0 receives at a save** (checkpoint.manager, through torch's DCP): DCP's real planner on the state of
-a SwAV RN50w5 with its LARS momentum (tensors on the meta device: a plan needs their shapes only, as DDP's
-replicated state, which every rank plans in full): the plan a rank sends rank 0 at the first save, and at the
-next ones with the plan cache (Checkpointer._planner); then what rank 0 receives per save at 512 and 4096
-ranks, plans plus the write results (one per tensor, whichever rank wrote it), against the target of 10 MB.
+**What rank 0 receives at a save** (checkpoint.replicated, through torch's DCP): the real planner on every rank
+of a world holding the state of a SwAV RN50w5 with its LARS momentum (tensors on the meta device: a plan needs
+their shapes only), each rank giving its own pieces of the replicated state (own_pieces): the plans all ranks
+send rank 0 at the first save of a start and at the next ones (DCP's plan cache), and the write results (one
+per piece), at 512 and 4096 ranks, against the target of 10 MB.
 
-**What a rank reads at a DDP resume** (checkpoint.manager.read_replicated_once): the real deal of the same state's
-tensors over the ranks, each read by one rank and broadcast: the most bytes any rank reads, against the state
-over the ranks and the largest tensor, and what each rank read when every rank loaded everything.
+**What a rank reads at a DDP resume** (checkpoint.replicated): the chunks a save on N ranks leaves
+(piece_layout) and their real deal over the ranks that load them (chunk_readers), each chunk read by one rank
+and broadcast: the most bytes any rank reads, against the state read once over the ranks; beside it the most a
+rank read when whole tensors were dealt, and what each rank read when every rank loaded everything.
 
 **What a rank receives in a kNN evaluation** (eval.knn.knn_top1): the real function on 2 and 4 gloo ranks with
 random features, counting the bytes each rank receives (the queries, gathered by every rank, and the candidates
 of the queries it owns, from every rank); the same counts from the messages' shapes; and these
 shapes at 512 and 4096 ranks for 50,000 queries of 2048 dimensions, k = 20, beside the candidates every rank
 would receive if every rank got every query's candidates.
+
+**The groups of a start** (engines.assemble.batchnorm_group, engines.fsdp.fsdp_mesh): on 4 and 8 gloo ranks,
+the keys these groups add to the rendezvous store, each group used once (gloo connects lazily, on first use):
+a count that grows with the ranks, not with ranks^2 / group as it would if every rank created every group
+behind a store barrier (torch does that only with TORCH_DIST_INIT_BARRIER=1).
 
 **The training set's manifest** that rank 0 reads and sends to every rank at start (build.build_loader,
 distributed.decided_on_main).
@@ -51,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -146,63 +153,105 @@ def rn50w5_state() -> dict:
         "param_groups": [{"lr": 0.1, "weight_decay": 1e-6, "params": list(params)}]}}}
 
 
-def resume_reads(ranks: list[int]) -> Table:
-    from swav_scale.checkpoint.manager import _plain_tensors, replicated_readers
+def _layout(tensors: list[tuple[str, Any]], n: int) -> list[tuple[str, Any, int]]:
+    """The chunks a checkpoint saved on n ranks holds: checkpoint.replicated.piece_layout's pieces, as DCP's
+    metadata lists them."""
+    import torch
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 
-    tensors = _plain_tensors(rn50w5_state())
-    size = {key: t.numel() * t.element_size() for key, t in tensors}
-    total, largest = sum(size.values()), max(size.values())
-    table = Table(title=f"a DDP resume: what a rank reads of RN50w5 + LARS ({total / 2**30:.2f} GiB, "
-                        f"{len(tensors)} tensors, the largest {largest / 2**20:.0f} MiB)")
-    for column in ("ranks", "most read by a rank", "state / ranks", "before: every rank read", "read in all"):
+    from swav_scale.checkpoint.replicated import piece_layout
+
+    shapes = {name: (t.shape, t.element_size()) for name, t in tensors}
+    chunks = []
+    for name, pieces in piece_layout(((k, *v) for k, v in shapes.items()), n).items():
+        shape, size = shapes[name]
+        for p in pieces:
+            offsets = torch.Size((p.row, *[0] * (len(shape) - 1))) if len(shape) else torch.Size()
+            sizes = torch.Size((p.rows, *shape[1:])) if len(shape) else torch.Size()
+            chunks.append((name, ChunkStorageMetadata(offsets=offsets, sizes=sizes), size))
+    return chunks
+
+
+def resume_reads(ranks: list[int]) -> Table:
+    """checkpoint.replicated for real on RN50w5 + LARS: the chunks a save on n ranks leaves (piece_layout) and
+    the deal of those chunks over the ranks that load them (chunk_readers)."""
+    import math
+
+    from swav_scale.checkpoint.replicated import chunk_readers, plain_tensors
+
+    state = rn50w5_state()
+    tensors = plain_tensors(state)
+    total = sum(t.numel() * t.element_size() for _, t in tensors)
+    model = sum(t.numel() * t.element_size() for _, t in plain_tensors(state["engine"]["model"]))
+    largest = max(t.numel() * t.element_size() for _, t in tensors)
+    table = Table(title=f"a DDP resume: what a rank reads of RN50w5 + LARS ({total / 2**30:.2f} GiB: the model "
+                        f"{model / 2**30:.2f} GiB and its momentum; {len(tensors)} tensors, the largest "
+                        f"{largest / 2**20:.0f} MiB)")
+    for column in ("saved on", "loaded on", "chunks (tensors + ranks)", "most read by a rank",
+                   "target: the state once / ranks", "whole tensors dealt", "every rank reads all"):
         table.add_column(column, justify="right")
-    for n in ranks:
-        per_rank = [0] * n
-        for key, r in replicated_readers(tensors, n).items():
-            per_rank[r] += size[key]
-        table.add_row(f"{n:,}", f"{max(per_rank) / 2**20:.1f} MiB", f"{total / n / 2**20:.1f} MiB",
-                      f"{total / 2**30:.2f} GiB", f"{sum(per_rank) / 2**30:.2f} GiB (not {n * total / 2**30:,.0f} GiB)")
+    pairs = [(n, n) for n in ranks] + [(ranks[-1], ranks[0]), (ranks[0], ranks[-1])]
+    for saved, loaded in pairs:
+        chunks = _layout(tensors, saved)
+        per_rank = [0] * loaded
+        for (name, offsets), (r, chunk) in chunk_readers(chunks, loaded).items():
+            per_rank[r] += math.prod(chunk.sizes) * dict((c[0], c[2]) for c in chunks)[name]
+        assert sum(per_rank) == total
+        whole = [0] * loaded
+        for (name, _), (r, _) in chunk_readers(_layout(tensors, 1), loaded).items():
+            whole[r] += dict((k, t.numel() * t.element_size()) for k, t in tensors)[name]
+        table.add_row(f"{saved:,}", f"{loaded:,}", f"{len(chunks):,} ({len(tensors) + saved:,})",
+                      f"{max(per_rank) / 2**20:.2f} MiB", f"{total / loaded / 2**20:.2f} MiB",
+                      f"{max(whole) / 2**20:.0f} MiB",
+                      f"{total / 2**30:.2f} GiB")
     return table
 
 
-def save_messages() -> dict[str, float]:
-    """DCP's planner, for real, on one rank of a world whose every rank holds the same replicated state: the
-    pickled size of its local plan at a first save and at the next (the plan cache), and of the write results
-    of all tensors (what rank 0 gathers at the end of each save, whatever the ranks)."""
+def save_messages(n: int) -> dict[str, float]:
+    """The planner of checkpoint.replicated for real, on every rank of a world of n whose ranks hold the same
+    replicated state (RN50w5 + LARS on the meta device: a plan needs the shapes only): the pickled size of
+    each rank's local plan at a first save and at the next (the plan cache: empty), and of the write results
+    of all pieces (what rank 0 gathers at the end of each save)."""
     import pickle
 
-    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.storage import WriteResult
 
+    from swav_scale.checkpoint.replicated import PieceSavePlanner, own_pieces
+
     state = rn50w5_state()
-    sizes = []
-    for _ in range(2):  # a first save, then the next, as the checkpointer's planner makes them
-        planner = DefaultSavePlanner(enable_plan_caching=True)
-        planner._cached_plans_key = "bench_scale"
-        planner.set_up_planner(state, is_coordinator=True)
-        local = planner.create_local_plan()
-        sizes.append(len(pickle.dumps(local)))
-        global_plans, _ = planner.create_global_plan([local])
-        planner.finish_plan(global_plans[0])
-    results = [WriteResult(item.index, 1 << 20, _StorageInfo(f"__{i % 4096}_0.distcp", i << 20, 1 << 20))
-               for i, item in enumerate(planner.plan.items)]
-    return {"tensors": len(planner.plan.items), "first_plan": sizes[0], "later_plan": sizes[1],
+    first, later, items = [], [], []
+    for r in range(n):
+        given, pieces = own_pieces(state, n, r)
+        sizes = []
+        for _ in range(2):  # a first save, then the next, as the checkpointer's planner makes them
+            planner = PieceSavePlanner(pieces, f"bench_scale.{n}.{r}")
+            planner.set_up_planner(given, is_coordinator=r == 0)
+            local = planner.create_local_plan()
+            sizes.append(len(pickle.dumps(local)))
+            planner.finish_plan(local)  # DCP's cache keeps the plan of the first, the second sends none
+        first.append(sizes[0])
+        later.append(sizes[1])
+        items += [item for item in planner.plan.items if item.tensor_data is not None or r == 0]
+    results = [WriteResult(item.index, 1 << 20, _StorageInfo(f"__{i % n}_0.distcp", i << 20, 1 << 20))
+               for i, item in enumerate(items)]
+    return {"items": len(items), "first": sum(first), "largest_first": max(first), "later": sum(later),
             "write_results": len(pickle.dumps(results))}
 
 
 def save_table(ranks: list[int]) -> Table:
-    m = save_messages()
-    table = Table(title=f"a save's messages into rank 0: DCP's planner on RN50w5 + LARS ({m['tensors']} tensors)")
-    for column in ("a rank's plan: first save", "later saves", "write results (all ranks)",
-                   *(f"rank 0 receives at {n:,} ranks: first save / later" for n in ranks), "target, later saves"):
+    table = Table(title="a save's messages into rank 0: checkpoint.replicated's planner on RN50w5 + LARS, every "
+                        "rank's plan")
+    for column in ("ranks", "tensor items in all", "largest plan: first save", "plans: first save",
+                   "plans: later saves", "write results", "rank 0 receives: first save / later", "target, later"):
         table.add_column(column, justify="right")
-    cells = []
     for n in ranks:
-        first, later = n * m["first_plan"] + m["write_results"], n * m["later_plan"] + m["write_results"]
-        cells.append(f"{first / 2**20:.0f} MiB / {later / 2**20:.1f} MiB")
-    table.add_row(f"{m['first_plan'] / 1024:.0f} KiB", f"{m['later_plan']} B", f"{m['write_results'] / 1024:.0f} KiB",
-                  *cells, "<= 10 MB")
+        m = save_messages(n)
+        first, later = m["first"] + m["write_results"], m["later"] + m["write_results"]
+        table.add_row(f"{n:,}", f"{m['items']:,}", f"{m['largest_first'] / 1024:.1f} KiB",
+                      f"{m['first'] / 2**20:.1f} MiB", f"{m['later'] / 2**20:.2f} MiB",
+                      f"{m['write_results'] / 2**20:.2f} MiB", f"{first / 2**20:.1f} MiB / {later / 2**20:.1f} MiB",
+                      "<= 10 MB")
     return table
 
 
@@ -267,6 +316,43 @@ def knn_table(ranks: list[int], measured: list[int]) -> Table:
     return table
 
 
+def _store_keys(rank: int, world: int, group: int) -> int:
+    """Keys added to the rendezvous store (rank 0's TCPStore) by the groups of a start: SyncBatchNorm's groups of
+    `group` ranks (engines.assemble.batchnorm_group) and HSDP's mesh (engines.fsdp.fsdp_mesh), each used once."""
+    import torch
+    import torch.distributed as dist
+
+    from swav_scale.engines.assemble import batchnorm_group
+    from swav_scale.engines.fsdp import fsdp_mesh
+
+    store = dist.distributed_c10d._get_default_store()
+    dist.barrier()
+    before = store.num_keys()
+    dist.barrier()
+    made, mesh = batchnorm_group(world, group), fsdp_mesh("cpu", world, group)
+    t = torch.ones(1)
+    for g in (made, mesh.get_group("replicate"), mesh.get_group("shard")):
+        dist.all_reduce(t, group=g)
+    dist.barrier()
+    after = store.num_keys()
+    dist.barrier()
+    return after - before
+
+
+def groups_table(worlds: list[int]) -> Table:
+    from swav_testing.ranks import run_ranks
+
+    table = Table(title="groups of a node at start: keys added to the rendezvous store (gloo ranks, measured)")
+    for column in ("ranks", "group of 2", "group of 4", "per rank", "if every rank created every group with a "
+                   "store barrier (ranks^2 / group)"):
+        table.add_column(column, justify="right")
+    for world in worlds:
+        keys = [run_ranks(_store_keys, world, g)[0] if g < world else None for g in (2, 4)]
+        table.add_row(str(world), *[str(k) if k is not None else "-" for k in keys],
+                      f"{keys[0] / world:.1f}", f"{world * world // 2} / {world * world // 4}")
+    return table
+
+
 def measure(shards: int) -> dict[str, float]:
     """The manifest of `shards` shards, measured in processes of their own (so that no earlier allocation hides
     their resident memory): rank 0's, which reads it whole, and a rank's, which unpickles what rank 0 sent."""
@@ -284,6 +370,8 @@ def main() -> None:
     p.add_argument("--step-ms", type=float, nargs="+", default=[8, 16], help="a training step's time")
     p.add_argument("--hop-us", type=float, default=40, help="one hop of gloo's ring (an assumption)")
     p.add_argument("--knn-ranks", type=int, nargs="+", default=[2, 4], help="gloo ranks the kNN bytes are counted on")
+    p.add_argument("--group-ranks", type=int, nargs="*", default=[4, 8],
+                   help="gloo ranks the store keys of a start's groups are counted on")
     p.add_argument("--shards", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--workers", type=int, default=10, help="data workers per rank, for the memory bound")
     p.add_argument("--gpus-per-node", type=int, default=8)
@@ -293,6 +381,8 @@ def main() -> None:
     console.print(save_table(a.ranks))
     console.print(resume_reads(a.ranks))
     console.print(knn_table(a.ranks, a.knn_ranks))
+    if a.group_ranks:
+        console.print(groups_table(a.group_ranks))
     table = Table(title="the training manifest at start: rank 0 reads it, every rank receives it")
     for column in ("shards", "rank 0 holds", "sent to each rank", "a rank holds", "rank 0 pickles",
                    "a rank unpickles", "host memory per node", "received in all: 512 ranks", "4096 ranks"):

@@ -30,7 +30,7 @@ CASES = {
     "bench_step": (["--widths", "0.125", "--batch", "4", "--steps", "1"], "bf16 channels-last"),
     "bench_multicrop": (["--samples", "16", "--batch", "8"], "ratio (swav_scale / textbook)"),
     "bench_checkpoint": (["--arch", "resnet18", "--repeats", "1"], "sha256 costs"),
-    "bench_scale": (["--ranks", "64", "--step-ms", "8", "--knn-ranks", "2", "--shards", "1000"],
+    "bench_scale": (["--ranks", "64", "--step-ms", "8", "--knn-ranks", "2", "--shards", "1000", "--group-ranks", "4"],
                     "the training manifest at start"),
     "bench_step_shards": (["--photos", "32", "--long-side", "64", "--steps", "2", "--rounds", "1", "model.arch=resnet18",
                            "model.width=0.125", "model.hidden_dim=16", "model.num_prototypes=10", "crops.sizes=[32,16]",

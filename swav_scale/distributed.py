@@ -400,6 +400,27 @@ def all_to_all(parts: Sequence[Tensor], group: ProcessGroup | None = None) -> li
     return out
 
 
+def dealt(rank: int, world_size: int, count: int) -> range:
+    """The items (0 .. count - 1) rank `rank` of `world_size` answers for when each item goes to one rank:
+    every `world_size`-th from `rank`; ceil(count / world_size) at most, none for a rank >= count. (The old
+    ranks' files at a resume on another number of ranks, say.)"""
+    return range(rank, count, world_size)
+
+
+def all_to_all_rows(parts: Sequence[Tensor], receive: Sequence[int], group: ProcessGroup | None = None
+                    ) -> list[Tensor]:
+    """`parts[s]` sent to rank s, for every s, each of any number of rows (its first dimension) and the same
+    trailing shape and dtype; returns what each rank sent this one, in rank order, `receive[r]` rows from rank
+    r, which the receiver must know (collective). Each rank sends its rows and no padding: what travels does
+    not grow as the largest part times the ranks, as with `all_to_all`."""
+    if not in_group():
+        return [parts[0]]
+    sent = torch.cat([_checked(p, group) for p in parts]).contiguous()
+    out = sent.new_empty((sum(receive), *sent.shape[1:]))
+    dist.all_to_all_single(out, sent, list(receive), [p.shape[0] for p in parts], group=group)
+    return list(out.split(list(receive)))
+
+
 def broadcast(tensor: Tensor, src: int = 0, group: ProcessGroup | None = None) -> Tensor:
     """Rank `src`'s `tensor` on every rank, in place."""
     if in_group():

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from swav_scale.distributed import all_gather_object, all_to_all_rows, comm_device, dealt
+
 
 class FeatureQueue:
     """A FIFO of detached, L2-normalised embeddings, one row block per assigned crop.
@@ -63,10 +65,56 @@ class FeatureQueue:
         self.embeddings.copy_(emb)
         self.filled = int(state["filled"])
 
-    def load_resharded(self, states: list[dict[str, Any]], rank: int, world_size: int) -> None:
-        """This rank's share of the filled rows of all old ranks (newest first within each old rank)."""
-        rows = torch.cat([s["embeddings"][:, : int(s["filled"])] for s in states], dim=1)
-        share = rows.tensor_split(world_size, dim=1)[rank][:, : self.length]
+    def load_resharded(self, read: dict[int, dict[str, Any]], old_world: int, rank: int, world_size: int) -> None:
+        """This rank's share of the filled rows of all old ranks, in old-rank order (newest first within each
+        old rank): the rows [lo, hi) of that concatenation that torch.tensor_split gives this rank, cut to
+        this queue's length (collective).
+
+        No rank reads every old rank's file: each reads those dealt to it (distributed.dealt), one
+        all_gather_object tells every rank how many rows each old rank holds (old_world numbers), and one
+        all-to-all sends each rank's rows to the ranks whose share they fall in: a rank sends and receives
+        about a queue's rows, whatever the world sizes."""
+        mine = {j: read[j] for j in dealt(rank, world_size, old_world)}
+        filled = [0] * old_world
+        for counts in all_gather_object({j: int(s["filled"]) for j, s in mine.items()}):
+            for j, n in counts.items():
+                filled[j] = n
+        starts = _prefix(filled)
+        total = sum(filled)
+        sizes = [total // world_size + (s < total % world_size) for s in range(world_size)]
+        lo = _prefix(sizes)
+        kept = [(lo[s], lo[s] + min(sizes[s], self.length)) for s in range(world_size)]
+
+        def overlap(j: int, s: int) -> tuple[int, int] | None:
+            a, b = max(starts[j], kept[s][0]), min(starts[j] + filled[j], kept[s][1])
+            return (a, b) if a < b else None
+
+        crops, _, dim = self.embeddings.shape
+        device = comm_device()
+        parts = []
+        for s in range(world_size):
+            rows = []
+            for j, state in mine.items():
+                if (ab := overlap(j, s)) is not None:
+                    rows.append(state["embeddings"][:, ab[0] - starts[j]:ab[1] - starts[j]])
+            block = torch.cat(rows, dim=1) if rows else self.embeddings.new_zeros((crops, 0, dim), device="cpu")
+            parts.append(block.transpose(0, 1).contiguous().to(device))
+        segments = [[ab for j in dealt(sender, world_size, old_world) if (ab := overlap(j, rank))]
+                    for sender in range(world_size)]
+        got = all_to_all_rows(parts, [sum(b - a for a, b in segs) for segs in segments])
         self.embeddings.zero_()
-        self.embeddings[:, : share.shape[1]] = share.to(self.embeddings)
-        self.filled = share.shape[1]
+        for block, segs in zip(got, segments):
+            at = 0
+            for a, b in segs:
+                self.embeddings[:, a - lo[rank]:b - lo[rank]] = block[at:at + b - a].transpose(0, 1).to(self.embeddings)
+                at += b - a
+        self.filled = kept[rank][1] - kept[rank][0]
+
+
+def _prefix(counts: list[int]) -> list[int]:
+    """Where each count starts in their concatenation."""
+    out, at = [], 0
+    for n in counts:
+        out.append(at)
+        at += n
+    return out

@@ -248,7 +248,7 @@ def test_resharded_resume_sees_every_remaining_sample_once(fmnist_train_shards: 
         ranks = [loader(fmnist_train_shards, r, world, 48 // world, workers) for r in range(world)]
         for r, d in enumerate(ranks):
             if state is not None:
-                d.load_resharded([state] * 2, r, world)
+                d.load_resharded({0: state, 1: state}, 2, r, world)
         ledger += consume(ranks, steps)
         states = [d.state_dict() for d in ranks]
         assert all(s == states[0] for s in states), "the data position is the same on every rank"

@@ -29,7 +29,6 @@ main thread only) is saved synchronously.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import io
 import itertools
 import queue
@@ -42,16 +41,16 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from swav_scale.checkpoint.layout import (META, check_files, complete_checkpoints, deal_files, describe_files,
                                           file_names, find_damage, listed_files, move_aside, newest_intact,
                                           own_files_dir, partial_dir, point_latest, rank_file, read_meta,
                                           remove_partial, step_dir_name, without_meta, write_meta)
+from swav_scale.checkpoint.replicated import PieceSavePlanner, own_pieces, read_shares
 from swav_scale.checkpoint.staging import allocate_staging, stage, tensor_bytes
-from swav_scale.checkpoint.states import OwnFiles, Replicas, Reshardable, Stateful
-from swav_scale.distributed import (DistEnv, all_gather_object, barrier, broadcast, comm_device, dealt_by_main,
-                                    decided_on_main, gathered_on_main, new_group, rank, world_size)
+from swav_scale.checkpoint.states import OwnFiles, Replicas, Reshardable, Stateful, reshard_reads
+from swav_scale.distributed import (DistEnv, all_gather_object, barrier, dealt_by_main, decided_on_main,
+                                    gathered_on_main, new_group)
 from swav_scale.utils import atomic_write_bytes, available_memory, console, fsync_dir
 
 
@@ -74,10 +73,6 @@ class Checkpointer:
         self.newest: Path | None = None  # the newest complete checkpoint this run resumed from or saved
         self._group: Any = None  # the saves' own gloo group, made by `prepare` or the first save (on every rank)
         self._plans_key = f"swav_scale.checkpointer.{next(_CHECKPOINTERS)}"  # DCP's plan cache, for this one
-        # the whole (plain) tensors this rank held at the last save, and those of them DCP had it write: the
-        # others are another rank's to write, and later saves neither stage nor plan them here (`_states`)
-        self._held: set[str] = set()
-        self._written: set[str] | None = None
         self._worker: threading.Event | None = None  # set once the work in flight (a write, the staging) is done
         self._thread: threading.Thread | None = None  # the one background thread, started by the first work
         self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -166,33 +161,22 @@ class Checkpointer:
             self._group = new_group("gloo", own=True, timeout=self.timeout)
         return self._group
 
-    def _planner(self) -> DefaultSavePlanner:
-        """DCP's default planner with its plan cache, keyed by this checkpointer. Why: at every save DCP
-        gathers each rank's plan into rank 0 and scatters the global plan back; under DDP every rank's plan
-        lists the whole replicated state, so rank 0 would receive ranks x (a plan of every tensor) each time
-        (docs/scaling.md). Cached, a rank sends its plan only when it changed (the first save, and the save
-        that first holds the prototypes' optimizer state), an empty one otherwise, and rank 0 reuses the
-        global plan and metadata it made from them."""
-        planner = DefaultSavePlanner(enable_plan_caching=True)
-        planner._cached_plans_key = self._plans_key  # DCP's cache is per planner class otherwise
-        return planner
-
-    def _states(self, global_states: dict[str, Stateful]) -> tuple[dict[str, Any], set[str]]:
-        """The global states' state dicts as this rank gives them to DCP, and the whole tensors it holds.
-
-        Why: DCP writes a whole (replicated) tensor once, from the rank its plan picks (balanced by size), so
-        under DDP a rank writes about 1 / ranks of the weights and optimizer state, yet a background save would
-        stage all of it on every rank. From the second save of a start on, the tensors another rank wrote last
-        time are left out here: they are neither staged nor planned on this rank, and each is still written by
-        its writer (every rank holds the same values: `Replicas` agrees them before a save). A tensor that is
-        new since (the prototypes' optimizer state once they train) is given by every rank, and DCP picks its
-        writer. Sharded tensors (DTensors) are each rank's own and always given."""
+    def _states(self, global_states: dict[str, Stateful]) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+        """The global states' state dicts as this rank gives them to DCP, with its pieces of the replicated
+        tensors only (replicated.own_pieces: about 1 / ranks of them; every rank holds the same values,
+        `Replicas` agrees them before a save), and the table of those pieces for the planner. What this rank
+        does not write it neither stages nor plans. Sharded tensors (DTensors) are each rank's own and always
+        given."""
         states = {name: obj.state_dict() for name, obj in global_states.items()}
-        held = {".".join(path) for path, _ in _plain_tensors(states)}
-        if self._written is None:
-            return states, held
-        others = self._held - self._written
-        return _pruned(states, {path for path, _ in _plain_tensors(states) if ".".join(path) in others}), held
+        return own_pieces(states, self.env.world_size, self.env.rank)
+
+    def _planner(self, pieces: dict[str, tuple[int, ...]]) -> PieceSavePlanner:
+        """DCP's planner for `_states`, with DCP's plan cache keyed by this checkpointer. Why: at every save DCP
+        gathers each rank's plan into rank 0 and scatters the global plan back. A rank's plan lists its pieces
+        and its shards, about the state / ranks; cached, it is sent only when it changed (the first save of a
+        start, and the save that first holds the prototypes' optimizer state), an empty one otherwise, and rank
+        0 reuses the global plan and metadata it made from them (docs/scaling.md)."""
+        return PieceSavePlanner(pieces, self._plans_key)
 
     def _allocate_staging(self, states: dict[str, Any]) -> None:
         self._staged = allocate_staging(states, pin_memory=self.env.device.type == "cuda")
@@ -214,16 +198,16 @@ class Checkpointer:
         own_files = {name: obj for name, obj in global_states.items() if isinstance(obj, OwnFiles)}
         buf = io.BytesIO()
         torch.save({k: v.state_dict() for k, v in rank_states.items()}, buf)
-        states, held = self._states(global_states)
+        states, pieces = self._states(global_states)
         if blocking or not self.background or own_files:
-            return self._write(step, states, held, buf.getvalue(), own_files, started)
+            return self._write(step, states, pieces, buf.getvalue(), own_files, started)
         self._check_memory(states)
         buffers, self._staged = self._staged, None  # the new copy holds every buffer still used, and only those
         staged, copied = stage(states, buffers, self.env.device)
         del buffers
         self._staged = staged
         stall = time.time() - started
-        self._start_worker("the checkpoint written in the background", self._write, step, staged, held,
+        self._start_worker("the checkpoint written in the background", self._write, step, staged, pieces,
                            buf.getvalue(), {}, started, stall, copied)
         return self.root / step_dir_name(step)
 
@@ -284,12 +268,12 @@ class Checkpointer:
                           f"with {have / 2**30:.1f} GiB available. Set checkpoint.background=false to save "
                           "without the copy (training then waits for each save)", highlight=False)
 
-    def _write(self, step: int, states: dict[str, Any], held: set[str], rank_bytes: bytes,
+    def _write(self, step: int, states: dict[str, Any], pieces: dict[str, tuple[int, ...]], rank_bytes: bytes,
                own_files: dict[str, OwnFiles], started: float, stall: float | None = None,
                copied: Any = None) -> Path:
         """Write `states` (the state dicts of `_states`, or their staged copy) and this rank's file into
-        `step-N.partial/`, then commit it as `step-N/`; every collective on the saves' own group. `held`: the
-        whole tensors this rank held (`_states`), for the next save to leave out those another rank writes.
+        `step-N.partial/`, then commit it as `step-N/`; every collective on the saves' own group. `pieces`: the
+        rows of replicated tensors in `states` (`_states`).
 
         Staged states (`stall` given) are first waited for (`copied`: the event after their copies from the GPU,
         see `stage`), then written by a DCP writer that copies nothing ahead: by default it moves the next 10 MB
@@ -305,13 +289,12 @@ class Checkpointer:
                 shutil.rmtree(partial)  # a save of this step that died earlier
             partial.mkdir(parents=True)
         barrier(group)
-        planner = self._planner()
+        planner = self._planner(pieces)
         if stall is None:
             dcp.save(states, checkpoint_id=str(partial), process_group=group, planner=planner)
         else:
             dcp.save(states, storage_writer=dcp.FileSystemWriter(str(partial), per_thread_copy_ahead=0),
                      process_group=group, planner=planner)
-        self._held, self._written = held, {item.index.fqn for item in planner.plan.items}
         for name, obj in own_files.items():
             obj.save_files(own_files_dir(partial, name))
         atomic_write_bytes(partial / rank_file(self.env.rank), rank_bytes)
@@ -345,7 +328,8 @@ class Checkpointer:
     def load(self, path: Path, global_states: dict[str, Stateful], rank_states: dict[str, Stateful]) -> dict:
         """Restore every state from `path` (collective: rank 0 checks the files' sizes and reads meta.json for
         all). Saved by another number of ranks, the global states reshard through DCP and each per-rank state is
-        rebuilt from all old ranks' files by its `load_resharded`. Returns meta.json less its file list."""
+        rebuilt by its `load_resharded` from the few old ranks' files this rank reads (`reshard_reads`) and
+        collectives. Returns meta.json less its file list."""
         meta = decided_on_main(lambda: self._intact_meta(path))
         old_world = int(meta["world_size"])
         self.newest = path
@@ -358,13 +342,16 @@ class Checkpointer:
             for key, obj in rank_states.items():
                 obj.load_state_dict(per_rank[key])
             return meta
-        old = [torch.load(path / rank_file(r), map_location="cpu", weights_only=False) for r in range(old_world)]
-        for key, obj in rank_states.items():
+        for key, obj in rank_states.items():  # the same on every rank: all raise, before any collective
             if not isinstance(obj, Reshardable):
                 raise RuntimeError(f"rank {self.env.rank}: checkpoint {path} was written by {old_world} ranks, this "
                                    f"run has {self.env.world_size}, and its per-rank '{key}' state cannot be "
                                    "resharded; resume with the same number of ranks")
-            obj.load_resharded([o[key] for o in old], self.env.rank, self.env.world_size)
+        read = {r: torch.load(path / rank_file(r), map_location="cpu", weights_only=False)
+                for r in reshard_reads(self.env.rank, self.env.world_size, old_world)}
+        for key, obj in rank_states.items():
+            obj.load_resharded({r: state[key] for r, state in read.items()}, old_world, self.env.rank,
+                               self.env.world_size)
         return meta
 
     @staticmethod
@@ -395,7 +382,7 @@ class Checkpointer:
             present = {key[len(prefix):].rsplit(".", 1)[0] for key in saved if key.startswith(prefix)}
             for fqn in [f for f in optim_state if f not in present]:
                 del optim_state[fqn]
-        read_replicated_once(targets, path)
+        read_shares(targets, str(path))
         for name, obj in global_states.items():
             obj.load_state_dict(targets[name])
 
@@ -406,68 +393,3 @@ class Checkpointer:
     def _prune(self) -> None:
         for old in complete_checkpoints(self.root)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def read_replicated_once(targets: dict[str, Any], path: Path) -> None:
-    """dcp.load of `targets` (in place), with each replicated tensor read from the file system by one rank and
-    broadcast to the others (collective).
-
-    Why: a plain tensor in a DCP state dict is held whole by every rank (DDP's weights and optimizer state), and
-    dcp.load has every rank read all of them: at 4096 ranks the file system serves the state 4096 times per
-    resume. Here each plain tensor is read by one rank (`replicated_readers`), then sent to all by one broadcast
-    per tensor: the state is read once in all, and no rank reads more than about the state / ranks or its
-    largest tensor, whichever is larger; the broadcasts are as many as the tensors. Whole tensors, not slices:
-    a tensor written in slices by every rank would make DCP's metadata, which every rank reads, and the write
-    results gathered into rank 0 at every save grow as ranks x tensors. Sharded tensors (FSDP2's DTensors) are
-    read by their owners as before, and whatever is not a tensor (the optimizer's hyper-parameters) by every
-    rank."""
-    world = world_size()
-    plain = _plain_tensors(targets)
-    if world == 1 or not plain:
-        dcp.load(targets, checkpoint_id=str(path))
-        return
-    owner = replicated_readers(plain, world)
-    me = rank()
-    dcp.load(_pruned(targets, {key for key, r in owner.items() if r != me}), checkpoint_id=str(path))
-    device = comm_device()
-    for key, tensor in sorted(plain, key=lambda item: item[0]):
-        box = tensor if tensor.device == device and tensor.is_contiguous() else tensor.contiguous().to(device)
-        broadcast(box, src=owner[key])
-        if box is not tensor:
-            tensor.copy_(box)
-
-
-def replicated_readers(tensors: list[tuple[tuple[str, ...], torch.Tensor]], world: int) -> dict[tuple[str, ...], int]:
-    """The rank that reads each tensor: largest first, each to the rank with the fewest bytes so far (ties to
-    the lowest rank); the same deal on every rank, from the same shapes."""
-    loads, owner = [(0, r) for r in range(world)], {}  # a heap of (bytes so far, rank)
-    for key, tensor in sorted(tensors, key=lambda item: (-item[1].numel() * item[1].element_size(), item[0])):
-        load, r = heapq.heappop(loads)
-        owner[key] = r
-        heapq.heappush(loads, (load + tensor.numel() * tensor.element_size(), r))
-    return owner
-
-
-def _plain_tensors(tree: dict[str, Any], path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], torch.Tensor]]:
-    """The plain (not DTensor) tensors in the nested dicts of `tree`, by their path of keys; tensors inside
-    lists are left to every rank's own read."""
-    from torch.distributed.tensor import DTensor
-
-    found = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            found += _plain_tensors(value, (*path, key))
-        elif isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
-            found.append(((*path, key), value))
-    return found
-
-
-def _pruned(tree: dict[str, Any], drop: set[tuple[str, ...]], path: tuple[str, ...] = ()) -> dict[str, Any]:
-    """`tree` without the tensors whose path is in `drop` (the same objects otherwise, loaded in place)."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out[key] = _pruned(value, drop, (*path, key))
-        elif (*path, key) not in drop:
-            out[key] = value
-    return out

@@ -13,10 +13,9 @@ A save (`stage`) reuses the buffer of every tensor whose key, shape and dtype ar
 for the others, such as the prototypes' optimizer state, which begins only once they are no longer frozen
 (after `prepare` with the shipped configurations); buffers no longer needed are freed with the previous copy,
 never held beside a second whole one. Staging memory and time are per rank and do not grow with the number of
-ranks: each rank stages what it writes. Under FSDP that is its shards; under DDP, the first save of a start
-stages the whole replicated state on every rank, and from the second on each rank only the tensors DCP has it
-write, about 1 / ranks of them (manager.Checkpointer._states), the rest freed after the first save. A
-node needs that much host memory for each of its ranks (`tensor_bytes`; the manager warns when it is short).
+ranks: each rank stages what it writes. Under FSDP that is its shards; under DDP, its rows of the replicated
+state, about 1 / ranks of it (checkpoint/replicated.py), from the first save of a start on. A node needs that
+much host memory for each of its ranks (`tensor_bytes`; the manager warns when it is short).
 """
 
 from __future__ import annotations

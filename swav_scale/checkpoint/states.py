@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from swav_scale.distributed import dealt
 from swav_scale.utils import stable_seed
 
 
@@ -39,8 +40,17 @@ class Replicas(Protocol):
 
 @runtime_checkable
 class Reshardable(Protocol):
-    def load_resharded(self, states: list[dict[str, Any]], rank: int, world_size: int) -> None:
-        """Become rank `rank` of `world_size` from the states every rank of another world size saved."""
+    def load_resharded(self, read: dict[int, dict[str, Any]], old_world: int, rank: int, world_size: int) -> None:
+        """Become rank `rank` of `world_size` from a checkpoint that `old_world` ranks saved (collective).
+        `read`: the states of the old ranks this rank read (`reshard_reads`), by old rank; what other ranks
+        need of them travels by collectives, so that no rank reads every old rank's file."""
+
+
+def reshard_reads(rank: int, world_size: int, old_world: int) -> list[int]:
+    """The old ranks whose files new rank `rank` reads on a resume at another world size: those dealt to it
+    (distributed.dealt: each old rank to one new rank), and old rank `rank % old_world`, whose random streams
+    it continues. At most ceil(old / new) + 1 files per rank, whatever the world sizes."""
+    return sorted({*dealt(rank, world_size, old_world), rank % old_world})
 
 
 @runtime_checkable
@@ -94,10 +104,10 @@ class RNGState:
         if self.device is not None and "cuda" in state:
             torch.cuda.set_rng_state(state["cuda"], self.device)
 
-    def load_resharded(self, states: list[dict[str, Any]], rank: int, world_size: int) -> None:
+    def load_resharded(self, read: dict[int, dict[str, Any]], old_world: int, rank: int, world_size: int) -> None:
         """Old rank r's streams for new rank r; a new rank beyond the old count reuses an old rank's streams,
         which only the augmentation-free parts of training use (crops are seeded per sample)."""
-        self.load_state_dict(states[rank % len(states)])
+        self.load_state_dict(read[rank % old_world])
 
 
 def seed_generators(seed: int, rank: int) -> None:

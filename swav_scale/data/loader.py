@@ -32,6 +32,7 @@ from swav_scale.data.manifest import ShardError
 from swav_scale.data.multicrop import Crops, MultiCrop, sample_seed
 from swav_scale.data.plan import Layout, Planner, Segment, Span, consumer_rng, epoch_steps, interleave, worker_batches
 from swav_scale.data.reader import BadSample, decode_reduced, label_of, read_span
+from swav_scale.distributed import all_reduce_numbers, dealt
 from swav_scale.utils import stable_seed
 
 
@@ -194,8 +195,11 @@ class ShardLoader:
         self.epoch, self.segments = int(state["epoch"]), segments
         self.bad_samples = int(state["bad_samples"])
 
-    def load_resharded(self, states: list[dict[str, Any]], rank: int, world_size: int) -> None:
-        """Every old rank saved the same position; the epoch's bad-sample count (summed over the ranks when
-        checked) goes to new rank 0 whole."""
-        self.load_state_dict(states[0])
-        self.bad_samples = sum(int(s["bad_samples"]) for s in states) if rank == 0 else 0
+    def load_resharded(self, read: dict[int, dict[str, Any]], old_world: int, rank: int, world_size: int) -> None:
+        """Every old rank saved the same position, so any file read gives it; the epoch's bad-sample count
+        (summed over the ranks when checked) goes to new rank 0 whole: each rank sums the old ranks dealt to
+        it, and one all-reduce adds them up (collective)."""
+        self.load_state_dict(read[rank % old_world])
+        mine = sum(int(read[j]["bad_samples"]) for j in dealt(rank, world_size, old_world))
+        total = int(all_reduce_numbers([mine])[0])
+        self.bad_samples = total if rank == 0 else 0
