@@ -110,7 +110,9 @@ def requeue_after_failure(cfg: Config, error: Exception, started_from: Path | No
 REQUEUE_ATTEMPTS = 8  # ranks that take a turn at `scontrol requeue` before the job gives up
 SCONTROL_TIMEOUT_S = 20  # one scontrol or sinfo call; slurmctld answers in well under a second
 REQUEUE_POLL_S = 2.0  # how often a waiting rank reads the outcome of the attempt in progress
-ATTEMPT_TIMEOUT_S = 7 * SCONTROL_TIMEOUT_S + 10  # the longest an attempt takes: seven calls, a probe, a record
+PROBE_TIMEOUT_S = 5.0  # a host that does not take a TCP connection this long is off the network
+# the longest an attempt takes: seven calls, a probe of 512 silent hosts 64 at a time, a record
+ATTEMPT_TIMEOUT_S = 7 * SCONTROL_TIMEOUT_S + 8 * PROBE_TIMEOUT_S + 10
 
 
 def _requeue_once(cfg: Config, error: Exception, run_dir: Path, job: str, restart: int, rank: int) -> None:
@@ -213,20 +215,24 @@ def lost_ranks(error: BaseException, ranks: list[dict[str, Any]], rank: int) -> 
     return [], False
 
 
-PROBE_TIMEOUT_S = 5.0  # a host that does not take a TCP connection this long is off the network
-
-
 def lost_hosts(error: BaseException, ranks: list[dict[str, Any]], rank: int) -> list[str]:
     """The hosts that failed this rank, for the job's next start to leave out; never this rank's own. Those
     `lost_ranks` names when their connections reset (their processes died). After a time-out, where any of
     the other hosts may be the one that stopped answering, those of them that do not answer on the network now
     (`silent_hosts`): a host that froze or left the network. A host that answers is left in: a process that
     hung there cannot be told from one that waited for it. The probe also keeps a rank that was itself cut off,
-    and reaches slurmctld again, from blaming the hosts it lost sight of."""
+    and reaches slurmctld again, from blaming the hosts it lost sight of. Where more than half of them are
+    silent, none is excluded: that says more about this host's view of the network than about them. (SLURM's
+    own message fan-out has slurmd reach slurmd on other nodes, so compute nodes take such connections.)"""
     lost, every = lost_ranks(error, ranks, rank)
     me = {r["host"] for r in ranks if r["rank"] == rank}
     hosts = sorted({r["host"] for r in lost} - me)
-    return hosts if every else silent_hosts(hosts)
+    if every:
+        return hosts
+    silent = silent_hosts(hosts)
+    # more than half silent: rather this host's view of the network (a firewall, its own link) than so many
+    # failed hosts; leave them all in
+    return silent if len(silent) <= max(1, len(hosts) // 2) else []
 
 
 def silent_hosts(hosts: list[str]) -> list[str]:

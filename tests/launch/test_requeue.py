@@ -158,7 +158,7 @@ def test_after_a_time_out_the_hosts_that_do_not_answer_are_excluded(slurm: FakeS
                                                                      tmp_path: Path) -> None:
     """A time-out does not say which peer stopped answering: the requeuer probes the other hosts (a TCP
     connection to slurmd's port) and leaves out those that do not answer. Where all answer (a process hung,
-    or the requeuer was the one cut off and is back), none is excluded."""
+    or the requeuer was the one cut off and is back), or more than half do not, none is excluded."""
     cfg = load_config("configs/quickstart.yaml", [f"train.run_dir={tmp_path}"])
     silent = {"gpu-c"}
     probed: list[tuple[str, int]] = []
@@ -168,6 +168,9 @@ def test_after_a_time_out_the_hosts_that_do_not_answer_are_excluded(slurm: FakeS
     assert sorted(probed) == [("gpu-b", 6818), ("gpu-c", 6818)]  # slurmd's port, by default
     silent.clear()
     assert lost_hosts(timed_out, RANKS, 0) == []
+    silent.update({"gpu-b", "gpu-c"})  # every other host silent: this host's view, not theirs
+    assert lost_hosts(timed_out, RANKS, 0) == []
+    silent.clear()
     _record_start(tmp_path, RANKS)
     silent.add("gpu-b")
     slurm.calls.clear()
