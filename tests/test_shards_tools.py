@@ -22,7 +22,7 @@ from swav_scale.data.manifest import MANIFEST, read_manifest, ShardError
 from swav_scale.shards import builder
 from swav_scale.shards.make_shards import build_parser
 from swav_scale.shards.make_shards import main as make_shards
-from swav_scale.shards.tar import Sample, tar_bytes
+from swav_scale.shards.tar import Sample, shard_files, shard_name, tar_bytes
 from swav_scale.shards.verify import main as verify_shards
 from swav_scale.shards.verify import verify_directory
 from swav_scale.utils import console
@@ -440,3 +440,22 @@ def test_help_explains_the_options() -> None:
     for phrase in ("--file-list PATH", "path<TAB>label", "--resize N", "cut by --max-count alone",
                    "byte for byte", "Rerun the same command after an interruption", "--workers"):
         assert phrase in text
+
+
+def test_shard_names_widen_past_a_million_and_stay_this_prefixes(tmp_path: Path) -> None:
+    """Shard 1,000,000 is named with 7 digits; the builder finds it as one of this prefix's shards, in index
+    order after 999,999, and removes its stale record and file as it does the others'; another prefix's
+    files, and names of fewer than 6 digits, are not its own."""
+    assert shard_name("train", 1_000_000) == "train-1000000.tar" and shard_name("train", 7) == "train-000007.tar"
+    for name in ("train-1000000.tar", "train-999999.tar", "train-000001.tar.partial", "val-000001.tar",
+                 "train-12345.tar"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in shard_files(tmp_path, "train")] == ["train-000001.tar.partial", "train-999999.tar",
+                                                                 "train-1000000.tar"]
+    progress = tmp_path / builder.PROGRESS_DIR
+    progress.mkdir()
+    (progress / "train-1000000.tar.json").write_text("{}")
+    builder._clean_stale(tmp_path, "train", keep={"train-999999.tar"})
+    assert sorted(p.name for p in tmp_path.glob("*.tar*")) == ["train-12345.tar", "train-999999.tar",
+                                                               "val-000001.tar"]
+    assert list(progress.iterdir()) == []

@@ -32,7 +32,7 @@ from rich.markup import escape
 
 from swav_scale.data.manifest import MANIFEST, Manifest, read_manifest, ShardError, ShardInfo, write_manifest
 from swav_scale.shards.inputs import Item, Source, load_item
-from swav_scale.shards.tar import member_bytes, shard_files, shard_name, ShardTarWriter, tar_bytes
+from swav_scale.shards.tar import SHARD_NUMBER, member_bytes, shard_files, shard_name, ShardTarWriter, tar_bytes
 from swav_scale.utils import atomic_write_text, console, progress_bar, sha256_file
 
 PROGRESS_DIR = ".progress"
@@ -264,7 +264,7 @@ def _clean_stale(out_dir: Path, prefix: str, keep: set[str]) -> None:
     """Remove this prefix's shards, partial files and records that are not kept: records first, so that no
     record can outlive the file it describes."""
     progress = out_dir / PROGRESS_DIR
-    pattern = re.compile(rf"\.?{re.escape(prefix)}-\d{{6}}\.tar\.json(\..*\.tmp)?")
+    pattern = re.compile(rf"\.?{re.escape(prefix)}-{SHARD_NUMBER}\.tar\.json(\..*\.tmp)?")
     if progress.is_dir():
         for f in progress.iterdir():
             if pattern.fullmatch(f.name) and f.name.removesuffix(".json") not in keep:

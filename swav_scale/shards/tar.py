@@ -48,13 +48,19 @@ class Sample:
 
 
 def shard_name(prefix: str, index: int) -> str:
+    """`PREFIX-000042.tar`: six digits at least, more past a million shards (`shard_files` finds both)."""
     return f"{prefix}-{index:06d}.tar"
 
 
+SHARD_NUMBER = r"\d{6,}"  # the index in shard_name, for the patterns that find this prefix's files
+
+
 def shard_files(directory: Path, prefix: str) -> list[Path]:
-    """This prefix's shards and unfinished `.partial` shards in `directory` (not other prefixes' files)."""
-    pattern = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.tar(\.partial)?")
-    return sorted(p for p in directory.iterdir() if pattern.fullmatch(p.name))
+    """This prefix's shards and unfinished `.partial` shards in `directory` (not other prefixes' files), in
+    index order (a name of 7 digits after those of 6)."""
+    pattern = re.compile(rf"{re.escape(prefix)}-({SHARD_NUMBER})\.tar(\.partial)?")
+    found = [(m, p) for p in directory.iterdir() if (m := pattern.fullmatch(p.name))]
+    return [p for m, p in sorted(found, key=lambda mp: (int(mp[0].group(1)), mp[1].name))]
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
