@@ -201,6 +201,8 @@ def test_workers_write_the_same_bytes_as_one_process(tmp_path: Path, folder: Pat
 def test_rerun_keeps_intact_shards_and_rewrites_damaged_ones(
     tmp_path: Path, folder: Path, capsys: pytest.CaptureFixture
 ) -> None:
+    """A rerun trusts a shard's record and size; only --verify reads the shard again, so a shard altered in
+    place at equal size is kept by a plain rerun and rewritten by one with --verify."""
     out = tmp_path / "out"
     shards_of(folder, out, "--max-count", "5")
     before = stamp_old(out)
@@ -209,11 +211,16 @@ def test_rerun_keeps_intact_shards_and_rewrites_damaged_ones(
     data = bytearray(damaged.read_bytes())
     data[1500] ^= 0xFF  # same size, other bytes
     damaged.write_bytes(bytes(data))
+    os.utime(damaged, ns=(before[damaged.name][1],) * 2)
     (out / "shard-000004.tar.partial").write_bytes(b"left by a killed run")
     (out / MANIFEST).unlink()
     capsys.readouterr()
-    resumed = shards_of(folder, out, "--max-count", "5")
-    assert "2 shards written, 4 kept from an earlier run" in printed(capsys)
+    shards_of(folder, out, "--max-count", "5")
+    assert "1 shards written, 5 kept from an earlier run" in printed(capsys)
+    assert damaged.read_bytes() == bytes(data), "same size: kept unread"
+    assert not verify_directory(out, decode=False).ok, "verify_shards still finds it"
+    resumed = shards_of(folder, out, "--max-count", "5", "--verify")
+    assert "kept 5 finished shards (size and sha256); 1 to write" in printed(capsys)
     after = {t.name: (t.stat().st_ino, t.stat().st_mtime_ns) for t in out.glob("*.tar")}
     for name in ("shard-000000.tar", "shard-000002.tar", "shard-000004.tar", "shard-000005.tar"):
         assert after[name] == before[name], f"{name} was rewritten"

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import sys
 import time
 from pathlib import Path
 
-from swav_scale.data.manifest import Manifest, read_manifest
+from swav_scale.data.manifest import Manifest, read_manifest, ShardError
 from swav_scale.shards import fashion_mnist
-from swav_scale.shards.builder import SKIPPED_IN_MANIFEST, Settings, available_cpus, build_shards
+from swav_scale.shards.builder import (available_cpus, build_manifest, make_plan, Part, Settings, SKIPPED_IN_MANIFEST,
+                                       write_part)
 from swav_scale.shards.inputs import Source, fashion_mnist_source, file_list_source, image_folder_source
 from swav_scale.utils import console
 
@@ -22,10 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
         "a file list, or Fashion-MNIST idx files. Samples are shuffled at write time with --seed and cut into "
         "consecutive shards planned up front; workers write whole shards in parallel. The same input and seed "
         "give the same shards byte for byte, whatever --workers. Rerun the same command after an interruption: "
-        "finished shards (records in OUT/.progress/) are verified and kept, the rest is written; a different "
-        "plan (seed, input, limits) rewrites the directory's shards of this prefix. Unreadable images are "
-        "skipped, counted and listed in manifest.json. manifest.json is written last: a directory with one is "
-        "complete. Check a directory with tools/verify_shards.py.",
+        "finished shards (records in OUT/.progress/ of this plan, files of the recorded size) are kept, the rest "
+        "is written; a different plan (seed, input, limits) rewrites the directory's shards of this prefix. "
+        "Unreadable images are skipped, counted and listed in manifest.json. manifest.json is written last: a "
+        "directory with one is complete. Many hosts: run the same command with --part i/n (or --part slurm in a "
+        "SLURM job array) once per part, side by side on one --out, then once with --merge. Check a directory "
+        "with tools/verify_shards.py.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
@@ -77,7 +83,52 @@ def build_parser() -> argparse.ArgumentParser:
         default=available_cpus(),
         help="processes writing whole shards in parallel (default: the CPUs available)",
     )
+    many = p.add_mutually_exclusive_group()
+    many.add_argument(
+        "--part",
+        metavar="I/N",
+        help="write only part I of N (0 <= I < N): the shards whose index is I modulo N, the same bytes a single "
+        "run writes; 'slurm' takes I and N from SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT (less "
+        "SLURM_ARRAY_TASK_MIN). Parts may run at the same time on one --out; none writes manifest.json",
+    )
+    many.add_argument(
+        "--merge",
+        action="store_true",
+        help="write nothing but manifest.json, once every part has finished: checks each shard's record and size, "
+        "else names the missing shards and the part to rerun (pass the arguments the parts got, without --part)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="recompute the sha256 of finished shards before keeping them (default: a shard whose record is of "
+        "this plan and whose file has the recorded size is kept unread)",
+    )
     return p
+
+
+_PART = re.compile(r"(\d+)/(\d+)")
+
+
+def parse_part(text: str, environ: dict[str, str] | None = None) -> Part:
+    """--part: 'I/N', or 'slurm' for the task of a SLURM job array (0-based within the array, so --array=1-64
+    works as well as --array=0-63)."""
+    env = os.environ if environ is None else environ
+    if text == "slurm":
+        names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
+        absent = [n for n in names if not env.get(n, "").isdigit()]
+        if absent:
+            raise ShardError(f"--part slurm needs {' and '.join(absent)} (set by sbatch --array); "
+                             "run it in a job array, or pass --part I/N")
+        index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
+        count = int(env["SLURM_ARRAY_TASK_COUNT"])
+        if not 0 <= index < count:
+            raise ShardError(f"--part slurm: task {env['SLURM_ARRAY_TASK_ID']} is not one of {count} consecutive "
+                             f"tasks; submit with sbatch --array=0-{count - 1}")
+        return Part(index, count)
+    match = _PART.fullmatch(text)
+    if not match or not int(match.group(1)) < int(match.group(2)):
+        raise ShardError(f"--part {text!r}: expected I/N with 0 <= I < N (e.g. --part 3/64), or 'slurm'")
+    return Part(int(match.group(1)), int(match.group(2)))
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -105,10 +156,17 @@ def _where_listed(skipped: int) -> str:
     return f"the first {SKIPPED_IN_MANIFEST} listed in manifest.json, all of them in .progress/*.json"
 
 
-def main(argv: list[str] | None = None) -> Manifest:
+def _without(argv: list[str], flag: str) -> list[str]:
+    return [a for a in argv if a != flag]
+
+
+def main(argv: list[str] | None = None) -> Manifest | None:
+    """Write the shards (all of them, or one part) or merge the parts; the manifest, or None after a part."""
     parser = build_parser()
+    argv = list(argv) if argv is not None else sys.argv[1:]
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    part = parse_part(args.part) if args.part is not None else None
     started = time.time()
     source, prefix = _source(args)
     max_size = (args.max_size or DEFAULT_MAX_SIZE) if source.sized else None
@@ -119,8 +177,25 @@ def main(argv: list[str] | None = None) -> Manifest:
     settings = Settings(args.prefix or prefix, args.seed, args.max_count, max_size, args.resize, args.workers)
     extra = {**source.description, "seed": args.seed, "max_count": args.max_count, "max_size": max_size,
              "resize": args.resize}
-    result = build_shards(source, args.out, settings, extra)
-    m = result.manifest
+    plan = make_plan(source, settings)
+    console.print(f"planned {len(source):,} samples in {plan.count:,} shards in {time.time() - started:.1f} s",
+                  highlight=False)
+    if args.merge:
+        merged = build_manifest(plan, args.out, extra, args.verify, _without(argv, "--merge"))
+        assert merged.manifest is not None
+        console.print(f"merged {len(merged.manifest.shards)} shards, {merged.manifest.total} samples: wrote "
+                      f"{args.out / 'manifest.json'}", highlight=False)
+        return merged.manifest
+    if part is not None:
+        done = write_part(plan, args.out, part, args.verify)
+        console.print(
+            f"part {part}: {done.written} shards written, {done.kept} kept from an earlier run, in "
+            f"{time.time() - started:.1f} s; once every part has finished, run the same command with --merge "
+            "instead of --part", highlight=False)
+        return None
+    result = write_part(plan, args.out, verify=args.verify)
+    m = build_manifest(plan, args.out, extra).manifest
+    assert m is not None
     console.print(
         f"wrote {m.total} samples in {len(m.shards)} shards to {args.out} in {time.time() - started:.1f} s"
         f" ({result.written} shards written, {result.kept} kept from an earlier run)"
@@ -136,4 +211,6 @@ def ensure_shards(argv: list[str], out: Path) -> Manifest:
     try:
         return read_manifest(out)
     except ValueError:
-        return main([*argv, "--out", str(out)])
+        manifest = main([*argv, "--out", str(out)])
+        assert manifest is not None  # a run without --part writes the manifest
+        return manifest
