@@ -5,13 +5,21 @@ in one pass: every listed shard exists with the listed size and sha256, holds th
 and every sample has exactly one image member that decodes completely and a `cls` member with a valid class
 index. Tar files present but not listed (left over from another run) are reported too. The result is a
 structured report (`verify_directory`), printed as a table by `main`.
+
+At a billion images one pass over everything is long, so it can be split and thinned: `--part I/N` checks the
+shards whose index is I modulo N (the shards make_shards' part I/N wrote; N jobs check a set side by side), and
+`--sample-images K` decodes a seeded sample of K images per shard (or a fraction, below 1) instead of all of
+them, while the tar structure, the sample count, the size and the sha256 of every shard are still checked
+(`--no-sha256` skips the last, which reads every byte).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import math
 import multiprocessing
+import random
 import re
 import tarfile
 from collections.abc import Iterator
@@ -23,7 +31,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from swav_scale.data.manifest import IMAGE_MEMBERS, MANIFEST, parse_manifest, ShardError, ShardInfo
-from swav_scale.shards.builder import available_cpus
+from swav_scale.shards.builder import available_cpus, Part, WHOLE
+from swav_scale.shards.make_shards import parse_part
 from swav_scale.utils import console, progress_bar, sha256_file
 
 PROBLEMS_PER_SHARD = 5  # sample problems named per shard; the rest are counted
@@ -37,6 +46,7 @@ class ShardReport:
     samples: int | None = None  # found in the tar (None: not read)
     bytes: int | None = None  # on disk (None: absent)
     problems: list[str] = field(default_factory=list)
+    decoded: int = 0  # images decoded
 
     @property
     def ok(self) -> bool:
@@ -49,6 +59,8 @@ class VerifyReport:
     shards: list[ShardReport]
     problems: list[str]  # about the directory as a whole
     decoded: bool
+    sample: float | None = None  # images decoded per shard (a fraction below 1); None: all of them
+    part: Part = WHOLE
 
     @property
     def ok(self) -> bool:
@@ -57,6 +69,10 @@ class VerifyReport:
     @property
     def samples(self) -> int:
         return sum(s.samples or 0 for s in self.shards)
+
+    @property
+    def images_decoded(self) -> int:
+        return sum(s.decoded for s in self.shards)
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,17 @@ class ShardTask:
     info: ShardInfo
     decode: bool
     classes: int
+    sample: float | None = None  # decode this many images (a fraction below 1) chosen with `seed`; None: all
+    seed: int = 0
+    sha256: bool = True
+
+    def to_decode(self) -> set[int] | None:
+        """Positions of the samples to decode (None: every one); the same for the same shard and seed."""
+        if self.sample is None:
+            return None
+        n = self.info.samples
+        k = min(n, math.ceil(self.sample * n) if self.sample < 1 else int(self.sample))
+        return set(random.Random(f"{self.seed}:{self.info.name}").sample(range(n), k))
 
 
 def _key_ext(name: str) -> tuple[str, str]:
@@ -133,18 +160,21 @@ def check_shard(task: ShardTask) -> ShardReport:
     report.bytes = path.stat().st_size
     if report.bytes != task.info.bytes:
         report.problems.append(f"size {report.bytes}, {MANIFEST} says {task.info.bytes} (truncated or replaced)")
-    elif sha256_file(path) != task.info.sha256:
+    elif task.sha256 and sha256_file(path) != task.info.sha256:
         report.problems.append(f"sha256 differs from {MANIFEST} (damaged or replaced)")
     sample_problems: list[str] = []
     seen: set[str] = set()
     count = 0
+    chosen = task.to_decode() if task.decode else set()
     try:
         for key, fields in _samples(task.path):
+            decode = chosen is None or count in chosen
             count += 1
             if key in seen:
                 sample_problems.append(f"key {key} appears twice, apart: readers see two samples")
             seen.add(key)
-            sample_problems += _sample_problems(key, fields, task.decode, task.classes)
+            sample_problems += _sample_problems(key, fields, decode, task.classes)
+            report.decoded += decode
     except (tarfile.TarError, OSError, EOFError) as e:
         report.problems.append(f"tar breaks off after {count} samples: {type(e).__name__}: {e}")
     report.samples = count
@@ -156,10 +186,19 @@ def check_shard(task: ShardTask) -> ShardReport:
     return report
 
 
-def _unlisted(directory: Path, listed: set[str]) -> list[ShardReport]:
+_NUMBER = re.compile(r"-(\d{6,})\.tar(\.partial)?$")
+
+
+def _index(name: str, position: int) -> int:
+    """A shard's index: the number in its name (make_shards' names), else its place in the manifest."""
+    match = _NUMBER.search(name)
+    return int(match.group(1)) if match else position
+
+
+def _unlisted(directory: Path, listed: set[str], part: Part = WHOLE) -> list[ShardReport]:
     reports = []
     for path in sorted(directory.glob("*.tar")) + sorted(directory.glob("*.tar.partial")):
-        if path.name in listed:
+        if path.name in listed or not part.owns(_index(path.name, 0)):
             continue
         why = (
             "unfinished shard of an interrupted make_shards run; rerun it, or remove the file"
@@ -170,9 +209,11 @@ def _unlisted(directory: Path, listed: set[str]) -> list[ShardReport]:
     return reports
 
 
-def verify_directory(directory: str | Path, decode: bool = True, workers: int = 1) -> VerifyReport:
-    """Check every shard of `directory` against its manifest. ShardError when the directory or the manifest
-    cannot be read at all (nothing to check against)."""
+def verify_directory(directory: str | Path, decode: bool = True, workers: int = 1, part: Part = WHOLE,
+                     sample: float | None = None, seed: int = 0, sha256: bool = True) -> VerifyReport:
+    """Check the shards of `directory` (those `part` owns) against its manifest, decoding every image or a
+    seeded `sample` per shard. ShardError when the directory or the manifest cannot be read at all (nothing to
+    check against)."""
     directory = Path(directory)
     try:
         shards, classes, raw = parse_manifest(directory)
@@ -180,7 +221,8 @@ def verify_directory(directory: str | Path, decode: bool = True, workers: int = 
         raise ShardError(f"cannot read {directory / MANIFEST} ({e}); check the path and its permissions") from e
     if not shards:
         raise ShardError(f"{directory / MANIFEST} lists no shards; recreate the shards with tools/make_shards.py")
-    tasks = [ShardTask(str(directory / s.name), s, decode, len(classes)) for s in shards]
+    tasks = [ShardTask(str(directory / s.name), s, decode, len(classes), sample, seed, sha256)
+             for k, s in enumerate(shards) if part.owns(_index(s.name, k))]
     reports: list[ShardReport] = []
     with progress_bar(f"verifying {directory}", len(tasks)) as advance:
         if workers > 1 and len(tasks) > 1:
@@ -196,7 +238,8 @@ def verify_directory(directory: str | Path, decode: bool = True, workers: int = 
     listed_total = sum(s.samples for s in shards)
     if raw.get("total", listed_total) != listed_total:
         problems.append(f"{MANIFEST} says total {raw['total']} but its shards add up to {listed_total}")
-    return VerifyReport(directory, reports + _unlisted(directory, {s.name for s in shards}), problems, decode)
+    unlisted = _unlisted(directory, {s.name for s in shards}, part)
+    return VerifyReport(directory, reports + unlisted, problems, decode, sample, part)
 
 
 def print_report(report: VerifyReport) -> None:
@@ -214,7 +257,12 @@ def print_report(report: VerifyReport) -> None:
     console.print(table)
     for p in report.problems:
         console.print(f"[red]problem:[/] {escape(str(p))}", highlight=False)
-    checked = "decoded" if report.decoded else "not decoded (--no-decode)"
+    checked = "not decoded (--no-decode)"
+    if report.decoded:
+        checked = (f"decoded ({report.images_decoded})" if report.sample is None else
+                   f"{report.images_decoded} decoded (a seeded sample of {report.sample:g} per shard)")
+    if report.part != WHOLE:
+        checked += f"; part {report.part}: the shards whose index is {report.part.index} modulo {report.part.count}"
     bad = [s for s in report.shards if not s.ok]
     if report.ok:
         console.print(f"[green]all good[/]: {len(report.shards)} shards, {report.samples} samples, images {checked}")
@@ -240,6 +288,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", type=Path, help="shard directory written by tools/make_shards.py")
     p.add_argument("--no-decode", action="store_true", help="skip decoding images (checks sizes, sha256, members)")
     p.add_argument(
+        "--sample-images",
+        type=float,
+        default=None,
+        metavar="K",
+        help="decode K images per shard, chosen with --seed (a fraction of each shard's images when below 1), "
+        "instead of all of them; members, counts, sizes and sha256 are still checked for every shard",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample-images' choice (default 0)")
+    p.add_argument("--no-sha256", action="store_true", help="skip the sha256 of each shard (sizes still checked)")
+    p.add_argument(
+        "--part",
+        metavar="I/N",
+        help="check only part I of N: the shards whose index is I modulo N, as make_shards --part wrote them "
+        "('slurm': I and N from SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=available_cpus(),
@@ -249,9 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.sample_images is not None and args.sample_images <= 0:
+        parser.error(f"--sample-images must be above 0, not {args.sample_images:g}")
     try:
-        report = verify_directory(args.directory, decode=not args.no_decode, workers=max(1, args.workers))
+        part = parse_part(args.part) if args.part is not None else WHOLE
+        report = verify_directory(args.directory, decode=not args.no_decode, workers=max(1, args.workers), part=part,
+                                  sample=args.sample_images, seed=args.seed, sha256=not args.no_sha256)
     except ShardError as e:
         console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return 2
