@@ -236,7 +236,7 @@ def fingerprint(source: Source, settings: Settings) -> str:
         "resize": settings.resize,
     }
     h.update(json.dumps(fixed, sort_keys=True).encode())
-    for array in (source.order.astype(np.int64, copy=False), source.labels, source.sizes, source.pixels):
+    for array in (source.order, source.labels, source.sizes, source.pixels):
         _hash_array(h, array)
     if source.paths is not None:
         _hash_array(h, source.paths.offsets)

@@ -145,13 +145,20 @@ def file_sizes(paths: PathTable, order: np.ndarray, threads: int = STAT_THREADS)
     with its reason, when its shard is written). Threads keep many stat calls in flight, which is what a
     network file system needs; os.stat releases the GIL while it waits."""
     sizes = np.full(len(order), -1, np.int64)
+    base = os.fsencode(paths.base) + b"/" if paths.base is not None else b""
+    blob = memoryview(paths.blob)
 
     def size_range(lo: int) -> None:
-        for p in range(lo, min(lo + STAT_BATCH, len(order))):
+        """Sizes of one batch of positions, with as little Python per file as a stat call allows."""
+        index = order[lo : lo + STAT_BATCH]
+        found = []
+        for start, end in zip(paths.offsets[index].tolist(), paths.offsets[index + 1].tolist()):
+            raw = blob[start:end].tobytes()
             try:
-                sizes[p] = os.stat(paths.os_path(int(order[p]))).st_size
+                found.append(os.stat(raw if raw.startswith(b"/") else base + raw).st_size)  # as os.path.join
             except OSError:
-                pass
+                found.append(-1)
+        sizes[lo : lo + len(found)] = found
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for _ in pool.map(size_range, range(0, len(order), STAT_BATCH)):
@@ -269,20 +276,30 @@ def _parse_chunk(path: Path, data: bytes, lineno: int, ids: _LabelIds) -> tuple[
         starts, ends = starts[:-1], ends[:-1]
     numbers = lineno + np.arange(len(starts))
     ends = ends - ((ends > starts) & (a[np.maximum(ends - 1, 0)] == ord("\r")))  # \r\n line ends
-    solid = np.concatenate(([0], np.cumsum(~_SPACE[a], dtype=np.int64)))  # non-space bytes before each offset
-    tabs = np.concatenate(([0], np.cumsum(a == ord("\t"), dtype=np.int64)))
-    data_line = (solid[ends] > solid[starts]) & (a[np.minimum(starts, max(len(a) - 1, 0))] != ord("#"))
+    space = _SPACE[a]
+    space_at = np.flatnonzero(space)  # a few per line: the tab, the newline, now and then a space
+
+    def solid(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Whether data[lo:hi] holds a byte that is not a space (what str.strip() would keep)."""
+        return hi - lo > np.searchsorted(space_at, hi) - np.searchsorted(space_at, lo)
+
+    last = max(len(a) - 1, 0)
+    data_line = solid(starts, ends) & (a[np.minimum(starts, last)] != ord("#"))
     starts, ends, numbers = starts[data_line], ends[data_line], numbers[data_line]
     tab_at = np.flatnonzero(a == ord("\t"))
-    tab = tab_at[np.minimum(np.searchsorted(tab_at, starts), max(len(tab_at) - 1, 0))] if len(tab_at) else starts
-    good = (tabs[ends] - tabs[starts] == 1) & (solid[tab] > solid[starts]) & (solid[ends] > solid[tab + 1])
+    first_tab = np.searchsorted(tab_at, starts)
+    tabs = np.searchsorted(tab_at, ends) - first_tab
+    tab = tab_at[np.minimum(first_tab, max(len(tab_at) - 1, 0))] if len(tab_at) else starts
+    good = (tabs == 1) & solid(starts, tab) & solid(tab + 1, ends)
     if not good.all():
         k = int(np.flatnonzero(~good)[0])
         line = data[starts[k] : ends[k]].decode("utf-8")
         raise ShardError(f"{path}:{numbers[k]}: expected 'path<TAB>label', found {line!r}; fix or remove this line")
-    solid_at = np.flatnonzero(~_SPACE[a])
-    label_start = solid_at[np.searchsorted(solid_at, tab + 1)]
-    label_end = solid_at[np.searchsorted(solid_at, ends) - 1] + 1
+    label_start, label_end = tab + 1, ends.copy()
+    while (lead := space[np.minimum(label_start, last)] & (label_start < label_end)).any():  # strip, a byte a round
+        label_start += lead
+    while (trail := space[np.maximum(label_end - 1, 0)] & (label_end > label_start)).any():
+        label_end -= trail
     label_ids = np.empty(len(starts), np.int32)
     width = int((label_end - label_start).max()) if len(starts) else 1
     rows = max(1, (4 << 20) // width)  # label rows gathered at once: bounds a (rows, width) temporary
@@ -321,13 +338,23 @@ def read_file_list(path: Path) -> tuple[PathTable, np.ndarray, list[str]]:
     except FileNotFoundError:
         raise ShardError(f"file list {path} does not exist; pass the path of a 'path<TAB>label' text file")
     ids = _LabelIds()
-    blobs, lengths, shorts, label_ids = [], [], [], []
     with f:
+        # Filled in place, sized for the most the file can hold: pages never written are never resident, and no
+        # list of chunks is concatenated at the end (which would hold the paths twice).
+        most = os.fstat(f.fileno()).st_size
+        blob = np.empty(most, np.uint8)
+        offsets = np.empty(most // 4 + 2, np.int64)  # a data line takes 4 bytes at least: "p<TAB>l<LF>"
+        short = np.empty(most // 4 + 1, bool)
+        labels = np.empty(most // 4 + 1, np.int32)
+        offsets[0] = n = 0
         for data, lineno in _chunks(f):
-            blob, length, short, label = _parse_chunk(path, data, lineno, ids)
-            blobs.append(blob), lengths.append(length), shorts.append(short), label_ids.append(label)
-    length = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-    if not len(length):
+            chunk_paths, length, chunk_short, label = _parse_chunk(path, data, lineno, ids)
+            k = len(length)
+            blob[offsets[n] : offsets[n] + len(chunk_paths)] = chunk_paths
+            offsets[n + 1 : n + k + 1] = offsets[n] + np.cumsum(length)
+            short[n : n + k], labels[n : n + k] = chunk_short, label
+            n += k
+    if not n:
         raise ShardError(f"file list {path} lists no images; expected lines 'path<TAB>label'")
     texts = [t.decode("utf-8") for t in ids.ids]  # in id order
     if all(_INTEGER.fullmatch(t) for t in texts):
@@ -341,9 +368,11 @@ def read_file_list(path: Path) -> tuple[PathTable, np.ndarray, list[str]]:
         classes = sorted(set(texts))
         index = {c: i for i, c in enumerate(classes)}
         lookup = np.array([index[t] for t in texts], np.int32)
-    paths = PathTable(np.concatenate(blobs), np.concatenate(([0], np.cumsum(length))), np.concatenate(shorts),
-                      str(path.resolve().parent))
-    return paths, lookup[np.concatenate(label_ids)], classes
+    labels = labels[:n]
+    for lo in range(0, n, 1 << 20):  # ids to class indices in place
+        labels[lo : lo + (1 << 20)] = lookup[labels[lo : lo + (1 << 20)]]
+    paths = PathTable(blob[: offsets[n]], offsets[: n + 1], short[:n], str(path.resolve().parent))
+    return paths, labels, classes
 
 
 def file_list_source(path: Path, seed: int, limit: int, sized: bool) -> Source:
