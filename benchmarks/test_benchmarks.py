@@ -32,6 +32,8 @@ CASES = {
     "bench_checkpoint": (["--arch", "resnet18", "--repeats", "1"], "sha256 costs"),
     "bench_scale": (["--ranks", "64", "--step-ms", "8", "--knn-ranks", "2", "--shards", "1000", "--group-ranks", "4"],
                     "the training manifest at start"),
+    "bench_make_shards": (["--items", "20000", "--per-item", "5000", "--files", "50", "--images", "40", "--max-count",
+                           "10", "--rounds", "1"], "sha256 of every shard and manifest.json identical"),
     "bench_step_shards": (["--photos", "32", "--long-side", "64", "--steps", "2", "--rounds", "1", "model.arch=resnet18",
                            "model.width=0.125", "model.hidden_dim=16", "model.num_prototypes=10", "crops.sizes=[32,16]",
                            "optim.batch_size=4", "data.num_workers=1"], "ratio (from shards / on-device)"),
