@@ -3,7 +3,7 @@
 **Planning** (swav_scale.shards.inputs and builder): a synthetic `path<TAB>label` list of --items lines is
 planned as make_shards plans it (parse the list, shuffle, size the files when --max-size applies, cut the
 shards, fingerprint), each run in a fresh process, which reports its wall time and its peak resident memory
-above what it held after its imports (ru_maxrss). Two lists:
+above what it held after its imports (VmHWM after a reset; Linux). Two lists:
 
 * unsized (as with --resize, which plans by count alone): ImageNet-like relative paths
   (`train/n00000042/n00000042_1234567.JPEG`, 1,000 class names), files that need not exist;
@@ -11,9 +11,9 @@ above what it held after its imports (ru_maxrss). Two lists:
   every line is stat'ed (by a thread pool) against a file that exists, and the size limit cuts the shards.
 
 The arrays' planner runs on --items / 10 lines too: the difference in peak memory over the difference in lines
-is what a line costs, without the parser's fixed buffers. Beside them, on --per-item lines, the planner the arrays replaced: one Python `Item` per image, the list read
-whole, a file stat'ed at a time, the shards cut by a loop over items, the fingerprint fed item by item (its
-code is kept below, as it was).
+is what a line costs, without the parser's fixed buffers. Beside them, on --per-item lines, the planner the
+arrays replaced: one Python `Item` per image, the list read whole, a file stat'ed at a time, the shards cut by a
+loop over items, the fingerprint fed item by item (its code is kept below, as it was).
 
 **Parts** (--part / --merge): --images noise JPEGs (96-160 px a side, 10 classes) are sharded by one process
 (--workers 1), then by two part processes started together on one output directory (--workers 1 each) and a
@@ -29,7 +29,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -135,8 +134,23 @@ def per_item_plan(listing: Path, sized: bool, max_count: int, max_size: float | 
 # ---------------------------------------------------------------- one planning run, in a fresh process
 
 
+def _status(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def start_peak() -> int:
+    """Reset this process's peak resident memory to what it holds now (Linux: clear_refs 5), and return that.
+    ru_maxrss cannot be used: it keeps the peak of the process that forked this one across exec."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status("VmRSS")
+
+
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return _status("VmHWM")
 
 
 def plan_child(mode: str, listing: Path, sized: bool, max_count: int) -> dict[str, Any]:
@@ -145,7 +159,7 @@ def plan_child(mode: str, listing: Path, sized: bool, max_count: int) -> dict[st
     from swav_scale.shards.inputs import file_sizes, read_file_list, shuffled, Source
 
     max_size = 2e6 if sized else None
-    before = peak_rss()
+    before = start_peak()
     started = time.perf_counter()
     if mode == "per-item":
         shards, _ = per_item_plan(listing, sized, max_count, max_size)
@@ -209,6 +223,19 @@ def sha256s(out: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(out.glob("*.tar"))}
 
 
+BUSY = "import time; t = time.perf_counter(); sum(i * i for i in range(5_000_000)); print(time.perf_counter() - t)"
+
+
+def cpu_control() -> tuple[float, float]:
+    """Seconds of a pure-Python loop alone, and the slower of two started together: how many cores the machine
+    really gives two processes at the moment (other work shares them)."""
+    def loops(n: int) -> float:
+        procs = [subprocess.Popen([sys.executable, "-c", BUSY], stdout=subprocess.PIPE, text=True) for _ in range(n)]
+        return max(float(p.communicate()[0]) for p in procs)
+
+    return min(loops(1) for _ in range(3)), min(loops(2) for _ in range(3))
+
+
 def parts(images: int, max_count: int, rounds: int, work: Path) -> None:
     """One process, then two parts at once and their merge, `rounds` times in turn; the best time of each (the
     machine's other work only ever slows a run down)."""
@@ -235,6 +262,7 @@ def parts(images: int, max_count: int, rounds: int, work: Path) -> None:
         subprocess.run([*tool, "--out", str(work / "parts"), "--merge"], check=True, capture_output=True, env=env)
         times["merge"].append(time.perf_counter() - started)
     one, both, merge = (min(times[k]) for k in ("one", "both", "merge"))
+    alone, together = cpu_control()
     same_bytes = sha256s(work / "one") == sha256s(work / "parts")
     same_manifest = (work / "one" / "manifest.json").read_text() == (work / "parts" / "manifest.json").read_text()
     table = Table(title=f"{images:,} JPEGs, shards of {max_count}: one process against 2 parts side by side "
@@ -245,6 +273,7 @@ def parts(images: int, max_count: int, rounds: int, work: Path) -> None:
     table.add_row("2 parts at once (--workers 1 each)", f"{both:.1f}", f"{images / both:,.0f}")
     table.add_row("--merge", f"{merge:.1f}", "-")
     table.add_row("parts + merge / one process", f"{(both + merge) / one:.2f}x", "-")
+    table.add_row("control: 2 busy loops at once / 1 alone (1.00x: two free cores)", f"{together / alone:.2f}x", "-")
     console.print(table)
     shards = len(sha256s(work / "one"))
     verdict = "identical" if same_bytes and same_manifest else "DIFFERENT"
