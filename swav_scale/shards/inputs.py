@@ -10,10 +10,13 @@ bytes (each is fully decoded once to check it) unless a resize was asked for, Fa
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
+import tempfile
 from array import array
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +169,37 @@ def file_sizes(paths: PathTable, order: np.ndarray, threads: int = STAT_THREADS)
     return sizes
 
 
+def shared_file_sizes(paths: PathTable, order: np.ndarray, cache_dir: Path | None) -> np.ndarray:
+    """file_sizes, looked up once for many processes: with `cache_dir`, the sizes of this listing and order are
+    read from `cache_dir/sizes-<sha256 of both>.npy` when a process saved them there, else looked up and saved
+    (atomically; processes that race write the same array). Parts of one make_shards run share them this way,
+    so that a billion files are not stat'ed once per part: the sizes are those of the first lookup."""
+    if cache_dir is None:
+        return file_sizes(paths, order)
+    h = hashlib.sha256(f"{paths.base}\n{order.dtype.str}".encode())
+    for listed in (paths.offsets, paths.blob, order):
+        for lo in range(0, len(listed), 1 << 24):
+            h.update(memoryview(np.ascontiguousarray(listed[lo : lo + (1 << 24)])).cast("B"))
+    cache = cache_dir / f"sizes-{h.hexdigest()[:32]}.npy"
+    try:
+        sizes = np.load(cache)
+        if sizes.dtype == np.int64 and sizes.shape == order.shape:
+            return sizes
+    except (OSError, ValueError):
+        pass
+    sizes = file_sizes(paths, order)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{cache.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, sizes)
+        os.replace(tmp, cache)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return sizes
+
+
 def _short_names(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """`PathTable.short` for the paths data[starts[k]:ends[k]] (each non-empty)."""
     slash = np.flatnonzero(data == ord("/"))
@@ -186,7 +220,9 @@ def _short_names(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.n
 
 def list_folder(root: Path) -> tuple[PathTable, np.ndarray, list[str]]:
     """(relative paths, class indices, classes) of root/<class>/**/<image>, classes sorted by name and images
-    sorted by relative path, as swav_scale.data.labelled.list_image_folder lists them, but in arrays."""
+    sorted by relative path, as swav_scale.data.labelled.list_image_folder lists them, but in arrays. The sort
+    holds every path at the longest one's width for a moment: a folder of hundreds of millions of files is
+    better listed once into a file list (`--file-list`), which is parsed in bounded chunks."""
     if not root.is_dir():
         raise ShardError(f"image folder {root} does not exist")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
@@ -218,13 +254,13 @@ def list_folder(root: Path) -> tuple[PathTable, np.ndarray, list[str]]:
     return paths, np.frombuffer(labels, np.int32)[order].copy(), classes
 
 
-def image_folder_source(root: Path, seed: int, limit: int, sized: bool) -> Source:
+def image_folder_source(root: Path, seed: int, limit: int, sized: bool, sizes_dir: Path | None = None) -> Source:
     """root/<class>/<image>, classes sorted by name, images keyed by their place in the sorted file list."""
     relative, labels, classes = list_folder(root)
     resolved = root.resolve()
     paths = PathTable(relative.blob, relative.offsets, relative.short, str(resolved))
     order = shuffled(len(paths), seed, limit)
-    sizes = file_sizes(paths, order) if sized else None
+    sizes = shared_file_sizes(paths, order, sizes_dir) if sized else None
     return Source(order, labels, classes, "{:09d}", paths=paths, sizes=sizes,
                   description={"source": f"image-folder:{resolved}"})
 
@@ -232,7 +268,7 @@ def image_folder_source(root: Path, seed: int, limit: int, sized: bool) -> Sourc
 # ---------------------------------------------------------------- file lists
 
 
-def _chunks(f: BinaryIO) -> Any:
+def _chunks(f: BinaryIO) -> Iterator[tuple[bytes, int]]:
     """(bytes ending with a whole line, number of the chunk's first line) of a file, LIST_CHUNK at a time."""
     rest, lineno = b"", 1
     while block := f.read(LIST_CHUNK):
@@ -375,11 +411,11 @@ def read_file_list(path: Path) -> tuple[PathTable, np.ndarray, list[str]]:
     return paths, labels, classes
 
 
-def file_list_source(path: Path, seed: int, limit: int, sized: bool) -> Source:
-    """A `path<TAB>label` list; images are keyed by their place in the list."""
+def file_list_source(path: Path, seed: int, limit: int, sized: bool, sizes_dir: Path | None = None) -> Source:
+    """A `path<TAB>label` list; images are keyed by their place in the list. Sizes: see shared_file_sizes."""
     paths, labels, classes = read_file_list(path)
     order = shuffled(len(paths), seed, limit)
-    sizes = file_sizes(paths, order) if sized else None
+    sizes = shared_file_sizes(paths, order, sizes_dir) if sized else None
     return Source(order, labels, classes, "{:09d}", paths=paths, sizes=sizes,
                   description={"source": f"file-list:{path.resolve()}"})
 

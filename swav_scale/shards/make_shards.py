@@ -11,8 +11,8 @@ from pathlib import Path
 
 from swav_scale.data.manifest import Manifest, read_manifest, ShardError
 from swav_scale.shards import fashion_mnist
-from swav_scale.shards.builder import (available_cpus, build_manifest, make_plan, Part, Settings, SKIPPED_IN_MANIFEST,
-                                       write_part)
+from swav_scale.shards.builder import (available_cpus, build_manifest, make_plan, Part, PROGRESS_DIR, Settings,
+                                       SKIPPED_IN_MANIFEST, write_part)
 from swav_scale.shards.inputs import Source, fashion_mnist_source, file_list_source, image_folder_source
 from swav_scale.utils import console
 
@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="write nothing but manifest.json, once every part has finished: checks each shard's record and size, "
         "else names the missing shards and the part to rerun (pass the arguments the parts got, without --part)",
     )
+    many.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="plan and stop: with parts and --max-size, run this once before them, so that the files' sizes are "
+        "looked up once (saved in OUT/.progress/sizes-*.npy; parts and the merge read them, or the first part to "
+        "look them up saves them)",
+    )
     p.add_argument(
         "--verify",
         action="store_true",
@@ -142,10 +149,12 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def _source(args: argparse.Namespace) -> tuple[Source, str]:
     """The planned input and the default shard prefix."""
     sized = args.resize is None  # file sizes only matter (and are only looked up) to honour --max-size
+    shared = args.part is not None or args.merge or args.plan_only  # many processes, one lookup of the sizes
+    sizes_dir = args.out / PROGRESS_DIR if shared else None
     if args.image_folder is not None:
-        return image_folder_source(args.image_folder, args.seed, args.limit, sized), "shard"
+        return image_folder_source(args.image_folder, args.seed, args.limit, sized, sizes_dir), "shard"
     if args.file_list is not None:
-        return file_list_source(args.file_list, args.seed, args.limit, sized), "shard"
+        return file_list_source(args.file_list, args.seed, args.limit, sized, sizes_dir), "shard"
     directory = fashion_mnist.find_dir(args.fashion_mnist or None, args.out / "download" if args.download else None)
     return fashion_mnist_source(directory, args.split, args.seed, args.limit), args.split
 
@@ -161,7 +170,8 @@ def _without(argv: list[str], flag: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> Manifest | None:
-    """Write the shards (all of them, or one part) or merge the parts; the manifest, or None after a part."""
+    """Write the shards (all of them, or one part), merge the parts, or only plan; the manifest, or None after
+    a part or a plan."""
     parser = build_parser()
     argv = list(argv) if argv is not None else sys.argv[1:]
     args = parser.parse_args(argv)
@@ -180,6 +190,8 @@ def main(argv: list[str] | None = None) -> Manifest | None:
     plan = make_plan(source, settings)
     console.print(f"planned {len(source):,} samples in {plan.count:,} shards in {time.time() - started:.1f} s",
                   highlight=False)
+    if args.plan_only:
+        return None
     if args.merge:
         merged = build_manifest(plan, args.out, extra, args.verify, _without(argv, "--merge"))
         assert merged.manifest is not None

@@ -224,6 +224,27 @@ def test_a_merge_names_the_missing_shards_their_part_and_the_command(tmp_path: P
         make_shards([*args[:-1], str(tmp_path / "empty"), "--merge"])
 
 
+def test_parts_look_up_the_files_sizes_once(tmp_path: Path, ppm_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--plan-only (or the first part) saves the sizes; later parts and the merge read them instead of calling
+    stat for every file again, and plan the same shards as a run that looked them up itself."""
+    from swav_scale.shards import inputs
+
+    out = tmp_path / "out"
+    args = ["--image-folder", str(ppm_folder), "--max-size", "25000", "--max-count", "7", "--seed", "5",
+            "--workers", "1", "--out", str(out)]
+    assert make_shards([*args, "--plan-only"]) is None
+    assert len(list((out / PROGRESS_DIR).glob("sizes-*.npy"))) == 1 and not list(out.glob("*.tar"))
+
+    def no_stat(*_: object) -> None:
+        raise AssertionError("sizes looked up again")
+
+    monkeypatch.setattr(inputs, "file_sizes", no_stat)
+    for i in range(2):
+        make_shards([*args, "--part", f"{i}/2"])
+    m = make_shards([*args, "--merge"])
+    assert m is not None and [s.sha256 for s in m.shards] == PER_ITEM_SHA256
+
+
 def test_part_slurm_reads_the_job_array(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
         monkeypatch.delenv(name, raising=False)
