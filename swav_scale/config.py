@@ -142,8 +142,8 @@ class DataConfig:
     train_shards: str = MISSING
     train_manifest: str = ""  # manifest.json path or URL, when it is not beside the shards (pipe: sources)
     num_workers: int = 4  # data-loading processes per rank
-    open_shards: int = 4  # shards each worker reads at once, interleaved at random
-    shuffle_buffer: int = 2000  # samples held by each worker's shuffle buffer
+    open_shards: int = 4  # shards each worker reads at once, round robin
+    shuffle_buffer: int = 2000  # samples each worker reads, then emits in a random order (a block)
     max_bad_fraction: float = 0.01  # unreadable samples (replaced in their batch) tolerated per epoch
     ledger: bool = False  # write the keys of every step's samples to run_dir/ledger/rank-R.jsonl (audits)
     prefetch_factor: int = 2
