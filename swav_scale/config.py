@@ -545,9 +545,11 @@ def check_world(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"parallel.fsdp_shard_group={p.fsdp_shard_group} does not divide the {world_size} ranks "
                           f"into whole shard groups; use a divisor of {world_size} (the GPUs of a node), or 0")
     if b % world_size:
+        fits = next(n for n in range(world_size, 0, -1) if b % n == 0)
         raise ConfigError(
-            f"optim.batch_size={b} (global) does not split evenly over {world_size} ranks; "
-            f"use a multiple of {world_size}"
+            f"optim.batch_size={b} (global) does not split evenly over {world_size} ranks: a run (or a resume, "
+            f"which keeps the global batch) needs a world size that divides it, at most {world_size}: {fits} "
+            f"ranks; a new run may instead use a multiple of {world_size}"
         )
     if p.compile and p.sync_batchnorm and world_size > 1:
         # dynamo cannot trace SyncBatchNorm's collectives (pytorch/pytorch#161302): every compiled stage would

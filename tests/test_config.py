@@ -52,8 +52,12 @@ def test_world_size_checks() -> None:
         load_config(None, ["data.train_shards=/x", "optim.batch_size=96", "swav.queue_length=300"])
     cfg = load_config(None, ["data.train_shards=/x", "optim.batch_size=96", "swav.queue_length=384"])
     assert check_world(cfg, 3) == 32
-    with pytest.raises(ConfigError, match="does not split evenly over 5 ranks"):
+    with pytest.raises(ConfigError, match="does not split evenly over 5 ranks: .* at most 5: 4 ranks"):
         check_world(cfg, 5)
+    cfg.optim.batch_size = 32768  # 512 nodes of 8 that lose one: the largest world it splits over
+    with pytest.raises(ConfigError, match="at most 4088: 2048 ranks"):
+        check_world(cfg, 4088)
+    cfg.optim.batch_size = 96
     cfg.parallel.sync_batchnorm_group = 2
     with pytest.raises(ConfigError, match="parallel.sync_batchnorm_group=2 does not divide the 3 ranks"):
         check_world(cfg, 3)
