@@ -17,7 +17,7 @@ seeking (what the loader does) and once by reading its emission from the start u
 stream without seeking must do), and the shard size beside them. Target: <= 1 shard per consumer.
 
     .venv/bin/python benchmarks/bench_plan.py [--shards 1000000 --per-shard 1000 --ranks 4096 --workers 8
-                                               --new-ranks 2048 --batch 8 --done 0.5]
+                                               --new-ranks 4088 --batch 8 --done 0.5]
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ samples = rng.integers(per_shard * 9 // 10, per_shard * 11 // 10 + 1, shards)  #
 manifest = Manifest(Path("/shards"), names, samples, samples * 110_000, np.empty(0, dtype="S64"), [])
 held = tracemalloc.get_traced_memory()[0]
 planner = Planner(manifest, 0, 4, 2000)
-old = Layout(ranks, workers, batch)
+old = Layout(ranks, workers, ranks * batch)
 steps = epoch_steps(manifest, old.global_batch)
 if new_ranks:
-    new = Layout(new_ranks, workers, old.global_batch // new_ranks)
+    new = Layout(new_ranks, workers, old.global_batch)
     segments = [Segment(old, int(steps * done)), Segment(new)]
 else:
     segments = [Segment(old)]
@@ -137,7 +137,8 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=4096)
     p.add_argument("--workers", type=int, default=8, help="data workers per rank")
     p.add_argument("--batch", type=int, default=8, help="samples per rank per step")
-    p.add_argument("--new-ranks", type=int, default=2048, help="the world size of the resume")
+    p.add_argument("--new-ranks", type=int, default=4088,
+                   help="the world size of the resume (the default: a node of 8 lost, the batch split unevenly)")
     p.add_argument("--done", type=float, default=0.5, help="fraction of the epoch done at the resume")
     p.add_argument("--tar-shards", type=int, default=8)
     p.add_argument("--tar-per-shard", type=int, default=500)

@@ -42,9 +42,11 @@ def whole_plan(p: Planner, epoch: int, segments: list[Segment]) -> dict[tuple[in
     return {(r, w): spans for r in range(world) for w, spans in p.rank_spans(epoch, segments, r).items()}
 
 
-def loader(shards: Path, rank: int, world: int, batch: int, workers: int, seed: int = 7) -> ShardLoader:
-    stream = MultiCropStream(planner(shards, seed), multicrop(), rank, Layout(world, max(1, workers), batch))
-    return ShardLoader(stream, workers, 2, False)
+def loader(shards: Path, rank: int, world: int, batch: int, workers: int, seed: int = 7,
+           global_batch: int = 0) -> ShardLoader:
+    """Rank `rank`'s loader, `batch` samples per rank (or `global_batch` split over the ranks, maybe unevenly)."""
+    layout = Layout(world, max(1, workers), global_batch or world * batch)
+    return ShardLoader(MultiCropStream(planner(shards, seed), multicrop(), rank, layout), workers, 2, False)
 
 
 def epoch_keys(shards: Path, rank: int, world: int, batch: int, workers: int, epoch: int = 0,
@@ -190,7 +192,7 @@ def test_plan_gives_every_consumer_exactly_its_quota(fmnist_train_shards: Path, 
     batch = 16
     p = planner(fmnist_train_shards)
     steps = epoch_steps(p.manifest, world * batch)
-    plan = whole_plan(p, 1, [Segment(Layout(world, workers, batch))])
+    plan = whole_plan(p, 1, [Segment(Layout(world, workers, world * batch))])
     assert set(plan) == {(r, w) for r in range(world) for w in range(workers)}
     for (_, w), spans in plan.items():
         assert sum(s.size for s in spans) == len(range(w, steps, workers)) * batch
@@ -303,14 +305,16 @@ def consume(loaders: list[ShardLoader], steps: int | None) -> list[str]:
 
 @MORE_WORKERS_THAN_CORES
 @pytest.mark.parametrize("layouts", [[(2, 2, 6), (1, 2, None)], [(2, 1, 7), (3, 3, None)],
-                                     [(2, 2, 3), (3, 1, 4), (1, 0, 2), (2, 3, None)]])
+                                     [(2, 2, 3), (3, 1, 4), (1, 0, 2), (2, 3, None)],
+                                     [(5, 1, 3), (2, 2, 4), (7, 1, None)]])
 def test_resharded_resume_sees_every_remaining_sample_once(fmnist_train_shards: Path, layouts: list) -> None:
-    """Ledger: a global batch of 48 over ranks x workers that change at every resume; the epoch's samples are
-    each seen exactly once, none repeated, none skipped, and the next epoch starts whole."""
+    """Ledger: a global batch of 48 over ranks x workers that change at every resume (over 5 and 7 ranks
+    unevenly: 10, 10, 10, 9, 9 and 7, 7, 7, 7, 7, 7, 6); the epoch's samples are each seen exactly once, none
+    repeated, none skipped, and the next epoch starts whole."""
     state = None
     ledger: list[str] = []
     for world, workers, steps in layouts:
-        ranks = [loader(fmnist_train_shards, r, world, 48 // world, workers) for r in range(world)]
+        ranks = [loader(fmnist_train_shards, r, world, 0, workers, global_batch=48) for r in range(world)]
         for r, d in enumerate(ranks):
             if state is not None:
                 d.load_resharded({0: state, 1: state}, 2, r, world)
@@ -321,7 +325,7 @@ def test_resharded_resume_sees_every_remaining_sample_once(fmnist_train_shards: 
     p = planner(fmnist_train_shards)
     assert len(ledger) == len(set(ledger)) == epoch_steps(p.manifest, 48) * 48
     world, workers, _ = layouts[-1]
-    assert state["epoch"] == 1 and state["segments"] == [[world, max(1, workers), 48 // world, 0]]
+    assert state["epoch"] == 1 and state["segments"] == [[world, max(1, workers), 48, 0]]
 
 
 @MORE_WORKERS_THAN_CORES
@@ -427,7 +431,7 @@ def test_too_many_bad_samples_stop_the_run_with_a_clear_message(tmp_path: Path) 
         next(batches)
     cfg = load_config(None, ["data.train_shards=x", "data.max_bad_fraction=0.5"])
     env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
-    seen = data.batches_done * data.layout.batch_per_rank
+    seen = data.batches_done * data.batch
     assert seen == 60
     check_bad_samples(data.bad_samples, seen, data.epoch, cfg, env)  # a few bad samples in 60: tolerated
     with pytest.raises(ShardError, match=r"epoch 0: 31 of 60 samples so far could not be read .*verify_shards"):
@@ -491,3 +495,37 @@ def test_crop_aspect_ratio_is_configurable() -> None:
     assert build_multicrop(cfg).ratio == (1.0, 1.0)
     with pytest.raises(ConfigError, match=r"crops.ratio=\[1.5, 1.0\]"):
         load_config(None, ["data.train_shards=x", "crops.ratio=[1.5,1.0]"])
+
+
+def test_the_seeking_reader_groups_samples_as_webdataset_does(tmp_path: Path) -> None:
+    """Directories, `__meta__` members, names without a dot, upper-case extensions, keys in folders, a sample
+    dropped by a non-empty `__bad__` member: the same samples as WebDataset's reader, from a file (seeking past
+    what it skips) and from a `pipe:` stream, from any first sample on."""
+    import io
+    import webdataset as wds
+
+    from swav_scale.data.reader import ReadCount, tar_samples
+
+    path = tmp_path / "odd.tar"
+    members = [("a/", None), ("__meta__", b"m"), ("0001.JPG", b"x" * 700), ("0001.cls", b"1"), ("README", b"r"),
+               ("d/0002.png", b"p"), ("d/0002.txt", b"t"), ("0003.jpg", b"j"), ("0003.__bad__", b"1"),
+               ("0004.jpg", b"y" * 2000), ("0004.cls", b"4"), ("__x__/0005.jpg", b"skipped"), ("0006.webp", b"w")]
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    reference = list(wds.tariterators.tarfile_samples([{"url": str(path)}]))
+    assert [s["__key__"] for s in reference] == ["0001", "d/0002", "0004", "0006"]
+    for url in (str(path), f"pipe:cat {path}"):
+        for first in range(5):
+            count = ReadCount()
+            got = list(tar_samples(url, first, count))
+            assert [i for i, _ in got] == list(range(first, 4))
+            assert [s | {"__url__": url} for _, s in got] == [s | {"__url__": url} for s in reference[first:]]
+        if url == str(path):  # the payloads of the samples before the 4th are not read: 700 + 2000 bytes saved
+            assert count.bytes < path.stat().st_size - 2000

@@ -81,7 +81,7 @@ class MultiCropStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         physical = info.id if info is not None else 0
-        workers, batch = self.layout.workers, self.layout.batch_per_rank
+        workers, batch = self.layout.workers, self.layout.batch_of(self.rank)
         logical = (physical + self.start_batch) % workers
         total = worker_batches(self.segment_steps, workers, logical)
         done = worker_batches(self.start_batch, workers, logical)
@@ -150,6 +150,11 @@ class ShardLoader:
         self.bad_samples = 0  # replaced samples this epoch, on this rank
 
     @property
+    def batch(self) -> int:
+        """This rank's samples per step (ranks' batches differ by one where the global batch does not split)."""
+        return self.layout.batch_of(self.stream.rank)
+
+    @property
     def batches_done(self) -> int:
         """Steps of the current epoch done, over all its segments."""
         return sum(s.steps for s in self.segments)
@@ -186,7 +191,7 @@ class ShardLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "bad_samples": self.bad_samples,
-                "segments": [[s.layout.world_size, s.layout.workers, s.layout.batch_per_rank, s.steps]
+                "segments": [[s.layout.world_size, s.layout.workers, s.layout.global_batch, s.steps]
                              for s in self.segments]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -37,6 +37,7 @@ from typing import Protocol
 
 import numpy as np
 
+from swav_scale.config import rank_batch
 from swav_scale.data.manifest import Manifest, ShardError
 
 
@@ -93,15 +94,15 @@ def _span_of(shard: str, ascending: Iterable[int]) -> Span | None:
 
 @dataclass(frozen=True)
 class Layout:
-    """How a segment's batches are produced: ranks, logical workers per rank, samples per rank per step."""
+    """How a segment's batches are produced: ranks, logical workers per rank, samples per step over all ranks
+    (split over the ranks by config.rank_batch, unevenly where it does not divide)."""
 
     world_size: int
     workers: int
-    batch_per_rank: int
+    global_batch: int
 
-    @property
-    def global_batch(self) -> int:
-        return self.world_size * self.batch_per_rank
+    def batch_of(self, rank: int) -> int:
+        return rank_batch(self.global_batch, self.world_size, rank)
 
     @property
     def consumers(self) -> list[tuple[int, int]]:
@@ -110,7 +111,8 @@ class Layout:
     def quotas(self, steps: int) -> np.ndarray:
         """Samples each consumer (rank-major) yields in `steps` steps: an array of world x workers."""
         per_worker = np.array([worker_batches(steps, self.workers, w) for w in range(self.workers)], dtype=np.int64)
-        return np.tile(per_worker * self.batch_per_rank, self.world_size)
+        batches = np.array([self.batch_of(r) for r in range(self.world_size)], dtype=np.int64)
+        return np.outer(batches, per_worker).ravel()
 
 
 @dataclass

@@ -112,31 +112,39 @@ def tar_samples(url: str, first: int = 0, count: ReadCount | None = None) -> Ite
     except Exception as e:  # noqa: BLE001 - whatever the storage or the tar header says, the shard is named
         raise ShardError(f"shard {url} cannot be read: {type(e).__name__}: {e}") from e
     try:
-        index, key, sample = -1, None, None
-        while (info := tar.next()) is not None:
-            tar.members = []  # the archive's member list would grow with the shard
-            name = info.name
-            if not info.isreg() or _META.match(name):
-                continue
-            match = _KEY.match(name)
-            if match is None:
-                continue
-            prefix, ext = match.group(1), match.group(2).lower()
+        valid, key, exts, bad, sample = 0, None, set(), False, None
+        for prefix, ext, info in itertools.chain(_members(tar), [(None, "", None)]):
             if prefix != key:
-                if sample is not None:
-                    yield index, sample
-                index, key, count.samples = index + 1, prefix, index + 1
-                sample = {"__key__": prefix, "__url__": url} if index >= first else None
+                if key is not None and not bad:  # a sample with a non-empty __bad__ member is dropped, as WebDataset
+                    if sample is not None:
+                        yield valid, sample
+                    valid += 1
+                if info is None:
+                    break
+                key, exts, bad, count.samples = prefix, set(), False, valid
+                sample = {"__key__": prefix, "__url__": url} if valid >= first else None
+            if ext in exts:
+                raise ValueError(f"{info.name}: duplicate file name in tar file {ext} {sorted(exts)}")
+            exts.add(ext)
+            bad = bad or (ext == "__bad__" and info.size > 0)
             if sample is not None:
-                if ext in sample:
-                    raise ValueError(f"{name}: duplicate file name in tar file {ext} {sorted(sample)}")
                 member = tar.extractfile(info)
                 assert member is not None
                 sample[ext] = member.read()
-        if sample is not None:
-            yield index, sample
     finally:
         file.close()
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """(key, lower-cased extension, header) of the members WebDataset keeps: regular files, not `__name__`
+    metadata, with a dot in the name."""
+    while (info := tar.next()) is not None:
+        tar.members = []  # the archive's member list would grow with the shard
+        if not info.isreg() or _META.match(info.name):
+            continue
+        match = _KEY.match(info.name)
+        if match is not None:
+            yield match.group(1), match.group(2).lower(), info
 
 
 def read_span(span: Span, skip: int = 0, count: ReadCount | None = None
