@@ -32,6 +32,8 @@ CASES = {
     "bench_checkpoint": (["--arch", "resnet18", "--repeats", "1"], "sha256 costs"),
     "bench_scale": (["--ranks", "64", "--step-ms", "8", "--knn-ranks", "2", "--shards", "1000", "--group-ranks", "4"],
                     "the training manifest at start"),
+    "bench_index_shards": (["--shards", "3", "--samples", "5", "--kb", "2", "--repeats", "1"],
+                           "index-shards, 2 workers"),
     "bench_step_shards": (["--photos", "32", "--long-side", "64", "--steps", "2", "--rounds", "1", "model.arch=resnet18",
                            "model.width=0.125", "model.hidden_dim=16", "model.num_prototypes=10", "crops.sizes=[32,16]",
                            "optim.batch_size=4", "data.num_workers=1"], "ratio (from shards / on-device)"),

@@ -47,7 +47,10 @@ INDEX_DIR = ".index"
 RECORD_FORMAT = 1
 KEYS_NAMED = 5  # keys of samples without an image named per shard; the rest are counted
 SHARDS_NAMED = 10  # shards named in one message; the rest are counted
-READ_BLOCK = 1 << 20  # bytes tarfile asks the stream for at a time: fewer calls into the hash than its 10 KiB
+# tarfile's stream reads ask for its default 10 KiB at a time: its buffer is copied on every header read, so a
+# larger one costs more than it saves (1 MiB: half the speed on shards of 60 KiB samples)
+TAR_BUFFER = tarfile.RECORDSIZE
+DRAIN_BLOCK = 1 << 20  # what follows the tar's end marker is read in blocks of this
 # WebDataset's tar_file_iterator skips members whose names match this (its `skip_meta` default) ...
 SKIP_META = r"__[^/]*__($|/)"
 # ... and group_by_keys adds each member under its extension, next to these two fields of every sample
@@ -192,7 +195,7 @@ class _HashingReader:
 
     def drain(self) -> None:
         """Hash what follows the tar's end (the padding to a full record, or anything appended)."""
-        while self.read(READ_BLOCK):
+        while self.read(DRAIN_BLOCK):
             pass
 
 
@@ -262,7 +265,7 @@ def walk_shard(url: str, labels: bool) -> tuple[_Walk, _HashingReader]:
     member = None
     try:
         try:
-            tar = tarfile.open(fileobj=reader, mode="r|*", bufsize=READ_BLOCK,  # type: ignore[call-overload]
+            tar = tarfile.open(fileobj=reader, mode="r|*", bufsize=TAR_BUFFER,  # type: ignore[call-overload]
                                tarinfo=_EndMarkingTarInfo)
             for info in tar:
                 member = info.name
