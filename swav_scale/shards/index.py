@@ -424,7 +424,14 @@ def index_shards(shards: list[ShardSource], out: Path, workers: int, labels: boo
     """Index `shards` into records under OUT/.index/ (those with current records are kept unless `verify`),
     in a pool of `workers` processes. ShardError names every shard that could not be indexed; the records of
     the others are written, so that a rerun after fixing them reads only those."""
-    records_dir(out).mkdir(parents=True, exist_ok=True)
+    try:
+        records_dir(out).mkdir(parents=True, exist_ok=True)
+        writable = os.access(records_dir(out), os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        raise ShardError(f"cannot write the index's records to {records_dir(out)}: give --out a directory this user "
+                         "may write to (the command then says how to train with the manifest written there)")
     by_name = {s.name: s for s in shards}
     kept: dict[str, ShardRecord] = {}
     earlier = {s.name: read_record(out, s.name) for s in shards}
@@ -655,8 +662,9 @@ def _report(listed: list[ShardRecord], empty: list[ShardRecord], records: list[S
     if labels:
         unlabelled = sum(r.unlabelled for r in records)
         classes = max((v for r in records for v in r.labels or []), default=-1) + 1
-        console.print(f"classes: {classes} (0..{classes - 1}, from the cls members)"
-                      + (f"; [yellow]{unlabelled} samples have no cls member[/]" if unlabelled else ""),
+        console.print((f"classes: {classes} (0..{classes - 1}, from the cls members)" if classes
+                       else "[yellow]classes: none, no sample has a cls member[/]")
+                      + (f"; [yellow]{unlabelled} samples have no cls member[/]" if unlabelled and classes else ""),
                       highlight=False)
     console.print(f"train on them with {escape(_training_hint(shard_set, out))}", highlight=False)
 
