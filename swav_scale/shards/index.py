@@ -261,34 +261,49 @@ def walk_shard(url: str, labels: bool) -> tuple[_Walk, _HashingReader]:
     """Count one shard's samples in a single streaming pass that also hashes its bytes."""
     stream = wds.gopen(url, "rb")
     reader = _HashingReader(stream)
+    try:
+        walk = _walk_tar(reader, url, labels)
+        reader.drain()
+    except Exception as e:
+        try:
+            _close(stream)
+        except Exception as closing:  # noqa: BLE001 - a command that failed explains the broken stream
+            raise ShardError(f"shard {url} cannot be read: {closing}; fix the command or the URL") from e
+        raise
+    _close(stream)  # a pipe: command's exit status is checked here
+    return walk, reader
+
+
+def _walk_tar(reader: _HashingReader, url: str, labels: bool) -> _Walk:
+    """The tar walk of `walk_shard`: where the shard breaks off, the error names the last member read."""
     walk = _Walk(labels)
     member = None
     try:
-        try:
-            tar = tarfile.open(fileobj=reader, mode="r|*", bufsize=TAR_BUFFER,  # type: ignore[call-overload]
-                               tarinfo=_EndMarkingTarInfo)
-            for info in tar:
-                member = info.name
-                if not _read_member(tar, info, walk, f"shard {url}: member {member}"):
-                    walk.skipped += 1
-                tar.members = []  # stream mode keeps every header otherwise
-        except tarfile.ReadError as e:
-            if member is not None:
-                raise ShardError(f"shard {url} breaks off in or after member {member} (ReadError: {e}): truncated "
-                                 "or damaged; copy it again") from None
-            raise
-        walk.close()
-        end = getattr(tar, "end_seen", None)
-        if end != "marker":
-            where = f"after member {member}" if member is not None else "before its first member"
-            raise ShardError(f"shard {url} stops {where} without the tar end marker ({end or 'end of file'}): "
-                             "truncated or damaged; copy it again")
-        reader.drain()
-    finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()  # a pipe: command's exit status is checked here
-    return walk, reader
+        tar = tarfile.open(fileobj=reader, mode="r|*", bufsize=TAR_BUFFER,  # type: ignore[call-overload]
+                           tarinfo=_EndMarkingTarInfo)
+        for info in tar:
+            member = info.name
+            if not _read_member(tar, info, walk, f"shard {url}: member {member}"):
+                walk.skipped += 1
+            tar.members = []  # stream mode keeps every header otherwise
+    except tarfile.ReadError as e:
+        if member is not None:
+            raise ShardError(f"shard {url} breaks off in or after member {member} (ReadError: {e}): truncated "
+                             "or damaged; copy it again") from None
+        raise
+    walk.close()
+    end = getattr(tar, "end_seen", None)
+    if end != "marker":
+        where = f"after member {member}" if member is not None else "before its first member"
+        raise ShardError(f"shard {url} stops {where} without the tar end marker ({end or 'end of file'}): "
+                         "truncated or damaged; copy it again")
+    return walk
+
+
+def _close(stream: Any) -> None:
+    close = getattr(stream, "close", None)
+    if close is not None:
+        close()
 
 
 def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, walk: _Walk, where: str) -> bool:
