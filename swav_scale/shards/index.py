@@ -268,7 +268,9 @@ def walk_shard(url: str, labels: bool) -> tuple[_Walk, _HashingReader]:
         try:
             _close(stream)
         except Exception as closing:  # noqa: BLE001 - a command that failed explains the broken stream
-            raise ShardError(f"shard {url} cannot be read: {closing}; fix the command or the URL") from e
+            status = re.search(r"exit (-?\d+)", str(closing))
+            what = f"its command exited with status {status[1]}" if status else f"{type(closing).__name__}: {closing}"
+            raise ShardError(f"shard {url} cannot be read: {what}; fix the command or the URL") from e
         raise
     _close(stream)  # a pipe: command's exit status is checked here
     return walk, reader

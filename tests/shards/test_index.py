@@ -342,7 +342,8 @@ def test_a_list_of_pipe_commands_matches_the_loaders_pattern(tmp_path: Path, cap
     # a command that fails is named with its exit status
     listing.write_text(f"pipe:cat {tmp_path / 'gone' / '00007.tar'}\n")
     assert index_main([str(listing), "--out", str(out)]) == 2
-    assert f"shard pipe:cat {tmp_path / 'gone' / '00007.tar'} cannot be read" in printed(capsys)
+    assert f"shard pipe:cat {tmp_path / 'gone' / '00007.tar'} cannot be read: its command exited with status 1" \
+        in printed(capsys)
 
 
 def test_the_tool_script_and_bad_options(tmp_path: Path) -> None:
