@@ -7,13 +7,15 @@ image member of `--kb` KiB on average, random bytes since nothing decodes them, 
 temporary directory, so they are in the page cache: the figures are the indexer's own cost (the tar walk and
 the sha256 of every byte), not the disk's. Each worker count indexes the whole set into a fresh directory of
 records, `--repeats` times, taking turns; the best time is reported, beside sha256 alone over the same files in
-one process (the floor of one pass that hashes every byte).
+one process (the floor of one pass that hashes every byte), and how much faster the available CPUs run pure
+Python in parallel than one (on a machine shared with other work, the most that more workers can gain).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -42,6 +44,26 @@ def write_set(directory: Path, shards: int, samples: int, kb: float, seed: int =
     return sum(p.stat().st_size for p in directory.glob("*.tar")), shards * samples
 
 
+def _spin(_: int) -> float:
+    start = time.perf_counter()
+    sum(range(10**7))
+    return time.perf_counter() - start
+
+
+def cpu_parallelism() -> float:
+    """How much faster N pure-Python processes finish N equal tasks than one process does, N = the CPUs
+    available: on a machine shared with other work, the ceiling of what more workers can gain."""
+    n = available_cpus()
+    start = time.perf_counter()
+    for i in range(n):
+        _spin(i)
+    serial = time.perf_counter() - start
+    with multiprocessing.get_context().Pool(n) as pool:
+        start = time.perf_counter()
+        pool.map(_spin, range(n))
+        return serial / (time.perf_counter() - start)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", type=int, default=8)
@@ -55,6 +77,7 @@ def main() -> None:
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-index-"))
     shards_dir = root / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
+    parallel = cpu_parallelism()
     total_bytes, total_samples = write_set(shards_dir, args.shards, args.samples, args.kb)
     shard_set = resolve(str(shards_dir))
     counts = [int(w) for w in args.workers.split(",")]
@@ -75,9 +98,11 @@ def main() -> None:
     if args.dir is None:
         shutil.rmtree(root, ignore_errors=True)
 
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{args.shards} shards x {args.samples} samples, {total_bytes / 1e6:.0f} MB "
           f"({total_bytes / total_samples / 1024:.0f} KiB a sample), {available_cpus()} CPUs available "
-          f"({os.cpu_count()} on the machine), in the page cache, best of {args.repeats}")
+          f"({os.cpu_count()} on the machine), in the page cache, best of {args.repeats}; load average {load:.1f}, "
+          f"{available_cpus()} pure-Python processes at {parallel:.2f}x the speed of one")
     print(f"{'':<28}{'s':>8}{'MB/s':>10}{'samples/s':>12}")
     for name, seconds in best.items():
         label = "sha256 alone, 1 process" if name == "sha256" else f"index-shards, {name} worker{'s' * (name != 1)}"
