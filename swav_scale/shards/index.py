@@ -467,7 +467,7 @@ def index_shards(shards: list[ShardSource], out: Path, workers: int, labels: boo
             advance(1)
     seconds = time.perf_counter() - started
     if problems:
-        raise ShardError(f"{len(problems)} of {len(shards)} shards cannot be indexed:\n  " + "\n  ".join(problems)
+        raise ShardError(f"{len(problems)} of {len(shards)} shards cannot be indexed:\n  " + "\n  ".join(sorted(problems))
                          + f"\nThe other shards' records are kept in {records_dir(out)}: fix or remove these, then "
                          "run the same command again.")
     records = [kept.get(s.name) or done[s.name] for s in shards]
