@@ -1,6 +1,6 @@
 """tools/index_shards.py (`swav-scale index-shards`) on shards written by other tools: img2dataset's layout from
-webdataset's TarWriter, counted as the training reader groups them, opened by the training side; parts run at
-once and merged, resumed runs, and damaged shards named."""
+webdataset's TarWriter, counted as the training reader groups them, opened by the training side (from a directory,
+pipe: commands and http); parts run at once and merged, resumed runs, and damaged shards named."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from PIL import Image
 from swav_scale.data.manifest import IMAGE_MEMBERS, MANIFEST
 from swav_scale.data.reader import shard_samples
 from swav_scale.data.sources import open_shard_set
+from swav_scale.distributed import free_port
 from swav_scale.shards import index
 from swav_scale.shards.index import INDEX_DIR, walk_shard
 from swav_scale.shards.index import main as index_main
@@ -344,6 +347,38 @@ def test_a_list_of_pipe_commands_matches_the_loaders_pattern(tmp_path: Path, cap
     assert index_main([str(listing), "--out", str(out)]) == 2
     assert f"shard pipe:cat {tmp_path / 'gone' / '00007.tar'} cannot be read: its command exited with status 1" \
         in printed(capsys)
+
+
+def test_http_shards_are_indexed_through_curl_as_the_reader_reads_them(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "www"
+    write_img2dataset(root / "set", [3, 1, 4], labels=False)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/set"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{url}/00000.tar", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        out = tmp_path / "index"
+        assert index_main([f"{url}/{{00000..00002}}.tar", "--out", str(out), "--workers", "2"]) == 0
+        manifest = json.loads((out / MANIFEST).read_text())
+        assert [(s["name"], s["samples"], s["sha256"]) for s in manifest["shards"]] == [
+            (f"0000{i}.tar", n, sha256(root / "set" / f"0000{i}.tar")) for i, n in enumerate([3, 1, 4])]
+        assert f"data.train_shards='{url}/{{00000..00002}}.tar' data.train_manifest={out / MANIFEST}" \
+            in printed(capsys)
+        opened = open_shard_set(f"{url}/{{00000..00002}}.tar", str(out / MANIFEST))
+        assert [len(list(shard_samples(opened.path(s)))) for s in opened.shards] == [3, 1, 4]
+        # a URL the server does not have: curl fails, and the URL is named
+        assert index_main([f"{url}/{{00000..00003}}.tar", "--out", str(out), "--workers", "1"]) == 2
+        assert f"shard {url}/00003.tar cannot be read: its command exited with status" in printed(capsys)
+    finally:
+        server.terminate()
+        server.wait()
 
 
 def test_the_tool_script_and_bad_options(tmp_path: Path) -> None:
