@@ -34,6 +34,8 @@ CASES = {
                     "the training manifest at start"),
     "bench_plan": (["--shards", "2000", "--ranks", "16", "--workers", "2", "--new-ranks", "8", "--tar-shards", "3",
                     "--tar-per-shard", "40", "--tar-kib", "1", "--tar-buffer", "16"], "by seeking (the loader)"),
+    "bench_index_shards": (["--shards", "3", "--samples", "5", "--kb", "2", "--repeats", "1"],
+                           "index-shards, 2 workers"),
     "bench_step_shards": (["--photos", "32", "--long-side", "64", "--steps", "2", "--rounds", "1", "model.arch=resnet18",
                            "model.width=0.125", "model.hidden_dim=16", "model.num_prototypes=10", "crops.sizes=[32,16]",
                            "optim.batch_size=4", "data.num_workers=1"], "ratio (from shards / on-device)"),
