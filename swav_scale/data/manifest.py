@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +26,20 @@ from swav_scale.utils import atomic_write_text, sha256_file
 MANIFEST = "manifest.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff", ".gif")
 IMAGE_MEMBERS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # member extensions that hold the image
+
+
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's base_plus_ext: key, then every extension
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def member_key(info: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(sample key, lower-cased extension) of a tar member as WebDataset reads it, or None for a member it
+    skips (not a regular file, `__name__` metadata, no dot in the name): the one rule the reader and the shard
+    indexer (shards/index.py) count samples by."""
+    if not info.isreg() or _META.match(info.name):
+        return None
+    match = _KEY.match(info.name)
+    return (match.group(1), match.group(2).lower()) if match is not None else None
 
 
 class ShardError(SwavScaleError, ValueError):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import re
 import tarfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image
 
-from swav_scale.data.manifest import IMAGE_MEMBERS, ShardError
+from swav_scale.data.manifest import IMAGE_MEMBERS, ShardError, member_key
 from swav_scale.data.plan import Span
 
 # torchvision deprecates its image codecs in favour of TorchCodec (not a dependency here). They remain faster
@@ -88,8 +87,6 @@ class _Counted(io.RawIOBase):
         super().close()
 
 
-_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's base_plus_ext: key, then every extension
-_META = re.compile(r"__[^/]*__($|/)")
 
 
 def _is_local(url: str) -> bool:
@@ -121,7 +118,7 @@ def tar_samples(url: str, first: int = 0, count: ReadCount | None = None) -> Ite
                     valid += 1
                 if info is None:
                     break
-                key, exts, bad, count.samples = prefix, set(), False, valid
+                key, exts, bad, count.samples = prefix, {"__key__", "__url__"}, False, valid
                 sample = {"__key__": prefix, "__url__": url} if valid >= first else None
             if ext in exts:
                 raise ValueError(f"{info.name}: duplicate file name in tar file {ext} {sorted(exts)}")
@@ -136,15 +133,10 @@ def tar_samples(url: str, first: int = 0, count: ReadCount | None = None) -> Ite
 
 
 def _members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
-    """(key, lower-cased extension, header) of the members WebDataset keeps: regular files, not `__name__`
-    metadata, with a dot in the name."""
     while (info := tar.next()) is not None:
         tar.members = []  # the archive's member list would grow with the shard
-        if not info.isreg() or _META.match(info.name):
-            continue
-        match = _KEY.match(info.name)
-        if match is not None:
-            yield match.group(1), match.group(2).lower(), info
+        if (key := member_key(info)) is not None:
+            yield *key, info
 
 
 def read_span(span: Span, skip: int = 0, count: ReadCount | None = None

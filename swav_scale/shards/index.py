@@ -38,7 +38,7 @@ import webdataset as wds
 from braceexpand import braceexpand
 from rich.markup import escape
 
-from swav_scale.data.manifest import IMAGE_MEMBERS, MANIFEST, ShardError, ShardInfo, write_manifest
+from swav_scale.data.manifest import IMAGE_MEMBERS, MANIFEST, ShardError, ShardInfo, member_key, write_manifest
 from swav_scale.data.sources import is_remote
 from swav_scale.shards.builder import available_cpus
 from swav_scale.utils import atomic_write_text, console, progress_bar
@@ -51,9 +51,7 @@ SHARDS_NAMED = 10  # shards named in one message; the rest are counted
 # larger one costs more than it saves (1 MiB: half the speed on shards of 60 KiB samples)
 TAR_BUFFER = tarfile.RECORDSIZE
 DRAIN_BLOCK = 1 << 20  # what follows the tar's end marker is read in blocks of this
-# WebDataset's tar_file_iterator skips members whose names match this (its `skip_meta` default) ...
-SKIP_META = r"__[^/]*__($|/)"
-# ... and group_by_keys adds each member under its extension, next to these two fields of every sample
+# WebDataset's group_by_keys adds each member under its extension, next to these two fields of every sample
 SAMPLE_FIELDS = ("__key__", "__url__")
 
 
@@ -311,18 +309,10 @@ def _close(stream: Any) -> None:
 def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, walk: _Walk, where: str) -> bool:
     """Add one member to the walk as WebDataset's tar_file_iterator and group_by_keys would; False where they
     skip it."""
-    fname = info.name
-    if not info.isreg() or fname is None:
+    key = member_key(info)
+    if key is None:
         return False
-    if "/" not in fname and fname.startswith(wds.tariterators.meta_prefix) \
-            and fname.endswith(wds.tariterators.meta_suffix):
-        return False
-    if re.match(SKIP_META, fname):
-        return False
-    prefix, suffix = wds.tariterators.base_plus_ext(fname)
-    if prefix is None:
-        return False
-    suffix = suffix.lower()
+    prefix, suffix = key
     if walk.key is None or prefix != walk.key:
         walk.close()
         walk.key, walk.fields, walk.bad, walk.label = prefix, set(), False, False
