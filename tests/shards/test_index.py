@@ -11,8 +11,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +18,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from helpers import http_server
+
 from swav_scale.data.manifest import IMAGE_MEMBERS, MANIFEST
 from swav_scale.data.reader import shard_samples
 from swav_scale.data.sources import open_shard_set
-from swav_scale.distributed import free_port
 from swav_scale.shards import index
 from swav_scale.shards.index import INDEX_DIR, walk_shard
 from swav_scale.shards.index import main as index_main
@@ -353,17 +352,8 @@ def test_http_shards_are_indexed_through_curl_as_the_reader_reads_them(tmp_path:
                                                                        capsys: pytest.CaptureFixture) -> None:
     root = tmp_path / "www"
     write_img2dataset(root / "set", [3, 1, 4], labels=False)
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                               "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/set"
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"{url}/00000.tar", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+    with http_server(root, "set/00000.tar") as base:
+        url = f"{base}/set"
         out = tmp_path / "index"
         assert index_main([f"{url}/{{00000..00002}}.tar", "--out", str(out), "--workers", "2"]) == 0
         manifest = json.loads((out / MANIFEST).read_text())
@@ -376,9 +366,6 @@ def test_http_shards_are_indexed_through_curl_as_the_reader_reads_them(tmp_path:
         # a URL the server does not have: curl fails, and the URL is named
         assert index_main([f"{url}/{{00000..00003}}.tar", "--out", str(out), "--workers", "1"]) == 2
         assert f"shard {url}/00003.tar cannot be read: its command exited with status" in printed(capsys)
-    finally:
-        server.terminate()
-        server.wait()
 
 
 def test_the_tool_script_and_bad_options(tmp_path: Path) -> None:
