@@ -33,17 +33,19 @@ behind a store barrier (torch does that only with TORCH_DIST_INIT_BARRIER=1).
 **The training set's manifest** that rank 0 reads and sends to every rank at start (build.build_loader,
 distributed.decided_on_main).
 
-For each shard count, a real `Manifest` (one ShardInfo per shard: name, samples, bytes, sha256) is built in a
-fresh process and measured there: its size in memory (its live objects, by tracemalloc: rank 0 reads it
-whole), its pickled size without the checksums (what `broadcast_object` sends each rank) and the time rank 0
-takes to pickle it; then, in another fresh process, what a rank holds once it has unpickled it, and how long
-that takes. The manifest's cost per rank does not depend on the number of ranks; what the job pays in all is
-printed at 512 and 4096 ranks, with the stated assumptions:
+For each shard count, a manifest.json (name, samples, bytes, sha256 per shard) is written and read by
+read_manifest in a fresh process, as rank 0 reads it, and measured there: the time, the peak of the parse and
+what stays (the array `Manifest`, by tracemalloc), its pickled size without the checksums (what
+`broadcast_object` sends each rank) and the time rank 0 takes to pickle it; then, in another fresh process,
+what a rank holds once it has unpickled it, and how long that takes. The manifest's cost per rank does not
+depend on the number of ranks; what the job pays in all is printed at 512 and 4096 ranks, with the stated
+assumptions:
 
 - a broadcast moves the pickled manifest to every rank once (NCCL and gloo's binomial tree alike): bytes
   received per rank = the pickled size;
-- each rank holds the manifest, and so may each of its data workers (forked, so they share the pages until
-  Python's reference counting writes to them): host memory per node between 8 and 8 x (1 + workers) copies.
+- each rank holds the manifest, and its data workers are forked from it: they share its arrays' pages, which
+  nothing writes (the low figure), unless a start method other than fork copies them (the high one): host
+  memory per node between 8 and 8 x (1 + workers) copies.
 
     .venv/bin/python benchmarks/bench_scale.py [--ranks 512 4096 --step-ms 8 16 --hop-us 40
                                                  --shards 100000 1000000 --workers 10]
@@ -66,22 +68,29 @@ from swav_scale.preemption import StepAgreement
 from swav_testing.ring import SimulatedRing
 
 MEASURE = r"""
-import hashlib, json, pickle, sys, time, tracemalloc
+import hashlib, json, pickle, sys, tempfile, time, tracemalloc
 from pathlib import Path
-from swav_scale.data.manifest import Manifest, ShardInfo
+from swav_scale.data.manifest import ShardInfo, read_manifest, write_manifest
 
 n, blob_path = int(sys.argv[1]), sys.argv[2]
-tracemalloc.start()
-manifest = Manifest(Path("/shards"), [ShardInfo(f"train-{i:07d}.tar", 1000, 120_000_000,
-                                                hashlib.sha256(str(i).encode()).hexdigest()) for i in range(n)],
-                    [str(c) for c in range(1000)])
-in_memory = tracemalloc.get_traced_memory()[0] / 2**20
-tracemalloc.stop()
+with tempfile.TemporaryDirectory() as tmp:
+    write_manifest(Path(tmp), [ShardInfo(f"train-{i:07d}.tar", 1000, 120_000_000,
+                                         hashlib.sha256(str(i).encode()).hexdigest()) for i in range(n)],
+                   [str(c) for c in range(1000)], {})
+    start = time.perf_counter()
+    manifest = read_manifest(tmp, check_files=False)  # as rank 0 reads it (preflight looks at the files too)
+    read_s = time.perf_counter() - start
+    del manifest
+    tracemalloc.start()  # again, traced (which slows it): the parse's peak, and what stays
+    manifest = read_manifest(tmp, check_files=False)
+    in_memory, peak = (m / 2**20 for m in tracemalloc.get_traced_memory())
+    tracemalloc.stop()
 start = time.perf_counter()
 blob = pickle.dumps(manifest.without_checksums())  # as build_loader sends it
 pickle_s = time.perf_counter() - start
 open(blob_path, "wb").write(blob)
-print(json.dumps({"shards": n, "rank_0_mib": in_memory, "pickled_mib": len(blob) / 2**20, "pickle_s": pickle_s}))
+print(json.dumps({"shards": n, "rank_0_mib": in_memory, "rank_0_peak_mib": peak, "read_s": read_s,
+                  "pickled_mib": len(blob) / 2**20, "pickle_s": pickle_s}))
 """
 
 RECEIVE = r"""
@@ -384,13 +393,15 @@ def main() -> None:
     if a.group_ranks:
         console.print(groups_table(a.group_ranks))
     table = Table(title="the training manifest at start: rank 0 reads it, every rank receives it")
-    for column in ("shards", "rank 0 holds", "sent to each rank", "a rank holds", "rank 0 pickles",
+    for column in ("shards", "rank 0 reads JSON", "peak", "rank 0 holds", "sent to each rank", "a rank holds",
+                   "rank 0 pickles",
                    "a rank unpickles", "host memory per node", "received in all: 512 ranks", "4096 ranks"):
         table.add_column(column, justify="right")
     for n in a.shards:
         m = measure(n)
         low, high = a.gpus_per_node * m["rank_mib"], a.gpus_per_node * (1 + a.workers) * m["rank_mib"]
-        table.add_row(f"{n:,}", f"{m['rank_0_mib']:.1f} MiB", f"{m['pickled_mib']:.1f} MiB",
+        table.add_row(f"{n:,}", f"{m['read_s']:.1f} s", f"{m['rank_0_peak_mib']:.0f} MiB",
+                      f"{m['rank_0_mib']:.1f} MiB", f"{m['pickled_mib']:.1f} MiB",
                       f"{m['rank_mib']:.1f} MiB", f"{m['pickle_s']:.1f} s", f"{m['unpickle_s']:.1f} s",
                       f"{low / 1024:.2f}-{high / 1024:.2f} GiB", f"{512 * m['pickled_mib'] / 1024:.1f} GiB",
                       f"{4096 * m['pickled_mib'] / 1024:.1f} GiB")

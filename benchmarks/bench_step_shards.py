@@ -126,7 +126,7 @@ def main() -> None:
             overrides.append(f"data.train_shards={photo_shards(work, a.photos, a.long_side)}")
         cfg = load_config(config, overrides)
         loader = build_loader(cfg, 0, 1, pin_memory=device.type == "cuda")
-        batch = loader.layout.batch_per_rank
+        batch = loader.batch
         settle = settling_steps(cfg.data.num_workers, cfg.data.prefetch_factor)
         if loader.steps_per_epoch < settle + a.steps:
             p.error(f"an epoch of these shards is {loader.steps_per_epoch} steps of {batch} images, and a block "

@@ -15,7 +15,7 @@ import torch
 
 from swav_scale.checkpoint.manager import Checkpointer
 from swav_scale.checkpoint.states import RNGState, TrainProgress, seed_generators
-from swav_scale.config import Config
+from swav_scale.config import Config, rank_batch
 from swav_scale.data.loader import MultiCropStream, ShardLoader
 from swav_scale.data.manifest import Manifest
 from swav_scale.data.multicrop import CropSpec, MultiCrop
@@ -82,23 +82,25 @@ def build_loader(cfg: Config, rank: int, world_size: int, pin_memory: bool = Fal
     each epoch's samples once over all ranks and workers (data/plan.py). Collective in a process group: rank 0
     alone runs `preflight` (it reads the manifest and looks at every shard) and hands the manifest to the
     others, whose workers then open only the shards the plan gives them."""
-    def checked() -> tuple[Manifest, int]:
-        manifest, batch_per_rank = preflight(cfg, world_size)
-        return manifest.without_checksums(), batch_per_rank  # what the ranks use: no sha256
+    def checked() -> Manifest:
+        return preflight(cfg, world_size).without_checksums()  # what the ranks use: no sha256
 
-    manifest, batch_per_rank = decided_on_main(checked)
+    manifest = decided_on_main(checked)
     planner = Planner(manifest, cfg.train.seed, cfg.data.open_shards, cfg.data.shuffle_buffer)
-    layout = Layout(world_size, max(1, cfg.data.num_workers), batch_per_rank)
+    layout = Layout(world_size, max(1, cfg.data.num_workers), cfg.optim.batch_size)
     stream = MultiCropStream(planner, build_multicrop(cfg), rank, layout)
     return ShardLoader(stream, cfg.data.num_workers, cfg.data.prefetch_factor, pin_memory=pin_memory)
 
 
 def build_queue(cfg: Config, env: DistEnv) -> FeatureQueue | None:
-    """This rank's share of the feature queue (swav.queue_length over all ranks), or None without one."""
+    """This rank's share of the feature queue (swav.queue_length over all ranks, a whole number of global
+    batches: each rank keeps as many of its own batches), or None without one."""
     if not cfg.swav.queue_length:
         return None
-    return FeatureQueue(len(cfg.swav.crops_for_assign), cfg.swav.queue_length // env.world_size,
-                        cfg.model.embed_dim, env.device)
+    steps = cfg.swav.queue_length // cfg.optim.batch_size
+    lengths = [steps * rank_batch(cfg.optim.batch_size, env.world_size, r) for r in range(env.world_size)]
+    return FeatureQueue(len(cfg.swav.crops_for_assign), lengths[env.rank], cfg.model.embed_dim, env.device,
+                        world_lengths=lengths)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""`swav-scale`: pretrain, submit, status, knn, linear, report, export, make-shards, verify-shards, demo.
+"""`swav-scale`: pretrain, submit, status, knn, linear, report, export, make-shards, verify-shards, index-shards,
+demo.
 
 Each command imports what it runs inside its function: torch and the engines take seconds to import, and
 `swav-scale --help`, a mistyped command or `status` should answer at once.
@@ -146,6 +147,14 @@ def _verify_shards(args: argparse.Namespace) -> None:
         sys.exit(code)
 
 
+def _index_shards(args: argparse.Namespace) -> None:
+    from swav_scale.shards.index import main
+
+    code = main(args.rest)
+    if code:
+        sys.exit(code)
+
+
 def _demo(args: argparse.Namespace) -> None:
     from swav_scale.demo import run_demo
 
@@ -212,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     vs.add_argument("rest", nargs=argparse.REMAINDER)
     vs.set_defaults(func=_verify_shards)
 
+    ix = sub.add_parser("index-shards", help="same as tools/index_shards.py: a manifest for shards made by other tools",
+                        add_help=False)
+    ix.add_argument("rest", nargs=argparse.REMAINDER)
+    ix.set_defaults(func=_index_shards)
+
     demo = sub.add_parser("demo", help="Fashion-MNIST: shards -> SwAV on 2 ranks -> kNN vs baselines")
     demo.add_argument("--config", default="configs/quickstart.yaml")
     demo.add_argument("overrides", nargs="*")
@@ -221,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-PASS_THROUGH = ("make-shards", "verify-shards")  # commands whose own parser reads all that follows them
+# commands whose own parser reads all that follows them
+PASS_THROUGH = ("make-shards", "verify-shards", "index-shards")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -142,8 +142,8 @@ class DataConfig:
     train_shards: str = MISSING
     train_manifest: str = ""  # manifest.json path or URL, when it is not beside the shards (pipe: sources)
     num_workers: int = 4  # data-loading processes per rank
-    open_shards: int = 4  # shards each worker reads at once, interleaved at random
-    shuffle_buffer: int = 2000  # samples held by each worker's shuffle buffer
+    open_shards: int = 4  # shards each worker reads at once, round robin
+    shuffle_buffer: int = 2000  # samples each worker reads, then emits in a random order (a block)
     max_bad_fraction: float = 0.01  # unreadable samples (replaced in their batch) tolerated per epoch
     ledger: bool = False  # write the keys of every step's samples to run_dir/ledger/rank-R.jsonl (audits)
     prefetch_factor: int = 2
@@ -534,8 +534,21 @@ def _parse_yaml(text: str, source: str) -> DictConfig:
     return loaded
 
 
-def check_world(cfg: Config, world_size: int) -> int:
-    """The checks that need the number of ranks; returns the per-rank batch size."""
+def rank_batch(global_batch: int, world_size: int, rank: int) -> int:
+    """Rank `rank`'s samples per step: the global batch split as evenly as it goes, the first
+    (global_batch mod world_size) ranks taking one more. Any world size trains the same global batch, so a job
+    that loses a node resumes on the nodes left; the loss and Sinkhorn stay exact over the global batch
+    (train.swav_step weighs each rank's loss by its share, swav.sinkhorn counts the global columns)."""
+    return global_batch // world_size + (rank < global_batch % world_size)
+
+
+def rank_share(global_batch: int, world_size: int, rank: int) -> float:
+    """Rank `rank`'s batch over the mean batch of a rank (1.0 where the global batch splits evenly)."""
+    return rank_batch(global_batch, world_size, rank) * world_size / global_batch
+
+
+def check_world(cfg: Config, world_size: int) -> None:
+    """The checks that need the number of ranks."""
     b, p = cfg.optim.batch_size, cfg.parallel
     if p.sync_batchnorm_group > 0 and world_size % p.sync_batchnorm_group:
         raise ConfigError(f"parallel.sync_batchnorm_group={p.sync_batchnorm_group} does not divide the {world_size} "
@@ -544,11 +557,9 @@ def check_world(cfg: Config, world_size: int) -> int:
     if p.engine == EngineKind.fsdp and p.fsdp_shard_group > 0 and world_size % p.fsdp_shard_group:
         raise ConfigError(f"parallel.fsdp_shard_group={p.fsdp_shard_group} does not divide the {world_size} ranks "
                           f"into whole shard groups; use a divisor of {world_size} (the GPUs of a node), or 0")
-    if b % world_size:
-        raise ConfigError(
-            f"optim.batch_size={b} (global) does not split evenly over {world_size} ranks; "
-            f"use a multiple of {world_size}"
-        )
+    if b < world_size:
+        raise ConfigError(f"optim.batch_size={b} (global) gives some of the {world_size} ranks no sample; use at "
+                          f"least {world_size}, or fewer ranks")
     if p.compile and p.sync_batchnorm and world_size > 1:
         # dynamo cannot trace SyncBatchNorm's collectives (pytorch/pytorch#161302): every compiled stage would
         # break at each BatchNorm, so the pair is refused rather than trained that way
@@ -557,7 +568,6 @@ def check_world(cfg: Config, world_size: int) -> int:
             "trace SyncBatchNorm, which would break every compiled stage at each BatchNorm. Set "
             "parallel.compile=false to keep BatchNorm statistics over the global batch (as SwAV does), or "
             "parallel.sync_batchnorm=false to compile, each rank then normalising with its own batch's statistics")
-    return b // world_size
 
 
 def to_yaml(cfg: Config) -> str:

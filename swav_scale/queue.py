@@ -19,16 +19,20 @@ from swav_scale.distributed import all_gather_object, all_to_all_rows, comm_devi
 class FeatureQueue:
     """A FIFO of detached, L2-normalised embeddings, one row block per assigned crop.
 
-    `length` is this rank's share of the configured queue (the global queue length divided by the world
-    size), as in the original implementation, so that each rank's Sinkhorn input grows by the same amount.
-    Rows are only used once the queue is full: a half-empty queue would feed zero vectors to Sinkhorn.
+    `length` is this rank's share of the configured queue: as many steps of its batch as the global queue
+    holds global batches (the global queue length over the world size where the batch splits evenly, as in the
+    original), so that every rank's queue fills at the same step even when the ranks' batches differ.
+    `world_lengths`, every rank's length, tells a resharded load how to split the rows (equal shares when not
+    given). Rows are only used once the queue is full: a half-empty queue would feed zero vectors to Sinkhorn.
     """
 
-    def __init__(self, num_crops: int, length: int, dim: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, num_crops: int, length: int, dim: int, device: torch.device | str = "cpu",
+                 world_lengths: list[int] | None = None) -> None:
         if length <= 0:
             raise ValueError(f"queue length must be positive, got {length}")
         self.embeddings = torch.zeros(num_crops, length, dim, device=device)
         self.filled = 0
+        self.world_lengths = world_lengths
 
     @property
     def length(self) -> int:
@@ -81,7 +85,7 @@ class FeatureQueue:
                 filled[j] = n
         starts = _prefix(filled)
         total = sum(filled)
-        sizes = [total // world_size + (s < total % world_size) for s in range(world_size)]
+        sizes = _proportional(total, self.world_lengths or [self.length] * world_size)
         lo = _prefix(sizes)
         kept = [(lo[s], lo[s] + min(sizes[s], self.length)) for s in range(world_size)]
 
@@ -109,6 +113,16 @@ class FeatureQueue:
                 self.embeddings[:, a - lo[rank]:b - lo[rank]] = block[at:at + b - a].transpose(0, 1).to(self.embeddings)
                 at += b - a
         self.filled = kept[rank][1] - kept[rank][0]
+
+
+def _proportional(total: int, weights: list[int]) -> list[int]:
+    """`total` split in proportion to `weights`, the remainders to the first: equal weights give
+    total // n + (s < total % n)."""
+    whole = sum(weights)
+    sizes = [total * w // whole for w in weights]
+    for s in range(total - sum(sizes)):
+        sizes[s] += 1
+    return sizes
 
 
 def _prefix(counts: list[int]) -> list[int]:

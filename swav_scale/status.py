@@ -43,8 +43,8 @@ def training_data(run_dir: Path) -> dict[str, Any] | None:
         steps = epoch_steps(manifest, cfg.optim.batch_size)
     except Exception:  # status must answer even when the data is not mounted here
         return None
-    return {"shards": cfg.data.train_shards, "shard_count": len(manifest.shards), "samples": manifest.total,
-            "bytes": sum(s.bytes for s in manifest.shards), "total_steps": planned_steps(cfg, steps)}
+    return {"shards": cfg.data.train_shards, "shard_count": len(manifest), "samples": manifest.total,
+            "bytes": int(manifest.sizes.sum()), "total_steps": planned_steps(cfg, steps)}
 
 
 def run_status(run_dir: str | Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from swav_scale.distributed import ProcessGroup, all_reduce, world_size
+from swav_scale.distributed import ProcessGroup, all_reduce
 
 # Scores are cosines (z and the rows of C are unit vectors), so exp(C.z / epsilon) lies in
 # [exp(-1/epsilon), exp(1/epsilon)]: within float32 (normal numbers from exp(-87) to exp(88)) while
@@ -40,10 +40,11 @@ def sinkhorn(
 
     `scores` is this rank's (B_local, K) block of C.z, cosines in [-1, 1]. The equipartition constraint (every
     prototype gets B/K of the mass) is imposed on the global batch of all ranks in `group`: only K-vector row
-    sums cross the network, never the scores themselves. Every rank holds the same number of rows (the data
-    plan gives each rank equal batches, the queue equal shares), so the global batch is B_local times the
-    ranks, as in the original: no collective and no host copy for it. Returns (B_local, K) codes whose
-    rows sum to 1. Computed in float32 (float64 for epsilon < 0.025) whatever the autocast dtype.
+    sums cross the network, never the scores themselves. Ranks may hold different numbers of rows (a global
+    batch that does not split evenly, config.rank_batch), so the global B is summed over the ranks, as one
+    more element of the first iteration's row sums: no collective and no host copy of its own. Returns
+    (B_local, K) codes whose rows sum to 1. Computed in float32 (float64 for epsilon < 0.025) whatever the
+    autocast dtype.
 
     The original's steps, fused where it divides twice: its first division by the total mass is left out,
     since the first row normalisation divides any common factor out again, and so is its final *B, the last
@@ -52,10 +53,16 @@ def sinkhorn(
     dtype = torch.float32 if epsilon >= _SMALLEST_FLOAT32_EPSILON else torch.float64
     Q = scores.detach().to(dtype).div(epsilon).exp_().t()  # K x B_local
     K = Q.shape[0]
-    B = Q.shape[1] * world_size(group)  # the global batch
+    B: Tensor | int = Q.shape[1]
     for it in range(iterations):
         # rows: every prototype receives 1/K of the total mass, summed over all ranks
-        Q /= all_reduce(Q.sum(dim=1, keepdim=True), group=group) * K
+        rows = Q.sum(dim=1, keepdim=True)
+        if it == 0:  # the global batch travels with the first row sums (exact in float32 below 2^24 columns)
+            summed = all_reduce(torch.cat([rows, rows.new_full((1, 1), Q.shape[1])]), group=group)
+            rows, B = summed[:K], summed[K]
+        else:
+            rows = all_reduce(rows, group=group)
+        Q /= rows * K
         # columns: every sample carries 1/B of the mass (columns are local, so no communication); in the
         # last iteration 1 instead, so that each sample's codes are a distribution over the prototypes
         Q /= Q.sum(dim=0, keepdim=True) * (B if it + 1 < iterations else 1)

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from swav_scale.build import Run, build_run
-from swav_scale.config import Config, SwAVConfig
+from swav_scale.config import Config, SwAVConfig, rank_share
 from swav_scale.data.device import CopyStream, device_views
 from swav_scale.data.loader import ShardLoader
 from swav_scale.data.manifest import ShardError
@@ -82,8 +82,8 @@ def log_figures(result: StepResult, loader: ShardLoader, temperature: float, dev
     pinned memory that does not hold the host up on a GPU. float64 keeps counts exact past 2^24; the loss,
     statistics and norm are rounded back to float32 before they are derived, as they were computed."""
     grad = result.grad_squares
-    counts = torch.tensor([loader.bad_samples, loader.batches_done * loader.layout.batch_per_rank],
-                          dtype=torch.float64)
+    done = loader.batches_done * loader.batch
+    counts = torch.tensor([loader.bad_samples, done], dtype=torch.float64)
     if device.type == "cuda":
         counts = counts.pin_memory()
     counts = counts.to(device, non_blocking=True)
@@ -117,10 +117,15 @@ def check_finite(value: float, step: int, last_good: Path | None) -> float:
 
 
 def swav_step(engine: Engine, views: list[torch.Tensor], swav: SwAVConfig, step: int, lr: float,
-              queue: FeatureQueue | None, measure_grad_norm: bool = False) -> StepResult:
+              queue: FeatureQueue | None, measure_grad_norm: bool = False, share: float = 1.0) -> StepResult:
     """One SwAV iteration on this rank's views; returns the loss, scores and codes (and the squared gradient
     norm when measured, at log steps), all on the device: the step reads nothing back. `queue` (when its
-    epoch has come) gives Sinkhorn its rows once full and takes this step's embeddings of the assigned crops."""
+    epoch has come) gives Sinkhorn its rows once full and takes this step's embeddings of the assigned crops.
+
+    `share` is this rank's batch over the mean batch of a rank (rank_share). The engines average gradients
+    over the ranks, as DDP does; a rank's mean loss weighed by its share makes that average the gradient of the
+    mean over the global batch when the ranks' batches differ, and the ranks' mean of the logged loss the
+    global mean. At 1 (an even split) the loss is left as it is, bit for bit."""
     engine.set_lr(lr)
     engine.normalize_prototypes()
     with engine.autocast():
@@ -132,6 +137,8 @@ def swav_step(engine: Engine, views: list[torch.Tensor], swav: SwAVConfig, step:
             queue.push(j, z[i])
         queue.advance(z[0].shape[0])
     loss = swapped_prediction_loss(scores, codes, swav.temperature)
+    if share != 1.0:
+        loss = loss * share
     engine.backward(loss)
     if step < swav.freeze_prototypes_iters:
         engine.freeze_prototypes()
@@ -235,6 +242,7 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None,
     agree = StepAgreement(timedelta(seconds=cfg.parallel.collective_timeout_s), cfg.parallel.agreement_lag,
                           max_delay_s=cfg.slurm.signal_delay_s / 20)
     mean, std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
+    share = rank_share(cfg.optim.batch_size, env.world_size, env.rank)
     copy = CopyStream(env.device)
     with ExitStack() as stack:
         log = StepLog(cfg, env, run, stack, agree)
@@ -248,7 +256,8 @@ def train(cfg: Config, env: DistEnv, stops: StopSignals | None = None,
                 views = device_views(batch, copy, mean, std, cfg.parallel.channels_last)
                 end_of_epoch = loader.at_epoch_end  # this batch is the epoch's last
                 log_now = log.due(step + 1, end_of_epoch)
-                result = swav_step(engine, views, cfg.swav, step, lr, queue, measure_grad_norm=log_now)
+                result = swav_step(engine, views, cfg.swav, step, lr, queue, measure_grad_norm=log_now,
+                                   share=share)
                 progress.step += 1
                 log.step(epoch, lr, result, log_now, checkpointer.newest)
 

@@ -3,7 +3,12 @@ location. Real gloo ranks: swav_testing.ranks."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from swav_scale.data.manifest import MANIFEST, Manifest, read_manifest, ShardError, ShardInfo, write_manifest
@@ -63,3 +68,26 @@ def write_shards(
         raise ShardError(f"no readable samples to write into {out_dir}")
     write_manifest(out_dir, shards, classes, {})
     return read_manifest(out_dir)
+
+
+@contextlib.contextmanager
+def http_server(root: Path, ready: str) -> Iterator[str]:
+    """`root` served over http on loopback (python -m http.server): its base URL, once `ready` (a path under
+    it) answers; the server stops on exit."""
+    from swav_scale.distributed import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{url}/{ready}", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait()

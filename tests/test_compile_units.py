@@ -343,7 +343,7 @@ def test_compile_with_sync_batchnorm_on_several_ranks_is_refused_naming_both_key
     message = (r"parallel\.compile=true with parallel\.sync_batchnorm=true on 2 ranks.*Set parallel\.compile=false"
                r".*or parallel\.sync_batchnorm=false")
     compiled = load_config(None, overrides(**{"parallel.compile": "true"}))
-    assert check_world(compiled, 1) == compiled.optim.batch_size  # one rank: nothing to synchronise
+    check_world(compiled, 1)  # one rank: nothing to synchronise
     with pytest.raises(ConfigError, match=message):
         check_world(compiled, 2)
     with pytest.raises(ConfigError, match=message):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from swav_scale.config import ConfigError, EngineKind, check_world, from_yaml_text, load_config, to_yaml
+from swav_scale.config import ConfigError, EngineKind, check_world, from_yaml_text, load_config, rank_batch, to_yaml
 from helpers import REPO
 
 
@@ -51,13 +51,17 @@ def test_world_size_checks() -> None:
                                           r"optim.batch_size=96; use e.g. 288"):
         load_config(None, ["data.train_shards=/x", "optim.batch_size=96", "swav.queue_length=300"])
     cfg = load_config(None, ["data.train_shards=/x", "optim.batch_size=96", "swav.queue_length=384"])
-    assert check_world(cfg, 3) == 32
-    with pytest.raises(ConfigError, match="does not split evenly over 5 ranks"):
-        check_world(cfg, 5)
+    check_world(cfg, 3)
+    assert [rank_batch(96, 3, r) for r in range(3)] == [32] * 3
+    check_world(cfg, 5)  # uneven: 20, 19, 19, 19, 19
+    assert [rank_batch(96, 5, r) for r in range(5)] == [20, 19, 19, 19, 19]
+    assert sum(rank_batch(32768, 4088, r) for r in range(4088)) == 32768  # 512 nodes of 8 that lost one
+    with pytest.raises(ConfigError, match="optim.batch_size=96 .* gives some of the 97 ranks no sample"):
+        check_world(cfg, 97)
     cfg.parallel.sync_batchnorm_group = 2
     with pytest.raises(ConfigError, match="parallel.sync_batchnorm_group=2 does not divide the 3 ranks"):
         check_world(cfg, 3)
-    assert check_world(cfg, 4) == 24
+    check_world(cfg, 4)
 
 
 # (overrides, what the refusal says): each is refused with a message naming the key and what to do

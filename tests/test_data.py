@@ -19,7 +19,7 @@ from PIL import Image
 from swav_scale.data.loader import MultiCropStream, ShardLoader
 from swav_scale.data.manifest import MANIFEST, read_manifest, ShardError
 from swav_scale.data.multicrop import crop_box, CropSpec, MultiCrop, sample_seed
-from swav_scale.data.plan import Layout, Planner, Segment, Span, cut, emitted, epoch_steps, select_epoch
+from swav_scale.data.plan import Emission, Layout, Planner, RoundRobin, Segment, Span, epoch_steps, select_epoch, take
 from swav_scale.shards.make_shards import main as make_shards
 
 SPECS = [CropSpec(28, 2, 0.4, 1.0), CropSpec(12, 2, 0.15, 0.4)]
@@ -36,9 +36,17 @@ def planner(shards: Path, seed: int = 7) -> Planner:
     return Planner(read_manifest(shards), seed, open_shards=3, buffer=50)
 
 
-def loader(shards: Path, rank: int, world: int, batch: int, workers: int, seed: int = 7) -> ShardLoader:
-    stream = MultiCropStream(planner(shards, seed), multicrop(), rank, Layout(world, max(1, workers), batch))
-    return ShardLoader(stream, workers, 2, False)
+def whole_plan(p: Planner, epoch: int, segments: list[Segment]) -> dict[tuple[int, int], list[Span]]:
+    """Every consumer's spans, as the ranks each plan their own."""
+    world = segments[-1].layout.world_size
+    return {(r, w): spans for r in range(world) for w, spans in p.rank_spans(epoch, segments, r).items()}
+
+
+def loader(shards: Path, rank: int, world: int, batch: int, workers: int, seed: int = 7,
+           global_batch: int = 0) -> ShardLoader:
+    """Rank `rank`'s loader, `batch` samples per rank (or `global_batch` split over the ranks, maybe unevenly)."""
+    layout = Layout(world, max(1, workers), global_batch or world * batch)
+    return ShardLoader(MultiCropStream(planner(shards, seed), multicrop(), rank, layout), workers, 2, False)
 
 
 def epoch_keys(shards: Path, rank: int, world: int, batch: int, workers: int, epoch: int = 0,
@@ -136,8 +144,47 @@ def test_spans_split_and_subtract() -> None:
     assert span.split(7) == (span, None)
     assert span.without({1, 6, 7}) == Span("s.tar", ((0, 1), (2, 3), (5, 6), (8, 9)))
     assert span.without(set(range(10))) is None
-    pieces = cut([Span("a", ((0, 5),)), Span("b", ((0, 4),))], [3, 4, 2])
+    spans = [Span("a", ((0, 5),)), Span("b", ((0, 4),))]
+    pieces = [take(spans, 0, 3), take(spans, 3, 7), take(spans, 7, 9)]
     assert pieces == [[Span("a", ((0, 3),))], [Span("a", ((3, 5),)), Span("b", ((0, 2),))], [Span("b", ((2, 4),))]]
+
+
+def simulated_reads(sizes: list[int], open_max: int) -> list[tuple[int, int]]:
+    """The round robin read step by step, as the definition says (rounds, then close and open)."""
+    counts, opened, pending, out = [0] * len(sizes), [], 0, []
+    while True:
+        while len(opened) < open_max and pending < len(sizes):
+            opened += [pending] if sizes[pending] else []
+            pending += 1
+        if not opened:
+            return out
+        for i in opened:
+            out.append((i, counts[i]))
+            counts[i] += 1
+        opened = [i for i in opened if counts[i] < sizes[i]]
+
+
+@pytest.mark.parametrize("sizes,open_max", [([5, 0, 3, 9, 1, 4], 3), ([7], 4), ([2, 2, 2], 1), ([1, 6, 0, 2, 8], 2)])
+def test_the_reading_order_jumps_to_any_position_as_the_reads_go(sizes: list[int], open_max: int) -> None:
+    reads = simulated_reads(sizes, open_max)
+    rr = RoundRobin(sizes, open_max)
+    assert list(rr.order(0)) == reads and sorted(reads) == [(i, p) for i, n in enumerate(sizes) for p in range(n)]
+    for m in range(len(reads) + 1):
+        assert rr.state(m)[0] == [sum(1 for i, _ in reads[:m] if i == k) for k in range(len(sizes))]
+        assert list(rr.order(m)) == reads[m:]
+
+
+def test_a_consumer_resumes_its_emission_and_its_leftover_at_any_count_without_replaying() -> None:
+    spans = [Span("a", ((0, 7),)), Span("b", ((3, 5), (8, 12))), Span("c", ((0, 9),)), Span("d", ((2, 3),))]
+    emission = Emission([s.size for s in spans], 2, 5, (7, 0, 0, 1, 1))
+    whole = [x for _, emit in emission.blocks(0) for x in emit]
+    assert sorted(whole) == sorted((i, p) for i, s in enumerate(spans) for p in range(s.size))
+    assert whole != sorted(whole, key=lambda ip: simulated_reads([s.size for s in spans], 2).index(ip))
+    flat = [list(s.indices()) for s in spans]
+    for n in range(len(whole) + 1):
+        assert [x for _, emit in emission.blocks(n) for x in emit] == whole[n:]
+        left = {(s.shard, i) for s in emission.left(spans, n) for i in s.indices()}
+        assert left == {(spans[k].shard, flat[k][p]) for k, p in whole[n:]}
 
 
 @pytest.mark.parametrize("world,workers", [(2, 2), (3, 1), (3, 3), (2, 4), (1, 1)])
@@ -145,7 +192,7 @@ def test_plan_gives_every_consumer_exactly_its_quota(fmnist_train_shards: Path, 
     batch = 16
     p = planner(fmnist_train_shards)
     steps = epoch_steps(p.manifest, world * batch)
-    plan = p.consumer_spans(1, [Segment(Layout(world, workers, batch))])
+    plan = whole_plan(p, 1, [Segment(Layout(world, workers, world * batch))])
     assert set(plan) == {(r, w) for r in range(world) for w in range(workers)}
     for (_, w), spans in plan.items():
         assert sum(s.size for s in spans) == len(range(w, steps, workers)) * batch
@@ -169,14 +216,14 @@ def test_replayed_emission_matches_what_the_stream_reads(fmnist_train_shards: Pa
     data = loader(fmnist_train_shards, 1, 2, 16, 2)
     keys = [k for b in itertools.islice(iter(data), 5) for k in b.keys]
     p = data.stream.planner
-    plan = p.consumer_spans(0, [Segment(data.layout)])
-    from swav_scale.data.plan import consumer_rng
+    plan = p.rank_spans(0, [Segment(data.layout)], 1)
 
     replayed = set()
     for w, batches in ((0, 3), (1, 2)):  # steps 0, 2, 4 from worker 0; 1, 3 from worker 1
-        spans = plan[(1, w)]
-        used = emitted(spans, consumer_rng(7, 0, 0, 1, w), p.open_shards, p.buffer, batches * 16)
-        replayed |= {(s.shard, i) for s, u in zip(spans, used) for i in u}
+        spans = plan[w]
+        left = p.emission(spans, 0, 0, 1, w).left(spans, batches * 16)
+        replayed |= ({(s.shard, i) for s in spans for i in s.indices()}
+                     - {(s.shard, i) for s in left for i in s.indices()})
     key_of = {}
     for s in read_manifest(fmnist_train_shards).shards:
         with tarfile.open(fmnist_train_shards / s.name) as tar:
@@ -223,6 +270,26 @@ def test_resume_mid_epoch_gives_the_remaining_batches(fmnist_train_shards: Path,
     assert resumed == full[start:]
 
 
+def test_a_resume_seeks_to_its_position_instead_of_reading_what_it_skips(fmnist_train_shards: Path) -> None:
+    """One rank, one worker in this process, resumed at half the epoch: before its first batch it reads at most
+    the block it stopped in, its open shards' member headers and one batch; a start from the beginning of the
+    stream (no seeking) reads more than all the samples it skips."""
+    def first_batch(start: int) -> tuple[list[str], int]:
+        data = loader(fmnist_train_shards, 0, 1, 16, 0)
+        data.segments[-1].steps = start
+        batch = next(iter(data))
+        return batch.keys, data.stream.read_count.bytes
+
+    steps = 637 // 16
+    keys, resumed = first_batch(steps // 2)
+    assert keys == epoch_keys(fmnist_train_shards, 0, 1, 16, 0)[steps // 2]
+    shard = max(int(s.bytes) for s in read_manifest(fmnist_train_shards).shards)
+    _, fresh = first_batch(0)
+    per_sample = sum(s.bytes for s in read_manifest(fmnist_train_shards).shards) / 637
+    assert resumed <= shard, (resumed, shard)
+    assert resumed < fresh + (steps // 2 * 16) * per_sample / 2  # reading up to the position would cost all of it
+
+
 def consume(loaders: list[ShardLoader], steps: int | None) -> list[str]:
     """Keys the ranks consume in `steps` steps (None: to the end of the epoch), lock-step like training."""
     iters = [iter(d) for d in loaders]
@@ -238,14 +305,16 @@ def consume(loaders: list[ShardLoader], steps: int | None) -> list[str]:
 
 @MORE_WORKERS_THAN_CORES
 @pytest.mark.parametrize("layouts", [[(2, 2, 6), (1, 2, None)], [(2, 1, 7), (3, 3, None)],
-                                     [(2, 2, 3), (3, 1, 4), (1, 0, 2), (2, 3, None)]])
+                                     [(2, 2, 3), (3, 1, 4), (1, 0, 2), (2, 3, None)],
+                                     [(5, 1, 3), (2, 2, 4), (7, 1, None)]])
 def test_resharded_resume_sees_every_remaining_sample_once(fmnist_train_shards: Path, layouts: list) -> None:
-    """Ledger: a global batch of 48 over ranks x workers that change at every resume; the epoch's samples are
-    each seen exactly once, none repeated, none skipped, and the next epoch starts whole."""
+    """Ledger: a global batch of 48 over ranks x workers that change at every resume (over 5 and 7 ranks
+    unevenly: 10, 10, 10, 9, 9 and 7, 7, 7, 7, 7, 7, 6); the epoch's samples are each seen exactly once, none
+    repeated, none skipped, and the next epoch starts whole."""
     state = None
     ledger: list[str] = []
     for world, workers, steps in layouts:
-        ranks = [loader(fmnist_train_shards, r, world, 48 // world, workers) for r in range(world)]
+        ranks = [loader(fmnist_train_shards, r, world, 0, workers, global_batch=48) for r in range(world)]
         for r, d in enumerate(ranks):
             if state is not None:
                 d.load_resharded({0: state, 1: state}, 2, r, world)
@@ -256,7 +325,7 @@ def test_resharded_resume_sees_every_remaining_sample_once(fmnist_train_shards: 
     p = planner(fmnist_train_shards)
     assert len(ledger) == len(set(ledger)) == epoch_steps(p.manifest, 48) * 48
     world, workers, _ = layouts[-1]
-    assert state["epoch"] == 1 and state["segments"] == [[world, max(1, workers), 48 // world, 0]]
+    assert state["epoch"] == 1 and state["segments"] == [[world, max(1, workers), 48, 0]]
 
 
 @MORE_WORKERS_THAN_CORES
@@ -362,7 +431,7 @@ def test_too_many_bad_samples_stop_the_run_with_a_clear_message(tmp_path: Path) 
         next(batches)
     cfg = load_config(None, ["data.train_shards=x", "data.max_bad_fraction=0.5"])
     env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
-    seen = data.batches_done * data.layout.batch_per_rank
+    seen = data.batches_done * data.batch
     assert seen == 60
     check_bad_samples(data.bad_samples, seen, data.epoch, cfg, env)  # a few bad samples in 60: tolerated
     with pytest.raises(ShardError, match=r"epoch 0: 31 of 60 samples so far could not be read .*verify_shards"):
@@ -426,3 +495,37 @@ def test_crop_aspect_ratio_is_configurable() -> None:
     assert build_multicrop(cfg).ratio == (1.0, 1.0)
     with pytest.raises(ConfigError, match=r"crops.ratio=\[1.5, 1.0\]"):
         load_config(None, ["data.train_shards=x", "crops.ratio=[1.5,1.0]"])
+
+
+def test_the_seeking_reader_groups_samples_as_webdataset_does(tmp_path: Path) -> None:
+    """Directories, `__meta__` members, names without a dot, upper-case extensions, keys in folders, a sample
+    dropped by a non-empty `__bad__` member: the same samples as WebDataset's reader, from a file (seeking past
+    what it skips) and from a `pipe:` stream, from any first sample on."""
+    import io
+    import webdataset as wds
+
+    from swav_scale.data.reader import ReadCount, tar_samples
+
+    path = tmp_path / "odd.tar"
+    members = [("a/", None), ("__meta__", b"m"), ("0001.JPG", b"x" * 700), ("0001.cls", b"1"), ("README", b"r"),
+               ("d/0002.png", b"p"), ("d/0002.txt", b"t"), ("0003.jpg", b"j"), ("0003.__bad__", b"1"),
+               ("0004.jpg", b"y" * 2000), ("0004.cls", b"4"), ("__x__/0005.jpg", b"skipped"), ("0006.webp", b"w")]
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    reference = list(wds.tariterators.tarfile_samples([{"url": str(path)}]))
+    assert [s["__key__"] for s in reference] == ["0001", "d/0002", "0004", "0006"]
+    for url in (str(path), f"pipe:cat {path}"):
+        for first in range(5):
+            count = ReadCount()
+            got = list(tar_samples(url, first, count))
+            assert [i for i, _ in got] == list(range(first, 4))
+            assert [s | {"__url__": url} for _, s in got] == [s | {"__url__": url} for s in reference[first:]]
+        if url == str(path):  # the payloads of the samples before the 4th are not read: 700 + 2000 bytes saved
+            assert count.bytes < path.stat().st_size - 2000

@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from swav_scale.build import build_model
 from swav_scale.checkpoint.manager import Checkpointer
 from swav_scale.checkpoint.states import TrainProgress
-from swav_scale.config import load_config
+from swav_scale.config import load_config, rank_batch, rank_share
 from swav_scale.diagnostics import code_statistics
 from swav_scale.distributed import DistEnv, all_reduce_mean
 from swav_scale.engines.assemble import build_engine
@@ -63,21 +63,32 @@ class Trace(NamedTuple):
     grad_norms: list[float]  # measured at every step
 
 
-def train_ranks(rank: int, world: int, overrides: list[str]) -> Trace:
+def split_views(rank: int, world: int, step: int, of: int) -> list[torch.Tensor]:
+    """Rank `rank`'s rows of the global batch that `of` ranks of views_for make, split over `world` ranks as
+    config.rank_batch splits a global batch (unevenly where it does not divide)."""
+    merged = [torch.cat(v) for v in zip(*(views_for(r, step) for r in range(of)))]
+    sizes = [rank_batch(len(merged[0]), world, r) for r in range(world)]
+    return [v.split(sizes)[rank] for v in merged]
+
+
+def train_ranks(rank: int, world: int, overrides: list[str], split_of: int = 0) -> Trace:
     """Parameters at the start, after the frozen steps and at the end, and the gradient norm of every step. A
     queue of 2 steps' embeddings joins Sinkhorn from the third step on, so the queue's scoring by the
-    (sharded) prototypes is compared too."""
+    (sharded) prototypes is compared too. With `split_of`, the global batch of that many ranks' views is
+    split over these ranks instead (split_views)."""
     cfg = load_config(None, overrides)
     torch.manual_seed(cfg.train.seed)
     engine = build_engine(cfg, build_model(cfg), DistEnv(rank, world, rank, world, torch.device("cpu")))
-    queue = FeatureQueue(2, 8, cfg.model.embed_dim)
+    global_batch = 4 * (split_of or world)
+    queue = FeatureQueue(2, 2 * rank_batch(global_batch, world, rank), cfg.model.embed_dim)
+    share = rank_share(global_batch, world, rank)
     snapshots, norms = [engine.full_parameters()], []
     for step in range(STEPS):
         lr = cfg.optim.base_lr * (step + 1) / STEPS  # a schedule: every engine must apply set_lr
-        views = views_for(rank, step)
+        views = split_views(rank, world, step, split_of) if split_of else views_for(rank, step)
         if cfg.parallel.channels_last:  # as the loop gives them (device.device_views)
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        result = swav_step(engine, views, cfg.swav, step, lr, queue, measure_grad_norm=True)
+        result = swav_step(engine, views, cfg.swav, step, lr, queue, measure_grad_norm=True, share=share)
         norms.append(result.grad_squares.norm())
         if step + 1 == FREEZE:
             snapshots.append(engine.full_parameters())
@@ -111,6 +122,18 @@ def test_fsdp_trains_like_ddp(optim: str) -> None:
         assert_same(ddp[0].snapshots[-1], fsdp[rank].snapshots[-1], atol=1e-5)
         assert_same_grad_norms(ddp[0].grad_norms, fsdp[rank].grad_norms)
     assert_prototypes_frozen_then_trained(fsdp[0].snapshots)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_a_global_batch_split_unevenly_trains_like_an_even_split(engine: str) -> None:
+    """The same 8 samples a step on 3 ranks (3, 3, 2) as on 2 (4, 4): Sinkhorn's equipartition, the queue, the
+    synchronised BatchNorm and the loss's gradient stay those of the global batch, up to rounding."""
+    even = ddp_reference("lars")
+    uneven = run_ranks(train_ranks, 3, small_config(engine, "lars"), 2)
+    for rank in range(3):
+        assert_same(even[0].snapshots[-1], uneven[rank].snapshots[-1], atol=1e-5)
+        assert_same_grad_norms(even[0].grad_norms, uneven[rank].grad_norms)
+    assert_prototypes_frozen_then_trained(uneven[0].snapshots)
 
 
 def hsdp_layout(rank: int, world: int, overrides: list[str]) -> tuple[tuple[int, ...], list[str], list[int]]:
@@ -259,7 +282,7 @@ def device_trace_per_step(rank: int, world: int, overrides: list[str]) -> dict[s
         with DeviceTrace(host=optimizer_step_counters(optimizers)) as trace:
             result = swav_step(engine, views, cfg.swav, step, cfg.optim.base_lr, queue, measure)
         seen.append(trace.seen)
-    loader = SimpleNamespace(bad_samples=rank, batches_done=50, layout=SimpleNamespace(batch_per_rank=4), epoch=0)
+    loader = SimpleNamespace(bad_samples=rank, batches_done=50, batch=4, epoch=0)
     progress = TrainProgress()
     progress.step = FREEZE + 2
     run = SimpleNamespace(loader=loader, progress=progress, last_step=10, schedule=SimpleNamespace(warmup_steps=0))

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import http_server
 from test_data import multicrop
 
 from swav_scale.data.loader import MultiCropStream, ShardLoader
 from swav_scale.data.manifest import Manifest, ShardError
 from swav_scale.data.plan import Layout, Planner
 from swav_scale.data.sources import open_shard_set
-from swav_scale.distributed import free_port
 
 PATTERN = "train-{000000..000006}.tar"
 
@@ -34,19 +30,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, fmnist_train_shards: Path) 
     shutil.copytree(fmnist_train_shards, root / "train")
     shutil.copytree(fmnist_train_shards, root / "holed")
     (root / "holed" / "train-000003.tar").unlink()
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                               "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"{url}/train/manifest.json", timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield url, root
-    server.terminate()
-    server.wait()
+    with http_server(root, "train/manifest.json") as url:
+        yield url, root
 
 
 def test_a_local_brace_pattern_reads_like_the_directory(fmnist_train_shards: Path) -> None:

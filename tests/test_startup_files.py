@@ -49,9 +49,9 @@ def _assigned(shards: Path, rank: int) -> set[str]:
     """The shard files epoch 0's plan gives rank `rank`'s workers."""
     cfg = load_config(REPO / "configs" / "quickstart.yaml", [*TINY, *OVERRIDES])
     planner = Planner(read_manifest(shards), cfg.train.seed, cfg.data.open_shards, cfg.data.shuffle_buffer)
-    layout = Layout(RANKS, max(1, cfg.data.num_workers), cfg.optim.batch_size // RANKS)
-    plan = planner.consumer_spans(0, [Segment(layout)])
-    return {os.path.abspath(span.shard) for (r, _), spans in plan.items() if r == rank for span in spans}
+    layout = Layout(RANKS, max(1, cfg.data.num_workers), cfg.optim.batch_size)
+    plan = planner.rank_spans(0, [Segment(layout)], rank)
+    return {os.path.abspath(span.shard) for spans in plan.values() for span in spans}
 
 
 def _check_start(ops: dict[str, list[tuple[str, str, str]]], shards: Path) -> dict[int, int]:

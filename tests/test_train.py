@@ -57,19 +57,20 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_full_run: Path, fmnist
 
 
 def test_resume_on_other_world_sizes_sees_every_sample_once(fmnist_train_shards: Path, tmp_path: Path) -> None:
-    """2 ranks, then 3, then 1, with the global batch kept: the ledger of every step's keys shows each epoch's
-    samples exactly once, none repeated, none skipped; the queue's rows and the weights carry over. (The colour
-    operations run in the training process here, crops.color_on_device, to exercise that path too.)"""
+    """2 ranks, then 3, then 2 again, with the global batch kept, 25 samples, which splits over neither (13 + 12,
+    then 9 + 8 + 8): the ledger of every step's keys shows each epoch's samples exactly once, none repeated,
+    none skipped; the queue's rows and the weights carry over. (The colour operations run in the training
+    process here, crops.color_on_device, to exercise that path too.)"""
     run_dir = tmp_path / "elastic"
-    common = ("optim.batch_size=24", "swav.queue_length=48", "data.ledger=true", "crops.color_on_device=true")
-    for nproc, stop in ((2, 9), (3, 20), (1, 52)):
+    common = ("optim.batch_size=25", "swav.queue_length=50", "data.ledger=true", "crops.color_on_device=true")
+    for nproc, stop in ((2, 9), (3, 20), (2, 50)):
         proc = swav_scale("pretrain", str(REPO / "configs" / "quickstart.yaml"), *TINY,
                           f"data.train_shards={fmnist_train_shards}", f"train.run_dir={run_dir}", *common,
                           f"train.max_steps={stop}", "--nproc", str(nproc))
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert final_weights(run_dir)["step"] == stop
-    assert_each_sample_once_per_epoch(run_dir, 52, 2, 26 * 24)
-    assert all(len(ks) == 24 for _, ks in ledger_steps(run_dir).values())
+    assert_each_sample_once_per_epoch(run_dir, 50, 2, 25 * 25)
+    assert all(len(ks) == 25 for _, ks in ledger_steps(run_dir).values())
 
 
 def test_killed_run_loses_nothing(tiny_full_run: Path, fmnist_train_shards: Path, tmp_path: Path) -> None:

@@ -2,9 +2,11 @@
 
 What each (rank, worker) reads is planned in plan.py; this module reads it, decodes, augments and batches.
 
-Resuming at batch k of a segment: each logical worker skips the samples it had already delivered (read but
-not decoded), and physical worker p plays logical worker (p + k) % W because DataLoader always restarts its
-round robin at worker 0. The batches are then the same as in an uninterrupted run.
+Resuming at batch k of a segment: each logical worker starts its emission after the samples it had already
+delivered, seeking every span to where the block it stopped in was read from (plan.Emission), so a resume
+reads at most one block per worker before its first batch, not what it skips; and physical worker p plays
+logical worker (p + k) % W because DataLoader always restarts its round robin at worker 0. The batches are
+then the same as in an uninterrupted run.
 
 Each DataLoader gets a generator of its own, seeded by (seed, epoch, segment, rank): starting its iterator
 draws the workers' base seed, and drawn from the global generator that draw would put a resumed run's stream
@@ -30,8 +32,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from swav_scale.data.manifest import ShardError
 from swav_scale.data.multicrop import Crops, MultiCrop, sample_seed
-from swav_scale.data.plan import Layout, Planner, Segment, Span, consumer_rng, epoch_steps, interleave, worker_batches
-from swav_scale.data.reader import BadSample, decode_reduced, label_of, read_span
+from swav_scale.data.plan import Layout, Planner, Segment, Span, epoch_steps, worker_batches
+from swav_scale.data.reader import BadSample, ReadCount, decode_reduced, label_of, read_span
 from swav_scale.distributed import all_reduce_numbers, dealt
 from swav_scale.utils import stable_seed
 
@@ -60,21 +62,30 @@ class MultiCropStream(IterableDataset):
         self.segment_steps = 0  # global steps this segment has in all
         self.start_batch = 0  # global steps of this segment already done
         self.spans: dict[int, list[Span]] = {}  # this rank's logical worker -> its spans
+        self.read_count = ReadCount()  # what this process's reads took from storage
 
-    def samples(self, logical: int) -> Iterator[tuple[int, Any, str | None]]:
-        """(index, raw sample or None, reason) in the consumer's emission order."""
-        rng = consumer_rng(self.planner.seed, self.epoch, self.segment, self.rank, logical)
-        sources = [read_span(s) for s in self.spans[logical]]
-        return interleave(sources, rng, self.planner.open_shards, self.planner.buffer)
+    def samples(self, logical: int, start: int) -> Iterator[tuple[int, Any, str | None]]:
+        """(index, raw sample or None, reason) in the consumer's emission order, from the `start`-th on.
+
+        A span is opened when the round robin first reaches it, seeked to where the current block's reads
+        begin, and read on in order; each block's reads are held (the shuffle buffer) and then emitted."""
+        spans = self.spans[logical]
+        emission = self.planner.emission(spans, self.epoch, self.segment, self.rank, logical)
+        counts = emission.read_counts(start)
+        readers = [read_span(span, counts[i], self.read_count) for i, span in enumerate(spans)]
+        for reads, emit in emission.blocks(start):
+            held = {(i, p): next(readers[i]) for i, p in reads}
+            for i, p in emit:
+                yield held[(i, p)]
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         physical = info.id if info is not None else 0
-        workers, batch = self.layout.workers, self.layout.batch_per_rank
+        workers, batch = self.layout.workers, self.layout.batch_of(self.rank)
         logical = (physical + self.start_batch) % workers
         total = worker_batches(self.segment_steps, workers, logical)
         done = worker_batches(self.start_batch, workers, logical)
-        stream = itertools.islice(self.samples(logical), done * batch, None)  # skip without decoding
+        stream = self.samples(logical, done * batch)
         for _ in range(total - done):
             yield self.make_batch(list(itertools.islice(stream, batch)))
 
@@ -139,6 +150,11 @@ class ShardLoader:
         self.bad_samples = 0  # replaced samples this epoch, on this rank
 
     @property
+    def batch(self) -> int:
+        """This rank's samples per step (ranks' batches differ by one where the global batch does not split)."""
+        return self.layout.batch_of(self.stream.rank)
+
+    @property
     def batches_done(self) -> int:
         """Steps of the current epoch done, over all its segments."""
         return sum(s.steps for s in self.segments)
@@ -150,12 +166,11 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Batch]:
         """The rest of the current epoch; the position advances as batches are handed out."""
         segment = self.segments[-1]
-        plan = self.stream.planner.consumer_spans(self.epoch, self.segments)
         s = self.stream
+        s.spans = s.planner.rank_spans(self.epoch, self.segments, s.rank)
         s.epoch, s.segment = self.epoch, len(self.segments) - 1
         s.segment_steps = self.steps_per_epoch - self.batches_done + segment.steps
         s.start_batch = segment.steps
-        s.spans = {w: spans for (r, w), spans in plan.items() if r == s.rank}
         loader = DataLoader(s, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             pin_memory=self.pin_memory, persistent_workers=False,
@@ -176,7 +191,7 @@ class ShardLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "bad_samples": self.bad_samples,
-                "segments": [[s.layout.world_size, s.layout.workers, s.layout.batch_per_rank, s.steps]
+                "segments": [[s.layout.world_size, s.layout.workers, s.layout.global_batch, s.steps]
                              for s in self.segments]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

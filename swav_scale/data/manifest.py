@@ -9,10 +9,16 @@ copies before a run starts.
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
+import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from swav_scale.errors import SwavScaleError
 from swav_scale.utils import atomic_write_text, sha256_file
@@ -20,6 +26,20 @@ from swav_scale.utils import atomic_write_text, sha256_file
 MANIFEST = "manifest.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff", ".gif")
 IMAGE_MEMBERS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # member extensions that hold the image
+
+
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's base_plus_ext: key, then every extension
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def member_key(info: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(sample key, lower-cased extension) of a tar member as WebDataset reads it, or None for a member it
+    skips (not a regular file, `__name__` metadata, no dot in the name): the one rule the reader and the shard
+    indexer (shards/index.py) count samples by."""
+    if not info.isreg() or _META.match(info.name):
+        return None
+    match = _KEY.match(info.name)
+    return (match.group(1), match.group(2).lower()) if match is not None else None
 
 
 class ShardError(SwavScaleError, ValueError):
@@ -34,23 +54,64 @@ class ShardInfo:
     sha256: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Manifest:
+    """A shard set as arrays, one row per shard: at a million shards a few tens of MB that pickle as raw bytes
+    (rank 0 reads the JSON once and broadcasts this), where one Python object per shard would take hundreds.
+
+    `names` are the shard files' UTF-8 names as a numpy bytes array; `sha256` is empty once dropped
+    (`without_checksums`). Tools that walk every shard on one host use `shards`, the rows as ShardInfo."""
+
     directory: Path
-    shards: list[ShardInfo]
+    names: np.ndarray  # (n,) bytes
+    samples: np.ndarray  # (n,) int64
+    sizes: np.ndarray  # (n,) int64, bytes per shard
+    sha256: np.ndarray  # (n,) bytes, or (0,) without checksums
     classes: list[str]
+
+    @classmethod
+    def of(cls, directory: Path, shards: Sequence[ShardInfo], classes: list[str], **more: Any) -> Manifest:
+        return cls(directory, *_columns(shards), classes, **more)
+
+    def __len__(self) -> int:
+        return len(self.samples)
 
     @property
     def total(self) -> int:
-        return sum(s.samples for s in self.shards)
+        return int(self.samples.sum())
+
+    @property
+    def shards(self) -> list[ShardInfo]:
+        """Every row as a ShardInfo: O(shards) Python objects, for the tools that look at every shard."""
+        sums = self.sha256 if len(self.sha256) else itertools.repeat(b"")
+        return [ShardInfo(n.decode(), int(c), int(b), h.decode())
+                for n, c, b, h in zip(self.names, self.samples, self.sizes, sums)]
+
+    def name(self, i: int) -> str:
+        return bytes(self.names[i]).decode()
+
+    def url_of(self, name: str) -> str:
+        """Where the shard called `name` is read from."""
+        return str(self.directory / name)
+
+    def url(self, i: int) -> str:
+        return self.url_of(self.name(i))
 
     def path(self, shard: ShardInfo) -> str:
-        return str(self.directory / shard.name)
+        return self.url_of(shard.name)
 
     def without_checksums(self) -> Manifest:
         """The manifest as the training ranks use it: names, sizes and sample counts, no sha256 (only
         `verify-shards` and a checked read compare them), which is half of its bytes on the wire."""
-        return replace(self, shards=[replace(s, sha256="") for s in self.shards])  # a SourceManifest stays one
+        return replace(self, sha256=np.empty(0, dtype="S64"))  # a SourceManifest stays one
+
+
+def _columns(shards: Sequence[ShardInfo]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    names = np.array([s.name.encode() for s in shards], dtype=bytes) if shards else np.empty(0, dtype="S1")
+    samples = np.fromiter((s.samples for s in shards), dtype=np.int64, count=len(shards))
+    sizes = np.fromiter((s.bytes for s in shards), dtype=np.int64, count=len(shards))
+    sha256 = np.array([s.sha256.encode() for s in shards], dtype="S64")
+    return names, samples, sizes, sha256
 
 
 def parse_manifest(directory: str | Path) -> tuple[list[ShardInfo], list[str], dict[str, Any]]:
@@ -106,7 +167,7 @@ def read_manifest(directory: str | Path, verify_checksums: bool = False, check_f
             )
         if verify_checksums and sha256_file(f) != s.sha256:
             raise ShardError(f"shard {f} does not match the sha256 in {path}; copy it again")
-    return Manifest(directory, shards, classes)
+    return Manifest.of(directory, shards, classes)
 
 
 def write_manifest(out_dir: Path, shards: list[ShardInfo], classes: list[str], extra: dict[str, Any]) -> None:

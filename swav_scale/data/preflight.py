@@ -1,4 +1,4 @@
-"""The checks of a run's data that need no process group and no torch: the global batch splits over the ranks,
+"""The checks of a run's data that need no process group and no torch: the global batch gives every rank a sample,
 the training shards exist and hold at least one global batch, and the evaluation sets that kNN during
 pretraining reads exist (found at the start rather than after the first epoch).
 
@@ -17,12 +17,11 @@ from swav_scale.data.plan import epoch_steps
 from swav_scale.data.sources import open_shard_set
 
 
-def preflight(cfg: Config, world_size: int) -> tuple[Manifest, int]:
-    """The training set's manifest and the batch per rank, after the checks above (each raises a
-    SwavScaleError naming what to fix)."""
-    batch_per_rank = check_world(cfg, world_size)
+def preflight(cfg: Config, world_size: int) -> Manifest:
+    """The training set's manifest, after the checks above (each raises a SwavScaleError naming what to fix)."""
+    check_world(cfg, world_size)
     manifest = open_shard_set(cfg.data.train_shards, cfg.data.train_manifest)
-    epoch_steps(manifest, world_size * batch_per_rank)
+    epoch_steps(manifest, cfg.optim.batch_size)
     if cfg.eval.every_epochs > 0:
         # the labelled sets' reader decodes with torchvision: imported only for a run that evaluates
         from swav_scale.data.labelled import open_labelled, require_labels
@@ -32,4 +31,4 @@ def preflight(cfg: Config, world_size: int) -> tuple[Manifest, int]:
             open_labelled(cfg.eval.train_shards)
         else:  # the bank is the training set: it needs labels too
             require_labels(cfg.data.train_shards, manifest)
-    return manifest, batch_per_rank
+    return manifest

@@ -9,6 +9,8 @@ replay, stays exact.
 from __future__ import annotations
 
 import io
+import itertools
+import tarfile
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image
 
-from swav_scale.data.manifest import IMAGE_MEMBERS, ShardError
+from swav_scale.data.manifest import IMAGE_MEMBERS, ShardError, member_key
 from swav_scale.data.plan import Span
 
 # torchvision deprecates its image codecs in favour of TorchCodec (not a dependency here). They remain faster
@@ -39,34 +41,132 @@ class BadSample(ValueError):
 
 def shard_samples(url: str) -> Iterator[RawSample]:
     """Every sample of one shard in stored order (local path, or any URL WebDataset's gopen opens)."""
-    return wds.tariterators.tarfile_samples([{"url": url}])
+    return (sample for _, sample in tar_samples(url))
 
 
-def read_span(span: Span) -> Iterator[tuple[int, RawSample | None, str | None]]:
-    """(index, sample, None) for every index of `span`, or (index, None, reason) where it cannot be read.
+class ReadCount:
+    """What a reader took from storage: bytes (what a resume that seeks saves, measured), and the samples of
+    the current shard walked past or read (where a broken shard broke off)."""
 
-    Samples before and between the wanted indices are skipped without decoding. A shard that cannot be opened
-    at all is an error naming it; one that breaks off later yields its remaining indices as unreadable."""
-    wanted = span.indices()
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.samples = 0
+
+
+class _Counted(io.RawIOBase):
+    """A file's reads, counted; seeks pass through (a seekable file is read unbuffered, so the count is what
+    storage delivered)."""
+
+    def __init__(self, file: Any, count: ReadCount) -> None:
+        self.file, self.count = file, count
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return bool(getattr(self.file, "seekable", lambda: False)())
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(size)
+        self.count.bytes += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def tar_samples(url: str, first: int = 0, count: ReadCount | None = None) -> Iterator[tuple[int, RawSample]]:
+    """(index, sample) of a shard's samples from the `first` on, grouped as WebDataset groups tar members
+    (consecutive members of one key; directories and `__name__` members skipped, extensions lower-cased).
+
+    A local file is opened for random access and the samples before `first` are found by walking the member
+    headers, one 512-byte block each, without reading their payloads: a resume reaches its position in a shard
+    without reading what it skips. A URL or `pipe:` command is a stream, read through."""
+    count = count or ReadCount()
+    count.samples = 0
+    local = _is_local(url)
+    try:
+        file = _Counted(open(url, "rb", buffering=0) if local else wds.gopen(url), count)  # noqa: SIM115
+        tar = tarfile.open(fileobj=file, mode="r:" if local else "r|")  # type: ignore[call-overload]
+    except Exception as e:  # noqa: BLE001 - whatever the storage or the tar header says, the shard is named
+        raise ShardError(f"shard {url} cannot be read: {type(e).__name__}: {e}") from e
+    try:
+        valid, key, exts, bad, sample = 0, None, set(), False, None
+        for prefix, ext, info in itertools.chain(_members(tar), [(None, "", None)]):
+            if prefix != key:
+                if key is not None and not bad:  # a sample with a non-empty __bad__ member is dropped, as WebDataset
+                    if sample is not None:
+                        yield valid, sample
+                    valid += 1
+                if info is None:
+                    break
+                key, exts, bad, count.samples = prefix, {"__key__", "__url__"}, False, valid
+                sample = {"__key__": prefix, "__url__": url} if valid >= first else None
+            if ext in exts:
+                raise ValueError(f"{info.name}: duplicate file name in tar file {ext} {sorted(exts)}")
+            exts.add(ext)
+            bad = bad or (ext == "__bad__" and info.size > 0)
+            if sample is not None:
+                member = tar.extractfile(info)
+                assert member is not None
+                sample[ext] = member.read()
+    finally:
+        file.close()
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    while (info := tar.next()) is not None:
+        tar.members = []  # the archive's member list would grow with the shard
+        if (key := member_key(info)) is not None:
+            yield *key, info
+
+
+def read_span(span: Span, skip: int = 0, count: ReadCount | None = None
+              ) -> Iterator[tuple[int, RawSample | None, str | None]]:
+    """(index, sample, None) for every index of `span` from its `skip`-th on, or (index, None, reason) where
+    it cannot be read.
+
+    Samples before and between the wanted indices are skipped without reading their payloads (local files) or
+    decoding (streams). A shard that cannot be opened at all is an error naming it; one that breaks off later
+    yields its remaining indices as unreadable."""
+    wanted = itertools.islice(span.indices(), skip, None)
     target = next(wanted, None)
-    position = -1
+    count = count or ReadCount()
     reason = f"{span.shard} ended after {{n}} samples, before sample {{i}} (truncated, or the manifest is stale)"
     if target is None:
         return
     try:
-        for position, sample in enumerate(shard_samples(span.shard)):
+        for position, sample in tar_samples(span.shard, target, count):
             if position == target:
                 yield position, sample, None
                 target = next(wanted, None)
                 if target is None:
                     return
+    except ShardError:
+        raise
     except Exception as e:  # noqa: BLE001 - a broken stream must not stop the run: its samples are counted bad
-        if position < 0:
-            raise ShardError(f"shard {span.shard} cannot be read: {type(e).__name__}: {e}") from e
         detail = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
         reason = f"{span.shard} broke off after {{n}} samples ({type(e).__name__}: {detail}) before sample {{i}}"
     while target is not None:
-        yield target, None, reason.format(n=position + 1, i=target)
+        yield target, None, reason.format(n=count.samples, i=target)
         target = next(wanted, None)
 
 

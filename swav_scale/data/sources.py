@@ -29,7 +29,7 @@ from swav_scale.data.manifest import (
 REMOTE_PREFIXES = ("http://", "https://", "pipe:", "gs://", "s3://")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SourceManifest(Manifest):
     """A manifest whose shards are read through the URLs, paths or commands of a source spec (WebDataset's
     gopen) rather than from its own directory."""
@@ -37,8 +37,8 @@ class SourceManifest(Manifest):
     location: str = ""
     urls: dict[str, str] = field(default_factory=dict)
 
-    def path(self, shard: ShardInfo) -> str:
-        return self.urls[shard.name]
+    def url_of(self, name: str) -> str:
+        return self.urls[name]
 
 
 def is_remote(spec: str) -> bool:
@@ -72,7 +72,7 @@ def open_shard_set(spec: str, manifest: str = "", check_files: bool = True) -> M
             if not Path(mapping[s.name]).is_file():
                 raise ShardError(f"shard {mapping[s.name]} is listed in {manifest} but absent; copy it again")
     directory = Path(base) if not is_remote(base) else Path(".")
-    return SourceManifest(directory, shards, classes, location=spec, urls=mapping)
+    return SourceManifest.of(directory, shards, classes, location=spec, urls=mapping)
 
 
 def _read_text(where: str) -> str:

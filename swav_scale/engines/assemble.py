@@ -107,5 +107,7 @@ def build_engine(cfg: Config, model: nn.Module, env: DistEnv) -> Engine:
                           shard_group=group_size(p.fsdp_shard_group, env.world_size, env.local_world_size))
     from swav_scale.engines.zero import DeepSpeedEngine  # deepspeed takes seconds to import
 
+    # DeepSpeed books a micro batch per rank (train_batch_size = micro x ranks) and averages gradients over the
+    # ranks as DDP does; where the global batch does not split evenly, the smaller share stands for every rank
     return DeepSpeedEngine(model, make_optimizer, env, p.precision, p.zero_stage,
                            cfg.optim.batch_size // env.world_size, p.zero_bucket_elements)
