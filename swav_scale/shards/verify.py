@@ -2,8 +2,8 @@
 
 Before weeks of training read a data set, or after copying it, this answers "is every shard there and whole?"
 in one pass: every listed shard exists with the listed size and sha256, holds the listed number of samples,
-and every sample has exactly one image member that decodes completely and a `cls` member with a valid class
-index. Tar files present but not listed (left over from another run) are reported too. The result is a
+and every sample has exactly one image member that decodes completely and, in a set with classes, a `cls`
+member with a valid class index. Tar files present but not listed (left over from another run) are reported too. The result is a
 structured report (`verify_directory`), printed as a table by `main`.
 
 At a billion images one pass over everything is long, so it can be split and thinned: `--part I/N` checks the
@@ -30,7 +30,7 @@ from PIL import Image
 from rich.markup import escape
 from rich.table import Table
 
-from swav_scale.data.manifest import IMAGE_MEMBERS, MANIFEST, parse_manifest, ShardError, ShardInfo
+from swav_scale.data.manifest import IMAGE_MEMBERS, MANIFEST, member_key, parse_manifest, ShardError, ShardInfo
 from swav_scale.shards.builder import available_cpus, Part, WHOLE
 from swav_scale.shards.make_shards import parse_part
 from swav_scale.utils import console, progress_bar, sha256_file
@@ -96,20 +96,13 @@ class ShardTask:
         return set(random.Random(f"{self.seed}:{self.info.name}").sample(range(n), k))
 
 
-def _key_ext(name: str) -> tuple[str, str]:
-    """Split a member name as WebDataset does: the key runs to the first dot of the file name."""
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
 def _members(path: str) -> Iterator[tuple[str, str, bytes | None]]:
-    """(key, extension, data) of every member in stored order; data is None for a non-file member."""
+    """(key, extension, data) of every member the readers keep (manifest.member_key), in stored order."""
     with tarfile.open(path, "r|") as tar:
         for member in tar:
-            key, ext = _key_ext(member.name)
-            f = tar.extractfile(member) if member.isfile() else None
-            yield key, ext, f.read() if f is not None else None
+            if (key := member_key(member)) is not None:
+                f = tar.extractfile(member)
+                yield *key, f.read() if f is not None else None
 
 
 def _samples(path: str) -> Iterator[tuple[str, dict[str, bytes | None]]]:
@@ -127,7 +120,7 @@ def _samples(path: str) -> Iterator[tuple[str, dict[str, bytes | None]]]:
 
 def _sample_problems(key: str, fields: dict[str, bytes | None], decode: bool, classes: int) -> list[str]:
     """What a reader would trip over in this sample: a missing or ambiguous image, one that does not decode,
-    a missing or invalid class index."""
+    a missing or invalid class index (missing: only in a set with classes)."""
     problems = []
     images = [e for e in fields if e in IMAGE_MEMBERS]
     if len(images) != 1:
@@ -140,7 +133,8 @@ def _sample_problems(key: str, fields: dict[str, bytes | None], decode: bool, cl
         except Exception as e:  # noqa: BLE001 - any decoder failure is the finding
             problems.append(f"sample {key} ({images[0]}) does not decode: {type(e).__name__}: {e}")
     if "cls" not in fields:
-        problems.append(f"sample {key} has no cls member")
+        if classes:  # a set without classes (unlabelled, as indexed shards may be) needs no cls member
+            problems.append(f"sample {key} has no cls member")
     else:
         text = (fields["cls"] or b"").decode(errors="replace").strip()
         if not re.fullmatch(r"-?\d+", text):

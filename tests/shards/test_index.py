@@ -377,3 +377,18 @@ def test_the_tool_script_and_bad_options(tmp_path: Path) -> None:
     helped = subprocess.run([sys.executable, str(REPO / "tools" / "index_shards.py"), "--help"], capture_output=True,
                             text=True, timeout=300)
     assert helped.returncode == 0 and "--classes-from" in helped.stdout and "--merge" in helped.stdout
+
+
+def test_verify_shards_checks_an_indexed_set_without_classes(tmp_path: Path) -> None:
+    """Shards made by another tool, indexed without labels: verify-shards counts their samples as the reader
+    does and asks for no cls member, but still names the sample without an image."""
+    from swav_scale.shards.verify import verify_directory
+
+    root = tmp_path / "set"
+    write_img2dataset(root, [3, 6], labels=False)
+    assert index_main([str(root), "--workers", "1"]) == 0
+    report = verify_directory(root)
+    problems = [p for s in report.shards for p in s.problems]
+    assert report.samples == 9 and [s.samples for s in report.shards] == [3, 6]
+    assert [p for p in problems if "cls" in p] == []
+    assert [p.split(";")[0] for p in problems] == [f"sample {NO_IMAGE} has no image"]
