@@ -70,15 +70,43 @@ def write_shards(
     return read_manifest(out_dir)
 
 
+RANGES_SERVER = r"""
+import functools, http.server, os, sys
+
+class Ranges(http.server.SimpleHTTPRequestHandler):
+    def send_head(self):  # "Range: bytes=N-" answered with 206, as object stores and web servers answer it
+        path, wanted = self.translate_path(self.path), self.headers.get("Range", "")
+        if not wanted.startswith("bytes=") or not os.path.isfile(path):
+            return super().send_head()
+        start = int(wanted[len("bytes="):].split("-")[0])
+        f = open(path, "rb")
+        size = os.fstat(f.fileno()).st_size
+        f.seek(start)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+        self.send_header("Content-Length", str(size - start))
+        self.end_headers()
+        return f
+
+    def log_message(self, *args):
+        pass
+
+handler = functools.partial(Ranges, directory=sys.argv[2])
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), handler).serve_forever()
+"""
+
+
 @contextlib.contextmanager
-def http_server(root: Path, ready: str) -> Iterator[str]:
-    """`root` served over http on loopback (python -m http.server): its base URL, once `ready` (a path under
-    it) answers; the server stops on exit."""
+def http_server(root: Path, ready: str, ranges: bool = False) -> Iterator[str]:
+    """`root` served over http on loopback (python -m http.server, which ignores range requests; with
+    `ranges`, a server that answers them): its base URL, once `ready` (a path under it) answers; the server
+    stops on exit."""
     from swav_scale.distributed import free_port
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                               "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = ([sys.executable, "-c", RANGES_SERVER, str(port), str(root)] if ranges else
+               [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)])
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(100):

@@ -84,3 +84,27 @@ def test_without_the_file_check_only_the_manifest_is_read(fmnist_train_shards: P
         with pytest.raises(ShardError, match="train-000000.tar is listed in .* but absent"):
             open_shard_set(spec)
         assert open_shard_set(spec, check_files=False).total == 637
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_a_shard_over_http_resumes_by_a_range_request_where_the_server_takes_them(
+        fmnist_train_shards: Path, tmp_path: Path, ranges: bool) -> None:
+    """The shard writer leaves `NAME.idx` beside each shard `NAME.tar`; a reader starting at sample 60 of 100 asks the
+    server for the shard from that sample's offset and reads only the rest; a server without ranges gets the
+    same samples, read through from the start."""
+    from helpers import http_server
+
+    from swav_scale.data.reader import ReadCount, tar_samples
+
+    name = "train-000002.tar"
+    shutil.copytree(fmnist_train_shards, tmp_path / "train")
+    local = [(i, s["__key__"]) for i, s in tar_samples(str(tmp_path / "train" / name))]
+    size = (tmp_path / "train" / name).stat().st_size
+    with http_server(tmp_path, "train/manifest.json", ranges=ranges) as url:
+        count = ReadCount()
+        got = [(i, s["__key__"]) for i, s in tar_samples(f"{url}/train/{name}", 60, count)]
+    assert got == local[60:] and len(got) == 40
+    if ranges:  # the offsets (8 bytes a sample) and the last 40 samples
+        assert count.bytes < 800 + size * 0.45, (count.bytes, size)
+    else:
+        assert count.bytes >= size - 1024  # everything but the zero blocks tarfile stops before

@@ -24,6 +24,13 @@ from swav_scale.errors import SwavScaleError
 from swav_scale.utils import atomic_write_text, sha256_file
 
 MANIFEST = "manifest.json"
+OFFSETS = ".idx"  # `NAME.idx` beside shard `NAME.tar`: where each sample starts, little-endian int64 (offsets_of)
+
+
+def offsets_of(shard: str) -> str:
+    """The offsets file of a shard (a path or URL ending in .tar): written beside it by the shard writer, read
+    by a reader over HTTP to start at any sample with one range request (it does without where it is absent)."""
+    return shard.removesuffix(".tar") + OFFSETS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff", ".gif")
 IMAGE_MEMBERS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # member extensions that hold the image
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import itertools
 import tarfile
+import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image
 
-from swav_scale.data.manifest import IMAGE_MEMBERS, ShardError, member_key
+from swav_scale.data.manifest import IMAGE_MEMBERS, ShardError, member_key, offsets_of
 from swav_scale.data.plan import Span
 
 # torchvision deprecates its image codecs in favour of TorchCodec (not a dependency here). They remain faster
@@ -33,6 +34,7 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 
 
 RawSample = dict[str, Any]
+REMOTE_TIMEOUT_S = 60  # an HTTP request for a shard's offsets or a range of it
 
 
 class BadSample(ValueError):
@@ -99,17 +101,20 @@ def tar_samples(url: str, first: int = 0, count: ReadCount | None = None) -> Ite
 
     A local file is opened for random access and the samples before `first` are found by walking the member
     headers, one 512-byte block each, without reading their payloads: a resume reaches its position in a shard
-    without reading what it skips. A URL or `pipe:` command is a stream, read through."""
+    without reading what it skips. A shard over HTTP with an offsets file beside it (manifest.offsets_of, written
+    by the shard writer) is read from sample `first` on by one range request; any other URL or `pipe:` command is a
+    stream, read through."""
     count = count or ReadCount()
     count.samples = 0
     local = _is_local(url)
     try:
-        file = _Counted(open(url, "rb", buffering=0) if local else wds.gopen(url), count)  # noqa: SIM115
+        stream, at = (open(url, "rb", buffering=0), 0) if local else _remote(url, first, count)  # noqa: SIM115
+        file = _Counted(stream, count)
         tar = tarfile.open(fileobj=file, mode="r:" if local else "r|")  # type: ignore[call-overload]
     except Exception as e:  # noqa: BLE001 - whatever the storage or the tar header says, the shard is named
         raise ShardError(f"shard {url} cannot be read: {type(e).__name__}: {e}") from e
     try:
-        valid, key, exts, bad, sample = 0, None, set(), False, None
+        valid, key, exts, bad, sample = at, None, set(), False, None
         for prefix, ext, info in itertools.chain(_members(tar), [(None, "", None)]):
             if prefix != key:
                 if key is not None and not bad:  # a sample with a non-empty __bad__ member is dropped, as WebDataset
@@ -137,6 +142,27 @@ def _members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]
         tar.members = []  # the archive's member list would grow with the shard
         if (key := member_key(info)) is not None:
             yield *key, info
+
+
+def _remote(url: str, first: int, count: ReadCount) -> tuple[Any, int]:
+    """A stream of the shard at `url` and the index of the sample it starts at. Over HTTP from sample `first`
+    on where the shard's offsets file (manifest.offsets_of: one small read) says where that sample starts and the
+    server takes range requests; otherwise the whole shard (WebDataset's gopen), read through."""
+    if first > 0 and url.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(offsets_of(url), timeout=REMOTE_TIMEOUT_S) as response:
+                data = response.read()
+            count.bytes += len(data)
+            offsets = np.frombuffer(data, dtype="<i8")
+            if first < len(offsets):
+                request = urllib.request.Request(url, headers={"Range": f"bytes={int(offsets[first])}-"})
+                response = urllib.request.urlopen(request, timeout=REMOTE_TIMEOUT_S)
+                if response.status == 206:  # partial content: the server took the range
+                    return response, first
+                response.close()
+        except (OSError, ValueError):  # no offsets file, or no ranges: read the shard through
+            pass
+    return wds.gopen(url), 0
 
 
 def read_span(span: Span, skip: int = 0, count: ReadCount | None = None

@@ -25,8 +25,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from swav_scale.data.manifest import ShardInfo
-from swav_scale.utils import fsync_dir
+from swav_scale.data.manifest import ShardInfo, offsets_of
+from swav_scale.utils import atomic_write_bytes, fsync_dir
 
 TAR_FORMAT = tarfile.PAX_FORMAT  # fixed, not tarfile's default, which has changed before
 
@@ -115,7 +115,10 @@ class _HashingFile:
 
 class ShardTarWriter:
     """One shard, written to `<name>.tar.partial`, fsynced and renamed into place by `close`: a file under a
-    shard's final name is always complete, whatever interrupted the writer."""
+    shard's final name is always complete, whatever interrupted the writer.
+
+    Beside it, `close` writes `<name>.idx`, where each sample starts (manifest.offsets_of): a reader of the
+    shard over HTTP resumes at any sample with one range request instead of reading up to it."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -127,12 +130,14 @@ class ShardTarWriter:
         )
         self.samples = 0
         self.body = 0
+        self.offsets: list[int] = []  # the byte where each sample's first member header starts
 
     def size_with(self, sample: Sample) -> int:
         """The finished shard's size if `sample` were the last one written."""
         return tar_bytes(self.body + sample_bytes(sample))
 
     def write(self, sample: Sample) -> None:
+        self.offsets.append(self._hashing.size)  # tarfile writes each member through at once
         for name, data in sample.members():
             self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
             self.body += member_bytes(name, len(data))
@@ -143,6 +148,7 @@ class ShardTarWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        atomic_write_bytes(offsets_of(str(self.path)), np.array(self.offsets, "<i8").tobytes())
         os.replace(self.partial, self.path)
         fsync_dir(self.path.parent)
         return ShardInfo(self.path.name, self.samples, self._hashing.size, self._hashing.sha256.hexdigest())
