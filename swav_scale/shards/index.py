@@ -34,14 +34,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import webdataset as wds
 from braceexpand import braceexpand
 from rich.markup import escape
 
-from swav_scale.data.manifest import IMAGE_MEMBERS, MANIFEST, ShardError, ShardInfo, member_key, write_manifest
+from swav_scale.data.manifest import (IMAGE_MEMBERS, MANIFEST, ShardError, ShardInfo, member_key, offsets_of,
+                                      write_manifest)
 from swav_scale.data.sources import is_remote
 from swav_scale.shards.builder import available_cpus
-from swav_scale.utils import atomic_write_text, console, progress_bar
+from swav_scale.utils import atomic_write_bytes, atomic_write_text, console, progress_bar
 
 INDEX_DIR = ".index"
 RECORD_FORMAT = 1
@@ -229,12 +231,15 @@ class _Walk:
     fields: set[str] = field(default_factory=set)
     bad: bool = False  # a `__bad__` member with content: WebDataset's valid_sample drops the sample
     label: bool = False
+    start: int = 0  # where the current sample's first member (its extended header, if any) starts
+    offsets: list[int] = field(default_factory=list)  # where each sample starts (the shard's offsets file)
 
     def close(self) -> None:
         if self.key is None or self.bad:
             self.key = None
             return
         self.samples += 1
+        self.offsets.append(self.start)
         if any(f in IMAGE_MEMBERS for f in self.fields):
             self.with_image += 1
         elif len(self.no_image_keys) < KEYS_NAMED:
@@ -315,7 +320,7 @@ def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, walk: _Walk, where
     prefix, suffix = key
     if walk.key is None or prefix != walk.key:
         walk.close()
-        walk.key, walk.fields, walk.bad, walk.label = prefix, set(), False, False
+        walk.key, walk.fields, walk.bad, walk.label, walk.start = prefix, set(), False, False, info.offset
     if suffix in walk.fields or suffix in SAMPLE_FIELDS:
         raise ShardError(f"{where} repeats the .{suffix} member of sample {prefix}: the reader stops at it with "
                          "an error; rewrite the shard with one member per extension and sample")
@@ -363,6 +368,10 @@ def index_shard(task: IndexTask) -> tuple[ShardRecord | None, str | None]:
     except Exception as e:  # noqa: BLE001 - every damaged shard is reported at the end, named, not just the first
         record_path.unlink(missing_ok=True)
         return None, _problem(shard, e)
+    # where each sample starts, beside the manifest (beside the shards when indexed in place): a reader over
+    # HTTP that finds it beside the shard resumes at any sample with one range request
+    atomic_write_bytes(offsets_of(str(Path(task.records).parent / shard.name)),
+                       np.array(walk.offsets, "<i8").tobytes())
     atomic_write_text(record_path, json.dumps(asdict(record)))
     return record, None
 
@@ -457,7 +466,8 @@ def index_shards(shards: list[ShardSource], out: Path, workers: int, labels: boo
             advance(1)
     seconds = time.perf_counter() - started
     if problems:
-        raise ShardError(f"{len(problems)} of {len(shards)} shards cannot be indexed:\n  " + "\n  ".join(sorted(problems))
+        raise ShardError(f"{len(problems)} of {len(shards)} shards cannot be indexed:\n  "
+                         + "\n  ".join(sorted(problems))
                          + f"\nThe other shards' records are kept in {records_dir(out)}: fix or remove these, then "
                          "run the same command again.")
     records = [kept.get(s.name) or done[s.name] for s in shards]

@@ -392,3 +392,23 @@ def test_verify_shards_checks_an_indexed_set_without_classes(tmp_path: Path) -> 
     assert report.samples == 9 and [s.samples for s in report.shards] == [3, 6]
     assert [p for p in problems if "cls" in p] == []
     assert [p.split(";")[0] for p in problems] == [f"sample {NO_IMAGE} has no image"]
+
+
+def test_indexed_shards_over_http_resume_by_a_range_request(tmp_path: Path) -> None:
+    """The indexer leaves each shard's offsets file beside the manifest (here beside the shards): a reader over
+    HTTP starts at any sample of a TarWriter shard (an extended header before every member) with one range
+    request, and gets what a reader of the whole shard gets from that sample on."""
+    from swav_scale.data.reader import ReadCount, tar_samples
+
+    root = tmp_path / "www"
+    write_img2dataset(root / "set", [9], labels=False)
+    assert index_main([str(root / "set"), "--workers", "1"]) == 0
+    whole = [(i, s["__key__"], s.get("jpg") or s.get("png")) for i, s in tar_samples(str(root / "set" / "00000.tar"))]
+    size = (root / "set" / "00000.tar").stat().st_size
+    with http_server(root, "set/00000.tar", ranges=True) as url:
+        for first in (1, 5, 8):
+            count = ReadCount()
+            got = [(i, s["__key__"], s.get("jpg") or s.get("png"))
+                   for i, s in tar_samples(f"{url}/set/00000.tar", first, count)]
+            assert got == whole[first:]
+            assert count.bytes < size * (9 - first + 1) / 9, (first, count.bytes, size)
