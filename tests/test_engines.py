@@ -124,12 +124,14 @@ def test_fsdp_trains_like_ddp(optim: str) -> None:
     assert_prototypes_frozen_then_trained(fsdp[0].snapshots)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_a_global_batch_split_unevenly_trains_like_an_even_split(engine: str) -> None:
+@pytest.mark.parametrize(("engine", "optim", "extra"), [("ddp", "lars", {}), ("fsdp", "lars", {}),
+                                                       ("deepspeed", "sgd", {"parallel.zero_stage": "3"})])
+def test_a_global_batch_split_unevenly_trains_like_an_even_split(engine: str, optim: str, extra: dict) -> None:
     """The same 8 samples a step on 3 ranks (3, 3, 2) as on 2 (4, 4): Sinkhorn's equipartition, the queue, the
-    synchronised BatchNorm and the loss's gradient stay those of the global batch, up to rounding."""
-    even = ddp_reference("lars")
-    uneven = run_ranks(train_ranks, 3, small_config(engine, "lars"), 2)
+    synchronised BatchNorm and the loss's gradient stay those of the global batch, up to rounding, whichever
+    engine averages the gradients."""
+    even = ddp_reference(optim)
+    uneven = run_ranks(train_ranks, 3, small_config(engine, optim, **extra), 2)
     for rank in range(3):
         assert_same(even[0].snapshots[-1], uneven[rank].snapshots[-1], atol=1e-5)
         assert_same_grad_norms(even[0].grad_norms, uneven[rank].grad_norms)
