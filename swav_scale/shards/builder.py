@@ -40,7 +40,7 @@ import shlex
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,17 @@ class Plan:
     def jobs(self, part: Part = WHOLE) -> list[ShardJob]:
         return [self.job(k) for k in range(part.index, self.count, part.count)]
 
+    def holding(self, part: Part) -> Plan:
+        """This plan with the paths of the items `part` writes, and no others (a file list is planned without
+        its paths): a part of n holds about 1/n of them. The whole run reads every path."""
+        if part == WHOLE or not self.count:
+            lines = None
+        else:
+            jobs = self.jobs(part)
+            lines = np.sort(np.concatenate([self.source.order[j.start : j.end] for j in jobs])) if jobs else \
+                np.zeros(0, self.source.order.dtype)
+        return replace(self, source=self.source.holding(lines))
+
 
 @dataclass(frozen=True)
 class ShardRecord:
@@ -168,18 +179,20 @@ def planned_bytes(source: Source, lo: int, hi: int) -> np.ndarray:
     (`<key>.<ext>`, the file's size) plus the label member (`<key>.cls`), as tar.member_bytes counts them.
 
     Vectorised for the common case, a member name that fits one 512-byte header (paths marked `short`, keys of
-    at most 20 characters, files under 8**11 bytes); any other item is counted by member_bytes itself."""
-    assert source.paths is not None and source.sizes is not None
+    at most 20 characters, files under 8**11 bytes); any other item is counted by member_bytes itself, from its
+    suffix (`Source.suffix`: the planner needs no paths)."""
+    short = source.short if source.short is not None else source.paths.short if source.paths is not None else None
+    assert short is not None and source.sizes is not None
     index = source.order[lo:hi]
     size = np.maximum(source.sizes[lo:hi], 0)
     body = BLOCK + -(-size // BLOCK) * BLOCK + 2 * BLOCK  # image header and data; label header and its block
-    key_width = len(source.key_format.format(len(source.paths)))
-    slow = ~source.paths.short[index] | (size >= 8**11) | (key_width > 20)
+    key_width = len(source.key_format.format(len(source.labels)))
+    slow = ~short[index] | (size >= 8**11) | (key_width > 20)
     for p in np.flatnonzero(slow):
-        item = source.item(lo + int(p))
-        ext = Path(item.path or "x.png").suffix.lower().lstrip(".") or "jpg"
-        body[p] = member_bytes(f"{item.key}.{ext}", item.size or 0) + member_bytes(f"{item.key}.cls",
-                                                                                   len(str(item.label)))
+        i = int(index[p])
+        key, label = source.key_format.format(i), int(source.labels[i])
+        body[p] = member_bytes(f"{key}.{source.suffix(i)}", int(size[p])) + member_bytes(f"{key}.cls",
+                                                                                         len(str(label)))
     return body
 
 
@@ -221,14 +234,16 @@ def _hash_array(h: Any, array: np.ndarray | None) -> None:
 
 def fingerprint(source: Source, settings: Settings) -> str:
     """sha256 of everything that decides the shards' bytes; equal fingerprints mean interchangeable shards.
-    The listing is hashed as arrays (paths, labels, sizes, order, pixels), not item by item."""
+    The listing is hashed as arrays (paths, labels, sizes, order, pixels), not item by item; a file list's paths
+    by the sha256 of its bytes, which every process has without holding them (a part holds only its own)."""
     h = hashlib.sha256()
     fixed = {
         "version": PLAN_VERSION,
         "source": source.description,
         "classes": source.classes,
         "keys": source.key_format,
-        "base": source.paths.base if source.paths is not None else None,
+        "base": source.paths.base if source.paths is not None and source.digest is None else None,
+        "listing": source.digest,
         "prefix": settings.prefix,
         "seed": settings.seed,
         "max_count": settings.max_count,
@@ -238,7 +253,7 @@ def fingerprint(source: Source, settings: Settings) -> str:
     h.update(json.dumps(fixed, sort_keys=True).encode())
     for array in (source.order, source.labels, source.sizes, source.pixels):
         _hash_array(h, array)
-    if source.paths is not None:
+    if source.paths is not None and source.digest is None:
         _hash_array(h, source.paths.offsets)
         _hash_array(h, source.paths.blob)
     return h.hexdigest()
@@ -457,6 +472,7 @@ def write_part(plan: Plan, out_dir: Path, part: Part = WHOLE, verify: bool = Fal
     if part == WHOLE:
         (out_dir / MANIFEST).unlink(missing_ok=True)  # the old shards become invalid the moment we overwrite
     (out_dir / PROGRESS_DIR).mkdir(exist_ok=True)
+    plan = plan.holding(part)  # before the workers fork: they inherit the paths
     jobs = plan.jobs(part)
     workers = max(1, min(plan.settings.workers, len(jobs)))
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
