@@ -184,7 +184,7 @@ def planned_bytes(source: Source, lo: int, hi: int) -> np.ndarray:
     short = source.short if source.short is not None else source.paths.short if source.paths is not None else None
     assert short is not None and source.sizes is not None
     index = source.order[lo:hi]
-    size = np.maximum(source.sizes[lo:hi], 0)
+    size = np.maximum(source.sizes[index], 0)
     body = BLOCK + -(-size // BLOCK) * BLOCK + 2 * BLOCK  # image header and data; label header and its block
     key_width = len(source.key_format.format(len(source.labels)))
     slow = ~short[index] | (size >= 8**11) | (key_width > 20)
@@ -208,14 +208,21 @@ def shard_bounds(source: Source, max_count: int, max_size: float | None) -> np.n
     if max_size is None:
         return np.append(np.arange(0, n, max_count, dtype=np.int64), n)
     limit = math.floor(max_size / RECORD) * RECORD - 2 * BLOCK  # the largest body whose tar fits
-    total = np.zeros(n + 1, np.int64)
-    for lo in range(0, n, PLAN_CHUNK):
-        hi = min(lo + PLAN_CHUNK, n)
-        total[lo + 1 : hi + 1] = total[lo] + np.cumsum(planned_bytes(source, lo, hi))
+    # total[j]: planned bytes of the positions before lo + j, for a window of about PLAN_CHUNK positions from the
+    # current shard's start on, extended while a shard reaches past it: 8 bytes a position of the window only.
+    lo, total = 0, np.zeros(1, np.int64)
     bounds, start = [0], 0
     while start < n:
-        end = int(np.searchsorted(total, total[start] + limit, side="right")) - 1
-        start = min(max(end, start + 1), start + max_count, n)
+        reach = min(start + max_count, n)
+        while True:  # the window holds start (start <= window_end) and at least one item after it
+            window_end = lo + len(total) - 1
+            if window_end > start:
+                k = int(np.searchsorted(total, total[start - lo] + limit, side="right")) - 1
+                if k < len(total) - 1 or window_end >= reach:  # the end is inside the window, or cut by count
+                    break
+            more = total[-1] + np.cumsum(planned_bytes(source, window_end, min(window_end + PLAN_CHUNK, n)))
+            total, lo = np.concatenate((total[start - lo :], more)), start
+        start = min(max(lo + k, start + 1), reach)
         bounds.append(start)
     return np.array(bounds, np.int64)
 

@@ -127,7 +127,7 @@ class Source:
     key_format: str  # key of listing index i: key_format.format(i)
     paths: PathTable | None = None  # image files: all of them, or those `holding` picked; None: not read yet
     pixels: np.ndarray | None = None  # (N, H, W) uint8 per listing index (Fashion-MNIST)
-    sizes: np.ndarray | None = None  # int64 file size per stored position, -1 where unknown; None: not looked at
+    sizes: np.ndarray | None = None  # int64 file size per listing index, -1: unknown or unused; None: not looked at
     description: dict[str, Any] = field(default_factory=dict)  # manifest fields saying where the data came from
     short: np.ndarray | None = None  # bool per listing index: PathTable.short, kept when the paths are not
     suffixes: dict[int, str] | None = None  # listing index -> file suffix, for the items planned one by one
@@ -151,7 +151,7 @@ class Source:
         if self.paths is None:
             raise ShardError(f"the paths of {self.description.get('source')} were not read: plan, then call "
                              "Source.holding with the items to write (builder.write_part does)")
-        size = int(self.sizes[position]) if self.sizes is not None and self.sizes[position] >= 0 else None
+        size = int(self.sizes[i]) if self.sizes is not None and self.sizes[i] >= 0 else None
         return Item(key, label, path=self.paths.path(i), size=size)
 
     def suffix(self, i: int) -> str:
@@ -211,12 +211,19 @@ def file_sizes(paths: PathTable, order: np.ndarray, threads: int = STAT_THREADS)
 
 
 def _sizes_of_table(paths: PathTable, order: np.ndarray) -> tuple[str, Callable[[], np.ndarray]]:
-    """(identity, lookup) of the sizes of a listing held whole: the identity hashes its paths and order."""
-    h = hashlib.sha256(f"{paths.base}\n{order.dtype.str}".encode())
+    """(identity, lookup) of the sizes per listing index of a listing held whole (-1 for the items `order`
+    leaves out): the identity hashes its paths and order."""
+    h = hashlib.sha256(f"by listing index\n{paths.base}\n{order.dtype.str}".encode())
     for listed in (paths.offsets, paths.blob, order):
         for lo in range(0, len(listed), 1 << 24):
             h.update(memoryview(np.ascontiguousarray(listed[lo : lo + (1 << 24)])).cast("B"))
-    return h.hexdigest()[:32], lambda: file_sizes(paths, order)
+
+    def lookup() -> np.ndarray:
+        sizes = np.full(len(paths), -1, np.int64)
+        sizes[order] = file_sizes(paths, order)
+        return sizes
+
+    return h.hexdigest()[:32], lookup
 
 
 def shared_file_sizes(identity: str, lookup: Callable[[], np.ndarray], length: int,
@@ -314,7 +321,7 @@ def image_folder_source(root: Path, seed: int, limit: int, sized: bool, sizes_di
     resolved = root.resolve()
     paths = PathTable(relative.blob, relative.offsets, relative.short, str(resolved))
     order = shuffled(len(paths), seed, limit)
-    sizes = shared_file_sizes(*_sizes_of_table(paths, order), len(order), sizes_dir) if sized else None
+    sizes = shared_file_sizes(*_sizes_of_table(paths, order), len(paths), sizes_dir) if sized else None
     return Source(order, labels, classes, "{:09d}", paths=paths, sizes=sizes, short=paths.short,
                   description={"source": f"image-folder:{resolved}"})
 
@@ -552,22 +559,21 @@ def read_file_list(path: Path) -> tuple[PathTable, np.ndarray, list[str]]:
 
 
 def _list_sizes(path: Path, order: np.ndarray, scan: ListScan) -> np.ndarray:
-    """int64 size per stored position of the files a list names (-1 where stat fails), a chunk at a time."""
-    position = np.full(scan.count, -1, order.dtype)
-    position[order] = np.arange(len(order), dtype=order.dtype)
-    sizes = np.full(len(order), -1, np.int64)
+    """int64 size per listing index of the files a list names (-1 where stat fails, or for lines `order` leaves
+    out), a chunk at a time: 8 bytes a line, besides the chunk's paths."""
+    sizes = np.full(scan.count, -1, np.int64)
     base = str(path.resolve().parent)
     lines = None if len(order) == scan.count else np.sort(order)
     for index, chunk_paths, length, short in _picked(path, lines, scan.count, scan.digest):
         table = PathTable(chunk_paths, np.concatenate(([0], np.cumsum(length))), short, base)
-        sizes[position[index]] = file_sizes(table, np.arange(len(length)))
+        sizes[index] = file_sizes(table, np.arange(len(length)))
     return sizes
 
 
 def _name_suffixes(path: Path, order: np.ndarray, sizes: np.ndarray, scan: ListScan) -> dict[int, str]:
     """Suffixes of the items whose tar members the planner sizes one by one (a long or non-ASCII file name, a
     file of 8 GiB or more): none in most lists, when no pass is made; one entry each otherwise."""
-    lines = np.unique(order[~scan.short[order] | (sizes >= 8**11)])
+    lines = np.unique(order[~scan.short[order] | (sizes[order] >= 8**11)])
     if not len(lines):
         return {}
     suffixes: dict[int, str] = {}
@@ -589,7 +595,7 @@ def file_list_source(path: Path, seed: int, limit: int, sized: bool, sizes_dir: 
     if sized:
         listed = f"file-list\n{scan.digest}\n{path.resolve().parent}\n{scan.count}\n{seed}\n{limit}\n{order.dtype.str}"
         identity = hashlib.sha256(listed.encode()).hexdigest()[:32]
-        sizes = shared_file_sizes(identity, lambda: _list_sizes(path, order, scan), len(order), sizes_dir)
+        sizes = shared_file_sizes(identity, lambda: _list_sizes(path, order, scan), scan.count, sizes_dir)
         suffixes = _name_suffixes(path, order, sizes, scan)
     return Source(order, scan.labels, scan.classes, "{:09d}", sizes=sizes, short=scan.short, suffixes=suffixes,
                   listing=path, digest=scan.digest, description={"source": f"file-list:{path.resolve()}"})

@@ -126,7 +126,10 @@ def _per_item_groups(sizes: list[int], max_count: int, max_size: float) -> list[
     return lengths + [count] if count else lengths
 
 
-def test_shard_bounds_cut_where_the_per_item_loop_cut() -> None:
+def test_shard_bounds_cut_where_the_per_item_loop_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also with a window of planned sizes (PLAN_CHUNK) shorter than a shard, which it then grows to cover."""
+    from swav_scale.shards import builder
+
     rng = np.random.default_rng(0)
     for trial in range(200):
         n = int(rng.integers(1, 400))
@@ -138,10 +141,12 @@ def test_shard_bounds_cut_where_the_per_item_loop_cut() -> None:
         paths = PathTable(np.frombuffer(blob, np.uint8), np.concatenate(([0], np.cumsum(lengths))),
                           np.ones(n, bool), "/images")
         order = shuffled(n, trial, 0)
-        source = Source(order, np.zeros(n, np.int32), ["c"], "{:09d}", paths=paths, sizes=sizes[order])
-        bounds = shard_bounds(source, max_count, max_size)
+        source = Source(order, np.zeros(n, np.int32), ["c"], "{:09d}", paths=paths, sizes=sizes)
         planned = [1536 + -(-int(s) // 512) * 512 for s in sizes[order]]  # image + label members
-        assert np.diff(bounds).tolist() == _per_item_groups(planned, max_count, max_size), trial
+        for chunk in (1 << 20, 1 + trial % 7):
+            monkeypatch.setattr(builder, "PLAN_CHUNK", chunk)
+            bounds = shard_bounds(source, max_count, max_size)
+            assert np.diff(bounds).tolist() == _per_item_groups(planned, max_count, max_size), (trial, chunk)
 
 
 def test_a_file_list_is_parsed_in_chunks_like_a_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -188,8 +193,9 @@ def test_a_streamed_file_list_plans_the_shards_of_a_listing_held_whole(ppm_list:
     assert list(streamed.source.suffixes.values()) == ["ppm", "ppm"], "the long and the non-ASCII name alone"
     paths, labels, classes = read_file_list(ppm_list)
     order = shuffled(len(paths), 3, 0)
-    whole = make_plan(Source(order, labels, classes, "{:09d}", paths=paths, sizes=file_sizes(paths, order)),
-                      settings)
+    sizes = np.full(len(paths), -1, np.int64)
+    sizes[order] = file_sizes(paths, order)  # per listing index
+    whole = make_plan(Source(order, labels, classes, "{:09d}", paths=paths, sizes=sizes), settings)
     assert streamed.bounds.tolist() == whole.bounds.tolist() and streamed.count > 10
     held = streamed.holding(WHOLE).source
     assert [held.item(p).path for p in range(len(order))] == [whole.source.item(p).path for p in range(len(order))]
