@@ -9,7 +9,8 @@ independent job, so workers write whole shards side by side and the bytes do not
 a worker writes `<name>.tar.partial`, fsyncs it, renames it into place, then records `.progress/<name>.json`
 (samples, bytes, sha256, skipped images, fingerprint, and the part that wrote it).
 
-**Parts.** The plan depends only on the listing and the arguments, so every process computes the same one;
+**Parts.** The plan depends only on the listing and the arguments, so every process computes the same one
+(from a file list without its paths), then reads the paths of the items it writes alone (`Plan.holding`);
 part i of n writes the shards whose index is i modulo n (interleaved rather than in blocks: neighbouring
 shards hold neighbouring stretches of the order, so each part gets a fair share of large and small images, and
 a part that fails leaves gaps spread over the set rather than one hole). Parts running side by side on one

@@ -172,7 +172,8 @@ class Source:
     @property
     def nbytes(self) -> int:
         """Bytes the listing's arrays hold (the pixels of an in-memory data set included)."""
-        arrays = [self.order, self.labels] + [a for a in (self.pixels, self.sizes, self.short) if a is not None]
+        short = self.short if self.paths is None or self.short is not self.paths.short else None  # counted once
+        arrays = [self.order, self.labels] + [a for a in (self.pixels, self.sizes, short) if a is not None]
         return sum(a.nbytes for a in arrays) + (self.paths.nbytes if self.paths is not None else 0)
 
 
