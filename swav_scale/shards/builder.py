@@ -127,13 +127,16 @@ class Plan:
 
     def holding(self, part: Part) -> Plan:
         """This plan with the paths of the items `part` writes, and no others (a file list is planned without
-        its paths): a part of n holds about 1/n of them. The whole run reads every path."""
-        if part == WHOLE or not self.count:
-            lines = None
+        its paths): a part of n holds about 1/n of them. The whole run reads every path (--limit: every one used)."""
+        if self.source.listing is None or self.source.paths is not None:
+            return self  # an image folder or Fashion-MNIST, held whole
+        order = self.source.order
+        if part == WHOLE:
+            lines = None if len(order) == len(self.source.labels) else np.sort(order)
         else:
             jobs = self.jobs(part)
-            lines = np.sort(np.concatenate([self.source.order[j.start : j.end] for j in jobs])) if jobs else \
-                np.zeros(0, self.source.order.dtype)
+            held = [order[j.start : j.end] for j in jobs]
+            lines = np.sort(np.concatenate(held)) if held else np.zeros(0, order.dtype)
         return replace(self, source=self.source.holding(lines))
 
 

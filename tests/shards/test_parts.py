@@ -216,6 +216,8 @@ def test_a_part_holds_only_the_paths_of_its_own_items(tmp_path: Path, ppm_list: 
     other = plan.jobs(Part(0, 4))[0].start
     with pytest.raises(KeyError, match="is not among the"):
         mine.source.item(other)
+    limited = make_plan(file_list_source(ppm_list, 1, 20, False), Settings("shard", 1, 3, None, None))
+    assert len(limited.holding(WHOLE).source.paths) == 20, "--limit: one process reads the paths it writes"
     # a list that changes after planning is refused rather than read into the wrong items
     changed = tmp_path / "list.tsv"
     changed.write_text(ppm_list.read_text())
