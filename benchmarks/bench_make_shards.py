@@ -1,26 +1,31 @@
-"""tools/make_shards.py toward a billion images: what planning costs per image, and parts against one process.
+"""tools/make_shards.py toward a billion images: what planning costs per image, a part against one process.
 
 **Planning** (swav_scale.shards.inputs and builder): a synthetic `path<TAB>label` list of --items lines is
-planned as make_shards plans it (parse the list, shuffle, size the files when --max-size applies, cut the
-shards, fingerprint), each run in a fresh process, which reports its wall time and its peak resident memory
-above what it held after its imports (VmHWM after a reset; Linux). Two lists:
+planned as make_shards plans it, each run in a fresh process, which reports its wall time and its peak resident
+memory above what it held after its imports (VmHWM after a reset; Linux):
+
+* one process: scan the list (count, labels, short-name flags, sha256 of its bytes), shuffle, look the files'
+  sizes up when --max-size applies, cut the shards, fingerprint, then read every path for the writers;
+* part 0/8 (`--part 0/8`): the same plan, then the paths of the part's own items alone (about 1/8 of them).
+
+Two lists:
 
 * unsized (as with --resize, which plans by count alone): ImageNet-like relative paths
   (`train/n00000042/n00000042_1234567.JPEG`, 1,000 class names), files that need not exist;
 * sized (the default, --max-size): short paths (`img/00042.ppm`) naming --files real files over and over, so
   every line is stat'ed (by a thread pool) against a file that exists, and the size limit cuts the shards.
 
-The arrays' planner runs on --items / 10 lines too: the difference in peak memory over the difference in lines
-is what a line costs, without the parser's fixed buffers. Beside them, on --per-item lines, the planner the
-arrays replaced: one Python `Item` per image, the list read whole, a file stat'ed at a time, the shards cut by a
-loop over items, the fingerprint fed item by item (its code is kept below, as it was).
+Each runs on --items / 10 lines too: the difference in peak memory over the difference in lines is what a line
+costs, without the parser's fixed buffers. Beside them, on --per-item lines, the planner the arrays replaced: one
+Python `Item` per image, the list read whole, a file stat'ed at a time, the shards cut by a loop over items, the
+fingerprint fed item by item (its code is kept below, as it was).
 
 **Parts** (--part / --merge): --images noise JPEGs (96-160 px a side, 10 classes) are sharded by one process
 (--workers 1), then by two part processes started together on one output directory (--workers 1 each) and a
 merge; every shard's sha256 and the manifests must be equal. Wall time of each.
 
     .venv/bin/python benchmarks/bench_make_shards.py [--items 10000000 --per-item 1000000 --files 1000
-                                                       --images 4000 --max-count 100 --rounds 3]
+                                                       --images 4000 --max-count 100 --rounds 3 --parts 8]
 """
 
 from __future__ import annotations
@@ -153,10 +158,11 @@ def peak_rss() -> int:
     return _status("VmHWM")
 
 
-def plan_child(mode: str, listing: Path, sized: bool, max_count: int) -> dict[str, Any]:
-    """Plan `listing` in this process; wall seconds per stage and the peak memory above the imports'."""
-    from swav_scale.shards.builder import make_plan, Settings
-    from swav_scale.shards.inputs import file_sizes, read_file_list, shuffled, Source
+def plan_child(mode: str, listing: Path, sized: bool, max_count: int, parts: int) -> dict[str, Any]:
+    """Plan `listing` in this process (then read the paths one process, or part 0 of `parts`, holds); wall
+    seconds per stage and the peak memory above the imports'."""
+    from swav_scale.shards.builder import make_plan, Part, Settings, WHOLE
+    from swav_scale.shards.inputs import file_list_source
 
     max_size = 2e6 if sized else None
     before = start_peak()
@@ -164,53 +170,53 @@ def plan_child(mode: str, listing: Path, sized: bool, max_count: int) -> dict[st
     if mode == "per-item":
         shards, _ = per_item_plan(listing, sized, max_count, max_size)
         return {"seconds": time.perf_counter() - started, "rss": peak_rss() - before, "shards": shards}
-    paths, labels, classes = read_file_list(listing)
-    parsed = time.perf_counter()
-    order = shuffled(len(paths), 0, 0)
-    sizes = file_sizes(paths, order) if sized else None
-    sizing = time.perf_counter()
-    source = Source(order, labels, classes, "{:09d}", paths=paths, sizes=sizes)  # as file_list_source makes it
+    source = file_list_source(listing, 0, 0, sized)  # as make_shards makes it: scan, shuffle, sizes
+    listed = time.perf_counter()
     plan = make_plan(source, Settings("shard", 0, max_count, max_size, None))
+    planned = time.perf_counter()
+    held = plan.holding(WHOLE if mode == "one" else Part(0, parts))
     done = time.perf_counter()
-    return {"parse": parsed - started, "sizes": sizing - parsed, "plan": done - sizing, "seconds": done - started,
-            "rss": peak_rss() - before, "shards": plan.count, "arrays": source.nbytes}
+    paths = held.source.paths
+    assert paths is not None
+    return {"list": listed - started, "plan": planned - listed, "paths": done - planned, "seconds": done - started,
+            "rss": peak_rss() - before, "shards": plan.count, "arrays": held.source.nbytes, "held": len(paths)}
 
 
-def run_child(mode: str, listing: Path, sized: bool, max_count: int) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, __file__, "--child", mode, str(listing), str(int(sized)), str(max_count)],
-                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+def run_child(mode: str, listing: Path, sized: bool, max_count: int, parts: int) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, __file__, "--child", mode, str(listing), str(int(sized)), str(max_count),
+                          str(parts)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def planning(items: int, per_item: int, files: int, max_count: int, work: Path) -> None:
+def planning(items: int, per_item: int, files: int, max_count: int, parts: int, work: Path) -> None:
     table = Table(title="planning a file list (fresh process each; peak RSS above the imports)")
-    for column in ("list", "planner", "lines", "parse s", "stat s", "cut+hash s", "total s", "lines/s", "peak RSS",
-                   "bytes/line", "arrays/line", "shards"):
+    for column in ("list", "planner", "lines", "scan+sizes s", "cut+hash s", "paths s", "total s", "lines/s",
+                   "paths held", "peak RSS", "bytes/line", "arrays/line", "shards"):
         table.add_column(column, justify="right")
     folder = work / "img"
     write_files(folder, files)
     for sized in (False, True):
         kind = "sized (stat'ed)" if sized else "unsized"
-        rss: dict[int, int] = {}
-        for mode, n in (("arrays", items // 10), ("arrays", items), ("per-item", per_item)):
-            if not n:
-                continue
-            listing = work / f"list-{int(sized)}-{n}.tsv"
-            if not listing.exists():
-                write_list(listing, n, sized, files, folder)
-            r = run_child(mode, listing, sized, max_count)
-            stages = [f"{r[k]:.1f}" if k in r else "-" for k in ("parse", "sizes", "plan")]
-            if not sized:
-                stages[1] = "-"
-            arrays = f"{r['arrays'] / n:.1f}" if "arrays" in r else "-"
-            table.add_row(kind, mode, f"{n:,}", *stages, f"{r['seconds']:.1f}", f"{n / r['seconds']:,.0f}",
-                          f"{r['rss'] / 2**20:,.0f} MiB", f"{r['rss'] / n:.0f}", arrays, f"{r['shards']:,}")
-            if mode == "arrays":
+        for mode, label in (("one", "one process"), ("part", f"part 0/{parts}"), ("per-item", "per-item")):
+            rss: dict[int, int] = {}
+            for n in ((per_item,) if mode == "per-item" else (items // 10, items)):
+                if not n:
+                    continue
+                listing = work / f"list-{int(sized)}-{n}.tsv"
+                if not listing.exists():
+                    write_list(listing, n, sized, files, folder)
+                r = run_child(mode, listing, sized, max_count, parts)
+                stages = [f"{r[k]:.1f}" if k in r else "-" for k in ("list", "plan", "paths")]
+                arrays = f"{r['arrays'] / n:.1f}" if "arrays" in r else "-"
+                held = f"{r['held']:,}" if "held" in r else "all"
+                table.add_row(kind, label, f"{n:,}", *stages, f"{r['seconds']:.1f}", f"{n / r['seconds']:,.0f}", held,
+                              f"{r['rss'] / 2**20:,.0f} MiB", f"{r['rss'] / n:.0f}", arrays, f"{r['shards']:,}")
                 rss[n] = r["rss"]
-        if len(rss) == 2:  # what one more line costs, without the fixed cost of the parser's buffers
-            (small, low), (big, high) = sorted(rss.items())
-            table.add_row(kind, "arrays: a line more", f"{small:,}->{big:,}", *["-"] * 6,
-                          f"{(high - low) / (big - small):.0f}", "-", "-")
+            if len(rss) == 2:  # what one more line costs, without the fixed cost of the parser's buffers
+                (small, low), (big, high) = sorted(rss.items())
+                table.add_row(kind, f"{label}: a line more", f"{small:,}->{big:,}", *["-"] * 7,
+                              f"{(high - low) / (big - small):.0f}", "-", "-")
     console.print(table)
 
 
@@ -284,8 +290,8 @@ def parts(images: int, max_count: int, rounds: int, work: Path) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        mode, listing, sized, max_count = sys.argv[2:6]
-        print(json.dumps(plan_child(mode, Path(listing), sized == "1", int(max_count))))
+        mode, listing, sized, max_count, part_count = sys.argv[2:7]
+        print(json.dumps(plan_child(mode, Path(listing), sized == "1", int(max_count), int(part_count))))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=10_000_000, help="lines of the lists the array planner plans")
@@ -294,10 +300,11 @@ def main() -> None:
     p.add_argument("--images", type=int, default=4000, help="JPEGs sharded by one process and by two parts")
     p.add_argument("--max-count", type=int, default=100, help="samples per shard")
     p.add_argument("--rounds", type=int, default=3, help="runs of each way of writing the JPEGs; the best counts")
+    p.add_argument("--parts", type=int, default=8, help="N of the part planned beside one process (--part 0/N)")
     a = p.parse_args()
     console.print(f"{os.cpu_count()} CPUs, {sys.version.split()[0]}, numpy {np.__version__}", highlight=False)
     with tempfile.TemporaryDirectory(prefix="bench_make_shards-") as tmp:
-        planning(a.items, a.per_item, a.files, a.max_count, Path(tmp))
+        planning(a.items, a.per_item, a.files, a.max_count, a.parts, Path(tmp))
         parts(a.images, a.max_count, a.rounds, Path(tmp))
 
 

@@ -9,7 +9,8 @@ independent job, so workers write whole shards side by side and the bytes do not
 a worker writes `<name>.tar.partial`, fsyncs it, renames it into place, then records `.progress/<name>.json`
 (samples, bytes, sha256, skipped images, fingerprint, and the part that wrote it).
 
-**Parts.** The plan depends only on the listing and the arguments, so every process computes the same one;
+**Parts.** The plan depends only on the listing and the arguments, so every process computes the same one
+(from a file list without its paths), then reads the paths of the items it writes alone (`Plan.holding`);
 part i of n writes the shards whose index is i modulo n (interleaved rather than in blocks: neighbouring
 shards hold neighbouring stretches of the order, so each part gets a fair share of large and small images, and
 a part that fails leaves gaps spread over the set rather than one hole). Parts running side by side on one
@@ -40,7 +41,7 @@ import shlex
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,20 @@ class Plan:
     def jobs(self, part: Part = WHOLE) -> list[ShardJob]:
         return [self.job(k) for k in range(part.index, self.count, part.count)]
 
+    def holding(self, part: Part) -> Plan:
+        """This plan with the paths of the items `part` writes, and no others (a file list is planned without
+        its paths): a part of n holds about 1/n of them. The whole run reads every path (--limit: every one used)."""
+        if self.source.listing is None or self.source.paths is not None:
+            return self  # an image folder or Fashion-MNIST, held whole
+        order = self.source.order
+        if part == WHOLE:
+            lines = None if len(order) == len(self.source.labels) else np.sort(order)
+        else:
+            jobs = self.jobs(part)
+            held = [order[j.start : j.end] for j in jobs]
+            lines = np.sort(np.concatenate(held)) if held else np.zeros(0, order.dtype)
+        return replace(self, source=self.source.holding(lines))
+
 
 @dataclass(frozen=True)
 class ShardRecord:
@@ -168,18 +183,20 @@ def planned_bytes(source: Source, lo: int, hi: int) -> np.ndarray:
     (`<key>.<ext>`, the file's size) plus the label member (`<key>.cls`), as tar.member_bytes counts them.
 
     Vectorised for the common case, a member name that fits one 512-byte header (paths marked `short`, keys of
-    at most 20 characters, files under 8**11 bytes); any other item is counted by member_bytes itself."""
-    assert source.paths is not None and source.sizes is not None
+    at most 20 characters, files under 8**11 bytes); any other item is counted by member_bytes itself, from its
+    suffix (`Source.suffix`: the planner needs no paths)."""
+    short = source.short if source.short is not None else source.paths.short if source.paths is not None else None
+    assert short is not None and source.sizes is not None
     index = source.order[lo:hi]
-    size = np.maximum(source.sizes[lo:hi], 0)
+    size = np.maximum(source.sizes[index], 0)
     body = BLOCK + -(-size // BLOCK) * BLOCK + 2 * BLOCK  # image header and data; label header and its block
-    key_width = len(source.key_format.format(len(source.paths)))
-    slow = ~source.paths.short[index] | (size >= 8**11) | (key_width > 20)
+    key_width = len(source.key_format.format(len(source.labels)))
+    slow = ~short[index] | (size >= 8**11) | (key_width > 20)
     for p in np.flatnonzero(slow):
-        item = source.item(lo + int(p))
-        ext = Path(item.path or "x.png").suffix.lower().lstrip(".") or "jpg"
-        body[p] = member_bytes(f"{item.key}.{ext}", item.size or 0) + member_bytes(f"{item.key}.cls",
-                                                                                   len(str(item.label)))
+        i = int(index[p])
+        key, label = source.key_format.format(i), int(source.labels[i])
+        body[p] = member_bytes(f"{key}.{source.suffix(i)}", int(size[p])) + member_bytes(f"{key}.cls",
+                                                                                         len(str(label)))
     return body
 
 
@@ -195,14 +212,21 @@ def shard_bounds(source: Source, max_count: int, max_size: float | None) -> np.n
     if max_size is None:
         return np.append(np.arange(0, n, max_count, dtype=np.int64), n)
     limit = math.floor(max_size / RECORD) * RECORD - 2 * BLOCK  # the largest body whose tar fits
-    total = np.zeros(n + 1, np.int64)
-    for lo in range(0, n, PLAN_CHUNK):
-        hi = min(lo + PLAN_CHUNK, n)
-        total[lo + 1 : hi + 1] = total[lo] + np.cumsum(planned_bytes(source, lo, hi))
+    # total[j]: planned bytes of the positions before lo + j, for a window of about PLAN_CHUNK positions from the
+    # current shard's start on, extended while a shard reaches past it: 8 bytes a position of the window only.
+    lo, total = 0, np.zeros(1, np.int64)
     bounds, start = [0], 0
     while start < n:
-        end = int(np.searchsorted(total, total[start] + limit, side="right")) - 1
-        start = min(max(end, start + 1), start + max_count, n)
+        reach = min(start + max_count, n)
+        while True:  # the window holds start (start <= window_end) and at least one item after it
+            window_end = lo + len(total) - 1
+            if window_end > start:
+                k = int(np.searchsorted(total, total[start - lo] + limit, side="right")) - 1
+                if k < len(total) - 1 or window_end >= reach:  # the end is inside the window, or cut by count
+                    break
+            more = total[-1] + np.cumsum(planned_bytes(source, window_end, min(window_end + PLAN_CHUNK, n)))
+            total, lo = np.concatenate((total[start - lo :], more)), start
+        start = min(max(lo + k, start + 1), reach)
         bounds.append(start)
     return np.array(bounds, np.int64)
 
@@ -221,14 +245,16 @@ def _hash_array(h: Any, array: np.ndarray | None) -> None:
 
 def fingerprint(source: Source, settings: Settings) -> str:
     """sha256 of everything that decides the shards' bytes; equal fingerprints mean interchangeable shards.
-    The listing is hashed as arrays (paths, labels, sizes, order, pixels), not item by item."""
+    The listing is hashed as arrays (paths, labels, sizes, order, pixels), not item by item; a file list's paths
+    by the sha256 of its bytes, which every process has without holding them (a part holds only its own)."""
     h = hashlib.sha256()
     fixed = {
         "version": PLAN_VERSION,
         "source": source.description,
         "classes": source.classes,
         "keys": source.key_format,
-        "base": source.paths.base if source.paths is not None else None,
+        "base": source.paths.base if source.paths is not None and source.digest is None else None,
+        "listing": source.digest,
         "prefix": settings.prefix,
         "seed": settings.seed,
         "max_count": settings.max_count,
@@ -238,7 +264,7 @@ def fingerprint(source: Source, settings: Settings) -> str:
     h.update(json.dumps(fixed, sort_keys=True).encode())
     for array in (source.order, source.labels, source.sizes, source.pixels):
         _hash_array(h, array)
-    if source.paths is not None:
+    if source.paths is not None and source.digest is None:
         _hash_array(h, source.paths.offsets)
         _hash_array(h, source.paths.blob)
     return h.hexdigest()
@@ -457,6 +483,7 @@ def write_part(plan: Plan, out_dir: Path, part: Part = WHOLE, verify: bool = Fal
     if part == WHOLE:
         (out_dir / MANIFEST).unlink(missing_ok=True)  # the old shards become invalid the moment we overwrite
     (out_dir / PROGRESS_DIR).mkdir(exist_ok=True)
+    plan = plan.holding(part)  # before the workers fork: they inherit the paths
     jobs = plan.jobs(part)
     workers = max(1, min(plan.settings.workers, len(jobs)))
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)

@@ -2,10 +2,18 @@
 
 A source is listed once, up front, so that the shards can be planned and fingerprinted before anything is
 written. At a billion images a Python object per image would take hundreds of gigabytes, so the listing is
-kept in arrays: every path's UTF-8 bytes end to end with their offsets (`PathTable`), class indices as int32,
-file sizes as int64, and the write-time order as a permutation of listing indices. A worker later turns one
+kept in arrays: class indices as int32, file sizes as int64, the write-time order as a permutation of listing
+indices, and paths as their UTF-8 bytes end to end with their offsets (`PathTable`). A worker later turns one
 stored position into an `Item` and then a stored `Sample` with `load_item`: image files keep their original
 bytes (each is fully decoded once to check it) unless a resize was asked for, Fashion-MNIST arrays become PNG.
+
+A file list, the input at scale, is read in streaming passes so that a part of a many-part run never holds the
+whole listing's paths (60 GB and more at a billion images): the first pass keeps only what the plan needs for
+every item (the count, labels, short-name flags and a sha256 of the list's bytes, which stands for the paths in
+the plan's fingerprint); the files' sizes, when --max-size needs them, are looked up in a pass of their own (or
+read from the sizes a first process saved); and once the plan says which items a part writes, a last pass picks
+the paths of those lines alone (`Source.holding`). Image folders and Fashion-MNIST are small-scale inputs and
+keep their whole listing in memory.
 """
 
 from __future__ import annotations
@@ -16,9 +24,9 @@ import os
 import re
 import tempfile
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -72,13 +80,24 @@ class PathTable:
     offsets: np.ndarray  # int64, len(paths) + 1
     short: np.ndarray  # bool per path
     base: str | None = None
+    lines: np.ndarray | None = None  # sorted listing indices of the paths held; None: every one, in listing order
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def row(self, i: int) -> int:
+        """Where listing index i is held: i itself for a whole listing, else its place among `lines`."""
+        if self.lines is None:
+            return i
+        row = int(np.searchsorted(self.lines, i))
+        if row == len(self.lines) or self.lines[row] != i:
+            raise KeyError(f"listing index {i} is not among the {len(self.lines):,} paths this table holds")
+        return row
+
     def raw(self, i: int) -> str:
-        """Path i as listed (relative to `base` when there is one)."""
-        return self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
+        """Path of listing index i as listed (relative to `base` when there is one)."""
+        r = self.row(i)
+        return self.blob[self.offsets[r] : self.offsets[r + 1]].tobytes().decode("utf-8", "surrogateescape")
 
     def path(self, i: int) -> str:
         """Path i as messages, the manifest and the reader use it: joined onto `base` the way pathlib joins."""
@@ -93,7 +112,8 @@ class PathTable:
 
     @property
     def nbytes(self) -> int:
-        return self.blob.nbytes + self.offsets.nbytes + self.short.nbytes
+        held = self.lines.nbytes if self.lines is not None else 0
+        return self.blob.nbytes + self.offsets.nbytes + self.short.nbytes + held
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,10 +125,14 @@ class Source:
     labels: np.ndarray  # int32 class index per listing index
     classes: list[str]
     key_format: str  # key of listing index i: key_format.format(i)
-    paths: PathTable | None = None  # image files, per listing index
+    paths: PathTable | None = None  # image files: all of them, or those `holding` picked; None: not read yet
     pixels: np.ndarray | None = None  # (N, H, W) uint8 per listing index (Fashion-MNIST)
-    sizes: np.ndarray | None = None  # int64 file size per stored position, -1 where unknown; None: not looked at
+    sizes: np.ndarray | None = None  # int64 file size per listing index, -1: unknown or unused; None: not looked at
     description: dict[str, Any] = field(default_factory=dict)  # manifest fields saying where the data came from
+    short: np.ndarray | None = None  # bool per listing index: PathTable.short, kept when the paths are not
+    suffixes: dict[int, str] | None = None  # listing index -> file suffix, for the items planned one by one
+    listing: Path | None = None  # the file list to pick paths from (`holding`); None: `paths` holds them all
+    digest: str | None = None  # sha256 of the file list's bytes: stands for the paths in the plan's fingerprint
 
     @property
     def sized(self) -> bool:
@@ -124,14 +148,32 @@ class Source:
         key, label = self.key_format.format(i), int(self.labels[i])
         if self.pixels is not None:
             return Item(key, label, pixels=self.pixels[i])
-        assert self.paths is not None
-        size = int(self.sizes[position]) if self.sizes is not None and self.sizes[position] >= 0 else None
+        if self.paths is None:
+            raise ShardError(f"the paths of {self.description.get('source')} were not read: plan, then call "
+                             "Source.holding with the items to write (builder.write_part does)")
+        size = int(self.sizes[i]) if self.sizes is not None and self.sizes[i] >= 0 else None
         return Item(key, label, path=self.paths.path(i), size=size)
+
+    def suffix(self, i: int) -> str:
+        """The lower-case file suffix of listing index i without its dot, 'jpg' when it has none: what the
+        planner counts in a member name it cannot size in bulk."""
+        if self.suffixes is not None and i in self.suffixes:
+            return self.suffixes[i]
+        assert self.paths is not None, "suffix() of an item neither held nor picked by _name_suffixes"
+        return _suffix(self.paths.path(i))
+
+    def holding(self, lines: np.ndarray | None) -> Source:
+        """This source with the paths of the listing indices `lines` (sorted; None: all of them) read from its
+        file list, for the items one process writes. A source that already holds its paths is returned as is."""
+        if self.listing is None or self.paths is not None:
+            return self
+        return replace(self, paths=read_lines(self.listing, lines, len(self.labels), self.digest))
 
     @property
     def nbytes(self) -> int:
         """Bytes the listing's arrays hold (the pixels of an in-memory data set included)."""
-        arrays = [self.order, self.labels] + [a for a in (self.pixels, self.sizes) if a is not None]
+        short = self.short if self.paths is None or self.short is not self.paths.short else None  # counted once
+        arrays = [self.order, self.labels] + [a for a in (self.pixels, self.sizes, short) if a is not None]
         return sum(a.nbytes for a in arrays) + (self.paths.nbytes if self.paths is not None else 0)
 
 
@@ -169,25 +211,39 @@ def file_sizes(paths: PathTable, order: np.ndarray, threads: int = STAT_THREADS)
     return sizes
 
 
-def shared_file_sizes(paths: PathTable, order: np.ndarray, cache_dir: Path | None) -> np.ndarray:
-    """file_sizes, looked up once for many processes: with `cache_dir`, the sizes of this listing and order are
-    read from `cache_dir/sizes-<sha256 of both>.npy` when a process saved them there, else looked up and saved
-    (atomically; processes that race write the same array). Parts of one make_shards run share them this way,
-    so that a billion files are not stat'ed once per part: the sizes are those of the first lookup."""
-    if cache_dir is None:
-        return file_sizes(paths, order)
-    h = hashlib.sha256(f"{paths.base}\n{order.dtype.str}".encode())
+def _sizes_of_table(paths: PathTable, order: np.ndarray) -> tuple[str, Callable[[], np.ndarray]]:
+    """(identity, lookup) of the sizes per listing index of a listing held whole (-1 for the items `order`
+    leaves out): the identity hashes its paths and order."""
+    h = hashlib.sha256(f"by listing index\n{paths.base}\n{order.dtype.str}".encode())
     for listed in (paths.offsets, paths.blob, order):
         for lo in range(0, len(listed), 1 << 24):
             h.update(memoryview(np.ascontiguousarray(listed[lo : lo + (1 << 24)])).cast("B"))
-    cache = cache_dir / f"sizes-{h.hexdigest()[:32]}.npy"
+
+    def lookup() -> np.ndarray:
+        sizes = np.full(len(paths), -1, np.int64)
+        sizes[order] = file_sizes(paths, order)
+        return sizes
+
+    return h.hexdigest()[:32], lookup
+
+
+def shared_file_sizes(identity: str, lookup: Callable[[], np.ndarray], length: int,
+                      cache_dir: Path | None) -> np.ndarray:
+    """Sizes looked up once for many processes: with `cache_dir`, the sizes of the listing and order that
+    `identity` names are read from `cache_dir/sizes-<identity>.npy` when a process saved them there, else
+    looked up and saved (atomically; processes that race write the same array). Parts of one make_shards run
+    share them this way, so that a billion files are not stat'ed once per part: the sizes are those of the
+    first lookup."""
+    if cache_dir is None:
+        return lookup()
+    cache = cache_dir / f"sizes-{identity}.npy"
     try:
         sizes = np.load(cache)
-        if sizes.dtype == np.int64 and sizes.shape == order.shape:
+        if sizes.dtype == np.int64 and sizes.shape == (length,):
             return sizes
     except (OSError, ValueError):
         pass
-    sizes = file_sizes(paths, order)
+    sizes = lookup()
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{cache.name}.", suffix=".tmp")
     try:
@@ -198,6 +254,12 @@ def shared_file_sizes(paths: PathTable, order: np.ndarray, cache_dir: Path | Non
         Path(tmp).unlink(missing_ok=True)
         raise
     return sizes
+
+
+def _suffix(path: str) -> str:
+    """What the planner counts as the member extension of the file `path` (as PathTable.path joins it): lower
+    case, 'jpg' when the name has none."""
+    return Path(path).suffix.lower().lstrip(".") or "jpg"
 
 
 def _short_names(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -260,8 +322,8 @@ def image_folder_source(root: Path, seed: int, limit: int, sized: bool, sizes_di
     resolved = root.resolve()
     paths = PathTable(relative.blob, relative.offsets, relative.short, str(resolved))
     order = shuffled(len(paths), seed, limit)
-    sizes = shared_file_sizes(paths, order, sizes_dir) if sized else None
-    return Source(order, labels, classes, "{:09d}", paths=paths, sizes=sizes,
+    sizes = shared_file_sizes(*_sizes_of_table(paths, order), len(paths), sizes_dir) if sized else None
+    return Source(order, labels, classes, "{:09d}", paths=paths, sizes=sizes, short=paths.short,
                   description={"source": f"image-folder:{resolved}"})
 
 
@@ -297,13 +359,28 @@ class _LabelIds:
         return lookup[inverse.ravel()]
 
 
-def _parse_chunk(path: Path, data: bytes, lineno: int, ids: _LabelIds) -> tuple[np.ndarray, np.ndarray,
-                                                                                np.ndarray, np.ndarray]:
-    """(path bytes, path lengths, short names, label ids) of the data lines of a chunk of a file list."""
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ShardError(f"file list {path} is not UTF-8 text ({e}); write it as UTF-8")
+@dataclass(frozen=True, eq=False)
+class _Lines:
+    """The data lines of a chunk of a file list: where each starts, its tab and its end (\r\n ends left out)
+    lie in the chunk's bytes `a`, and its line number in the file."""
+
+    a: np.ndarray
+    starts: np.ndarray
+    tab: np.ndarray
+    ends: np.ndarray
+    numbers: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
+def _data_lines(path: Path, data: bytes, lineno: int, check_text: bool = True) -> _Lines:
+    """The data lines of a chunk, each checked to be `path<TAB>label`: ShardError naming the first bad line."""
+    if check_text:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ShardError(f"file list {path} is not UTF-8 text ({e}); write it as UTF-8")
     a = np.frombuffer(data, np.uint8)
     newlines = np.flatnonzero(a == ord("\n"))
     starts = np.concatenate(([0], newlines + 1))
@@ -312,8 +389,7 @@ def _parse_chunk(path: Path, data: bytes, lineno: int, ids: _LabelIds) -> tuple[
         starts, ends = starts[:-1], ends[:-1]
     numbers = lineno + np.arange(len(starts))
     ends = ends - ((ends > starts) & (a[np.maximum(ends - 1, 0)] == ord("\r")))  # \r\n line ends
-    space = _SPACE[a]
-    space_at = np.flatnonzero(space)  # a few per line: the tab, the newline, now and then a space
+    space_at = np.flatnonzero(_SPACE[a])  # a few per line: the tab, the newline, now and then a space
 
     def solid(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Whether data[lo:hi] holds a byte that is not a space (what str.strip() would keep)."""
@@ -329,26 +405,36 @@ def _parse_chunk(path: Path, data: bytes, lineno: int, ids: _LabelIds) -> tuple[
     good = (tabs == 1) & solid(starts, tab) & solid(tab + 1, ends)
     if not good.all():
         k = int(np.flatnonzero(~good)[0])
-        line = data[starts[k] : ends[k]].decode("utf-8")
+        line = data[starts[k] : ends[k]].decode("utf-8", "replace")
         raise ShardError(f"{path}:{numbers[k]}: expected 'path<TAB>label', found {line!r}; fix or remove this line")
-    label_start, label_end = tab + 1, ends.copy()
+    return _Lines(a, starts, tab, ends, numbers)
+
+
+def _label_ids(lines: _Lines, ids: _LabelIds) -> np.ndarray:
+    """int32 label id per data line: the text after the tab, stripped, numbered by `ids`."""
+    a, space, last = lines.a, _SPACE[lines.a], max(len(lines.a) - 1, 0)
+    label_start, label_end = lines.tab + 1, lines.ends.copy()
     while (lead := space[np.minimum(label_start, last)] & (label_start < label_end)).any():  # strip, a byte a round
         label_start += lead
     while (trail := space[np.maximum(label_end - 1, 0)] & (label_end > label_start)).any():
         label_end -= trail
-    label_ids = np.empty(len(starts), np.int32)
-    width = int((label_end - label_start).max()) if len(starts) else 1
+    label_ids = np.empty(len(lines), np.int32)
+    width = int((label_end - label_start).max()) if len(lines) else 1
     rows = max(1, (4 << 20) // width)  # label rows gathered at once: bounds a (rows, width) temporary
-    for r in range(0, len(starts), rows):
+    for r in range(0, len(lines), rows):
         ls, le = label_start[r : r + rows], label_end[r : r + rows]
         at = ls[:, None] + np.arange(width)
         fixed = np.where(at < le[:, None], a[np.minimum(at, len(a) - 1)], 0).astype(np.uint8)
         label_ids[r : r + rows] = ids.number(np.ascontiguousarray(fixed).view(f"S{width}").ravel())
+    return label_ids
+
+
+def _path_bytes(a: np.ndarray, starts: np.ndarray, tab: np.ndarray) -> np.ndarray:
+    """The bytes of the paths a[starts[k]:tab[k]], end to end."""
     inside = np.zeros(len(a) + 1, np.int8)
     inside[starts] = 1
     inside[tab] = -1
-    path_bytes = a[np.cumsum(inside[:-1], dtype=np.int8) > 0]
-    return path_bytes, tab - starts, _short_names(a, starts, tab), label_ids
+    return a[np.cumsum(inside[:-1], dtype=np.int8) > 0]
 
 
 def _first_negative(path: Path, negative: set[bytes]) -> tuple[int, str]:
@@ -361,34 +447,45 @@ def _first_negative(path: Path, negative: set[bytes]) -> tuple[int, str]:
     raise AssertionError("a negative label was counted but not found again")  # pragma: no cover
 
 
-def read_file_list(path: Path) -> tuple[PathTable, np.ndarray, list[str]]:
-    """(paths, class indices, classes) of a `path<TAB>label` list, in list order.
-
-    Relative paths are relative to the list's directory, so a list can travel with its images. Labels are
-    class indices when every label is an integer (the classes are then "0" to the largest index), else class
-    names (every label is then a name, and the classes are the sorted distinct names). Blank lines and lines
-    starting with '#' are ignored; lines end with \n (or \r\n). The list is parsed a few megabytes at a time
-    with numpy, so a list of a billion lines takes the memory of its paths and labels, not of its lines."""
+def _open_list(path: Path) -> BinaryIO:
     try:
-        f = open(path, "rb")
+        return open(path, "rb")
     except FileNotFoundError:
         raise ShardError(f"file list {path} does not exist; pass the path of a 'path<TAB>label' text file")
+
+
+@dataclass(frozen=True, eq=False)
+class ListScan:
+    """What the first pass over a file list keeps for every item: no paths."""
+
+    count: int  # data lines
+    labels: np.ndarray  # int32 class index per data line
+    classes: list[str]
+    short: np.ndarray  # bool per data line: PathTable.short of its path
+    digest: str  # sha256 of the list's bytes
+
+
+def scan_file_list(path: Path) -> ListScan:
+    """The first pass over a `path<TAB>label` list: count, class indices, short-name flags and the sha256 of its
+    bytes, parsed a few megabytes at a time with numpy. Labels are class indices when every label is an integer
+    (the classes are then "0" to the largest index), else class names (every label is then a name, and the
+    classes are the sorted distinct names). Blank lines and lines starting with '#' are ignored; lines end with
+    \n (or \r\n). A billion lines take 5 bytes each here, not the ~60 of their paths."""
     ids = _LabelIds()
-    with f:
+    h = hashlib.sha256()
+    with _open_list(path) as f:
         # Filled in place, sized for the most the file can hold: pages never written are never resident, and no
-        # list of chunks is concatenated at the end (which would hold the paths twice).
-        most = os.fstat(f.fileno()).st_size
-        blob = np.empty(most, np.uint8)
-        offsets = np.empty(most // 4 + 2, np.int64)  # a data line takes 4 bytes at least: "p<TAB>l<LF>"
-        short = np.empty(most // 4 + 1, bool)
-        labels = np.empty(most // 4 + 1, np.int32)
-        offsets[0] = n = 0
+        # list of chunks is concatenated at the end.
+        most = os.fstat(f.fileno()).st_size // 4 + 1  # a data line takes 4 bytes at least: "p<TAB>l<LF>"
+        short = np.empty(most, bool)
+        labels = np.empty(most, np.int32)
+        n = 0
         for data, lineno in _chunks(f):
-            chunk_paths, length, chunk_short, label = _parse_chunk(path, data, lineno, ids)
-            k = len(length)
-            blob[offsets[n] : offsets[n] + len(chunk_paths)] = chunk_paths
-            offsets[n + 1 : n + k + 1] = offsets[n] + np.cumsum(length)
-            short[n : n + k], labels[n : n + k] = chunk_short, label
+            h.update(data)
+            lines = _data_lines(path, data, lineno)
+            k = len(lines)
+            short[n : n + k] = _short_names(lines.a, lines.starts, lines.tab)
+            labels[n : n + k] = _label_ids(lines, ids)
             n += k
     if not n:
         raise ShardError(f"file list {path} lists no images; expected lines 'path<TAB>label'")
@@ -407,17 +504,102 @@ def read_file_list(path: Path) -> tuple[PathTable, np.ndarray, list[str]]:
     labels = labels[:n]
     for lo in range(0, n, 1 << 20):  # ids to class indices in place
         labels[lo : lo + (1 << 20)] = lookup[labels[lo : lo + (1 << 20)]]
-    paths = PathTable(blob[: offsets[n]], offsets[: n + 1], short[:n], str(path.resolve().parent))
-    return paths, labels, classes
+    return ListScan(n, labels, classes, short[:n], h.hexdigest())
+
+
+def _picked(path: Path, lines: np.ndarray | None, count: int,
+            digest: str) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """(listing indices, path bytes end to end, path lengths, short-name flags) of the data lines `lines`
+    (sorted listing indices; None: all), a chunk of the list at a time. The list is checked against the first
+    pass's count and sha256, so that paths are never taken from a list that changed since it was planned."""
+    h = hashlib.sha256()
+    first = taken = 0
+    with _open_list(path) as f:
+        for data, lineno in _chunks(f):
+            h.update(data)
+            found = _data_lines(path, data, lineno, check_text=False)
+            k = len(found)
+            if lines is None:
+                rows = np.arange(k)
+            else:
+                upto = taken + int(np.searchsorted(lines[taken:], first + k))
+                rows, taken = lines[taken:upto] - first, upto
+            starts, tab = found.starts[rows], found.tab[rows]
+            yield first + rows, _path_bytes(found.a, starts, tab), tab - starts, _short_names(found.a, starts, tab)
+            first += k
+    if first != count or h.hexdigest() != digest:
+        raise ShardError(f"file list {path} changed since it was planned ({count:,} data lines then, {first:,} now,"
+                         " or other bytes): rerun every part, and the merge, once the list no longer changes")
+
+
+def read_lines(path: Path, lines: np.ndarray | None, count: int, digest: str) -> PathTable:
+    """The paths of the data lines `lines` of a file list (sorted listing indices; None: every line), read in a
+    pass that keeps nothing else: a part of n holds about 1/n of the listing's paths."""
+    wanted = count if lines is None else len(lines)
+    size = os.stat(path).st_size
+    blob = np.empty(size, np.uint8)  # pages never written are never resident
+    offsets = np.empty(wanted + 1, np.int64)
+    short = np.empty(wanted, bool)
+    offsets[0] = n = 0
+    for _, chunk_paths, length, chunk_short in _picked(path, lines, count, digest):
+        k = len(length)
+        blob[offsets[n] : offsets[n] + len(chunk_paths)] = chunk_paths
+        offsets[n + 1 : n + k + 1] = offsets[n] + np.cumsum(length)
+        short[n : n + k] = chunk_short
+        n += k
+    held = None if lines is None else np.ascontiguousarray(lines)
+    return PathTable(blob[: offsets[n]], offsets, short, str(path.resolve().parent), held)
+
+
+def read_file_list(path: Path) -> tuple[PathTable, np.ndarray, list[str]]:
+    """(paths, class indices, classes) of a `path<TAB>label` list, in list order, every path held (see
+    scan_file_list for the format). Relative paths are relative to the list's directory, so a list can travel
+    with its images."""
+    scan = scan_file_list(path)
+    return read_lines(path, None, scan.count, scan.digest), scan.labels, scan.classes
+
+
+def _list_sizes(path: Path, order: np.ndarray, scan: ListScan) -> np.ndarray:
+    """int64 size per listing index of the files a list names (-1 where stat fails, or for lines `order` leaves
+    out), a chunk at a time: 8 bytes a line, besides the chunk's paths."""
+    sizes = np.full(scan.count, -1, np.int64)
+    base = str(path.resolve().parent)
+    lines = None if len(order) == scan.count else np.sort(order)
+    for index, chunk_paths, length, short in _picked(path, lines, scan.count, scan.digest):
+        table = PathTable(chunk_paths, np.concatenate(([0], np.cumsum(length))), short, base)
+        sizes[index] = file_sizes(table, np.arange(len(length)))
+    return sizes
+
+
+def _name_suffixes(path: Path, order: np.ndarray, sizes: np.ndarray, scan: ListScan) -> dict[int, str]:
+    """Suffixes of the items whose tar members the planner sizes one by one (a long or non-ASCII file name, a
+    file of 8 GiB or more): none in most lists, when no pass is made; one entry each otherwise."""
+    lines = np.unique(order[~scan.short[order] | (sizes[order] >= 8**11)])
+    if not len(lines):
+        return {}
+    suffixes: dict[int, str] = {}
+    base = path.resolve().parent
+    for index, chunk_paths, length, _ in _picked(path, lines, scan.count, scan.digest):
+        ends = np.cumsum(length)
+        raw = chunk_paths.tobytes()
+        for i, lo, hi in zip(index.tolist(), (ends - length).tolist(), ends.tolist()):
+            suffixes[i] = _suffix(str(base / raw[lo:hi].decode("utf-8", "surrogateescape")))
+    return suffixes
 
 
 def file_list_source(path: Path, seed: int, limit: int, sized: bool, sizes_dir: Path | None = None) -> Source:
-    """A `path<TAB>label` list; images are keyed by their place in the list. Sizes: see shared_file_sizes."""
-    paths, labels, classes = read_file_list(path)
-    order = shuffled(len(paths), seed, limit)
-    sizes = shared_file_sizes(paths, order, sizes_dir) if sized else None
-    return Source(order, labels, classes, "{:09d}", paths=paths, sizes=sizes,
-                  description={"source": f"file-list:{path.resolve()}"})
+    """A `path<TAB>label` list; images are keyed by their place in the list. Sizes: see shared_file_sizes.
+    The paths are not read here: `Source.holding` reads those of the items a process writes."""
+    scan = scan_file_list(path)
+    order = shuffled(scan.count, seed, limit)
+    sizes, suffixes = None, None
+    if sized:
+        listed = f"file-list\n{scan.digest}\n{path.resolve().parent}\n{scan.count}\n{seed}\n{limit}\n{order.dtype.str}"
+        identity = hashlib.sha256(listed.encode()).hexdigest()[:32]
+        sizes = shared_file_sizes(identity, lambda: _list_sizes(path, order, scan), scan.count, sizes_dir)
+        suffixes = _name_suffixes(path, order, sizes, scan)
+    return Source(order, scan.labels, scan.classes, "{:09d}", sizes=sizes, short=scan.short, suffixes=suffixes,
+                  listing=path, digest=scan.digest, description={"source": f"file-list:{path.resolve()}"})
 
 
 def fashion_mnist_source(directory: Path, split: str, seed: int, limit: int) -> Source:

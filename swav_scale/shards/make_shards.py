@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="text file of 'path<TAB>label' lines (relative paths are relative to the list's directory; blank "
         "lines and '#' comments are ignored); labels are all integers (class indices) or else class names "
-        "(classes: the sorted distinct names)",
+        "(classes: the sorted distinct names). The input at scale: it is read in streaming passes, and a --part "
+        "holds the paths of its own items alone (an image folder is listed whole by every process)",
     )
     src.add_argument(
         "--fashion-mnist",

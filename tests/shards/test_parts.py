@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -19,8 +20,8 @@ from helpers import write_shards
 
 from swav_scale.data.manifest import MANIFEST, ShardError
 from swav_scale.shards import fashion_mnist
-from swav_scale.shards.builder import Part, PROGRESS_DIR, shard_bounds
-from swav_scale.shards.inputs import PathTable, read_file_list, shuffled, Source
+from swav_scale.shards.builder import make_plan, Part, PROGRESS_DIR, Settings, shard_bounds, WHOLE
+from swav_scale.shards.inputs import file_list_source, file_sizes, PathTable, read_file_list, shuffled, Source
 from swav_scale.shards.make_shards import main as make_shards
 from swav_scale.shards.make_shards import parse_part
 from swav_scale.shards.tar import png_bytes, Sample, shard_name, ShardTarWriter, tar_bytes
@@ -125,7 +126,10 @@ def _per_item_groups(sizes: list[int], max_count: int, max_size: float) -> list[
     return lengths + [count] if count else lengths
 
 
-def test_shard_bounds_cut_where_the_per_item_loop_cut() -> None:
+def test_shard_bounds_cut_where_the_per_item_loop_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also with a window of planned sizes (PLAN_CHUNK) shorter than a shard, which it then grows to cover."""
+    from swav_scale.shards import builder
+
     rng = np.random.default_rng(0)
     for trial in range(200):
         n = int(rng.integers(1, 400))
@@ -137,10 +141,12 @@ def test_shard_bounds_cut_where_the_per_item_loop_cut() -> None:
         paths = PathTable(np.frombuffer(blob, np.uint8), np.concatenate(([0], np.cumsum(lengths))),
                           np.ones(n, bool), "/images")
         order = shuffled(n, trial, 0)
-        source = Source(order, np.zeros(n, np.int32), ["c"], "{:09d}", paths=paths, sizes=sizes[order])
-        bounds = shard_bounds(source, max_count, max_size)
+        source = Source(order, np.zeros(n, np.int32), ["c"], "{:09d}", paths=paths, sizes=sizes)
         planned = [1536 + -(-int(s) // 512) * 512 for s in sizes[order]]  # image + label members
-        assert np.diff(bounds).tolist() == _per_item_groups(planned, max_count, max_size), trial
+        for chunk in (1 << 20, 1 + trial % 7):
+            monkeypatch.setattr(builder, "PLAN_CHUNK", chunk)
+            bounds = shard_bounds(source, max_count, max_size)
+            assert np.diff(bounds).tolist() == _per_item_groups(planned, max_count, max_size), (trial, chunk)
 
 
 def test_a_file_list_is_parsed_in_chunks_like_a_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,6 +164,80 @@ def test_a_file_list_is_parsed_in_chunks_like_a_whole(tmp_path: Path, monkeypatc
     (tmp_path / "bad.tsv").write_text("a.jpg\t1\n" * 40 + "b.jpg 1\n")
     with pytest.raises(ShardError, match=r"bad.tsv:41: expected 'path<TAB>label', found 'b.jpg 1'"):
         read_file_list(tmp_path / "bad.tsv")
+
+
+@pytest.fixture(scope="module")
+def ppm_list(tmp_path_factory: pytest.TempPathFactory, ppm_folder: Path) -> Path:
+    """`ppm_folder` as a file list (relative and absolute paths, class names, a comment), plus three copies
+    whose file names the planner sizes one by one: a long name, a non-ASCII one and one without a suffix."""
+    root = tmp_path_factory.mktemp("listed")
+    files = sorted(ppm_folder.rglob("*.ppm"))
+    odd = root / "odd"
+    odd.mkdir()
+    for name, f in zip(["x" * 90 + ".PPM", "ünïcode.ppm", "bare"], files[:3]):
+        shutil.copyfile(f, odd / name)
+        files.append(odd / name)
+    lines = ["# path<TAB>label"] + [f"{os.path.relpath(f, root) if i % 2 else f}\t{f.parent.name}"
+                                    for i, f in enumerate(files)]
+    listing = root / "list.tsv"
+    listing.write_text("\n".join(lines) + "\n")
+    return listing
+
+
+def test_a_streamed_file_list_plans_the_shards_of_a_listing_held_whole(ppm_list: Path) -> None:
+    """The plan made without the paths (sizes and suffixes looked up in passes of their own) cuts where the
+    plan of the same list with every path held cuts, and its items are the same files."""
+    settings = Settings("shard", 3, 4, 25000.0, None)
+    streamed = make_plan(file_list_source(ppm_list, 3, 0, True), settings)
+    assert streamed.source.paths is None and streamed.source.suffixes is not None
+    assert list(streamed.source.suffixes.values()) == ["ppm", "ppm"], "the long and the non-ASCII name alone"
+    paths, labels, classes = read_file_list(ppm_list)
+    order = shuffled(len(paths), 3, 0)
+    sizes = np.full(len(paths), -1, np.int64)
+    sizes[order] = file_sizes(paths, order)  # per listing index
+    whole = make_plan(Source(order, labels, classes, "{:09d}", paths=paths, sizes=sizes), settings)
+    assert streamed.bounds.tolist() == whole.bounds.tolist() and streamed.count > 10
+    held = streamed.holding(WHOLE).source
+    assert [held.item(p).path for p in range(len(order))] == [whole.source.item(p).path for p in range(len(order))]
+
+
+def test_a_part_holds_only_the_paths_of_its_own_items(tmp_path: Path, ppm_list: Path) -> None:
+    plan = make_plan(file_list_source(ppm_list, 1, 0, False), Settings("shard", 1, 3, None, None))
+    n = len(plan.source)
+    mine = plan.holding(Part(1, 4))
+    paths = mine.source.paths
+    assert paths is not None and paths.lines is not None
+    owned = [p for job in plan.jobs(Part(1, 4)) for p in range(job.start, job.end)]
+    assert len(paths) == len(owned) < n / 3, "about a quarter of the paths, not all of them"
+    assert paths.lines.tolist() == sorted(int(plan.source.order[p]) for p in owned)
+    assert paths.nbytes < plan.holding(WHOLE).source.paths.nbytes / 3
+    everything = plan.holding(WHOLE).source
+    assert [mine.source.item(p).path for p in owned] == [everything.item(p).path for p in owned]
+    other = plan.jobs(Part(0, 4))[0].start
+    with pytest.raises(KeyError, match="is not among the"):
+        mine.source.item(other)
+    limited = make_plan(file_list_source(ppm_list, 1, 20, False), Settings("shard", 1, 3, None, None))
+    assert len(limited.holding(WHOLE).source.paths) == 20, "--limit: one process reads the paths it writes"
+    # a list that changes after planning is refused rather than read into the wrong items
+    changed = tmp_path / "list.tsv"
+    changed.write_text(ppm_list.read_text())
+    plan = make_plan(file_list_source(changed, 1, 0, False), Settings("shard", 1, 3, None, None))
+    changed.write_text(ppm_list.read_text().replace("ant", "bee", 1))
+    with pytest.raises(ShardError, match=r"list.tsv changed since it was planned .*rerun every part"):
+        plan.holding(Part(0, 2))
+
+
+def test_file_list_parts_merge_to_the_one_process_bytes(tmp_path: Path, ppm_list: Path) -> None:
+    args = ["--file-list", str(ppm_list), "--max-size", "25000", "--max-count", "4", "--seed", "2", "--workers", "2"]
+    one = make_shards([*args, "--out", str(tmp_path / "one")])
+    assert one is not None and len(one.shards) > 10
+    out = tmp_path / "parts"
+    for i in range(3):
+        assert make_shards([*args, "--out", str(out), "--part", f"{i}/3"]) is None
+    merged = make_shards([*args, "--out", str(out), "--merge"])
+    assert merged is not None and merged.shards == one.shards
+    assert file_hashes(out) == file_hashes(tmp_path / "one")
+    assert manifest(out) == manifest(tmp_path / "one")
 
 
 # ---------------------------------------------------------------- parts
