@@ -43,6 +43,7 @@ from swav_scale.data.manifest import (IMAGE_MEMBERS, MANIFEST, ShardError, Shard
                                       write_manifest)
 from swav_scale.data.sources import is_remote
 from swav_scale.shards.builder import available_cpus
+from swav_scale.shards.make_shards import parse_part
 from swav_scale.utils import atomic_write_bytes, atomic_write_text, console, progress_bar
 
 INDEX_DIR = ".index"
@@ -595,19 +596,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read every shard again, even those whose records are current")
     p.add_argument("--part", default=None, metavar="I/N",
                    help="index only the shards whose position in name order is I modulo N, and write only their "
-                   "records (no manifest): parts may run at once, on several machines, into one --out")
+                   "records (no manifest): parts may run at once, on several machines, into one --out; 'slurm' "
+                   "takes I and N from the task of a SLURM job array")
     p.add_argument("--merge", action="store_true",
                    help="read no shard: write manifest.json from the records of every part")
     return p
-
-
-def _parse_part(p: argparse.ArgumentParser, text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    m = re.fullmatch(r"(\d+)/(\d+)", text)
-    if not m or not int(m[1]) < int(m[2]):
-        p.error(f"--part {text}: give I/N with 0 <= I < N, e.g. --part 0/4 .. --part 3/4")
-    return int(m[1]), int(m[2])
 
 
 def _training_hint(shard_set: ShardSet, out: Path) -> str:
@@ -624,7 +617,7 @@ def run(argv: list[str] | None = None) -> Path | None:
     """The command; the manifest's path (None after a `--part`). ShardError for what the user must fix."""
     p = build_parser()
     args = p.parse_args(argv)
-    part = _parse_part(p, args.part)
+    part = parse_part(args.part) if args.part is not None else None
     if args.merge and (part or args.verify):
         p.error("--merge reads no shard: give it without --part and --verify")
     if args.workers < 1:
@@ -640,8 +633,8 @@ def run(argv: list[str] | None = None) -> Path | None:
         console.print(f"merging the records of {len(records)} shards from {escape(str(records_dir(out)))}",
                       highlight=False)
     else:
-        chosen = [s for s in shard_set.shards if part is None or s.index % part[1] == part[0]]
-        part_text = f"{part[0]}/{part[1]}" if part else None
+        chosen = [s for s in shard_set.shards if part is None or part.owns(s.index)]
+        part_text = str(part) if part else None
         result = index_shards(chosen, out, args.workers, labels, part_text, args.verify)
         records = result.records
         rate = (f", {result.bytes_read / 1e6 / result.seconds:.0f} MB/s, "

@@ -373,7 +373,7 @@ def test_the_tool_script_and_bad_options(tmp_path: Path) -> None:
     write_img2dataset(root, [1], labels=False)
     run = subprocess.run([sys.executable, str(REPO / "tools" / "index_shards.py"), str(root), "--part", "2/2"],
                          capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2 and "--part 2/2: give I/N with 0 <= I < N" in run.stderr
+    assert run.returncode == 2 and "--part '2/2': expected I/N with 0 <= I < N" in run.stdout + run.stderr
     helped = subprocess.run([sys.executable, str(REPO / "tools" / "index_shards.py"), "--help"], capture_output=True,
                             text=True, timeout=300)
     assert helped.returncode == 0 and "--classes-from" in helped.stdout and "--merge" in helped.stdout
