@@ -529,3 +529,15 @@ def test_the_seeking_reader_groups_samples_as_webdataset_does(tmp_path: Path) ->
             assert [s | {"__url__": url} for _, s in got] == [s | {"__url__": url} for s in reference[first:]]
         if url == str(path):  # the payloads of the samples before the 4th are not read: 700 + 2000 bytes saved
             assert count.bytes < path.stat().st_size - 2000
+
+
+def test_a_position_saved_by_the_previous_data_plan_still_resumes(fmnist_train_shards: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint of the previous plan (per-rank batches in its segments, no format) resumes: same epoch and
+    steps, the global batch read right, the approximation said once."""
+    data = loader(fmnist_train_shards, 0, 2, 8, 0)
+    data.load_state_dict({"epoch": 1, "bad_samples": 0, "segments": [[2, 1, 8, 5]]})
+    assert (data.epoch, data.batches_done) == (1, 5) and data.segments[-1].layout.global_batch == 16
+    assert "saved by the previous data plan" in capsys.readouterr().err
+    assert len(list(data)) == 637 // 16 - 5
+    assert data.state_dict()["format"] == 2

@@ -39,6 +39,7 @@ from swav_scale.utils import stable_seed
 
 
 REPORTED_BAD = 10  # unreadable samples named per rank and epoch; the rest are only counted
+POSITION_FORMAT = 2  # of state_dict: segments of (ranks, workers, global batch, steps), plan.py's reading order
 
 
 class Batch(NamedTuple):
@@ -190,13 +191,25 @@ class ShardLoader:
         self.bad_samples = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "bad_samples": self.bad_samples,
+        return {"format": POSITION_FORMAT, "epoch": self.epoch, "bad_samples": self.bad_samples,
                 "segments": [[s.layout.world_size, s.layout.workers, s.layout.global_batch, s.steps]
                              for s in self.segments]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue the saved segment if the layout is unchanged, else start a new one from where it stopped."""
-        segments = [Segment(Layout(*seg[:3]), seg[3]) for seg in state["segments"]]
+        """Continue the saved segment if the layout is unchanged, else start a new one from where it stopped.
+
+        A position saved by the previous data plan (no "format"; per-rank batches, another reading order) is
+        read into this one: its epoch and steps carry over, but which samples its steps consumed is the new
+        plan's guess, so the rest of that epoch may repeat or miss a few (said once, by rank 0); the epochs
+        after it are exact."""
+        saved = state["segments"]
+        if state.get("format", 1) == 1:
+            saved = [[w, k, b * w, steps] for w, k, b, steps in saved]
+            if self.stream.rank == 0 and any(steps for *_, steps in saved):
+                print(f"rank 0: the checkpoint's data position (epoch {state['epoch']}) was saved by the previous "
+                      "data plan: the rest of this epoch is planned anew and may repeat or miss a few samples; "
+                      "the next epochs are exact", file=sys.stderr)
+        segments = [Segment(Layout(*seg[:3]), seg[3]) for seg in saved]
         saved = segments[0].layout.global_batch
         if saved != self.layout.global_batch:
             raise ValueError(
