@@ -39,10 +39,18 @@ class Arch(StrEnum):
     resnet50w5 = "resnet50w5"
     vit_small = "vit_small"
     vit_base = "vit_base"
+    regnety_400mf = "regnety_400mf"
+    regnety_16gf = "regnety_16gf"
+    regnety_128gf = "regnety_128gf"
+    regnety_256gf = "regnety_256gf"
 
     @property
     def is_vit(self) -> bool:
         return self.startswith("vit_")
+
+    @property
+    def is_regnet(self) -> bool:
+        return self.startswith("regnet")
 
 
 class EngineKind(StrEnum):
@@ -84,14 +92,16 @@ class ModelConfig:
     def check(self) -> None:
         """The ResNet-only keys are refused for a ViT rather than ignored, so a config never silently trains a
         different network than it names."""
-        if self.arch.is_vit:
+        if self.arch.is_vit or self.arch.is_regnet:
+            what = ("a ViT has a fixed width and a patch embedding, no stem" if self.arch.is_vit else
+                    "a RegNet's widths and stem follow from its design parameters")
             for key, default in (("width", None), ("small_stem", False), ("maxpool", True),
                                  ("zero_init_residual", False)):
                 if getattr(self, key) != default:
-                    raise ConfigError(f"model.{key}={getattr(self, key)} does not apply to model.arch={self.arch} (a "
-                                      f"ViT has a fixed width and a patch embedding, no stem): leave model.{key} at "
-                                      f"its default ({default})")
-            return
+                    raise ConfigError(f"model.{key}={getattr(self, key)} does not apply to model.arch={self.arch} "
+                                      f"({what}): leave model.{key} at its default ({default})")
+            if self.arch.is_vit:
+                return
         if self.drop_path_rate is not None:
             raise ConfigError(f"model.drop_path_rate applies to ViTs only, not to model.arch={self.arch}")
         if self.width is not None and (self.width <= 0 or abs(round(64 * self.width) - 64 * self.width) > 1e-6):

@@ -8,6 +8,8 @@ and/or a .pth of plain tensors, beside an export.json saying what it is and how 
   `torchvision.models.resnet50().load_state_dict(sd, strict=False)` misses only `fc` (SwAV has no classifier);
 * ViT-S/16, ViT-B/16: timm's names, so `timm.create_model("vit_small_patch16_224", num_classes=0)` loads it
   strictly;
+* RegNetY (regnety_*, SEER's 128GF and 256GF among them): torchvision's names, so `torchvision.models.RegNet`
+  with the arch's design parameters loads it, all but `fc`;
 * wide ResNets (RN50w2/w4/w5) and small-stem variants: `swav_scale.models.build_trunk(arch, width, small_stem)`.
 """
 
@@ -23,6 +25,7 @@ from swav_scale.build import build_model
 from swav_scale.checkpoint.layout import newest_checkpoint, read_meta
 from swav_scale.config import Config
 from swav_scale.eval.features import load_model_weights
+from swav_scale.models.regnet import REGNETS
 from swav_scale.run_dir import export_dir, load_run_config
 from swav_scale.utils import atomic_write_bytes, atomic_write_text, sha256_file
 
@@ -39,6 +42,11 @@ def how_to_load(cfg: Config, filename: str) -> str:
         return f"timm.create_model('{TIMM_NAMES[m.arch]}', num_classes=0).load_state_dict({read})"
     if m.arch in ("resnet18", "resnet50") and m.width in (None, 1.0) and not m.small_stem and m.maxpool:
         return f"torchvision.models.{m.arch}().load_state_dict({read}, strict=False)  # all but fc"
+    if m.arch in REGNETS:
+        d = REGNETS[m.arch]
+        return (f"torchvision.models.RegNet(torchvision.models.regnet.BlockParams.from_init_params({d.depth}, "
+                f"{d.w_0}, {d.w_a}, {d.w_m}, {d.group_width}, se_ratio={d.se_ratio})).load_state_dict({read}, "
+                "strict=False)  # all but fc")
     return (f"swav_scale.models.build_trunk('{m.arch}', width={m.width}, small_stem={m.small_stem}, "
             f"maxpool={m.maxpool}).load_state_dict({read})")
 

@@ -82,3 +82,22 @@ def test_small_stem_resnet_loads_into_its_own_constructor(tmp_path: Path) -> Non
     assert torch.allclose(fresh.eval()(x), trunk(x), atol=1e-5)
     assert "swav_scale.models.build_trunk('resnet18', width=0.5" in json.loads(
         (out / "export.json").read_text())["files"]["backbone.pth"]["load"]
+
+
+def test_a_regnet_loads_into_torchvision_by_the_line_export_json_gives(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exported RegNetY loads into torchvision's RegNet, built from the arch's design parameters, by the very
+    line export.json writes (evaluated here, beside the file), all but fc, and computes the trunk's features."""
+    run_dir, trunk = _run_with_checkpoint(tmp_path, "model.arch=regnety_400mf", "model.width=null",
+                                          "model.small_stem=false", "model.zero_init_residual=false",
+                                          "model.num_prototypes=30", "model.hidden_dim=64")
+    (f,) = export_backbone(run_dir, formats=("pth",))
+    line = json.loads((f.parent / "export.json").read_text())["files"]["backbone.pth"]["load"]
+    network, _, load = line.split("  #")[0].partition(".load_state_dict(")
+    monkeypatch.chdir(f.parent)
+    net = eval(network, {"torchvision": torchvision})  # noqa: S307 - the line export wrote
+    result = eval("net.load_state_dict(" + load, {"net": net, "torch": torch})  # noqa: S307
+    assert result.missing_keys == ["fc.weight", "fc.bias"] and result.unexpected_keys == []
+    net.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(net.eval()(x), trunk(x), atol=1e-5)

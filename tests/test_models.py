@@ -102,3 +102,46 @@ def test_a_vit_takes_a_list_of_resolutions_too() -> None:
     features = vit(batches)
     assert [f.shape for f in features] == [(2, 384), (1, 384)]
     assert torch.allclose(features[1], vit(batches[1]), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,millions", [("regnety_400mf", 3.9), ("regnety_16gf", 80.6), ("regnety_128gf", 637.4),
+                                           ("regnety_256gf", 1272.2)])
+def test_regnet_trunk_sizes(arch: str, millions: float) -> None:
+    """torchvision's RegNetY-400MF, -16GF and -128GF less their classifiers (4.3M, 83.6M, 644.8M with it), and
+    SEER's RegNetY-256GF (1.3B with its SwAV head): built on the meta device, as a plan builds them."""
+    with torch.device("meta"):
+        trunk = build_trunk(arch)
+    assert n_params(trunk) == pytest.approx(millions, abs=0.1)
+
+
+def test_a_regnet_trunk_loads_into_torchvisions_regnet_and_computes_the_same_features() -> None:
+    trunk = build_trunk("regnety_400mf")
+    tv = torchvision.models.regnet_y_400mf()
+    missing, unexpected = tv.load_state_dict(trunk.state_dict(), strict=False)
+    assert missing == ["fc.weight", "fc.bias"] and unexpected == []
+    tv.fc = torch.nn.Identity()
+    tv.eval(), trunk.eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(tv(x), trunk(x)) and trunk.out_dim == 440
+
+
+def test_a_regnet_runs_each_stage_once_over_a_list_of_resolutions() -> None:
+    torch.manual_seed(0)
+    together = build_trunk("regnety_400mf")
+    alone = build_trunk("regnety_400mf")
+    alone.load_state_dict(together.state_dict())
+    calls = {name: 0 for name in ("block1", "block2", "block3", "block4")}
+    for name in calls:
+        def count(module: torch.nn.Module, args: tuple, name: str = name) -> None:
+            calls[name] += 1
+        getattr(together.trunk_output, name).register_forward_pre_hook(count)
+    batches = [torch.randn(4, 3, 64, 64), torch.randn(6, 3, 32, 32)]
+    features = together(batches)
+    assert calls == {"block1": 1, "block2": 1, "block3": 1, "block4": 1}
+    for got, batch in zip(features, batches, strict=True):
+        assert torch.equal(got, alone(batch))
+
+
+def test_resnet_keys_are_refused_for_a_regnet() -> None:
+    with pytest.raises(ConfigError, match=r"model.width=2.0 does not apply to model.arch=regnety_400mf \(a RegNet's"):
+        load_config(None, ["data.train_shards=x", "model.arch=regnety_400mf", "model.width=2"])

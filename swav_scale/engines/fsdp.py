@@ -31,12 +31,15 @@ from swav_scale.swav import normalize_prototypes_
 
 
 def shard_units(trunk: nn.Module) -> list[nn.Module]:
-    """The trunk's units of sharding: the transformer blocks of a ViT, the four stages of a ResNet. A unit is
-    gathered whole for its forward, so peak memory is the shards plus the largest unit; per-block ResNet units
-    would lower that peak a little at the cost of 4x the collectives."""
+    """The trunk's units of sharding: the transformer blocks of a ViT, the four stages of a ResNet or RegNet. A
+    unit is gathered whole for its forward, so peak memory is the shards plus the largest unit; per-block ResNet
+    units would lower that peak a little at the cost of 4x the collectives."""
     blocks = getattr(trunk, "blocks", None)
     if blocks is not None:
         return list(blocks)
+    stages = getattr(trunk, "stages", None)  # a RegNet's
+    if stages is not None:
+        return list(stages)
     return [getattr(trunk, f"layer{i}") for i in range(1, 5)]
 
 

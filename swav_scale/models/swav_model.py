@@ -10,9 +10,10 @@ from torch import Tensor, nn
 
 from swav_scale.models.resnet import ARCHS as RESNET_ARCHS
 from swav_scale.models.resnet import build_trunk as build_resnet
+from swav_scale.models.regnet import ARCHS as REGNET_ARCHS, build_regnet
 from swav_scale.models.vit import VIT_ARCHS, build_vit
 
-ARCHS = RESNET_ARCHS + VIT_ARCHS
+ARCHS = RESNET_ARCHS + VIT_ARCHS + REGNET_ARCHS
 
 
 def build_trunk(
@@ -23,13 +24,15 @@ def build_trunk(
     drop_path_rate: float | None = None,
     zero_init_residual: bool = False,
 ) -> nn.Module:
-    """A ResNet or ViT trunk by name: images (N, 3, H, W) -> features (N, trunk.out_dim).
+    """A ResNet, RegNet or ViT trunk by name: images (N, 3, H, W) -> features (N, trunk.out_dim).
 
     A ViT takes only `drop_path_rate` (None = DINO's 0.1), a ResNet all but it; ModelConfig.check refuses
     a config that sets the other kind's options, so none is ignored unseen.
     """
     if arch in VIT_ARCHS:
         return build_vit(arch, 0.1 if drop_path_rate is None else drop_path_rate)
+    if arch in REGNET_ARCHS:
+        return build_regnet(arch)
     if arch not in RESNET_ARCHS:
         raise ValueError(f"model.arch={arch!r} is not known; choose one of {', '.join(ARCHS)}")
     return build_resnet(arch, width, small_stem, maxpool, zero_init_residual)
