@@ -48,6 +48,8 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from benchlib.memory import peak_rss, start_peak
+
 ROOT = Path(__file__).resolve().parents[1]
 console = Console(width=max(Console().width, 180))
 
@@ -137,25 +139,6 @@ def per_item_plan(listing: Path, sized: bool, max_count: int, max_size: float | 
 
 
 # ---------------------------------------------------------------- one planning run, in a fresh process
-
-
-def _status(field: str) -> int:
-    """A memory figure of this process from /proc/self/status, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def start_peak() -> int:
-    """Reset this process's peak resident memory to what it holds now (Linux: clear_refs 5), and return that.
-    ru_maxrss cannot be used: it keeps the peak of the process that forked this one across exec."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status("VmRSS")
-
-
-def peak_rss() -> int:
-    return _status("VmHWM")
 
 
 def plan_child(mode: str, listing: Path, sized: bool, max_count: int, parts: int) -> dict[str, Any]:
