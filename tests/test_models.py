@@ -6,8 +6,9 @@ import pytest
 import torch
 import torchvision
 
+from swav_scale.build import build_model
 from swav_scale.config import ConfigError, load_config
-from swav_scale.models import build_swav_model, build_trunk
+from swav_scale.models import ProjectionHead, build_swav_model, build_trunk
 
 
 def n_params(m: torch.nn.Module) -> float:
@@ -56,7 +57,7 @@ def test_small_stem_keeps_resolution_for_small_images() -> None:
 
 
 def test_multicrop_forward_groups_resolutions() -> None:
-    model = build_swav_model("resnet18", 0.25, True, 64, 32, 10)
+    model = build_swav_model("resnet18", 0.25, True, [64], 32, 10)
     crops = [torch.randn(4, 3, 28, 28)] * 2 + [torch.randn(4, 3, 12, 12)] * 3
     z, scores = model(crops)
     assert len(z) == len(scores) == 5
@@ -65,7 +66,7 @@ def test_multicrop_forward_groups_resolutions() -> None:
 
 
 def test_head_and_prototypes_stay_float32_under_bf16_autocast() -> None:
-    model = build_swav_model("resnet18", 0.25, True, 64, 32, 10).to(memory_format=torch.channels_last)
+    model = build_swav_model("resnet18", 0.25, True, [64], 32, 10).to(memory_format=torch.channels_last)
     crops = [torch.randn(4, 3, 28, 28)] * 2
     with torch.autocast("cpu", dtype=torch.bfloat16):
         features = model.trunk(crops[0])
@@ -112,6 +113,34 @@ def test_regnet_trunk_sizes(arch: str, millions: float) -> None:
     with torch.device("meta"):
         trunk = build_trunk(arch)
     assert n_params(trunk) == pytest.approx(millions, abs=0.1)
+
+
+def test_a_head_without_batchnorm_has_linear_relu_layers_under_positional_names() -> None:
+    head = ProjectionHead(16, [12, 10], 8, batchnorm=False)
+    assert [type(m).__name__ for m in head.mlp] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    assert list(head.state_dict()) == ["mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight",
+                                       "mlp.4.bias"]
+    assert [(m.in_features, m.out_features) for m in head.mlp[::2]] == [(16, 12), (12, 10), (10, 8)]
+    assert head(torch.randn(5, 16)).shape == (5, 8)
+    with_bn = ProjectionHead(16, [12, 10], 8)
+    assert [type(m).__name__ for m in with_bn.mlp] == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear"]
+    assert with_bn(torch.randn(5, 16)).shape == (5, 8)
+
+
+def test_the_default_head_keeps_the_names_checkpoints_hold() -> None:
+    """SwAV's head [2048] (here narrower): Linear mlp.0, BatchNorm mlp.1, Linear mlp.3, as before hidden_dims
+    became a list, so checkpoints saved then still load; [] is a single Linear mlp.0."""
+    model = build_model(load_config(None, ["data.train_shards=x", "model.arch=resnet18", "model.width=0.125",
+                                           "model.hidden_dims=[32]", "model.embed_dim=16"]))
+    assert list(model.head.state_dict()) == [
+        "mlp.0.weight", "mlp.0.bias", "mlp.1.weight", "mlp.1.bias", "mlp.1.running_mean", "mlp.1.running_var",
+        "mlp.1.num_batches_tracked", "mlp.3.weight", "mlp.3.bias"]
+    assert isinstance(model.head.mlp[1], torch.nn.BatchNorm1d) and model.head.mlp[3].out_features == 16
+    assert list(ProjectionHead(16, [], 8).state_dict()) == ["mlp.0.weight", "mlp.0.bias"]
+    seer = build_model(load_config(None, ["data.train_shards=x", "model.arch=resnet18", "model.width=0.125",
+                                          "model.hidden_dims=[32,24]", "model.head_batchnorm=false"]))
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in seer.head.modules())
+    assert [m.out_features for m in seer.head.mlp if isinstance(m, torch.nn.Linear)] == [32, 24, 128]
 
 
 def test_a_regnet_trunk_loads_into_torchvisions_regnet_and_computes_the_same_features() -> None:
