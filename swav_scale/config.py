@@ -44,6 +44,7 @@ class Arch(StrEnum):
     regnety_16gf = "regnety_16gf"
     regnety_128gf = "regnety_128gf"
     regnety_256gf = "regnety_256gf"
+    regnety_10b = "regnety_10b"
 
     @property
     def is_vit(self) -> bool:
