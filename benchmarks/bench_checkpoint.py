@@ -35,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
 
     env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
-    model = build_swav_model(args.arch, None, False, 2048, 128, 3000)
+    model = build_swav_model(args.arch, None, False, [2048], 128, 3000)
     engine = DDPEngine(model, functools.partial(build_optimizer, cfg=OptimConfig()), env, "fp32")
     _, scores = engine.wrapped([torch.randn(2, 3, 64, 64)] * 2)
     engine.backward(sum(s.pow(2).mean() for s in scores))

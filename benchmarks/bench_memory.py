@@ -27,7 +27,7 @@ torch, gloo and DeepSpeed were imported). The target: a sharded engine's per-ran
 at most 0.55x DDP's.
 
     .venv/bin/python benchmarks/bench_memory.py [--arch resnet50w2 --world 2 --steps 3
-        --engines ddp,fsdp,zero3 --json out.json --set model.hidden_dim=8192]
+        --engines ddp,fsdp,zero3 --json out.json --set 'model.hidden_dims=[8192]']
 """
 
 from __future__ import annotations

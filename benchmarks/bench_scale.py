@@ -155,7 +155,7 @@ def rn50w5_state() -> dict:
     from swav_scale.models import build_swav_model
 
     with torch.device("meta"):
-        model = build_swav_model("resnet50w5", None, False, 8192, 128, 3000)
+        model = build_swav_model("resnet50w5", None, False, [8192], 128, 3000)
     params = dict(model.named_parameters())
     return {"engine": {"model": model.state_dict(), "optim": {
         "state": {name: {"momentum_buffer": p} for name, p in params.items()},

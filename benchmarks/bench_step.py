@@ -70,7 +70,7 @@ def matmul_gflops(rounds: int = 5, repeats: int = 10) -> float:
 def demo_model(width: float) -> torch.nn.Module:
     """The demo's SwAV model at `width`, the same initial weights every time."""
     torch.manual_seed(0)
-    return build_swav_model("resnet18", width, True, 512, 128, 100)
+    return build_swav_model("resnet18", width, True, [512], 128, 100)
 
 
 def main() -> None:

@@ -105,7 +105,8 @@ def main() -> int:
     parser.add_argument("--counts", type=int, nargs="+", default=[2, 6])
     parser.add_argument("--batch", type=int, default=16, help="images per step")
     parser.add_argument("--prototypes", type=int, default=3000)
-    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--hidden", type=int, default=2048,
+                        help="the head's hidden width (model.hidden_dims=[W]; lightly's head takes one)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant, after 2 warm-up steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also time swav_scale's default step compiled")
@@ -127,7 +128,7 @@ def main() -> int:
     def config(precision: str, channels_last: bool, compiled: bool = False, engine: str = "ddp"):  # noqa: ANN202
         overrides = {
             "data.train_shards": "unused", "model.arch": a.arch, "model.small_stem": a.small_stem,
-            "model.hidden_dim": a.hidden, "model.num_prototypes": a.prototypes, "crops.sizes": a.sizes,
+            "model.hidden_dims": [a.hidden], "model.num_prototypes": a.prototypes, "crops.sizes": a.sizes,
             "crops.counts": a.counts, "optim.name": a.optim, "optim.batch_size": a.batch,
             "swav.freeze_prototypes_iters": 0, "parallel.precision": precision, "parallel.channels_last": channels_last,
             "parallel.compile": compiled, **ENGINES[engine],

@@ -145,7 +145,7 @@ class Sizes:
 
     @classmethod
     def quick(cls) -> Sizes:
-        tiny = ["model.arch=resnet18", "model.width=0.125", "model.small_stem=true", "model.hidden_dim=16",
+        tiny = ["model.arch=resnet18", "model.width=0.125", "model.small_stem=true", "model.hidden_dims=[16]",
                 "model.num_prototypes=10", "crops.sizes=[32,16]", "crops.counts=[2,2]", "optim.batch_size=16",
                 "data.num_workers=1", "eval.resize=36", "eval.crop=32"]
         return cls(["--arch", "resnet18", "--width", "0.125", "--small-stem", "--hidden", "16", "--prototypes", "10"],

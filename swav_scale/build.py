@@ -60,8 +60,8 @@ def build_model(cfg: Config) -> torch.nn.Module:
     otherwise copy these gradients into its buckets and warn "Grad strides do not match bucket view strides"."""
     m = cfg.model
     model = build_swav_model(
-        m.arch, m.width, m.small_stem, m.hidden_dim, m.embed_dim, m.num_prototypes, maxpool=m.maxpool,
-        drop_path_rate=m.drop_path_rate, zero_init_residual=m.zero_init_residual,
+        m.arch, m.width, m.small_stem, m.hidden_dims, m.embed_dim, m.num_prototypes, maxpool=m.maxpool,
+        drop_path_rate=m.drop_path_rate, zero_init_residual=m.zero_init_residual, head_batchnorm=m.head_batchnorm,
     )
     if cfg.parallel.channels_last:
         for module in model.modules():

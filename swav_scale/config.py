@@ -11,6 +11,7 @@ half-way through a start.
 from __future__ import annotations
 
 import difflib
+import warnings
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -43,6 +44,7 @@ class Arch(StrEnum):
     regnety_16gf = "regnety_16gf"
     regnety_128gf = "regnety_128gf"
     regnety_256gf = "regnety_256gf"
+    regnety_10b = "regnety_10b"
 
     @property
     def is_vit(self) -> bool:
@@ -91,7 +93,10 @@ class ModelConfig:
     width: float | None = None  # overrides the arch's width multiplier (resnet18 at 0.5, say)
     small_stem: bool = False  # 3x3 stride-1 stem for 28-64 px images
     maxpool: bool = True  # False drops the stem max-pool (CIFAR-style), ~3x the compute
-    hidden_dim: int = 2048  # projection MLP hidden width; 0 = a single linear layer
+    # the projection MLP's hidden widths, in order; [] = a single Linear to embed_dim (models.ProjectionHead).
+    # The key was once `hidden_dim: N`, which loading still reads as [N] ([] for 0), with a warning (_legacy_keys)
+    hidden_dims: list[int] = field(default_factory=lambda: [2048])
+    head_batchnorm: bool = True  # BatchNorm after each hidden Linear, as SwAV; false: Linear -> ReLU, as SEER
     embed_dim: int = 128
     num_prototypes: int = 3000
     drop_path_rate: float | None = None  # ViTs only: stochastic depth (None = 0.1, DINO's default)
@@ -100,8 +105,9 @@ class ModelConfig:
     zero_init_residual: bool = False
 
     def check(self) -> None:
-        """The ResNet-only keys are refused for a ViT rather than ignored, so a config never silently trains a
-        different network than it names."""
+        """The ResNet-only keys are refused for a ViT or RegNet rather than ignored, so a config never silently
+        trains a different network than it names; the head's widths are checked here, not when the model is
+        built on every rank."""
         if self.arch.is_vit or self.arch.is_regnet:
             what = ("a ViT has a fixed width and a patch embedding, no stem" if self.arch.is_vit else
                     "a RegNet's widths and stem follow from its design parameters")
@@ -110,8 +116,14 @@ class ModelConfig:
                 if getattr(self, key) != default:
                     raise ConfigError(f"model.{key}={getattr(self, key)} does not apply to model.arch={self.arch} "
                                       f"({what}): leave model.{key} at its default ({default})")
-            if self.arch.is_vit:
-                return
+        if any(w <= 0 for w in self.hidden_dims):
+            raise ConfigError(f"model.hidden_dims={list(self.hidden_dims)}: every hidden width must be positive; "
+                              "give [] for a single Linear to model.embed_dim (no hidden layer)")
+        if self.embed_dim <= 0 or self.num_prototypes <= 0:
+            raise ConfigError(f"model.embed_dim={self.embed_dim} and model.num_prototypes={self.num_prototypes} "
+                              "must both be positive (SwAV: 128 and 3000)")
+        if self.arch.is_vit:
+            return
         if self.drop_path_rate is not None:
             raise ConfigError(f"model.drop_path_rate applies to ViTs only, not to model.arch={self.arch}")
         if self.width is not None and (self.width <= 0 or abs(round(64 * self.width) - 64 * self.width) > 1e-6):
@@ -528,10 +540,39 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
     return OmegaConf.from_dotlist(list(overrides))
 
 
+_OVERRIDES = "command-line overrides"  # the source load_config names its key=value layer by
+
+
+def _legacy_keys(layer: DictConfig, source: str) -> None:
+    """Rewrites, in `layer`, the keys that have since changed form, each with a warning that says what to write
+    instead: old YAML files, overrides, and a run's saved config.yaml (which resume reads) keep loading as they
+    did. This is the one place that knows them; the schema has only the new forms.
+
+    `model.hidden_dim: N` (one hidden width, 0 = none) became `model.hidden_dims: [N]` (0: [])."""
+    model = layer.get("model") if "model" in layer else None
+    if not isinstance(model, DictConfig) or "hidden_dim" not in model:
+        return
+    if "hidden_dims" in model:
+        raise ConfigError(f"{source}: gives both model.hidden_dim and model.hidden_dims; model.hidden_dim is the "
+                          "old form of model.hidden_dims: keep only model.hidden_dims")
+    value = model.pop("hidden_dim")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{source}: model.hidden_dim={value!r} is not a width (the old form of model.hidden_dims): "
+                          "write model.hidden_dims: [W] with W > 0, or [] for a single Linear")
+    dims = [value] if value else []
+    model["hidden_dims"] = dims
+    instead = (f"give model.hidden_dims={dims} instead" if source == _OVERRIDES else
+               f"write `model.hidden_dims: {dims}` there instead")
+    warnings.warn(f"{source}: model.hidden_dim is the old form of model.hidden_dims and is read as "
+                  f"model.hidden_dims: {dims}; {instead}", FutureWarning, stacklevel=4)
+
+
 def _build(layers: list[tuple[str, DictConfig]]) -> Config:
-    """Schema defaults <- each (source, layer) in turn: keys checked, values typed, the result checked."""
+    """Schema defaults <- each (source, layer) in turn: old key forms rewritten, keys checked, values typed, the
+    result checked."""
     merged = OmegaConf.structured(Config)
     for source, layer in layers:
+        _legacy_keys(layer, source)
         _check_keys(layer, source)
         try:
             merged = OmegaConf.merge(merged, layer)
@@ -560,7 +601,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file {path} does not exist; the shipped ones are under configs/")
         layers.append((str(path), _parse_yaml(path.read_text(), str(path))))
     if overrides:
-        layers.append(("command-line overrides", _parse_overrides(list(overrides))))
+        layers.append((_OVERRIDES, _parse_overrides(list(overrides))))
     return _build(layers)
 
 

@@ -14,7 +14,7 @@ import torch
 from helpers import REPO
 
 TINY = [
-    "model.arch=resnet18", "model.width=0.125", "model.small_stem=true", "model.hidden_dim=32",
+    "model.arch=resnet18", "model.width=0.125", "model.small_stem=true", "model.hidden_dims=[32]",
     "model.embed_dim=16", "model.num_prototypes=20",
     "crops.sizes=[28,12]", "crops.counts=[2,2]", "crops.min_scale=[0.4,0.15]", "crops.max_scale=[1.0,0.4]",
     "crops.color_jitter=[0.4,0.4,0,0]", "crops.blur_prob=0", "crops.mean=[0.286,0.286,0.286]",

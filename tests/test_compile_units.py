@@ -48,7 +48,7 @@ def overrides(optim: str = "sgd", **extra: str) -> list[str]:
     CPU, whatever the engine."""
     values = {
         "data.train_shards": "unused", "model.arch": "resnet18", "model.width": "0.125", "model.small_stem": "true",
-        "model.hidden_dim": "32", "model.embed_dim": "16", "model.num_prototypes": "12",
+        "model.hidden_dims": "[32]", "model.embed_dim": "16", "model.num_prototypes": "12",
         "crops.sizes": "[32,16]", "crops.counts": "[2,1]", "swav.freeze_prototypes_iters": "1",
         "optim.batch_size": "8", "optim.name": optim, "optim.base_lr": "0.2", "parallel.precision": "bf16",
         "parallel.channels_last": "false", **extra,

@@ -120,3 +120,48 @@ def test_from_yaml_text_checks_as_load_config_does() -> None:
         from_yaml_text("- a list")
     with pytest.raises(ConfigError, match="run config.yaml: not valid YAML: .*found duplicate key train"):
         from_yaml_text(text + "train:\n  seed: 1\n", "run config.yaml")
+
+
+def test_head_widths_are_checked() -> None:
+    base = ["data.train_shards=x"]
+    cfg = load_config(None, [*base, "model.hidden_dims=[8192,8192]", "model.head_batchnorm=false",
+                             "model.embed_dim=256"])
+    assert (cfg.model.hidden_dims, cfg.model.head_batchnorm) == ([8192, 8192], False)
+    assert load_config(None, [*base, "model.hidden_dims=[]"]).model.hidden_dims == []
+    assert load_config(None, base).model.hidden_dims == [2048] and load_config(None, base).model.head_batchnorm
+    with pytest.raises(ConfigError, match=r"model.hidden_dims=\[2048, 0\]: every hidden width must be positive; "
+                                          r"give \[\] for a single Linear"):
+        load_config(None, [*base, "model.hidden_dims=[2048,0]"])
+    with pytest.raises(ConfigError, match=r"model.embed_dim=0 and model.num_prototypes=3000 must both be positive"):
+        load_config(None, [*base, "model.embed_dim=0"])
+    with pytest.raises(ConfigError, match="key 'model.hidden_dims'"):
+        load_config(None, [*base, "model.hidden_dims=wide"])
+
+
+def test_the_old_hidden_dim_key_is_read_as_hidden_dims_with_a_warning(tmp_path: Path) -> None:
+    """`model.hidden_dim: N`, as old YAML files, overrides and the config.yaml of runs saved before hidden_dims
+    (which resume reads) give it, loads as `model.hidden_dims: [N]` ([] for 0), and the warning names the
+    source and what to write instead; a layer giving both forms is refused."""
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  train_shards: x\nmodel:\n  hidden_dim: 8192\n")
+    with pytest.warns(FutureWarning, match=rf"{old}: model.hidden_dim is the old form of model.hidden_dims and is "
+                                           r"read as model.hidden_dims: \[8192\]; write `model.hidden_dims: \[8192\]`"):
+        assert load_config(old).model.hidden_dims == [8192]
+    with pytest.warns(FutureWarning, match=r"command-line overrides: .* give model.hidden_dims=\[\] instead"):
+        assert load_config(None, ["data.train_shards=x", "model.hidden_dim=0"]).model.hidden_dims == []
+    with pytest.warns(FutureWarning) as caught:  # one warning per source; the override wins
+        assert load_config(old, ["model.hidden_dim=64"]).model.hidden_dims == [64]
+    assert [str(w.message).partition(": ")[0] for w in caught] == [str(old), "command-line overrides"]
+    saved = to_yaml(load_config(None, ["data.train_shards=x"])).replace("  hidden_dims:\n  - 2048\n",
+                                                                         "  hidden_dim: 512\n")
+    assert "hidden_dim: 512" in saved
+    with pytest.warns(FutureWarning, match=r"run/config.yaml: model.hidden_dim .* \[512\]"):
+        assert from_yaml_text(saved, "run/config.yaml").model.hidden_dims == [512]
+    both = tmp_path / "both.yaml"
+    both.write_text("data:\n  train_shards: x\nmodel:\n  hidden_dim: 64\n  hidden_dims: [64]\n")
+    with pytest.raises(ConfigError, match=rf"{both}: gives both model.hidden_dim and model.hidden_dims; .* keep only "
+                                          "model.hidden_dims"):
+        load_config(both)
+    with pytest.raises(ConfigError, match=r"command-line overrides: model.hidden_dim=-1 is not a width .* write "
+                                          r"model.hidden_dims: \[W\] with W > 0, or \[\] for a single Linear"):
+        load_config(None, ["data.train_shards=x", "model.hidden_dim=-1"])

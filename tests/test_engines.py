@@ -28,6 +28,7 @@ from swav_scale.distributed import DistEnv, all_reduce_mean
 from swav_scale.engines.assemble import build_engine
 from swav_scale.engines.base import Engine
 from swav_scale.engines.fsdp import local_rows, parallelize, shard_units
+from swav_scale.models import build_swav_model
 from swav_scale.optim import build_optimizer
 from swav_scale.queue import FeatureQueue
 from swav_scale.swav import assign_codes, normalize_prototypes_, swapped_prediction_loss
@@ -42,7 +43,7 @@ FREEZE = 2  # the prototypes start moving at step 2: both regimes are compared
 def small_config(engine: str, optim: str, **extra: str) -> list[str]:
     overrides = {
         "data.train_shards": "unused", "model.arch": "resnet18", "model.width": "0.125", "model.small_stem": "true",
-        "model.hidden_dim": "32", "model.embed_dim": "16", "model.num_prototypes": "12",
+        "model.hidden_dims": "[32]", "model.embed_dim": "16", "model.num_prototypes": "12",
         "crops.sizes": "[16,8]", "crops.counts": "[2,1]", "swav.freeze_prototypes_iters": str(FREEZE),
         "optim.batch_size": "8", "optim.name": optim, "optim.base_lr": "0.2", "parallel.engine": engine,
         # the default memory format (channels-last inputs, contiguous weights under every engine). Residual
@@ -102,11 +103,38 @@ def train_engine(rank: int, world: int, overrides: list[str], split_of: int = 0,
     return Trace(snapshots + [engine.full_parameters()], norms), engine
 
 
+def pre_norm_biases(params: dict[str, torch.Tensor]) -> set[str]:
+    """The biases of the head's Linears that a BatchNorm follows (`head.mlp.{i}.bias` where `head.mlp.{i+1}` has
+    a 1-d weight: a BatchNorm's; a Linear's is 2-d, a ReLU has none). With `model.head_batchnorm=false` (SEER's
+    head) there are none: every bias then acts on the output and is a parameter like any other."""
+    found = set()
+    for key in params:
+        prefix, _, index = key.removesuffix(".bias").rpartition(".")
+        if key.startswith("head.mlp.") and key.endswith(".bias") and index.isdigit():
+            follower = params.get(f"{prefix}.{int(index) + 1}.weight")
+            if follower is not None and follower.dim() == 1:
+                found.add(key)
+    return found
+
+
 def without_pre_norm_bias(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """All but the bias of the head's first Linear: BatchNorm follows it, so its gradient is zero up to
-    rounding, which differs with the order of an all-reduce or a convolution's memory layout, and which AdamW
-    normalises into steps of size lr. Any other parameter reveals a difference in the engines' arithmetic."""
-    return {k: v for k, v in params.items() if k != "head.mlp.0.bias"}
+    """All but the biases that a BatchNorm follows (pre_norm_biases): the normalisation subtracts them again,
+    so their gradient is zero up to rounding, which differs with the order of an all-reduce or a convolution's
+    memory layout, and which AdamW normalises into steps of size lr. Any other parameter reveals a difference in
+    the engines' arithmetic."""
+    skip = pre_norm_biases(params)
+    return {k: v for k, v in params.items() if k not in skip}
+
+
+@pytest.mark.parametrize(("hidden_dims", "batchnorm", "skipped"), [
+    ([32], True, {"head.mlp.0.bias"}), ([32, 24], True, {"head.mlp.0.bias", "head.mlp.3.bias"}),
+    ([32, 24], False, set()), ([], True, set())])
+def test_only_the_biases_a_batchnorm_follows_are_left_out_of_the_comparison(
+        hidden_dims: list[int], batchnorm: bool, skipped: set[str]) -> None:
+    params = dict(build_swav_model("resnet18", 0.125, True, hidden_dims, 16, 12, head_batchnorm=batchnorm)
+                  .named_parameters())
+    assert pre_norm_biases(params) == skipped
+    assert without_pre_norm_bias(params).keys() == params.keys() - skipped
 
 
 def assert_same(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor], atol: float) -> None:
@@ -145,16 +173,18 @@ def test_a_global_batch_split_unevenly_trains_like_an_even_split(engine: str, op
     assert_prototypes_frozen_then_trained(uneven[0].snapshots)
 
 
+# with a head as SEER's: two hidden layers, no BatchNorm (its first bias then compared like any parameter)
 REGNET = {"model.arch": "regnety_400mf", "model.width": "null", "model.small_stem": "false",
-          "model.zero_init_residual": "false", "optim.base_lr": "0.01"}
+          "model.zero_init_residual": "false", "optim.base_lr": "0.01", "model.hidden_dims": "[32,32]",
+          "model.head_batchnorm": "false"}
 
 
 def test_fsdp_trains_a_regnet_like_ddp_with_its_stages_as_units() -> None:
-    """RegNetY-400MF under FSDP2 (its four stages the units, shard_units) and under DDP: the same training, the
-    first gradient norm equal. An untrained RegNet on 4 samples a rank has gradient norms of about 3e3 (200x this
-    ResNet's), which turn the reductions' different rounding into larger steps: hence 64 px crops (at 16 px its
-    last stages see 1x1 maps), a small learning rate, a tolerance of 5e-5, and the gradient norm compared at the
-    first step only (the later ones differ by 0.3%)."""
+    """RegNetY-400MF with a head as SEER's (REGNET) under FSDP2 (its four stages the units, shard_units) and under
+    DDP: the same training, the first gradient norm equal. An untrained RegNet on 4 samples a rank has gradient
+    norms of about 3e3 (200x this ResNet's), which turn the reductions' different rounding into larger steps:
+    hence 64 px crops (at 16 px its last stages see 1x1 maps), a small learning rate, a tolerance of 5e-5, and
+    the gradient norm compared at the first step only (the later ones differ by 0.3%)."""
     ddp = run_ranks(train_ranks, 2, small_config("ddp", "lars", **REGNET), 0, (64, 64, 32))
     fsdp = run_ranks(train_ranks, 2, small_config("fsdp", "lars", **REGNET), 0, (64, 64, 32))
     assert ddp[0].grad_norms[0] == pytest.approx(fsdp[0].grad_norms[0], rel=1e-6)

@@ -64,7 +64,7 @@ def test_resnet50_loads_into_torchvision_with_one_line(tmp_path: Path) -> None:
 def test_vit_loads_into_timm_strictly(tmp_path: Path) -> None:
     run_dir, trunk = _run_with_checkpoint(tmp_path, "model.arch=vit_small", "model.width=null",
                                           "model.small_stem=false", "model.zero_init_residual=false",
-                                          "model.num_prototypes=30", "model.hidden_dim=64")
+                                          "model.num_prototypes=30", "model.hidden_dims=[64]")
     (f,) = export_backbone(run_dir, formats=("safetensors",))
     vit = timm.create_model("vit_small_patch16_224", num_classes=0, pretrained=False)
     vit.load_state_dict(load_file(f))
@@ -90,7 +90,7 @@ def test_a_regnet_loads_into_torchvision_by_the_line_export_json_gives(tmp_path:
     line export.json writes (evaluated here, beside the file), all but fc, and computes the trunk's features."""
     run_dir, trunk = _run_with_checkpoint(tmp_path, "model.arch=regnety_400mf", "model.width=null",
                                           "model.small_stem=false", "model.zero_init_residual=false",
-                                          "model.num_prototypes=30", "model.hidden_dim=64")
+                                          "model.num_prototypes=30", "model.hidden_dims=[64]")
     (f,) = export_backbone(run_dir, formats=("pth",))
     line = json.loads((f.parent / "export.json").read_text())["files"]["backbone.pth"]["load"]
     network, _, load = line.split("  #")[0].partition(".load_state_dict(")

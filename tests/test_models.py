@@ -6,8 +6,10 @@ import pytest
 import torch
 import torchvision
 
+from swav_scale.build import build_model
 from swav_scale.config import ConfigError, load_config
-from swav_scale.models import build_swav_model, build_trunk
+from swav_scale.models import ProjectionHead, build_swav_model, build_trunk
+from swav_scale.models.regnet import REGNETS
 
 
 def n_params(m: torch.nn.Module) -> float:
@@ -56,7 +58,7 @@ def test_small_stem_keeps_resolution_for_small_images() -> None:
 
 
 def test_multicrop_forward_groups_resolutions() -> None:
-    model = build_swav_model("resnet18", 0.25, True, 64, 32, 10)
+    model = build_swav_model("resnet18", 0.25, True, [64], 32, 10)
     crops = [torch.randn(4, 3, 28, 28)] * 2 + [torch.randn(4, 3, 12, 12)] * 3
     z, scores = model(crops)
     assert len(z) == len(scores) == 5
@@ -65,7 +67,7 @@ def test_multicrop_forward_groups_resolutions() -> None:
 
 
 def test_head_and_prototypes_stay_float32_under_bf16_autocast() -> None:
-    model = build_swav_model("resnet18", 0.25, True, 64, 32, 10).to(memory_format=torch.channels_last)
+    model = build_swav_model("resnet18", 0.25, True, [64], 32, 10).to(memory_format=torch.channels_last)
     crops = [torch.randn(4, 3, 28, 28)] * 2
     with torch.autocast("cpu", dtype=torch.bfloat16):
         features = model.trunk(crops[0])
@@ -105,13 +107,70 @@ def test_a_vit_takes_a_list_of_resolutions_too() -> None:
 
 
 @pytest.mark.parametrize("arch,millions", [("regnety_400mf", 3.9), ("regnety_16gf", 80.6), ("regnety_128gf", 637.4),
-                                           ("regnety_256gf", 1272.2)])
+                                           ("regnety_256gf", 1272.2), ("regnety_10b", 9323.9)])
 def test_regnet_trunk_sizes(arch: str, millions: float) -> None:
     """torchvision's RegNetY-400MF, -16GF and -128GF less their classifiers (4.3M, 83.6M, 644.8M with it), and
-    SEER's RegNetY-256GF (1.3B with its SwAV head): built on the meta device, as a plan builds them."""
+    SEER's RegNetY-256GF (1.3B with its SwAV head) and 10B RegNetY: built on the meta device, as a plan builds
+    them, without allocating their weights."""
     with torch.device("meta"):
         trunk = build_trunk(arch)
     assert n_params(trunk) == pytest.approx(millions, abs=0.1)
+
+
+@pytest.mark.parametrize("arch,widths", [("regnety_256gf", [746, 1492, 4103, 10444]),
+                                         ("regnety_10b", [2020, 4040, 11110, 28280])])
+def test_seer_regnets_have_the_stage_widths_of_vissls_configs(arch: str, widths: list[int]) -> None:
+    """The widths vissl's SEER configs give these trunks' stages: the SwAV head's input (dims[0], 10444 and 28280)
+    and the linear probes' inputs after the third and fourth stage (4103 and 10444, 11110 and 28280)."""
+    params = REGNETS[arch].block_params()
+    assert params.widths == widths and params.depths == [2, 7, 17, 1]
+    assert set(params.group_widths) == {REGNETS[arch].group_width} and set(params.bottleneck_multipliers) == {1.0}
+    assert REGNETS[arch].se_ratio == 0.25  # a RegNetY: vissl's default use_se, which SEER's configs keep
+
+
+@pytest.mark.parametrize("arch,trunk_dim,billions", [("regnety_256gf", 10444, 1.431), ("regnety_10b", 28280, 9.629)])
+def test_seer_swav_models_with_seer_heads_build_on_the_meta_device(arch: str, trunk_dim: int,
+                                                                   billions: float) -> None:
+    """SEER's SwAV model: the trunk, the head [trunk, 8192, 8192, 256] without BatchNorm, 16000 prototypes (vissl's
+    seer/models/regnet10B.yaml and swav/heads/d10444_d8192_d8192_d256_proto16k.yaml), about 10B parameters
+    for the 10B and 1.4B for the 256GF, counted on the meta device."""
+    with torch.device("meta"):
+        model = build_swav_model(arch, None, False, [8192, 8192], 256, 16000, head_batchnorm=False)
+    assert model.trunk.out_dim == trunk_dim
+    shapes = {name: tuple(p.shape) for name, p in model.head.named_parameters()}
+    assert shapes == {"mlp.0.weight": (8192, trunk_dim), "mlp.0.bias": (8192,), "mlp.2.weight": (8192, 8192),
+                      "mlp.2.bias": (8192,), "mlp.4.weight": (256, 8192), "mlp.4.bias": (256,)}
+    assert tuple(model.prototypes.weight.shape) == (16000, 256)
+    assert n_params(model) / 1e3 == pytest.approx(billions, abs=0.001)
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_a_head_without_batchnorm_has_linear_relu_layers_under_positional_names() -> None:
+    head = ProjectionHead(16, [12, 10], 8, batchnorm=False)
+    assert [type(m).__name__ for m in head.mlp] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    assert list(head.state_dict()) == ["mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight",
+                                       "mlp.4.bias"]
+    assert [(m.in_features, m.out_features) for m in head.mlp[::2]] == [(16, 12), (12, 10), (10, 8)]
+    assert head(torch.randn(5, 16)).shape == (5, 8)
+    with_bn = ProjectionHead(16, [12, 10], 8)
+    assert [type(m).__name__ for m in with_bn.mlp] == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear"]
+    assert with_bn(torch.randn(5, 16)).shape == (5, 8)
+
+
+def test_the_default_head_keeps_the_names_checkpoints_hold() -> None:
+    """SwAV's head [2048] (here narrower): Linear mlp.0, BatchNorm mlp.1, Linear mlp.3, as before hidden_dims
+    became a list, so checkpoints saved then still load; [] is a single Linear mlp.0."""
+    model = build_model(load_config(None, ["data.train_shards=x", "model.arch=resnet18", "model.width=0.125",
+                                           "model.hidden_dims=[32]", "model.embed_dim=16"]))
+    assert list(model.head.state_dict()) == [
+        "mlp.0.weight", "mlp.0.bias", "mlp.1.weight", "mlp.1.bias", "mlp.1.running_mean", "mlp.1.running_var",
+        "mlp.1.num_batches_tracked", "mlp.3.weight", "mlp.3.bias"]
+    assert isinstance(model.head.mlp[1], torch.nn.BatchNorm1d) and model.head.mlp[3].out_features == 16
+    assert list(ProjectionHead(16, [], 8).state_dict()) == ["mlp.0.weight", "mlp.0.bias"]
+    seer = build_model(load_config(None, ["data.train_shards=x", "model.arch=resnet18", "model.width=0.125",
+                                          "model.hidden_dims=[32,24]", "model.head_batchnorm=false"]))
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in seer.head.modules())
+    assert [m.out_features for m in seer.head.mlp if isinstance(m, torch.nn.Linear)] == [32, 24, 128]
 
 
 def test_a_regnet_trunk_loads_into_torchvisions_regnet_and_computes_the_same_features() -> None:

@@ -38,7 +38,7 @@ def test_the_original_step_takes_swav_scales_loss_and_step() -> None:
     """One step of the original (its trunk pass per resolution, its Sinkhorn, its loss, SGD) on a copy of a
     swav_scale model gives swav_scale's loss and, after the same SGD step, the same weights."""
     torch.manual_seed(0)
-    model = build_swav_model("resnet18", 0.125, True, 16, 8, 10)
+    model = build_swav_model("resnet18", 0.125, True, [16], 8, 10)
     theirs = copy.deepcopy(model)
     g = torch.Generator().manual_seed(1)
     crops = [torch.randn(4, 3, 16, 16, generator=g) for _ in range(2)] + [torch.randn(4, 3, 8, 8, generator=g)

@@ -113,7 +113,7 @@ def test_loss_at_initialisation_is_about_ln_k() -> None:
     # 1/sqrt(128), so softmax(C.z / 0.1) is close to uniform and the loss close to ln K.
     torch.manual_seed(0)
     k = 3000
-    model = build_swav_model("resnet18", 0.25, True, 512, 128, k)
+    model = build_swav_model("resnet18", 0.25, True, [512], 128, k)
     normalize_prototypes_(model.prototypes.weight)
     crops = [torch.randn(16, 3, 32, 32) for _ in range(2)] + [torch.randn(16, 3, 16, 16) for _ in range(2)]
     _, scores = model(crops)

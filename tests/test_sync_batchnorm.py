@@ -273,7 +273,7 @@ def ddp_buffers_after_steps(rank: int, world: int) -> tuple[bool, list[torch.Ten
     from swav_scale.train import swav_step
 
     cfg = load_config(None, ["data.train_shards=unused", "model.arch=resnet18", "model.width=0.125",
-                             "model.small_stem=true", "model.hidden_dim=32", "model.embed_dim=16",
+                             "model.small_stem=true", "model.hidden_dims=[32]", "model.embed_dim=16",
                              "model.num_prototypes=12", "crops.sizes=[16,8]", "crops.counts=[2,1]",
                              "optim.batch_size=8", "parallel.engine=ddp", "parallel.sync_batchnorm=true",
                              "parallel.precision=fp32", "swav.freeze_prototypes_iters=0"])

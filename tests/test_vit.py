@@ -64,7 +64,7 @@ def test_drop_path_rate_rises_to_the_given_value() -> None:
 
 def test_swav_model_with_vit_trunk_takes_multicrop() -> None:
     torch.manual_seed(0)
-    model = build_swav_model("vit_small", None, False, 64, 32, 10)
+    model = build_swav_model("vit_small", None, False, [64], 32, 10)
     crops = [torch.randn(2, 3, 32, 32)] * 2 + [torch.randn(2, 3, 16, 16)] * 2  # 2 global + 2 local
     z, scores = model(crops)
     assert len(z) == len(scores) == 4
@@ -117,9 +117,9 @@ def test_new_configs_load_and_split(name: str) -> None:
 
 def test_wide_resnet_recipes_from_the_swav_scripts() -> None:
     w4 = load_config(REPO / "configs" / "rn50w4_in1k_400ep.yaml", ["data.train_shards=/x"])
-    assert (w4.crops.min_scale, w4.swav.queue_start_epoch, w4.model.hidden_dim) == ([0.08, 0.08], 0, 8192)
+    assert (w4.crops.min_scale, w4.swav.queue_start_epoch, w4.model.hidden_dims) == ([0.08, 0.08], 0, [8192])
     w5 = load_config(REPO / "configs" / "rn50w5_in1k_400ep.yaml", ["data.train_shards=/x"])
-    assert (w5.optim.final_lr, w5.optim.start_warmup_lr, w5.model.hidden_dim) == (0.0, 0.1875, 10240)
+    assert (w5.optim.final_lr, w5.optim.start_warmup_lr, w5.model.hidden_dims) == (0.0, 0.1875, [10240])
     vit = load_config(REPO / "configs" / "vit_s16_in1k_300ep.yaml", ["data.train_shards=/x"])
     assert (vit.optim.base_lr, vit.optim.weight_decay, vit.optim.final_lr) == (0.0005 * 1024 / 256, 0.04, 1e-6)
 

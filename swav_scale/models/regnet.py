@@ -1,5 +1,5 @@
 """RegNetY trunks (Radosavovic et al. 2020, "Designing Network Design Spaces"), the family SEER pretrained with
-SwAV on a billion images (RegNetY-128GF and -256GF).
+SwAV on a billion images (RegNetY-128GF and -256GF in 2021, the 10B-parameter RegNetY in 2022).
 
 A RegNet is given by its design parameters (depth, initial width w_0, slope w_a, multiplier w_m, group width,
 squeeze-excitation ratio; the "Y" models have SE at 0.25), from which the widths and depths of its four stages
@@ -7,6 +7,14 @@ follow (torchvision's `BlockParams.from_init_params`). The modules are torchvisi
 residual bottleneck blocks, BatchNorm as SEER had it) under torchvision's names, so an exported trunk loads into
 `torchvision.models.RegNet` with the same parameters strictly, all but its classifier `fc`, and computes the same
 features.
+
+torchvision's BlockParams and RegNet express SEER's designs with nothing left out: vissl (through Classy
+Vision's RegNetParams defaults) builds the same stem (3x3 stride 2, 32 wide), bottleneck multiplier 1.0, SE
+width round(0.25 * the block's input width), with the same BatchNorm settings, and its rounding of the stage
+widths to multiples of the group width, though written differently from torchvision's, gives the same widths
+for every design here (those of vissl's SEER head and linear-probe configs: 10444 features for the 256GF,
+11110 and 28280 after the 10B's last two stages). Only the parameter names differ from vissl's
+(`_feature_blocks.resN...`), so SEER's published weights would need their keys mapped to load.
 """
 
 from __future__ import annotations
@@ -44,7 +52,13 @@ REGNETS: dict[str, RegNetDesign] = {
     "regnety_400mf": RegNetDesign(16, 48, 27.89, 2.09, 8),  # torchvision's regnet_y_400mf: small enough to test
     "regnety_16gf": RegNetDesign(18, 200, 106.23, 2.48, 112),  # torchvision's regnet_y_16gf (84M parameters)
     "regnety_128gf": RegNetDesign(27, 456, 160.83, 2.52, 264),  # SEER (2021), torchvision's regnet_y_128gf
-    "regnety_256gf": RegNetDesign(27, 640, 230.83, 2.53, 373),  # SEER (2021): 1.3B parameters
+    # SEER (2021), vissl configs/config/pretrain/swav/models/regnet256Gf_1.yaml: 1.3B parameters, 10444 features
+    "regnety_256gf": RegNetDesign(27, 640, 230.83, 2.53, 373),
+    # SEER (2022), vissl configs/config/pretrain/seer/models/regnet10B.yaml: 9.3B parameters, 28280 features
+    # (stages 2020, 4040, 11110, 28280 wide, 2, 7, 17, 1 deep). A RegNetY: that file sets only depth, w_0, w_a,
+    # w_m, group_width and block_type (res_bottleneck_block), and vissl's defaults (regnet_fsdp.py) give the rest as
+    # here: squeeze-excitation at 0.25 (use_se true), bottleneck multiplier 1.0, a simple 3x3 stem 32 wide.
+    "regnety_10b": RegNetDesign(27, 1744, 620.83, 2.52, 1010),
 }
 
 ARCHS = tuple(REGNETS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,19 +40,30 @@ def build_trunk(
 
 
 class ProjectionHead(nn.Module):
-    """Linear -> BatchNorm -> ReLU -> Linear, as in SwAV; `hidden_dim=0` makes it a single Linear."""
+    """The projection MLP: for each hidden width, Linear -> BatchNorm1d -> ReLU, then a Linear to the embedding.
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+    `hidden_dims=[2048]` is SwAV's head; `[]` makes it a single Linear; `batchnorm=False` leaves the BatchNorms
+    out (Linear -> ReLU between hidden layers), as SEER's heads had them (vissl's `use_bn: False`, e.g. RegNet-10B's
+    dims [28280, 8192, 8192, 256]).
+
+    Parameter names are the layers' positions in the `mlp` Sequential, so they follow from the widths and
+    `batchnorm` alone: with BatchNorm, hidden layer i holds `mlp.{3i}` (Linear) and `mlp.{3i+1}` (BatchNorm),
+    without it `mlp.{2i}` (Linear); the output Linear is `mlp.{3n}` or `mlp.{2n}` after n hidden layers. The
+    default head is therefore `mlp.0` (Linear), `mlp.1` (BatchNorm), `mlp.3` (Linear), the names checkpoints have
+    always held, and the indices are those of vissl's `projection_head`, so a SEER head's weights map one to one.
+    """
+
+    def __init__(self, in_dim: int, hidden_dims: Sequence[int], out_dim: int, batchnorm: bool = True) -> None:
         super().__init__()
-        if hidden_dim > 0:
-            self.mlp = nn.Sequential(
-                nn.Linear(in_dim, hidden_dim),
-                nn.BatchNorm1d(hidden_dim),
-                nn.ReLU(inplace=True),
-                nn.Linear(hidden_dim, out_dim),
-            )
-        else:
-            self.mlp = nn.Sequential(nn.Linear(in_dim, out_dim))
+        layers: list[nn.Module] = []
+        for width in hidden_dims:
+            layers.append(nn.Linear(in_dim, width))
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(width))
+            layers.append(nn.ReLU(inplace=True))
+            in_dim = width
+        layers.append(nn.Linear(in_dim, out_dim))
+        self.mlp = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(x)
@@ -64,10 +76,11 @@ class SwAVModel(nn.Module):
     ones in another), which is what makes multi-crop cheap; the head then runs once on all of them.
     """
 
-    def __init__(self, trunk: nn.Module, hidden_dim: int, embed_dim: int, num_prototypes: int) -> None:
+    def __init__(self, trunk: nn.Module, hidden_dims: Sequence[int], embed_dim: int, num_prototypes: int,
+                 head_batchnorm: bool = True) -> None:
         super().__init__()
         self.trunk = trunk
-        self.head = ProjectionHead(trunk.out_dim, hidden_dim, embed_dim)
+        self.head = ProjectionHead(trunk.out_dim, hidden_dims, embed_dim, head_batchnorm)
         self.prototypes = nn.Linear(embed_dim, num_prototypes, bias=False)
 
     def forward(self, crops: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -97,12 +110,13 @@ def build_swav_model(
     arch: str,
     width: float | None,
     small_stem: bool,
-    hidden_dim: int,
+    hidden_dims: Sequence[int],
     embed_dim: int,
     num_prototypes: int,
     maxpool: bool = True,
     drop_path_rate: float | None = None,
     zero_init_residual: bool = False,
+    head_batchnorm: bool = True,
 ) -> SwAVModel:
     trunk = build_trunk(arch, width, small_stem, maxpool, drop_path_rate, zero_init_residual)
-    return SwAVModel(trunk, hidden_dim, embed_dim, num_prototypes)
+    return SwAVModel(trunk, hidden_dims, embed_dim, num_prototypes, head_batchnorm)

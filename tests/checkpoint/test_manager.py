@@ -28,7 +28,7 @@ from swav_testing.ranks import run_ranks
 
 def make_engine(world: int = 1, rank: int = 0) -> DDPEngine:
     torch.manual_seed(0)
-    model = build_swav_model("resnet18", 0.125, True, 32, 16, 10)
+    model = build_swav_model("resnet18", 0.125, True, [32], 16, 10)
     env = DistEnv(rank, world, rank, world, torch.device("cpu"))
     return DDPEngine(model, functools.partial(build_optimizer, cfg=OptimConfig(base_lr=0.1)), env, "fp32")
 
@@ -762,7 +762,7 @@ from swav_scale.models import build_swav_model
 from swav_scale.optim import build_optimizer
 
 env = DistEnv(0, 1, 0, 1, torch.device("cpu"))
-engine = DDPEngine(build_swav_model("resnet18", 0.125, True, 32, 16, 10),
+engine = DDPEngine(build_swav_model("resnet18", 0.125, True, [32], 16, 10),
                    functools.partial(build_optimizer, cfg=OptimConfig(base_lr=0.1)), env, "fp32")
 g, r = {"engine": engine, "progress": TrainProgress()}, {"rng": RNGState()}
 ckpt = Checkpointer(Path(sys.argv[1]), env)

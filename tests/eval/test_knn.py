@@ -235,7 +235,7 @@ def test_knn_during_training_reads_the_device_only_for_its_figure(fmnist_test_sh
     overrides = ["data.train_shards=x", f"eval.train_shards={fmnist_test_shards}",
                  f"eval.test_shards={fmnist_test_shards}", "eval.resize=28", "eval.crop=28", "eval.batch_size=64",
                  "eval.k=5", "model.arch=resnet18", "model.width=0.125", "model.small_stem=true",
-                 "model.hidden_dim=32", "model.embed_dim=16", "model.num_prototypes=12", "parallel.precision=fp32"]
+                 "model.hidden_dims=[32]", "model.embed_dim=16", "model.num_prototypes=12", "parallel.precision=fp32"]
     results = run_ranks(_knn_during_training_traced, 2, overrides)
     for result in results:
         built = result["construction"]
