@@ -23,7 +23,7 @@ def train(arch: str, width: float | None, sizes: tuple[int, ...], mode: str, ste
     """Parameters and buffers after `steps` SGD steps on fixed crops (ViT drop path on: its random draws must be
     replayed in the recomputation)."""
     torch.manual_seed(0)
-    model = build_swav_model(arch, width, False, 64, 16, 10)
+    model = build_swav_model(arch, width, False, [64], 16, 10)
     ac.apply_activation_checkpointing(model.trunk, mode)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(1)
@@ -83,7 +83,7 @@ def test_each_mode_recomputes_what_it_says(mode: str, recomputed: int) -> None:
     """block and stage compute every convolution of the stages again in backward; selective keeps their outputs
     and recomputes only what lies between them; the stem is never recomputed. Without gradients (evaluation) nothing
     is checkpointed."""
-    model = build_swav_model("resnet18", 0.25, False, 32, 16, 10)
+    model = build_swav_model("resnet18", 0.25, False, [32], 16, 10)
     plain = convolutions_run(model, [torch.randn(2, 3, 32, 32)])
     units = ac.apply_activation_checkpointing(model.trunk, mode)
     stem = 1
@@ -93,10 +93,10 @@ def test_each_mode_recomputes_what_it_says(mode: str, recomputed: int) -> None:
 
 
 def test_units_are_the_blocks_or_stages_of_each_trunk_family() -> None:
-    regnet = build_swav_model("regnety_400mf", None, False, 32, 16, 10).trunk
+    regnet = build_swav_model("regnety_400mf", None, False, [32], 16, 10).trunk
     assert ac.checkpointed_units(regnet, "stage") == regnet.stages
     assert len(ac.checkpointed_units(regnet, "block")) == sum(len(s) for s in regnet.stages) == 16
-    vit = build_swav_model("vit_small", None, False, 32, 16, 10).trunk
+    vit = build_swav_model("vit_small", None, False, [32], 16, 10).trunk
     assert ac.checkpointed_units(vit, "block") == list(vit.blocks)
     with pytest.raises(ValueError, match="no stages"):
         ac.checkpointed_units(vit, "stage")
