@@ -19,9 +19,10 @@ from swav_scale.models import build_swav_model
 TRUNKS = [("resnet18", 0.25, (32, 32, 16)), ("regnety_400mf", None, (32, 32, 16)), ("vit_small", None, (32, 16))]
 
 
-def train(arch: str, width: float | None, sizes: tuple[int, ...], mode: str, steps: int = 2) -> dict[str, torch.Tensor]:
+def train(arch: str, width: float | None, sizes: tuple[int, ...], mode: str, steps: int = 2,
+          bf16: bool = False) -> dict[str, torch.Tensor]:
     """Parameters and buffers after `steps` SGD steps on fixed crops (ViT drop path on: its random draws must be
-    replayed in the recomputation)."""
+    replayed in the recomputation), in fp32 or under bf16 autocast."""
     torch.manual_seed(0)
     model = build_swav_model(arch, width, False, [64], 16, 10)
     ac.apply_activation_checkpointing(model.trunk, mode)
@@ -29,7 +30,8 @@ def train(arch: str, width: float | None, sizes: tuple[int, ...], mode: str, ste
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         crops = [torch.randn(4, 3, s, s, generator=g) for s in sizes]
-        z, scores = model(crops)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            z, scores = model(crops)
         (sum(s.square().mean() for s in scores) + sum(e.sum() for e in z)).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -43,6 +45,22 @@ def test_every_mode_trains_as_without_it_bit_for_bit(arch: str, width: float | N
         out = train(arch, width, sizes, mode)
         different = [k for k in reference if not torch.equal(reference[k], out[k])]
         assert not different, f"{mode}: {different[:5]}"
+
+
+def test_under_bf16_autocast_too_where_a_stage_casts_its_weights_once_per_resolution() -> None:
+    """Autocast caches a weight's bf16 cast within a step: a block called for the second crop resolution does
+    not cast again, while its recomputation does. block and stage still train bit for bit as without
+    checkpointing. selective, which torch would refuse with the cache, casts per resolution
+    (activation_checkpointing._without_autocast_cache): a weight's gradient is then summed over the resolutions
+    in fp32 rather than in bf16, the one difference, of bf16's rounding."""
+    reference = train("resnet18", 0.25, (32, 32, 16), "none", bf16=True)
+    for mode in ("block", "stage"):
+        out = train("resnet18", 0.25, (32, 32, 16), mode, bf16=True)
+        assert [k for k in reference if not torch.equal(reference[k], out[k])] == [], mode
+    reference = train("resnet18", 0.25, (32, 32, 16), "none", steps=1, bf16=True)
+    out = train("resnet18", 0.25, (32, 32, 16), "selective", steps=1, bf16=True)
+    for key, value in reference.items():
+        torch.testing.assert_close(out[key], value, rtol=0, atol=1e-2 * value.abs().max().item(), msg=key)
 
 
 def test_without_keeping_them_the_recomputation_would_update_running_statistics_twice(

@@ -202,3 +202,25 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(fmnist_trai
     assert "Traceback" not in out, out
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-00000006"]
     assert all(v.isfinite().all() for k, v in final_weights(run_dir).items() if k != "step")
+
+
+def test_a_regnet_with_checkpointed_blocks_resumes_to_the_weights_of_a_run_without(fmnist_train_shards: Path,
+                                                                                   tmp_path: Path) -> None:
+    """configs/regnety400mf_fashion_mnist.yaml end to end on 2 ranks: a RegNetY trunk, SEER's head (widths as a
+    list, no BatchNorm), BatchNorm synchronised over the ranks and every residual block recomputed in backward.
+    Stopped after 3 steps and resumed to 6 (the prototypes frozen for the first 2), it ends with the weights of
+    the run taken in one go without activation checkpointing, bit for bit: running statistics included."""
+    config = REPO / "configs" / "regnety400mf_fashion_mnist.yaml"
+    common = [f"data.train_shards={fmnist_train_shards}", "swav.freeze_prototypes_iters=2", "--nproc", "2"]
+    runs = {"whole": tmp_path / "whole", "resumed": tmp_path / "resumed"}
+    for name, stop, extra in (("whole", 6, ["parallel.activation_checkpointing=none"]), ("resumed", 3, []),
+                              ("resumed", 6, [])):
+        proc = swav_scale("pretrain", str(config), f"train.run_dir={runs[name]}", f"train.max_steps={stop}", *extra,
+                          *common)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert final_weights(runs[name])["step"] == stop
+    whole, resumed = final_weights(runs["whole"]), final_weights(runs["resumed"])
+    assert any(k.endswith("running_mean") for k in whole) and not any("head" in k and "running" in k for k in whole)
+    assert [k for k in whole if k != "step" and not torch.equal(whole[k], resumed[k])] == []
+    config_saved = (runs["resumed"] / "config.yaml").read_text()
+    assert "activation_checkpointing: block" in config_saved and "arch: regnety_400mf" in config_saved

@@ -17,7 +17,10 @@ modes, from least memory saved to most:
 torch.utils.checkpoint, non-reentrant, recomputes with the random state and autocast of the forward, so the
 recomputation is bitwise the forward where the forward is deterministic (on the CPU; on a GPU with
 deterministic kernels: cuDNN's benchmark mode may pick another algorithm for the recomputation, which is then
-equal only up to rounding). Gradients and parameters then equal the run without checkpointing bit for bit.
+equal only up to rounding). Gradients and parameters then equal the run without checkpointing bit for bit, with one exception:
+`selective` under autocast with fp32 weights (DDP, ZeRO; not FSDP2 gathering bf16 weights) casts a unit's
+weights once per crop resolution rather than once per step (_without_autocast_cache), and so sums a weight's
+gradient over the resolutions in fp32 where the run without it sums it in bf16: equal up to bf16's rounding.
 
 BatchNorm updates its running statistics in every training forward, so a recomputation would update them twice
 a step. The recomputation keeps them: it restores them (and the batch counter) to their values at its start
@@ -108,10 +111,33 @@ def _contexts(module: nn.Module, selective: bool) -> tuple[contextlib.AbstractCo
     return forward, _together(running_statistics_kept(module), recompute)
 
 
+def _without_autocast_cache(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """`forward` casting its weights for autocast itself, not taking casts autocast cached earlier in the step.
+
+    Why: a selective recomputation must run the ops of its forward one for one (torch matches them by name and
+    count). Autocast caches a weight's bf16 copy for the rest of the step, so a unit called once per crop
+    resolution casts its weights in its first call only, while each recomputation, in an autocast of its own,
+    casts them afresh: a cast the forward never ran, which torch refuses. Without the cache both cast alike;
+    the cost is a cast of the unit's weights per resolution instead of one per step."""
+
+    @functools.wraps(forward)
+    def uncached(*args: Any, **kwargs: Any) -> Any:
+        cached = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            torch.set_autocast_cache_enabled(cached)
+
+    return uncached
+
+
 def checkpoint_forward(module: nn.Module, selective: bool = False) -> None:
     """Make `module`'s forward keep only its inputs (selective: and its compute ops' outputs) for backward, and
     recompute the rest there. Without gradients (evaluation, kNN) it runs the plain forward."""
     forward: Callable[..., Any] = module.forward
+    if selective:
+        forward = _without_autocast_cache(forward)
     context_fn = functools.partial(_contexts, module, selective)
 
     @functools.wraps(forward)
