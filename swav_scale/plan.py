@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -81,6 +81,16 @@ class LiveBytes(TorchDispatchMode):
         self.grad_elements = 0
         self.timeline: list[tuple[int, int]] = []
         self._counted: set[int] = set()
+        self._existing: list[Any] = []  # storages allocated before the count, held so that their ids stay theirs
+        self._ignored: set[int] = set()
+
+    def ignore(self, tensors: Iterable[Tensor]) -> None:
+        """Leave out of the count the storages of `tensors`, allocated before it (parameters, buffers, inputs):
+        an in-place operation on them, or a view of them (a weight's transpose), returns their storage."""
+        for t in tensors:
+            storage = t.untyped_storage()
+            self._existing.append(storage)
+            self._ignored.add(id(storage))
 
     def _forget(self, key: int, nbytes: int) -> None:
         self.live -= nbytes
@@ -89,7 +99,7 @@ class LiveBytes(TorchDispatchMode):
     def count(self, tensor: Tensor) -> None:
         storage = tensor.untyped_storage()
         key = id(storage)
-        if key in self._counted:
+        if key in self._counted or key in self._ignored:
             return
         nbytes = -(-storage.nbytes() // 512) * 512
         self._counted.add(key)
@@ -273,6 +283,7 @@ def measure_step(cfg: Config, shape: StepShape) -> Activations:
                  else None)
         inputs = sum(v.untyped_storage().nbytes() for v in views)
         tracker = LiveBytes()
+        tracker.ignore([*model.parameters(), *model.buffers(), *views, *(queue or [])])
         with tracker, drop_gradients(model, tracker):
             with torch.autocast("cpu", dtype=shape.dtype or torch.float32, enabled=shape.dtype is not None):
                 z, scores = model(views)
@@ -296,21 +307,25 @@ class OptimizerStep:
     state_copies: float  # the state in fp32 copies of the parameters (LARS, SGD: 1; AdamW: 2)
 
 
-def measure_optimizer(cfg: Config) -> OptimizerStep:
-    """torch's SGD and AdamW and timm's LARS step in their foreach form, as on a GPU (one kernel over all
-    tensors, temporaries the size of all of them). The state is what the first step leaves behind; its
-    temporaries, what it holds above that at its peak."""
+def measure_optimizer(cfg: Config, foreach: bool = True) -> OptimizerStep:
+    """torch's SGD and AdamW and timm's LARS step in their foreach form on a GPU (one kernel over all tensors,
+    temporaries the size of all of them), measured on the head's and prototypes' parameters: matrices and
+    vectors both (each parameter group), whose per-element bytes are the whole model's under a foreach step.
+    On a CPU they step tensor by tensor (torch picks foreach for CUDA tensors only), whose temporaries follow
+    the largest tensor: measured over the whole model. The state is what the first step leaves behind; the
+    temporaries, what the step holds above that at its peak."""
     model = meta_model(cfg)
     with fake_mode():
         model.to_empty(device="cpu")
-        params = [*model.head.parameters(), *model.prototypes.parameters()]
+        params = [*model.head.parameters(), *model.prototypes.parameters()] if foreach else list(model.parameters())
         for p in params:
             p.grad = torch.zeros_like(p)
         optimizer = build_optimizer(params, cfg.optim)
         for group in optimizer.param_groups:
             if "foreach" in group:
-                group["foreach"] = True
+                group["foreach"] = foreach
         tracker = LiveBytes()
+        tracker.ignore([*params, *(p.grad for p in params)])
         with tracker:
             optimizer.step()
         state = tracker.live
@@ -340,11 +355,11 @@ class Measurements:
             self._steps[key] = measure_step(cfg, shape)
         return self._steps[key]
 
-    def optimizer(self, cfg: Config) -> OptimizerStep:
+    def optimizer(self, cfg: Config, foreach: bool) -> OptimizerStep:
         key = repr((OmegaConf.to_yaml(OmegaConf.structured(cfg.model)), cfg.optim.name,
-                    cfg.optim.exclude_bias_and_norm))
+                    cfg.optim.exclude_bias_and_norm, foreach))
         if key not in self._optimizers:
-            self._optimizers[key] = measure_optimizer(cfg)
+            self._optimizers[key] = measure_optimizer(cfg, foreach)
         return self._optimizers[key]
 
 
@@ -674,7 +689,7 @@ def plan(cfg: Config, cluster: Cluster, target: Target = Target(), measured: Mea
     dtype = autocast_dtype(cfg, target)
     batch = rank_batch(cfg.optim.batch_size, world, 0)
     shape = StepShape(batch, dtype, lay.bf16_units, checkpointing_mode(cfg), queue_rows_of(cfg, world))
-    sizes, acts, opt = measured.sizes(cfg), measured.step(cfg, shape), measured.optimizer(cfg)
+    sizes, acts, opt = measured.sizes(cfg), measured.step(cfg, shape), measured.optimizer(cfg, foreach=target.gpu)
     memory = engine_memory(cfg, lay, sizes, acts, opt, target)
     return Plan(cluster, lay, batch, "bf16" if dtype else "fp32", shape.checkpointing, sizes, opt, memory,
                 communication(cfg, lay, sizes, acts, cluster.gpus_per_node))
