@@ -68,6 +68,16 @@ class Precision(StrEnum):
     fp32 = "fp32"
 
 
+class ActivationCheckpointing(StrEnum):
+    """What the trunk recomputes in backward instead of keeping from forward (engines/activation_checkpointing.py):
+    nothing; the blocks' cheap ops (selective); each block; each stage. "none", not "off": YAML reads off as
+    the boolean false."""
+    none = "none"
+    selective = "selective"
+    block = "block"
+    stage = "stage"
+
+
 class Optimizer(StrEnum):
     """LARS (SwAV's), SGD with momentum, AdamW (ViTs; ZeRO takes SGD and AdamW only: optim.py)."""
     lars = "lars"
@@ -243,6 +253,13 @@ class ParallelConfig:
     # layer would cost more than the statistics of a larger batch give (engines/assemble.py, docs/scaling.md).
     sync_batchnorm_group: int = -1
     precision: Precision = Precision.auto
+    # Keep fewer of the trunk's activations for backward and recompute them there: none; selective (each block
+    # keeps its convolutions', matrix products' and attention's outputs, recomputes the elementwise rest: about
+    # half of the activations for a few percent of the step); block (each block keeps its input only: about a
+    # third more compute); stage (each ResNet/RegNet stage keeps its input only: the least memory). Gradients
+    # and parameters equal the run without it bit for bit where the kernels are deterministic
+    # (engines/activation_checkpointing.py; docs/training.md says which to choose).
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
     channels_last: bool = True  # NHWC convolutions: faster on CPU (oneDNN), the fast path on GPU
     # GPU: cuDNN times its convolution algorithms for each shape on first use and keeps the fastest, as the
     # original sets cudnn.benchmark. The crop sizes never change, so that costs only the first steps. false:
@@ -278,6 +295,13 @@ class ParallelConfig:
             raise ConfigError("parallel.compile=true with ZeRO-3: DeepSpeed gathers each layer's parameters in hooks "
                               "that torch.compile would trace into the graph. Use parallel.engine=fsdp (which "
                               "compiles per unit, outside its gathers), ZeRO-1/2, or parallel.compile=false")
+        if self.compile and self.activation_checkpointing != ActivationCheckpointing.none:
+            # dynamo traces torch.utils.checkpoint into a higher-order op that refuses the BatchNorm buffers' updates
+            # in the checkpointed region (torch 2.14), and cannot trace the context that keeps them
+            raise ConfigError(f"parallel.compile=true with parallel.activation_checkpointing="
+                              f"{self.activation_checkpointing}: torch.compile cannot trace the recomputed units. Set "
+                              "parallel.compile=false to save the activations' memory, or "
+                              "parallel.activation_checkpointing=none to compile")
         if self.fsdp_shard_group < -1:
             raise ConfigError(f"parallel.fsdp_shard_group={self.fsdp_shard_group}: give the ranks each shard group "
                               "holds (8 = a node of 8 GPUs), 0 to shard over all ranks, or -1 for all up to 64 ranks "
@@ -459,6 +483,9 @@ class Config:
                 "(DeepSpeed issue #490) and training would silently take wrong steps. Use optim.name=adamw or "
                 "optim.name=sgd with DeepSpeed, or parallel.engine=fsdp, whose LARS equals the DDP one"
             )
+        if self.model.arch.is_vit and self.parallel.activation_checkpointing == ActivationCheckpointing.stage:
+            raise ConfigError("parallel.activation_checkpointing=stage: a ViT's blocks are its only units (it has no "
+                              f"stages, model.arch={self.model.arch}); use block or selective")
         # the queue holds whole global batches, so every rank's slice advances by its own batch each step
         b, q = self.optim.batch_size, self.swav.queue_length
         if q and q % b:
@@ -510,7 +537,10 @@ def _build(layers: list[tuple[str, DictConfig]]) -> Config:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None) or "?"
-            raise ConfigError(f"{source}: key '{key}': {str(e).splitlines()[0]}") from None
+            message = str(e).splitlines()[0]
+            if message.startswith(("Invalid value 'False'", "Invalid value 'True'")):
+                message += " (YAML reads off, no, on and yes as booleans: write one of the words listed)"
+            raise ConfigError(f"{source}: key '{key}': {message}") from None
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(

@@ -26,6 +26,7 @@ from swav_scale.config import load_config, rank_batch, rank_share
 from swav_scale.diagnostics import code_statistics
 from swav_scale.distributed import DistEnv, all_reduce_mean
 from swav_scale.engines.assemble import build_engine
+from swav_scale.engines.base import Engine
 from swav_scale.engines.fsdp import local_rows, parallelize, shard_units
 from swav_scale.optim import build_optimizer
 from swav_scale.queue import FeatureQueue
@@ -73,6 +74,11 @@ def split_views(rank: int, world: int, step: int, of: int) -> list[torch.Tensor]
 
 def train_ranks(rank: int, world: int, overrides: list[str], split_of: int = 0,
                 sizes: tuple[int, ...] = (16, 16, 8)) -> Trace:
+    return train_engine(rank, world, overrides, split_of, sizes)[0]
+
+
+def train_engine(rank: int, world: int, overrides: list[str], split_of: int = 0,
+                 sizes: tuple[int, ...] = (16, 16, 8)) -> tuple[Trace, Engine]:
     """Parameters at the start, after the frozen steps and at the end, and the gradient norm of every step. A
     queue of 2 steps' embeddings joins Sinkhorn from the third step on, so the queue's scoring by the
     (sharded) prototypes is compared too. With `split_of`, the global batch of that many ranks' views is
@@ -93,7 +99,7 @@ def train_ranks(rank: int, world: int, overrides: list[str], split_of: int = 0,
         norms.append(result.grad_squares.norm())
         if step + 1 == FREEZE:
             snapshots.append(engine.full_parameters())
-    return Trace(snapshots + [engine.full_parameters()], norms)
+    return Trace(snapshots + [engine.full_parameters()], norms), engine
 
 
 def without_pre_norm_bias(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -155,6 +161,41 @@ def test_fsdp_trains_a_regnet_like_ddp_with_its_stages_as_units() -> None:
     for rank in range(2):
         assert_same(ddp[0].snapshots[-1], fsdp[rank].snapshots[-1], atol=5e-5)
     assert_prototypes_frozen_then_trained(fsdp[0].snapshots)
+
+
+def train_with_each_checkpointing(rank: int, world: int, overrides: list[str], modes: list[str],
+                                  sizes: tuple[int, ...]) -> dict[str, tuple[Trace, dict[str, torch.Tensor]]]:
+    """train_ranks under each parallel.activation_checkpointing mode in turn, in the same processes: the trace
+    and the BatchNorm running statistics (and batch counters) at the end."""
+    runs = {}
+    for mode in modes:
+        trace, engine = train_engine(rank, world, overrides + [f"parallel.activation_checkpointing={mode}"],
+                                     sizes=sizes)
+        runs[mode] = trace, {k: b.clone() for k, b in engine.model.named_buffers()}
+    return runs
+
+
+@pytest.mark.parametrize(("engine", "extra", "modes", "sizes"), [
+    ("ddp", {}, ["none", "selective", "block", "stage"], (16, 16, 8)),
+    ("fsdp", REGNET, ["none", "selective", "stage"], (64, 64, 32)),
+    ("deepspeed", {"parallel.zero_stage": "3"}, ["none", "block"], (16, 16, 8)),
+], ids=["ddp", "fsdp-regnet", "zero3"])
+def test_activation_checkpointing_trains_bit_for_bit_as_without(engine: str, extra: dict, modes: list[str],
+                                                                 sizes: tuple[int, ...]) -> None:
+    """Every mode gives the run without checkpointing exactly: parameters after the frozen and the later steps,
+    every gradient norm, and BatchNorm's running statistics, which the recomputation must not update a second
+    time (synchronised over the ranks here: SyncBatchNorm's collectives run again in the recomputation). Under
+    FSDP2 a unit is gathered again for its recomputation; under ZeRO-3 each layer."""
+    optim = "sgd" if engine == "deepspeed" else "lars"
+    runs = run_ranks(train_with_each_checkpointing, 2, small_config(engine, optim, **extra), modes, sizes)
+    for rank in range(2):
+        (reference, statistics), *others = (runs[rank][mode] for mode in modes)
+        for mode, (trace, stats) in zip(modes[1:], others, strict=True):
+            assert trace.grad_norms == reference.grad_norms, mode
+            for before, after in zip(reference.snapshots, trace.snapshots, strict=True):
+                assert all(torch.equal(before[k], after[k]) for k in before), mode
+            assert stats.keys() == statistics.keys() and all(torch.equal(stats[k], statistics[k]) for k in stats)
+    assert_prototypes_frozen_then_trained(runs[0]["none"][0].snapshots)
 
 
 def hsdp_layout(rank: int, world: int, overrides: list[str]) -> tuple[tuple[int, ...], list[str], list[int]]:

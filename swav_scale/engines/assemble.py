@@ -11,6 +11,7 @@ from torch import nn
 
 from swav_scale.config import Config, EngineKind, ParallelConfig, check_world
 from swav_scale.distributed import DistEnv
+from swav_scale.engines.activation_checkpointing import apply_activation_checkpointing
 from swav_scale.engines.base import Engine, keep_freed_cpu_memory
 from swav_scale.engines.ddp import DDPEngine
 from swav_scale.engines.fsdp import FSDPEngine, shard_units
@@ -98,6 +99,8 @@ def build_engine(cfg: Config, model: nn.Module, env: DistEnv) -> Engine:
         # batch statistics over the global batch (or a group of ranks), as in SwAV
         size = group_size(p.sync_batchnorm_group, env.world_size, env.local_world_size)
         model = convert_sync_batchnorm(model, batchnorm_group(env.world_size, size))
+    # before the engine wraps the model: FSDP2's hooks stay around the recomputed units (activation_checkpointing.py)
+    apply_activation_checkpointing(model.trunk, p.activation_checkpointing)
     if p.compile:
         compile_units(model.trunk)
     if p.engine == EngineKind.ddp:
