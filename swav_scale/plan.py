@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_flatten
 
 from swav_scale.build import build_model
 from swav_scale.config import Config, ConfigError, EngineKind, Optimizer, Precision, check_world, rank_batch
+from swav_scale.engines.activation_checkpointing import apply_activation_checkpointing
 from swav_scale.engines.assemble import group_size
 from swav_scale.engines.fsdp import replicated_norms, shard_units
 from swav_scale.optim import build_optimizer
@@ -190,17 +191,13 @@ def autocast_dtype(cfg: Config, target: Target) -> torch.dtype | None:
 
 
 def checkpointing_mode(cfg: Config) -> str:
-    """parallel.activation_checkpointing where the config has that key, else off."""
-    return str(getattr(cfg.parallel, "activation_checkpointing", "off"))
+    return str(cfg.parallel.activation_checkpointing)
 
 
 def apply_checkpointing(trunk: nn.Module, mode: str) -> None:
-    """The engines' activation checkpointing, applied to the planned trunk as training applies it."""
-    if mode == "off":
-        return
-    from swav_scale.engines.activation_checkpointing import apply_activation_checkpointing
-
-    apply_activation_checkpointing(trunk, mode)
+    """The engines' activation checkpointing, applied to the planned trunk as build_engine applies it."""
+    if mode != "none":
+        apply_activation_checkpointing(trunk, mode)
 
 
 @dataclass(frozen=True)
@@ -720,11 +717,11 @@ def candidates(cfg: Config, cluster: Cluster) -> Iterator[tuple[list[str], str, 
     changed config and cluster)."""
     p = cfg.parallel
     mode = checkpointing_mode(cfg)
-    if hasattr(p, "activation_checkpointing"):
-        for new, cost in (("selective", "recomputes the cheap ops of each block"),
-                          ("block", "recomputes each block's forward in backward (~+30% compute)"),
-                          ("stage", "recomputes each stage's forward in backward (~+30% compute)")):
-            if new != mode:
+    if mode != "stage":
+        for new, cost in (("selective", "recomputes the blocks' cheap ops in backward"),
+                          ("block", "recomputes each block's forward in backward (about 1/3 more compute)"),
+                          ("stage", "recomputes each stage's forward in backward (about 1/3 more compute)")):
+            if new != mode and not (mode == "block" and new == "selective"):
                 change = [f"parallel.activation_checkpointing={new}"]
                 yield change, cost, lambda change=change: (overridden(cfg, change), cluster)
     if p.precision == Precision.fp32:
@@ -756,9 +753,10 @@ def candidates(cfg: Config, cluster: Cluster) -> Iterator[tuple[list[str], str, 
 
 def suggest(cfg: Config, cluster: Cluster, target: Target = Target(),
             measured: Measurements | None = None) -> list[Suggestion]:
-    """Each candidate change re-planned on fake tensors; the activation checkpointing modes and the node counts
-    stop at the first that fits."""
+    """Each candidate change re-planned on fake tensors, those that lower the peak kept; the activation
+    checkpointing modes and the node counts stop at the first that fits."""
     measured = measured or Measurements()
+    current = plan(cfg, cluster, target, measured).memory.peak
     out: list[Suggestion] = []
     skip: set[str] = set()
     for change, cost, make in candidates(cfg, cluster):
@@ -768,7 +766,12 @@ def suggest(cfg: Config, cluster: Cluster, target: Target = Target(),
             new_cfg, new_cluster = make()
             result = plan(new_cfg, new_cluster, target, measured)
         except ConfigError:
+            continue  # a combination the config refuses (ZeRO-3 beside LARS, a stage of a ViT)
+        except RuntimeError as e:  # a variant the fake run cannot trace: said, not hidden
+            out.append(Suggestion(change, float("nan"), False, f"not measured: {str(e).splitlines()[0][:80]}"))
             continue
+        if result.memory.peak >= current:
+            continue  # no lower here (a sharding engine's buckets and gathers outweigh a small model's state)
         out.append(Suggestion(change, round(result.memory.peak / GiB, 2), result.fits, cost))
         family = change[0].split("=")[0].split(" ")[0]
         if result.fits and family in ("--nodes", "parallel.activation_checkpointing"):
