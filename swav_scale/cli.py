@@ -1,4 +1,4 @@
-"""`swav-scale`: pretrain, submit, status, knn, linear, report, export, make-shards, verify-shards, index-shards,
+"""`swav-scale`: pretrain, submit, status, plan, knn, linear, report, export, make-shards, verify-shards, index-shards,
 demo.
 
 Each command imports what it runs inside its function: torch and the engines take seconds to import, and
@@ -54,6 +54,17 @@ def _status(args: argparse.Namespace) -> None:
         print(json.dumps(status, indent=1))
     else:
         print_status(status)
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from swav_scale.plan import Cluster, format_plan, load_plan_config, plan_with_suggestions
+
+    cfg = load_plan_config(args.config, args.overrides)
+    result = plan_with_suggestions(cfg, Cluster(args.nodes, args.gpus_per_node, args.gpu_memory))
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1))
+    else:
+        print(format_plan(result))
 
 
 def _started_local_ranks(args: argparse.Namespace, run_dir: Path) -> bool:
@@ -186,6 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("run_dir")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_status)
+
+    pl = sub.add_parser("plan", help="whether a config fits on the GPUs of a job: memory and communication per rank",
+                        description="Per-rank memory (parameters, gradients, optimizer state under the engine, the "
+                                    "activations of one step measured on fake tensors, a reserve) and communication "
+                                    "of a config on NODES x GPUS ranks, whether it fits, and what to change if not. "
+                                    "Nothing is allocated: the model is built on the meta device (docs/plan.md).")
+    pl.add_argument("config", help="YAML file under configs/")
+    pl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.engine=fsdp")
+    pl.add_argument("--nodes", type=int, required=True)
+    pl.add_argument("--gpus-per-node", type=int, required=True, help="one rank per GPU")
+    pl.add_argument("--gpu-memory", type=float, required=True,
+                    help="each GPU's memory in GiB (2^30 bytes): 80 for an H100 80GB, whose nvidia-smi total is "
+                         "79.6 GiB")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.set_defaults(func=_plan)
 
     evaluations = (("knn", _knn, "kNN top-1 of a run's frozen trunk on the test split", "eval.test_shards=DIR"),
                    ("linear", _linear, "linear probe (top-1/top-5) on a run's frozen trunk features",

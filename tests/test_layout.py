@@ -65,7 +65,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("assembly", ["build"]),
     ("runs", ["train", "runlog", "preemption"]),
     ("eval", ["eval"]),
-    ("views", ["status", "report", "export"]),
+    ("views", ["status", "report", "export", "plan"]),
     ("launching", ["launch"]),
     ("commands", ["cli", "demo"]),
 ]
