@@ -10,10 +10,55 @@ from swav_scale.config import ConfigError, EngineKind, check_world, from_yaml_te
 from helpers import REPO
 
 
-@pytest.mark.parametrize("name", ["quickstart", "rn50_in1k_100ep", "rn50_in1k_800ep"])
+SHIPPED = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+
+
+def test_the_shipped_configs_are_all_listed() -> None:
+    assert {"quickstart", "rn50_in1k_800ep", "seer_regnety256gf_1b", "seer_regnety10b"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(REPO / "configs" / f"{name}.yaml", ["data.train_shards=/tmp/x"])
     assert from_yaml_text(to_yaml(cfg)) == cfg
+
+
+@pytest.mark.parametrize(("name", "world"), [("seer_regnety256gf_1b", 512), ("seer_regnety10b", 496)])
+def test_seer_configs_fit_their_world(name: str, world: int) -> None:
+    """Each SEER config passes the world-size checks on the ranks its slurm section asks for (vissl's GPUs)."""
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", ["data.train_shards=/x"])
+    assert cfg.slurm.nodes * cfg.slurm.ranks_per_node == world
+    check_world(cfg, world)
+
+
+def test_seer_256gf_recipe_values() -> None:
+    """SEER's RegNetY-256GF recipe (the released checkpoint's name and vissl's configs: the file's header)."""
+    cfg = load_config(REPO / "configs" / "seer_regnety256gf_1b.yaml", ["data.train_shards=/x"])
+    assert cfg.model.arch == "regnety_256gf"
+    assert (cfg.model.hidden_dims, cfg.model.embed_dim, cfg.model.head_batchnorm) == ([8192, 8192], 256, False)
+    assert (cfg.optim.batch_size, cfg.model.num_prototypes) == (8192, 16000)
+    assert (cfg.crops.sizes, cfg.crops.counts) == ([224, 96], [2, 4])
+    assert (cfg.crops.min_scale, cfg.crops.max_scale) == ([0.14, 0.05], [1.0, 0.14])
+    assert (cfg.parallel.sync_batchnorm, cfg.parallel.sync_batchnorm_group) == (True, 64)
+    assert (cfg.swav.sinkhorn_iterations, cfg.swav.epsilon, cfg.swav.temperature) == (10, 0.05, 0.1)
+    assert (cfg.optim.weight_decay, cfg.optim.epochs, cfg.optim.name) == (1e-5, 1, "lars")
+    # vissl's lr, 0.3 per 256 images, at 8192: 9.6 -> 0.0096, warm-up from 0.3 x 128 / 256; 8000 warm-up steps
+    assert (cfg.optim.base_lr, cfg.optim.final_lr, cfg.optim.start_warmup_lr) == (9.6, 0.0096, 0.15)
+    assert round(cfg.optim.warmup_epochs * (10**9 // cfg.optim.batch_size)) == 8000
+    assert (cfg.slurm.nodes, cfg.slurm.gpus_per_node) == (64, 8)
+
+
+def test_seer_10b_recipe_values() -> None:
+    """SEER 10B: vissl's seer/models/regnet10B.yaml over swav/swav_8node_resnet.yaml (the file's header)."""
+    cfg = load_config(REPO / "configs" / "seer_regnety10b.yaml", ["data.train_shards=/x"])
+    assert (cfg.model.arch, cfg.parallel.engine, cfg.parallel.activation_checkpointing) == (
+        "regnety_10b", EngineKind.fsdp, "stage")
+    assert (cfg.model.hidden_dims, cfg.model.embed_dim, cfg.model.head_batchnorm) == ([8192, 8192], 256, False)
+    assert (cfg.optim.batch_size, cfg.model.num_prototypes) == (16 * 496, 16000)
+    assert (cfg.crops.sizes, cfg.crops.counts) == ([160, 96], [2, 4])
+    assert (cfg.swav.sinkhorn_iterations, cfg.swav.epsilon) == (10, 0.03)
+    assert (cfg.optim.base_lr, cfg.optim.final_lr, cfg.optim.start_warmup_lr) == (9.3, 0.0093, 0.15)
+    assert round(cfg.optim.warmup_epochs * (10**9 // cfg.optim.batch_size)) == 5500
 
 
 def test_paper_recipe_values() -> None:
