@@ -15,7 +15,7 @@ from rich.table import Table
 from swav_testing.plan_memory import measured_peak, planned_peak
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = ["crops.sizes=[64,32]", "crops.counts=[2,4]", "model.hidden_dim=512", "model.num_prototypes=300",
+SHARED = ["crops.sizes=[64,32]", "crops.counts=[2,4]", "model.hidden_dims=[512]", "model.num_prototypes=300",
           "parallel.precision=fp32"]
 CASES = {
     "resnet18 w0.5, batch 16, sgd": ["model.arch=resnet18", "model.width=0.5", "optim.batch_size=16",

@@ -80,6 +80,13 @@ class ActivationCheckpointing(StrEnum):
     stage = "stage"
 
 
+class FSDPUnit(StrEnum):
+    """What FSDP2 gathers whole at a time in a ResNet or RegNet trunk: a stage, or a residual block (a ViT's
+    units are its blocks either way)."""
+    stage = "stage"
+    block = "block"
+
+
 class Optimizer(StrEnum):
     """LARS (SwAV's), SGD with momentum, AdamW (ViTs; ZeRO takes SGD and AdamW only: optim.py)."""
     lars = "lars"
@@ -247,6 +254,11 @@ class ParallelConfig:
     # two all-gathers of the trunk a step, or one, for the memory of the whole unsharded trunk from forward
     # to backward (docs/scaling.md and docs/benchmarks.md measure both).
     fsdp_reshard_after_forward: bool = True
+    # FSDP2's unit in a ResNet or RegNet trunk, gathered whole for its forward and backward: a stage (4 gathers a
+    # pass), or a residual block (one per block: RegNetY-256GF 27, RegNet-10B 27), for trunks whose largest stage
+    # is too large to gather whole with its gradient (RegNet-10B's third: 4.5B parameters, 9 GB in bf16 and 18 GB
+    # of fp32 gradient). More, smaller collectives; the same arithmetic. A ViT's units are its blocks either way.
+    fsdp_unit: FSDPUnit = FSDPUnit.stage
     # FSDP2: shard within groups of this many consecutive ranks and replicate across the groups (HSDP, torchtitan's
     # data_parallel_shard_degree); 0 shards over all ranks; -1, the default, over all ranks up to 64 and over a
     # node's ranks beyond (as sync_batchnorm_group). A node's GPUs keep every all-gather and reduce-scatter on

@@ -156,8 +156,8 @@ class ModelSizes:
     tensors: int  # parameter tensors (LARS under FSDP reduces two norms of each)
 
     @classmethod
-    def of(cls, model: nn.Module) -> ModelSizes:
-        units = shard_units(model.trunk)
+    def of(cls, model: nn.Module, unit: str = "stage") -> ModelSizes:
+        units = shard_units(model.trunk, unit)
         unit_sizes = [sum(p.numel() for p in u.parameters()) for u in units]
         norms = sum(p.numel() for u in units for p in replicated_norms(u))
         params = list(model.parameters())
@@ -341,9 +341,9 @@ class Measurements:
         self._sizes: dict[str, ModelSizes] = {}
 
     def sizes(self, cfg: Config) -> ModelSizes:
-        key = OmegaConf.to_yaml(OmegaConf.structured(cfg.model))
+        key = OmegaConf.to_yaml(OmegaConf.structured(cfg.model)) + cfg.parallel.fsdp_unit
         if key not in self._sizes:
-            self._sizes[key] = ModelSizes.of(meta_model(cfg))
+            self._sizes[key] = ModelSizes.of(meta_model(cfg), cfg.parallel.fsdp_unit)
         return self._sizes[key]
 
     def step(self, cfg: Config, shape: StepShape) -> Activations:
@@ -734,6 +734,10 @@ def candidates(cfg: Config, cluster: Cluster) -> Iterator[tuple[list[str], str, 
     if p.engine != EngineKind.fsdp:
         change = ["parallel.engine=fsdp"]
         yield change, "all-gathers and reduce-scatters in place of one all-reduce", \
+            lambda: (overridden(cfg, change), cluster)
+    if p.engine == EngineKind.fsdp and p.fsdp_unit == "stage" and not cfg.model.arch.is_vit:
+        change = ["parallel.fsdp_unit=block"]
+        yield change, "gathers each residual block on its own: more, smaller collectives", \
             lambda: (overridden(cfg, change), cluster)
     if p.engine == EngineKind.fsdp and cluster.world > 1:
         shard = group_size(p.fsdp_shard_group, cluster.world, cluster.gpus_per_node) or cluster.world

@@ -271,7 +271,7 @@ def trunk_gathers_per_step(rank: int, world: int, overrides: list[str]) -> tuple
         swav_step(engine, views_for(rank, 1, sizes=sizes), cfg.swav, 1, 0.1, queue)
     finally:
         setattr(dist, name, gather)
-    return len(calls), len(shard_units(engine.model.trunk))
+    return len(calls), len(shard_units(engine.model.trunk, cfg.parallel.fsdp_unit))
 
 
 @pytest.mark.parametrize("reshard", [True, False])
@@ -287,6 +287,18 @@ def test_fsdp_gathers_each_trunk_unit_once_per_pass_whatever_the_crop_resolution
         for rank in range(2):
             assert_same(ddp[0].snapshots[-1], fsdp[rank].snapshots[-1], atol=1e-5)
             assert_same_grad_norms(ddp[0].grad_norms, fsdp[rank].grad_norms)
+
+
+def test_fsdp_with_residual_blocks_as_units_gathers_each_once_per_pass_and_trains_like_ddp() -> None:
+    """parallel.fsdp_unit=block: each of the 8 blocks its own unit, each gathered once in forward and once in
+    backward however many crop resolutions (the blocks take them in one call), and the training DDP's."""
+    overrides = small_config("fsdp", "adamw", **{"parallel.fsdp_unit": "block"})
+    for gathers, units in run_ranks(trunk_gathers_per_step, 2, overrides):
+        assert (gathers, units) == (2 * 8 + 1, 8)
+    ddp, fsdp = ddp_reference("adamw"), run_ranks(train_ranks, 2, overrides)
+    for rank in range(2):
+        assert_same(ddp[0].snapshots[-1], fsdp[rank].snapshots[-1], atol=1e-5)
+        assert_same_grad_norms(ddp[0].grad_norms, fsdp[rank].grad_norms)
 
 
 def test_fsdp_gathers_each_vit_block_once_per_pass_whatever_the_crop_resolutions() -> None:

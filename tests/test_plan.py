@@ -15,7 +15,7 @@ from swav_scale.plan import Cluster, Measurements, plan, plan_with_suggestions
 from swav_testing.plan_memory import measured_peak, planned_peak
 
 SMALL = ["data.train_shards=x", "model.arch=resnet18", "model.width=0.5", "crops.sizes=[64,32]", "crops.counts=[2,4]",
-         "model.hidden_dim=512", "model.num_prototypes=300", "optim.name=sgd"]
+         "model.hidden_dims=[512]", "model.num_prototypes=300", "optim.name=sgd"]
 MEASURED = Measurements()  # shared: most plans below share their measured steps
 
 

@@ -49,8 +49,8 @@ def batchnorm_group(world_size: int, group_size: int) -> dist.ProcessGroup | Non
 GRAPHS_PER_UNIT = 8
 
 
-def compile_units(trunk: nn.Module, backend: str = "inductor") -> None:
-    """torch.compile each unit of the trunk (a ResNet stage, a ViT block) in place.
+def compile_units(trunk: nn.Module, backend: str = "inductor", unit: str = "stage") -> None:
+    """torch.compile each unit of the trunk (a ResNet stage or block: `unit`, FSDP2's; a ViT block) in place.
 
     The unit's `forward` is compiled, not its call: the hooks an engine sets on the unit (FSDP2's gathers
     and reduce-scatters) stay outside the graphs, a graph never waits on a collective, and parameter names and
@@ -70,7 +70,7 @@ def compile_units(trunk: nn.Module, backend: str = "inductor") -> None:
     """
     from torch._dynamo import config  # imported by torch.compile anyway; not at import time of the package
 
-    units = shard_units(trunk)
+    units = shard_units(trunk, unit)
     # recompile_limit is the name from torch 2.7 on; cache_size_limit, the older one, is an alias of it
     setattr(config, "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit",
             GRAPHS_PER_UNIT * len(units))
@@ -102,12 +102,13 @@ def build_engine(cfg: Config, model: nn.Module, env: DistEnv) -> Engine:
     # before the engine wraps the model: FSDP2's hooks stay around the recomputed units (activation_checkpointing.py)
     apply_activation_checkpointing(model.trunk, p.activation_checkpointing)
     if p.compile:
-        compile_units(model.trunk)
+        compile_units(model.trunk, unit=p.fsdp_unit if p.engine == EngineKind.fsdp else "stage")
     if p.engine == EngineKind.ddp:
         return DDPEngine(model, make_optimizer, env, p.precision)
     if p.engine == EngineKind.fsdp:
         return FSDPEngine(model, make_optimizer, env, p.precision, p.fsdp_reshard_after_forward,
-                          shard_group=group_size(p.fsdp_shard_group, env.world_size, env.local_world_size))
+                          shard_group=group_size(p.fsdp_shard_group, env.world_size, env.local_world_size),
+                          unit=p.fsdp_unit)
     from swav_scale.engines.zero import DeepSpeedEngine  # deepspeed takes seconds to import
 
     # DeepSpeed books a micro batch per rank (train_batch_size = micro x ranks) and averages gradients over the

@@ -30,17 +30,22 @@ from swav_scale.engines.ddp import OptimizerFactory, TorchEngine
 from swav_scale.swav import normalize_prototypes_
 
 
-def shard_units(trunk: nn.Module) -> list[nn.Module]:
-    """The trunk's units of sharding: the transformer blocks of a ViT, the four stages of a ResNet or RegNet. A
-    unit is gathered whole for its forward, so peak memory is the shards plus the largest unit; per-block ResNet
-    units would lower that peak a little at the cost of 4x the collectives."""
+def shard_units(trunk: nn.Module, unit: str = "stage") -> list[nn.Module]:
+    """The trunk's units of sharding (parallel.fsdp_unit): the transformer blocks of a ViT; the four stages of a
+    ResNet or RegNet, or their residual blocks. A unit is gathered whole for its forward, so peak memory is the
+    shards plus the largest unit (two, with the next one prefetched) and its unsharded gradient: stages gather 4
+    times a pass, blocks once per block, each a smaller collective, for a peak of one block instead of one
+    stage. Every unit takes all crop resolutions in one call (models/resnet.py: TakesResolutions), so it is
+    gathered once per pass."""
     blocks = getattr(trunk, "blocks", None)
     if blocks is not None:
         return list(blocks)
     stages = getattr(trunk, "stages", None)  # a RegNet's
-    if stages is not None:
-        return list(stages)
-    return [getattr(trunk, f"layer{i}") for i in range(1, 5)]
+    if stages is None:
+        stages = [getattr(trunk, f"layer{i}") for i in range(1, 5)]
+    if unit == "block":
+        return [block for stage in stages for block in stage]
+    return list(stages)
 
 
 def replicated_norms(unit: nn.Module) -> set[nn.Parameter]:
@@ -55,8 +60,8 @@ def replicated_norms(unit: nn.Module) -> set[nn.Parameter]:
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh, bf16_params: bool,
-                reshard_after_forward: bool = True) -> nn.Module:
-    """Shard `model` in place: one FSDP unit per trunk stage / block, then the root unit (stem, projection
+                reshard_after_forward: bool = True, unit: str = "stage") -> nn.Module:
+    """Shard `model` in place: one FSDP unit per trunk stage or block (`unit`: shard_units), then the root unit (stem, projection
     head, prototypes), which stays in float32 because the head and the Sinkhorn scores are computed in fp32
     (swav_model.py). `bf16_params` gathers the trunk units in bf16 and reduces gradients in fp32; their
     BatchNorm parameters then stay plain fp32 tensors, unsharded (replicated_norms), and whoever trains the
@@ -67,10 +72,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, bf16_params: bool,
     # FSDP2 shards contiguous parameters only (build.build_model keeps them so for every engine)
     model.to(memory_format=torch.contiguous_format)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params else None
-    for unit in shard_units(model.trunk):
-        fully_shard(unit, mesh=mesh, mp_policy=policy or MixedPrecisionPolicy(),
+    for part in shard_units(model.trunk, unit):
+        fully_shard(part, mesh=mesh, mp_policy=policy or MixedPrecisionPolicy(),
                     reshard_after_forward=reshard_after_forward,
-                    ignored_params=replicated_norms(unit) if policy is not None else None)
+                    ignored_params=replicated_norms(part) if policy is not None else None)
     fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy())
     return model
 
@@ -129,7 +134,8 @@ class FSDPEngine(TorchEngine):
     force it on the CPU)."""
 
     def __init__(self, model: nn.Module, make_optimizer: OptimizerFactory, env: DistEnv, precision: str,
-                 reshard_after_forward: bool = True, bf16_params: bool | None = None, shard_group: int = 0) -> None:
+                 reshard_after_forward: bool = True, bf16_params: bool | None = None, shard_group: int = 0,
+                 unit: str = "stage") -> None:
         self.device = env.device
         self.dtype = autocast_dtype(precision, env.device)
         self.model = model.to(env.device)
@@ -142,7 +148,7 @@ class FSDPEngine(TorchEngine):
             if bf16_params is None:
                 bf16_params = env.device.type == "cuda" and self.dtype == torch.bfloat16
             mesh = fsdp_mesh(env.device.type, world_size(), shard_group)
-            parallelize(self.model, mesh, bf16_params, reshard_after_forward)
+            parallelize(self.model, mesh, bf16_params, reshard_after_forward, unit)
             self.replicas = mesh.size(0) if mesh.ndim == 2 else 1
         self.wrapped = self.model
         # what FSDP left whole on every rank (replicated_norms), whose gradients the engine averages itself

@@ -9,7 +9,46 @@ Module names follow torchvision (conv1, bn1, layer1..layer4), so at width 1 a tr
 from __future__ import annotations
 
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models import regnet, resnet
+
+
+class TakesResolutions:
+    """A residual block that also takes a list of batches, one per crop resolution, and returns their outputs in
+    a list, each batch through the block on its own (its own BatchNorm statistics), in one call.
+
+    Why one call: a sharding engine may make each block a unit of its own (parallel.fsdp_unit=block, for trunks
+    whose stages are too large to gather whole: RegNet-10B's third stage holds 4.5B parameters), and a unit
+    called once per resolution would be gathered once per resolution, in forward and again in backward. The
+    blocks are torchvision's, subclassed: the same parameter names, so exports load into torchvision."""
+
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+        if isinstance(x, Tensor):
+            return super().forward(x)  # type: ignore[misc]
+        return [super(TakesResolutions, self).forward(batch) for batch in x]  # type: ignore[misc]
+
+
+class BasicBlock(TakesResolutions, resnet.BasicBlock):
+    pass
+
+
+class Bottleneck(TakesResolutions, resnet.Bottleneck):
+    pass
+
+
+class ResBottleneckBlock(TakesResolutions, regnet.ResBottleneckBlock):
+    pass
+
+
+def taking_resolutions(block: nn.Module) -> nn.Module:
+    """A torchvision block as built (a RegNet's, which torchvision builds itself) made a TakesResolutions block:
+    its class swapped for the subclass above, its modules and parameters untouched."""
+    for ours in (BasicBlock, Bottleneck, ResBottleneckBlock):
+        if type(block) is ours.__mro__[2]:
+            block.__class__ = ours
+            return block
+    if isinstance(block, TakesResolutions):
+        return block
+    raise TypeError(f"no multi-resolution form of {type(block).__name__}")
 
 _ARCHS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], list[int], float]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2], 1),
@@ -28,17 +67,20 @@ class Stage(nn.Sequential):
 
     Why: multi-crop gives batches of two resolutions, and a stage called once per resolution is one FSDP unit
     gathered once per resolution, and again per resolution in backward. One call per step runs the same
-    arithmetic (each resolution still goes through on its own, with its own BatchNorm statistics) and lets a
-    sharding engine gather the stage once.
+    arithmetic (each resolution still goes through on its own, with its own BatchNorm statistics, updated in
+    the same order) and lets a sharding engine gather the stage once; its blocks take the list in one call too
+    (TakesResolutions), for an engine whose units are the blocks.
     """
 
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        for block in self:
+            taking_resolutions(block)
+
     def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
-        if isinstance(x, Tensor):
-            return super().forward(x)
-        outputs = []
-        for batch in x:
-            outputs.append(super().forward(batch))
-        return outputs
+        for block in self:  # each block takes the list whole: one call per block and pass (TakesResolutions)
+            x = block(x)
+        return x
 
 
 class ResNetTrunk(nn.Module):
