@@ -108,12 +108,12 @@ def test_the_command_prints_the_plan_and_its_json() -> None:
     assert bad.returncode == 2 and "parallel.engine" in bad.stdout and "Traceback" not in bad.stdout
 
 
-VALIDATED = [["model.arch=resnet18", "optim.batch_size=32"],
-             ["model.arch=regnety_400mf", "model.width=null", "optim.batch_size=16"],
+# (benchmarks/bench_plan_memory.py measures more: other batches and optimizers, a ResNet without checkpointing)
+VALIDATED = [["model.arch=regnety_400mf", "model.width=null", "optim.batch_size=16"],
              ["model.arch=resnet18", "optim.batch_size=32", "parallel.activation_checkpointing=block"]]
 
 
-@pytest.mark.parametrize("overrides", VALIDATED, ids=["resnet18-w0.5", "regnety_400mf", "resnet18-block-ckpt"])
+@pytest.mark.parametrize("overrides", VALIDATED, ids=["regnety_400mf", "resnet18-block-ckpt"])
 def test_the_plan_is_within_15_percent_of_a_cpu_processs_measured_peak(overrides: list[str]) -> None:
     config = [*(x for x in SMALL[1:] if not x.startswith("model.arch")), *overrides, "parallel.precision=fp32"]
     if "model.arch=regnety_400mf" in overrides:
