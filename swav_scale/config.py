@@ -256,7 +256,7 @@ class ParallelConfig:
     fsdp_reshard_after_forward: bool = True
     # FSDP2's unit in a ResNet or RegNet trunk, gathered whole for its forward and backward: a stage (4 gathers a
     # pass), or a residual block (one per block: RegNetY-256GF 27, RegNet-10B 27), for trunks whose largest stage
-    # is too large to gather whole with its gradient (RegNet-10B's third: 4.5B parameters, 9 GB in bf16 and 18 GB
+    # is too large to gather whole with its gradient (RegNet-10B's third: 6.9B parameters, 14 GB in bf16 and 28 GB
     # of fp32 gradient). More, smaller collectives; the same arithmetic. A ViT's units are its blocks either way.
     fsdp_unit: FSDPUnit = FSDPUnit.stage
     # FSDP2: shard within groups of this many consecutive ranks and replicate across the groups (HSDP, torchtitan's
@@ -278,9 +278,10 @@ class ParallelConfig:
     sync_batchnorm_group: int = -1
     precision: Precision = Precision.auto
     # Keep fewer of the trunk's activations for backward and recompute them there: none; selective (each block
-    # keeps its convolutions', matrix products' and attention's outputs, recomputes the elementwise rest: about
-    # half of the activations for a few percent of the step); block (each block keeps its input only: about a
-    # third more compute); stage (each ResNet/RegNet stage keeps its input only: the least memory). Gradients
+    # keeps its convolutions', matrix products' and attention's outputs, recomputes the elementwise rest: the
+    # least saved, at the least cost); block (each block keeps its input only: one more forward of the trunk);
+    # stage (each ResNet/RegNet stage keeps its input only; a stage's activations live while it is recomputed).
+    # docs/benchmarks.md measures each (RN50-w2: 15%, 62%, 47% of the activations saved). Gradients
     # and parameters equal the run without it bit for bit where the kernels are deterministic
     # (engines/activation_checkpointing.py; docs/training.md says which to choose).
     activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none

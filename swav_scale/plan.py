@@ -478,12 +478,16 @@ def engine_memory(cfg: Config, lay: Layout, sizes: ModelSizes, acts: Activations
     if lay.engine == "ddp":
         resident += [Line("parameters", 4 * P, "whole, fp32"),
                      Line("optimizer state", int(k * P), f"whole, {opt.state_copies:g} fp32 copies")]
-        if lay.wrapped:
-            resident.append(Line("DDP gradient buckets", 4 * P, "the reducer's flat buckets, a second copy of the "
-                                 "gradients (gradient_as_bucket_view is off)"))
-        fb.append(Line("activations + gradients", acts.peak_with_gradients(4),
-                       "measured peak of the pass, fp32 gradients kept as accumulated"))
-        st += [Line("gradients", 4 * P, "whole, fp32"), Line("step temporaries", int(t * P), "measured")]
+        if lay.wrapped:  # the gradients are views of the reducer's buckets (engines/ddp.py)
+            resident.append(Line("gradients in DDP's buckets", 4 * P, "whole, fp32: the reducer's flat buckets, "
+                                 "which the gradients are views of"))
+            fb.append(Line("activations", acts.peak_with_gradients(0),
+                           "measured peak of the pass; each gradient copied into its bucket as it is computed"))
+            st.append(Line("step temporaries", int(t * P), "measured"))
+        else:  # a lone CPU process: the plain model's own gradients
+            fb.append(Line("activations + gradients", acts.peak_with_gradients(4),
+                           "measured peak of the pass, fp32 gradients kept as accumulated"))
+            st += [Line("gradients", 4 * P, "whole, fp32"), Line("step temporaries", int(t * P), "measured")]
     elif lay.engine == "fsdp":
         if not lay.wrapped:  # a lone CPU process trains the plain model
             resident += [Line("parameters", 4 * P, "whole, fp32 (one process: no sharding)"),

@@ -3,21 +3,23 @@ in backward (`parallel.activation_checkpointing`).
 
 A step's activations grow with the per-GPU batch and the crops' pixels, and dominate the memory of a wide trunk
 long before its parameters do (SEER trained RegNetY-256GF with it on 32 GB V100s; RegNet-10B per stage). The
-modes, from least memory saved to most:
+modes (docs/benchmarks.md measures each):
 
 - `selective`: every residual or transformer block keeps the outputs of its convolutions, matrix products and
-  attention, and recomputes the rest (BatchNorm, ReLU, GELU, LayerNorm, the residual sums) in backward: about
-  half of a block's activations for a few percent of the step, since what is recomputed is elementwise.
+  attention, and recomputes the rest (BatchNorm, ReLU, GELU, LayerNorm, the residual sums) in backward: what is
+  recomputed is elementwise and cheap (RN50-w2 on the CPU: 15% of the activations saved at no measurable cost),
+  but torch matches the recomputed ops through a Python dispatch mode, a cost per op that shows on small trunks.
 - `block`: each block keeps only its input and recomputes its whole forward in backward (one more forward of
   the trunk, about a third more compute).
 - `stage`: each residual stage (ResNet `layerN`, RegNet `trunk_output.blockN`) keeps only its input: the least
-  memory, the same recomputation as `block`, but a stage's activations are all live at once during its
-  recomputation. Not for ViTs, whose blocks are their stages.
+  kept between forward and backward, the same recomputation as `block`, but a stage's activations are all live
+  at once during its recomputation, which can make its peak higher than `block`'s (RN50-w2: its first stage's, at
+  the crops' full resolution). Not for ViTs, whose blocks are their stages.
 
 torch.utils.checkpoint, non-reentrant, recomputes with the random state and autocast of the forward, so the
-recomputation is bitwise the forward where the forward is deterministic (on the CPU; on a GPU with
-deterministic kernels: cuDNN's benchmark mode may pick another algorithm for the recomputation, which is then
-equal only up to rounding). Gradients and parameters then equal the run without checkpointing bit for bit, with one exception:
+recomputation is bitwise the forward where the forward is deterministic (on the CPU; on a GPU with deterministic
+kernels: cuDNN's benchmark mode may pick another algorithm for the recomputation, which is then equal only up to
+rounding). Gradients and parameters then equal the run without checkpointing bit for bit, with one exception:
 `selective` under autocast with fp32 weights (DDP, ZeRO; not FSDP2 gathering bf16 weights) casts a unit's
 weights once per crop resolution rather than once per step (_without_autocast_cache), and so sums a weight's
 gradient over the resolutions in fp32 where the run without it sums it in bf16: equal up to bf16's rounding.

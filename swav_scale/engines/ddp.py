@@ -77,9 +77,12 @@ class DDPEngine(TorchEngine):
             # where they are read: a save takes rank 0's (agree_replicas), evaluation during training and
             # export use rank 0's (knn_during_training, the checkpoint). The default would cost one broadcast
             # per BatchNorm buffer and forward, latency-bound, for nothing.
+            # The gradients are views of the reducer's buckets, not a second copy of them: 4 bytes a parameter
+            # less from the second step on (5.3 GB for RegNetY-256GF with SEER's head), and no copy between
+            # the two in every backward.
             self.wrapped = DistributedDataParallel(
                 self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                **NO_FORWARD_BUFFER_SYNC,
+                gradient_as_bucket_view=True, **NO_FORWARD_BUFFER_SYNC,
             )
         else:
             self.wrapped = self.model

@@ -61,9 +61,9 @@ def replicated_norms(unit: nn.Module) -> set[nn.Parameter]:
 
 def parallelize(model: nn.Module, mesh: DeviceMesh, bf16_params: bool,
                 reshard_after_forward: bool = True, unit: str = "stage") -> nn.Module:
-    """Shard `model` in place: one FSDP unit per trunk stage or block (`unit`: shard_units), then the root unit (stem, projection
-    head, prototypes), which stays in float32 because the head and the Sinkhorn scores are computed in fp32
-    (swav_model.py). `bf16_params` gathers the trunk units in bf16 and reduces gradients in fp32; their
+    """Shard `model` in place: one FSDP unit per trunk stage or block (`unit`: shard_units), then the root unit
+    (stem, projection head, prototypes), which stays in float32 because the head and the Sinkhorn scores are
+    computed in fp32 (swav_model.py). `bf16_params` gathers the trunk units in bf16 and reduces gradients in fp32; their
     BatchNorm parameters then stay plain fp32 tensors, unsharded (replicated_norms), and whoever trains the
     model must average their gradients (FSDPEngine.backward does).
     `reshard_after_forward=False` keeps each trunk unit gathered from its forward to its backward, so a step

@@ -17,7 +17,7 @@ class TakesResolutions:
     a list, each batch through the block on its own (its own BatchNorm statistics), in one call.
 
     Why one call: a sharding engine may make each block a unit of its own (parallel.fsdp_unit=block, for trunks
-    whose stages are too large to gather whole: RegNet-10B's third stage holds 4.5B parameters), and a unit
+    whose stages are too large to gather whole: RegNet-10B's third stage holds 6.9B parameters), and a unit
     called once per resolution would be gathered once per resolution, in forward and again in backward. The
     blocks are torchvision's, subclassed: the same parameter names, so exports load into torchvision."""
 
