@@ -190,16 +190,6 @@ def autocast_dtype(cfg: Config, target: Target) -> torch.dtype | None:
     return None
 
 
-def checkpointing_mode(cfg: Config) -> str:
-    return str(cfg.parallel.activation_checkpointing)
-
-
-def apply_checkpointing(trunk: nn.Module, mode: str) -> None:
-    """The engines' activation checkpointing, applied to the planned trunk as build_engine applies it."""
-    if mode != "none":
-        apply_activation_checkpointing(trunk, mode)
-
-
 @dataclass(frozen=True)
 class StepShape:
     """What the activations depend on: the model, one rank's batch and crops, the autocast dtype, whether the
@@ -222,12 +212,15 @@ class Activations:
 
     `timeline` is (live bytes, gradient elements accumulated so far) after each operation, without the
     parameters' gradients (LiveBytes); `inputs` the crops' bytes, alive throughout; `batchnorm_channels` the
-    channels of every BatchNorm call, recomputations included (SyncBatchNorm's collectives)."""
+    channels of every BatchNorm call, recomputations included (SyncBatchNorm's statistics, one all-reduce each),
+    `batchnorm_backward_channels` those of the forward's calls alone (one all-reduce each in backward: a
+    recomputed call's backward is the backward of its call)."""
 
     peak: int
     timeline: list[tuple[int, int]]
     inputs: int
     batchnorm_channels: list[int]
+    batchnorm_backward_channels: list[int]
 
     def peak_with_gradients(self, bytes_per_element: float) -> int:
         """The peak of activations plus the gradients an engine keeps, `bytes_per_element` of each parameter's
@@ -262,6 +255,7 @@ def measure_step(cfg: Config, shape: StepShape) -> Activations:
     """Forward, Sinkhorn, loss and backward of one rank's step (train.swav_step's order) on fake tensors."""
     model = meta_model(cfg)
     channels: list[int] = []
+    forward_calls = 0
 
     def note(module: nn.Module, args: Any) -> None:
         channels.append(module.num_features)
@@ -269,7 +263,7 @@ def measure_step(cfg: Config, shape: StepShape) -> Activations:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.register_forward_pre_hook(note)
-    apply_checkpointing(model.trunk, shape.checkpointing)
+    apply_activation_checkpointing(model.trunk, shape.checkpointing)  # as build_engine applies it
     with fake_mode():
         model.to_empty(device="cpu")
         if shape.bf16_units:
@@ -284,12 +278,13 @@ def measure_step(cfg: Config, shape: StepShape) -> Activations:
         with tracker, drop_gradients(model, tracker):
             with torch.autocast("cpu", dtype=shape.dtype or torch.float32, enabled=shape.dtype is not None):
                 z, scores = model(views)
+            forward_calls = len(channels)  # the rest are recomputations, in backward
             codes = assign_codes(scores, cfg.swav.crops_for_assign, cfg.swav.epsilon, cfg.swav.sinkhorn_iterations,
                                  queue)
             loss = swapped_prediction_loss(scores, codes, cfg.swav.temperature)
             loss.backward()
             del z, scores, codes, loss
-    return Activations(tracker.peak, tracker.timeline, inputs, channels)
+    return Activations(tracker.peak, tracker.timeline, inputs, channels, channels[:forward_calls])
 
 
 @dataclass(frozen=True)
@@ -631,12 +626,12 @@ def communication(cfg: Config, lay: Layout, sizes: ModelSizes, acts: Activations
         out.append(Collective("prototypes' gradient", "all-reduce", 1, N, 4 * Pp))
     if cfg.parallel.sync_batchnorm and N > 1:
         bn = group_size(cfg.parallel.sync_batchnorm_group, N, local_world) or N
-        calls = len(acts.batchnorm_channels)
-        channels = sum(acts.batchnorm_channels)
-        out += [Collective("SyncBatchNorm statistics (forward, per layer and resolution)", "all-reduce", calls, bn,
-                           (8 * (2 * channels + calls)) // max(calls, 1)),
-                Collective("SyncBatchNorm gradient sums (backward)", "all-reduce", calls, bn,
-                           4 * 2 * channels // max(calls, 1))]
+        calls, channels = len(acts.batchnorm_channels), sum(acts.batchnorm_channels)
+        back_calls, back_channels = len(acts.batchnorm_backward_channels), sum(acts.batchnorm_backward_channels)
+        out += [Collective("SyncBatchNorm statistics (forward and recomputations)",
+                           "all-reduce", calls, bn, (8 * (2 * channels + calls)) // max(calls, 1)),
+                Collective("SyncBatchNorm gradient sums (backward)", "all-reduce", back_calls, bn,
+                           4 * 2 * back_channels // max(back_calls, 1))]
     k, assign = cfg.model.num_prototypes, len(cfg.swav.crops_for_assign)
     out.append(Collective("Sinkhorn row sums", "all-reduce", assign * cfg.swav.sinkhorn_iterations, N, 4 * k))
     return out
@@ -689,7 +684,8 @@ def plan(cfg: Config, cluster: Cluster, target: Target = Target(), measured: Mea
     lay = layout(cfg, world, cluster.gpus_per_node, target)
     dtype = autocast_dtype(cfg, target)
     batch = rank_batch(cfg.optim.batch_size, world, 0)
-    shape = StepShape(batch, dtype, lay.bf16_units, checkpointing_mode(cfg), queue_rows_of(cfg, world))
+    shape = StepShape(batch, dtype, lay.bf16_units, str(cfg.parallel.activation_checkpointing),
+                      queue_rows_of(cfg, world))
     sizes, acts, opt = measured.sizes(cfg), measured.step(cfg, shape), measured.optimizer(cfg, foreach=target.gpu)
     memory = engine_memory(cfg, lay, sizes, acts, opt, target)
     return Plan(cluster, lay, batch, "bf16" if dtype else "fp32", shape.checkpointing, sizes, opt, memory,
@@ -720,7 +716,7 @@ def candidates(cfg: Config, cluster: Cluster) -> Iterator[tuple[list[str], str, 
     """The changes that lower a rank's memory, cheapest in training time first: each (overrides, its cost, the
     changed config and cluster)."""
     p = cfg.parallel
-    mode = checkpointing_mode(cfg)
+    mode = str(cfg.parallel.activation_checkpointing)
     if mode != "stage":
         for new, cost in (("selective", "recomputes the blocks' cheap ops in backward"),
                           ("block", "recomputes each block's forward in backward (about 1/3 more compute)"),

@@ -120,3 +120,15 @@ def test_the_plan_is_within_15_percent_of_a_cpu_processs_measured_peak(overrides
         config = [x for x in config if not x.startswith("model.width")]
     measured = measured_peak(config, REPO)["peak"]
     assert planned_peak(config) == pytest.approx(measured, rel=0.15)
+
+
+def test_a_recomputed_batchnorm_repeats_its_statistics_all_reduce_not_its_backward_one() -> None:
+    def syncbn(overrides: list[str]) -> dict[str, int]:
+        return {c.what.split(" (")[0]: c.count for c in planned(overrides).collectives if "SyncBatchNorm" in c.what}
+
+    plain, recomputed = syncbn([]), syncbn(["parallel.activation_checkpointing=block"])
+    assert plain["SyncBatchNorm statistics"] == plain["SyncBatchNorm gradient sums"]
+    assert recomputed["SyncBatchNorm gradient sums"] == plain["SyncBatchNorm gradient sums"]
+    # every BatchNorm but the stem's and the head's, once per crop resolution, again
+    assert plain["SyncBatchNorm statistics"] < recomputed["SyncBatchNorm statistics"] < 2 * plain[
+        "SyncBatchNorm statistics"]
