@@ -154,7 +154,11 @@ def checkpoint_forward(module: nn.Module, selective: bool = False) -> None:
 def apply_activation_checkpointing(trunk: nn.Module, mode: str) -> list[nn.Module]:
     """Checkpoint the trunk's blocks or stages in place, as `mode` (parallel.activation_checkpointing) says;
     returns the modules checkpointed. Applied to the model before an engine wraps it: FSDP2's units are the
-    stages or blocks themselves, and their hooks stay outside the recomputed forward."""
+    stages or blocks themselves, and their hooks stay outside the recomputed forward.
+
+    The training model only: a replaced forward is bound to its module, so a deep copy of a checkpointed module
+    would run the original's. Evaluation builds its own trunk (build.build_model; eval/knn.py), never a copy of
+    this one, as it does for compiled units."""
     units = checkpointed_units(trunk, mode)
     for unit in units:
         checkpoint_forward(unit, selective=mode == "selective")
