@@ -17,9 +17,11 @@ modes (docs/benchmarks.md measures each):
   the crops' full resolution). Not for ViTs, whose blocks are their stages.
 
 torch.utils.checkpoint, non-reentrant, recomputes with the random state and autocast of the forward, so the
-recomputation is bitwise the forward where the forward is deterministic (on the CPU; on a GPU with deterministic
-kernels: cuDNN's benchmark mode may pick another algorithm for the recomputation, which is then equal only up to
-rounding). Gradients and parameters then equal the run without checkpointing bit for bit, with one exception:
+recomputation is bitwise the forward where the forward's kernels are deterministic: on the CPU (tested); on a GPU
+the recomputation runs the forward's kernels again (cuDNN's benchmark mode keeps its choice per shape, and the
+shapes are the forward's), bitwise unless a kernel is itself nondeterministic (atomic accumulations;
+torch.use_deterministic_algorithms names them), which a convolutional or transformer forward does not use. Not
+yet run on a GPU. Gradients and parameters then equal the run without checkpointing bit for bit, with one exception:
 `selective` under autocast with fp32 weights (DDP, ZeRO; not FSDP2 gathering bf16 weights) casts a unit's
 weights once per crop resolution rather than once per step (_without_autocast_cache), and so sums a weight's
 gradient over the resolutions in fp32 where the run without it sums it in bf16: equal up to bf16's rounding.
