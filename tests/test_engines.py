@@ -184,9 +184,14 @@ def test_fsdp_trains_a_regnet_like_ddp_with_its_stages_as_units() -> None:
     DDP: the same training, the first gradient norm equal. An untrained RegNet on 4 samples a rank has gradient
     norms of about 3e3 (200x this ResNet's), which turn the reductions' different rounding into larger steps:
     hence 64 px crops (at 16 px its last stages see 1x1 maps), a small learning rate, a tolerance of 5e-5, and
-    the gradient norm compared at the first step only (the later ones differ by 0.3%)."""
+    the gradient norm compared at the first step only (the later ones differ by 0.3%). With every stage
+    recomputed in backward (activation checkpointing, the unit gathered for its backward anyway), FSDP2 trains
+    bit for bit as without."""
     ddp = run_ranks(train_ranks, 2, small_config("ddp", "lars", **REGNET), 0, (64, 64, 32))
-    fsdp = run_ranks(train_ranks, 2, small_config("fsdp", "lars", **REGNET), 0, (64, 64, 32))
+    modes = ["none", "stage"]
+    runs = run_ranks(train_with_each_checkpointing, 2, small_config("fsdp", "lars", **REGNET), modes, (64, 64, 32))
+    assert_checkpointing_changes_nothing(runs, modes)
+    fsdp = [by_mode["none"][0] for by_mode in runs]
     assert ddp[0].grad_norms[0] == pytest.approx(fsdp[0].grad_norms[0], rel=1e-6)
     for rank in range(2):
         assert_same(ddp[0].snapshots[-1], fsdp[rank].snapshots[-1], atol=5e-5)
@@ -205,26 +210,31 @@ def train_with_each_checkpointing(rank: int, world: int, overrides: list[str], m
     return runs
 
 
-@pytest.mark.parametrize(("engine", "extra", "modes", "sizes"), [
-    ("ddp", {}, ["none", "selective", "block", "stage"], (16, 16, 8)),
-    ("fsdp", REGNET, ["none", "stage"], (32, 32, 16)),
-    ("deepspeed", {"parallel.zero_stage": "3"}, ["none", "block"], (16, 16, 8)),
-], ids=["ddp", "fsdp-regnet", "zero3"])
-def test_activation_checkpointing_trains_bit_for_bit_as_without(engine: str, extra: dict, modes: list[str],
-                                                                 sizes: tuple[int, ...]) -> None:
-    """Every mode gives the run without checkpointing exactly: parameters after the frozen and the later steps,
-    every gradient norm, and BatchNorm's running statistics, which the recomputation must not update a second
-    time (synchronised over the ranks here: SyncBatchNorm's collectives run again in the recomputation). Under
-    FSDP2 a unit is gathered again for its recomputation; under ZeRO-3 each layer."""
-    optim = "sgd" if engine == "deepspeed" else "lars"
-    runs = run_ranks(train_with_each_checkpointing, 2, small_config(engine, optim, **extra), modes, sizes)
-    for rank in range(2):
-        (reference, statistics), *others = (runs[rank][mode] for mode in modes)
+def assert_checkpointing_changes_nothing(runs: list[dict[str, tuple[Trace, dict[str, torch.Tensor]]]],
+                                         modes: list[str]) -> None:
+    """Every mode's run (train_with_each_checkpointing) equals the first's on every rank, bit for bit."""
+    for by_mode in runs:
+        (reference, statistics), *others = (by_mode[mode] for mode in modes)
         for mode, (trace, stats) in zip(modes[1:], others, strict=True):
             assert trace.grad_norms == reference.grad_norms, mode
             for before, after in zip(reference.snapshots, trace.snapshots, strict=True):
                 assert all(torch.equal(before[k], after[k]) for k in before), mode
             assert stats.keys() == statistics.keys() and all(torch.equal(stats[k], statistics[k]) for k in stats)
+
+
+@pytest.mark.parametrize(("engine", "extra", "modes", "sizes"), [
+    ("ddp", {}, ["none", "selective", "block", "stage"], (16, 16, 8)),
+    ("deepspeed", {"parallel.zero_stage": "3"}, ["none", "block"], (16, 16, 8)),
+], ids=["ddp", "zero3"])
+def test_activation_checkpointing_trains_bit_for_bit_as_without(engine: str, extra: dict, modes: list[str],
+                                                                 sizes: tuple[int, ...]) -> None:
+    """Every mode gives the run without checkpointing exactly: parameters after the frozen and the later steps,
+    every gradient norm, and BatchNorm's running statistics, which the recomputation must not update a second
+    time (synchronised over the ranks here: SyncBatchNorm's collectives run again in the recomputation). Under
+    ZeRO-3 each layer is gathered again for the recomputation (FSDP2, on a RegNet: the test above)."""
+    optim = "sgd" if engine == "deepspeed" else "lars"
+    runs = run_ranks(train_with_each_checkpointing, 2, small_config(engine, optim, **extra), modes, sizes)
+    assert_checkpointing_changes_nothing(runs, modes)
     assert_prototypes_frozen_then_trained(runs[0]["none"][0].snapshots)
 
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from helpers import REPO
+from swav_scale.cli import main
 from swav_scale.config import ConfigError, load_config
 from swav_scale.plan import Cluster, Measurements, plan, plan_with_suggestions
 from swav_testing.plan_memory import measured_peak, planned_peak
@@ -97,12 +98,15 @@ def test_bad_input_names_the_key() -> None:
         planned([], memory=0)
 
 
-def test_the_command_prints_the_plan_and_its_json() -> None:
-    args = [sys.executable, "-m", "swav_scale.cli", "plan", "configs/quickstart.yaml", "--nodes", "2",
-            "--gpus-per-node", "4", "--gpu-memory", "16"]
+def test_the_command_prints_the_plan_and_its_json(capsys: pytest.CaptureFixture[str]) -> None:
+    """As a user runs it (a process of its own), and its JSON through the same entry point in this process."""
+    plan_args = ["plan", str(REPO / "configs" / "quickstart.yaml"), "--nodes", "2", "--gpus-per-node", "4",
+                 "--gpu-memory", "16"]
+    args = [sys.executable, "-m", "swav_scale.cli", *plan_args]
     text = subprocess.run(args, cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "verdict: FITS" in text and "communication per step" in text and "CUDA context" in text
-    out = json.loads(subprocess.run([*args, "--json"], cwd=REPO, capture_output=True, text=True, check=True).stdout)
+    main([*plan_args, "--json"])
+    out = json.loads(capsys.readouterr().out)
     assert out["ranks"] == 8 and out["fits"] and out["peak_bytes"] > out["tensors_peak_bytes"]
     bad = subprocess.run([*args, "parallel.engine=nope"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "parallel.engine" in bad.stdout and "Traceback" not in bad.stdout

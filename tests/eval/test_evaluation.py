@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from helpers import image_folder_of
 from runs import assert_same_weights, pretrain, swav_scale
 
@@ -16,6 +18,7 @@ def top1_column(table: str) -> list[float]:
     return [float(x) for x in re.findall(r"│ (?:SwAV|random init)[^│]*│ +([0-9.]+) │", table)]
 
 
+@pytest.mark.slow  # a real 2-rank run, kNN on 1 and 2 ranks, a linear probe, the report: about 2 minutes
 def test_knn_during_pretraining_evaluations_on_ranks_and_the_report(fmnist_train_shards: Path,
                                                                      fmnist_test_shards: Path,
                                                                      tiny_full_run: Path, tmp_path: Path) -> None:
